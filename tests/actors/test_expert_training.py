@@ -1,0 +1,55 @@
+import numpy as np
+
+from actors.encoder import EncoderEngine
+from actors.expert_training import AdapterTrainSettings, domain_mean_pilots, train_query_adapter
+from actors.routed_encoder import RoutedEncoder, route_and_encode_requests
+
+
+def test_training_moves_queries_towards_their_documents(tmp_path, model_path, encoder_settings):
+    base = EncoderEngine(model_path, None, encoder_settings)
+    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(8, base.dim)).astype(np.float32)
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    report = train_query_adapter(
+        model_path, encoder_settings, queries, targets, tmp_path / "toy",
+        AdapterTrainSettings(steps=25, batch_size=8, lr=2e-3), progress=False,
+    )
+    assert (tmp_path / "toy" / "adapter_config.json").is_file()
+    assert np.mean(report["losses"][-5:]) < report["losses"][0]
+    trained = EncoderEngine(model_path, {"toy": tmp_path / "toy"}, encoder_settings)
+    before = np.sum(base.encode(queries) * targets, axis=1).mean()
+    after = np.sum(trained.encode(queries, "toy") * targets, axis=1).mean()
+    assert after > before + 0.05
+
+
+def test_routed_encoder_routes_to_the_pilot_domain(engine):
+    sci = ["protein folding in cells", "gene expression in tumors", "insulin resistance mechanisms"]
+    law = ["should voting be mandatory", "ban on school uniforms debate", "freedom of speech limits"]
+    pilots = domain_mean_pilots(engine, {"alpha": sci, "beta": law})
+    routed = RoutedEncoder(engine, pilots, "pilot_mean")
+    batch = routed.route_and_encode(["DNA methylation in cancer cells", "is censorship ever justified"])
+    assert [q.expert for q in batch.queries] == ["alpha", "beta"]
+    for q, name in zip(batch.queries, ["alpha", "beta"]):
+        assert set(q.routing_scores) == {"alpha", "beta"}
+        assert max(q.routing_scores, key=q.routing_scores.get) == name
+    # second pass used the chosen adapter
+    np.testing.assert_allclose(batch.queries[1].embedding, engine.encode(["is censorship ever justified"], "beta")[0], atol=1e-5)
+
+
+def test_request_batch_mixes_experts_and_isolates_a_bad_request(engine):
+    pilots = domain_mean_pilots(engine, {"alpha": ["cells"], "beta": ["debate"]})
+    routed = RoutedEncoder(engine, pilots)
+    out = route_and_encode_requests(
+        routed,
+        [
+            {"queries": ["a", "b"], "forced": ["alpha", "base"]},
+            {"queries": ["c"], "forced": ["nope"]},
+            {"queries": ["d"], "forced": ["beta"]},
+        ],
+    )
+    assert out[0]["experts"] == ["alpha", "base"] and out[0]["forced"] == [True, True]
+    assert "unknown expert 'nope'" in out[1]["error"]
+    assert out[2]["experts"] == ["beta"]
+    np.testing.assert_allclose(out[2]["embeddings"][0], engine.encode(["d"], "beta")[0], atol=1e-5)
+    np.testing.assert_allclose(out[0]["embeddings"][1], engine.encode(["b"])[0], atol=1e-5)

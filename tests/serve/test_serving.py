@@ -1,0 +1,140 @@
+"""RetrievalService + HTTP router in-process (no Ray): the same code the Serve ingress runs."""
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from actors.beir import iter_corpus
+from actors.expert_training import domain_mean_pilots
+from actors.index_store import DocStore
+from actors.routed_encoder import RoutedEncoder
+from actors.search import ShardSearcher, build_flat_index, split_ranges
+from serve.config import LimitsConfig
+from serve.http import create_app
+from serve.serving import LocalEncoderClient, LocalShardClient, RetrievalService
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, engine, data_dir):
+    docs = list(iter_corpus(data_dir, "scifact", 60))
+    path = tmp_path_factory.mktemp("docs") / "docs.parquet"
+    DocStore.write(path, docs)
+    vectors = engine.encode([d.as_passage() for d in docs])
+    pilots = domain_mean_pilots(engine, {"alpha": ["cell biology", "protein"], "beta": ["debate", "policy"]})
+    routed = RoutedEncoder(engine, pilots)
+    shards = [ShardSearcher(index=build_flat_index(vectors[a:b]), offset=a) for a, b in split_ranges(len(docs), 3)]
+    service = RetrievalService(
+        LocalEncoderClient(routed, "test-model"),
+        [LocalShardClient(s) for s in shards],
+        DocStore(path),
+        LimitsConfig(max_query_chars=200, max_top_k=20, max_embedding_inputs=4),
+        "mini",
+    )
+    return {"client": TestClient(create_app(service)), "docs": docs, "vectors": vectors, "engine": engine}
+
+
+def test_retrieve_routes_and_hits_match_a_brute_force_search(stack):
+    q = "protein expression in cancer cells"
+    r = stack["client"].post("/v1/retrieve", json={"query": q, "top_k": 5, "include_text": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["expert"] in ("alpha", "beta") and not body["forced"]
+    assert set(body["routing_scores"]) == {"alpha", "beta"}
+    assert body["expert"] == max(body["routing_scores"], key=body["routing_scores"].get)
+    qv = stack["engine"].encode([q], body["expert"])[0]
+    want = np.argsort(-(stack["vectors"] @ qv), kind="stable")[:5]
+    assert [h["doc_id"] for h in body["hits"]] == [stack["docs"][i].doc_id for i in want]
+    assert body["hits"][0]["text"] == stack["docs"][want[0]].text
+    assert {"total_ms", "encode_ms", "search_ms"} <= set(body["timings_ms"])
+
+
+def test_forced_base_and_expert(stack):
+    c = stack["client"]
+    base = c.post("/v1/retrieve", json={"query": "insulin", "top_k": 3, "expert": "base"}).json()
+    beta = c.post("/v1/retrieve", json={"query": "insulin", "top_k": 3, "expert": "beta"}).json()
+    assert base["expert"] == "base" and base["forced"] and beta["expert"] == "beta"
+    assert "text" not in base["hits"][0] or base["hits"][0]["text"] is None
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"query": "", "top_k": 3}, 422, "query"),
+        ({"query": "   ", "top_k": 3}, 422, "query must not be empty"),
+        ({"query": "x" * 201}, 413, "limit is 200"),
+        ({"query": "ok", "top_k": 0}, 422, "top_k"),
+        ({"query": "ok", "top_k": 21}, 422, "top_k"),
+        ({"query": "ok", "top_k": "5"}, 422, "top_k"),
+        ({"query": 5}, 422, "query"),
+        ({"top_k": 3}, 422, "query"),
+        ({"query": "ok", "expert": "gamma"}, 404, "unknown expert 'gamma'"),
+        ({"query": "ok", "colour": "red"}, 422, "unknown field"),
+    ],
+)
+def test_bad_retrieve_requests_are_4xx_json(stack, body, status, needle):
+    r = stack["client"].post("/v1/retrieve", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["code"] == status
+
+
+def test_malformed_json_is_422(stack):
+    r = stack["client"].post("/v1/retrieve", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+
+
+def test_embeddings_openai_shape_and_expert_selection(stack):
+    c, engine = stack["client"], stack["engine"]
+    r = c.post("/v1/embeddings", json={"model": "mini", "input": ["a b", "c"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    np.testing.assert_allclose(body["data"][0]["embedding"], engine.encode(["a b"])[0], atol=1e-5)
+    assert body["usage"]["prompt_tokens"] == sum(engine.count_tokens(["a b", "c"]))
+    ex = c.post("/v1/embeddings", json={"model": "mini:alpha", "input": "a b", "encoding_format": "base64"}).json()
+    import base64
+
+    vec = np.frombuffer(base64.b64decode(ex["data"][0]["embedding"]), dtype=np.float32)
+    np.testing.assert_allclose(vec, engine.encode(["a b"], "alpha")[0], atol=1e-5)
+    assert c.post("/v1/embeddings", json={"model": "base", "input": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "other", "input": "x"}, 404, "unknown model"),
+        ({"model": "mini:gamma", "input": "x"}, 404, "unknown model"),
+        ({"model": "mini", "input": []}, 422, "input must not be empty"),
+        ({"model": "mini", "input": ["a"] * 5}, 413, "limit is 4"),
+        ({"model": "mini", "input": ["a", ""]}, 422, "input[1]"),
+        ({"model": "mini", "input": "x", "dimensions": 7}, 422, "dimensions"),
+        ({"model": "mini", "input": [1, 2]}, 422, "input"),
+    ],
+)
+def test_bad_embedding_requests(stack, body, status, needle):
+    r = stack["client"].post("/v1/embeddings", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_experts_health_and_openapi(stack):
+    c = stack["client"]
+    ex = c.get("/v1/experts").json()
+    assert [e["name"] for e in ex["experts"]] == ["alpha", "beta"] and ex["policy"] == "pilot_mean"
+    h = c.get("/healthz")
+    assert h.status_code == 200 and h.json()["num_docs"] == 60
+    spec = c.get("/openapi.json").json()
+    assert {"/v1/retrieve", "/v1/embeddings", "/v1/experts", "/healthz"} <= set(spec["paths"])
+
+
+def test_health_is_503_when_shards_do_not_cover_the_docs(stack, engine):
+    service = RetrievalService(
+        LocalEncoderClient(RoutedEncoder(engine, None), "m"),
+        [LocalShardClient(ShardSearcher(index=build_flat_index(stack["vectors"][:10])))],
+        DocStore.__new__(DocStore),
+        LimitsConfig(),
+        "mini",
+    )
+    service.docs.doc_id = service.docs.title = service.docs.text = service.docs.dataset = ["x"] * 60
+    r = TestClient(create_app(service)).get("/healthz")
+    assert r.status_code == 503 and "10 vectors for 60 documents" in r.json()["error"]
