@@ -50,7 +50,7 @@ class RoutedEncoder:
         pilots = pilots if pilots is not None else PilotSet.empty(engine.dim)
         missing = [e for e in experts if e not in pilots.expert_names]
         if missing:
-            raise ValueError(f"experts without pilot embeddings: {missing} (run 'routerserve pilots build')")
+            raise ValueError(f"experts without pilot embeddings: {missing} (run 'routerserve experts train --domain NAME')")
         self.pilots = pilots.restrict(experts)
         if self.pilots.embeddings.shape[0] and self.pilots.dim != engine.dim:
             raise ValueError(

@@ -127,14 +127,20 @@ def test_experts_health_and_openapi(stack):
     assert {"/v1/retrieve", "/v1/embeddings", "/v1/experts", "/healthz"} <= set(spec["paths"])
 
 
-def test_health_is_503_when_shards_do_not_cover_the_docs(stack, engine):
+def test_health_is_503_when_shards_do_not_cover_the_docs(stack, engine, tmp_path):
+    DocStore.write(tmp_path / "d.parquet", stack["docs"])  # 60 docs, but the shard holds 10 vectors
+    pilots = domain_mean_pilots(engine, {"alpha": ["x"], "beta": ["y"]})
     service = RetrievalService(
-        LocalEncoderClient(RoutedEncoder(engine, None), "m"),
+        LocalEncoderClient(RoutedEncoder(engine, pilots), "m"),
         [LocalShardClient(ShardSearcher(index=build_flat_index(stack["vectors"][:10])))],
-        DocStore.__new__(DocStore),
+        DocStore(tmp_path / "d.parquet"),
         LimitsConfig(),
         "mini",
     )
-    service.docs.doc_id = service.docs.title = service.docs.text = service.docs.dataset = ["x"] * 60
     r = TestClient(create_app(service)).get("/healthz")
     assert r.status_code == 503 and "10 vectors for 60 documents" in r.json()["error"]
+
+
+def test_routed_encoder_requires_pilots_for_every_expert(engine):
+    with pytest.raises(ValueError, match="experts without pilot embeddings"):
+        RoutedEncoder(engine, None)

@@ -1,0 +1,197 @@
+"""End to end: a real local Ray cluster, the Ray Data index job, trained experts, the real Serve
+app, driven over real HTTP. Started once per module (≈1–2 min on 2 cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from actors.encoder import EncoderEngine
+from actors.routed_encoder import RoutedEncoder
+from actors.routing import PilotSet
+from serve.config import config_from_dict
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir):
+    import ray
+    from ray import serve
+
+    from serve.builders import build_app
+    from serve.cluster import ensure_ray
+    from serve.experts import enabled_experts, pilots_path, train_domain_expert
+    from serve.indexing import build_index
+
+    root = tmp_path_factory.mktemp("served")
+    port = _free_port()
+    cfg = config_from_dict(
+        {
+            "model": {"max_seq_length": 128},
+            "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 120},
+            "index": {"dir": str(root / "index"), "num_shards": 3, "chunk_size": 64, "encode_workers": 1},
+            "experts": {
+                "dir": str(root / "experts"),
+                "bootstrap": {"domains": ["scifact", "nfcorpus"], "steps": 4, "max_queries": 24, "batch_size": 8},
+            },
+            "http": {"port": port},
+            "ray": {"num_cpus": 4},
+        }
+    ).absolutized()
+    ensure_ray(cfg.ray)
+    folder = build_index(cfg, data_dir, progress=False)
+    for domain in ("scifact", "nfcorpus"):
+        train_domain_expert(cfg, data_dir, domain, progress=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    # An in-process reference: the same adapters, pilots and vectors, no Serve, no shards.
+    from serve.indexing import encoder_settings
+    from serve.models import resolve_model
+
+    engine = EncoderEngine(resolve_model(cfg.model.ref), enabled_experts(cfg), encoder_settings(cfg))
+    reference = RoutedEncoder(engine, PilotSet.load(pilots_path(cfg)), cfg.experts.policy)
+    vectors = np.concatenate([np.load(p) for p in sorted((folder.parent / "chunks").glob("chunk_*.npy"))])
+    import pyarrow.parquet as pq
+
+    doc_ids = pq.read_table(folder.parent / "docs.parquet").column("doc_id").to_pylist()
+    yield {"url": url, "cfg": cfg, "folder": folder, "reference": reference, "vectors": vectors, "doc_ids": doc_ids, "data_dir": data_dir}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _expected_ids(served, query: str, expert: str | None, k: int) -> tuple[str, list[str]]:
+    batch = served["reference"].route_and_encode([query], [expert])
+    q = batch.queries[0]
+    order = np.argsort(-(served["vectors"] @ q.embedding), kind="stable")[:k]
+    return q.expert, [served["doc_ids"][i] for i in order]
+
+
+def test_health_and_experts(served):
+    h = httpx.get(f"{served['url']}/healthz").json()
+    assert h["status"] == "ok" and h["num_docs"] == 240 and len(h["shards"]) == 3
+    assert sum(s["ntotal"] for s in h["shards"]) == 240
+    ex = httpx.get(f"{served['url']}/v1/experts").json()
+    assert sorted(e["name"] for e in ex["experts"]) == ["nfcorpus", "scifact"]
+    assert all(e["num_pilots"] >= 1 for e in ex["experts"])
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["Vitamin D supplementation reduces the risk of respiratory infection.", "Is red meat bad for your heart?"],
+)
+def test_routed_retrieval_through_shards_equals_single_index(served, query):
+    r = httpx.post(f"{served['url']}/v1/retrieve", json={"query": query, "top_k": 10}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expert, ids = _expected_ids(served, query, None, 10)
+    assert body["expert"] == expert and body["expert"] in ("scifact", "nfcorpus")
+    assert [h["doc_id"] for h in body["hits"]] == ids
+    assert body["hits"] == sorted(body["hits"], key=lambda h: -h["score"])
+
+
+def test_concurrent_requests_batch_and_mix_experts(served):
+    queries = [f"dietary factors and disease risk, variant {i}" for i in range(24)]
+    experts = ["scifact", "nfcorpus", "base"] * 8
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{served['url']}/v1/retrieve", json={"query": q, "top_k": 5, "expert": e})
+                    for q, e in zip(queries, experts)
+                )
+            )
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    bodies = [r.json() for r in responses]
+    for q, e, body in zip(queries, experts, bodies):
+        assert body["expert"] == e and body["forced"]
+        assert [h["doc_id"] for h in body["hits"]] == _expected_ids(served, q, e, 5)[1]
+    # Concurrent requests were served in shared batches (one encoder call for several queries).
+    assert max(b["timings_ms"]["encoder_batch_queries"] for b in bodies) > 1
+    assert max(b["timings_ms"]["batch_size"] for b in bodies) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, status",
+    [
+        ({"json": {"query": "", "top_k": 3}}, 422),
+        ({"json": {"query": "x", "top_k": 0}}, 422),
+        ({"json": {"query": "x", "top_k": 10_000}}, 422),
+        ({"json": {"query": "x" * 5000}}, 413),
+        ({"json": {"query": "x", "expert": "physics"}}, 404),
+        ({"json": {"query": ["not", "a", "string"]}}, 422),
+        ({"content": b"{broken", "headers": {"content-type": "application/json"}}, 422),
+    ],
+)
+def test_bad_input_is_a_4xx_json_error_and_the_service_survives(served, kwargs, status):
+    r = httpx.post(f"{served['url']}/v1/retrieve", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    ok = httpx.post(f"{served['url']}/v1/retrieve", json={"query": "insulin", "top_k": 1}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_embeddings_endpoint_matches_the_expert_encoder(served):
+    r = httpx.post(
+        f"{served['url']}/v1/embeddings",
+        json={"model": "all-MiniLM-L6-v2:scifact", "input": ["cell biology", "diet"]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    want = served["reference"].engine.encode(["cell biology", "diet"], "scifact")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    bad = httpx.post(f"{served['url']}/v1/embeddings", json={"model": "gpt-4", "input": "x"})
+    assert bad.status_code == 404
+
+
+def test_openapi_is_served(served):
+    spec = httpx.get(f"{served['url']}/openapi.json").json()
+    assert "/v1/retrieve" in spec["paths"] and "/v1/embeddings" in spec["paths"]
+
+
+def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
+    from serve.indexing import build_index
+
+    cfg, folder = served["cfg"], served["folder"]
+    manifest = folder / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert build_index(cfg, served["data_dir"], progress=False) == folder
+    assert manifest.stat().st_mtime_ns == stamp  # cached: nothing rebuilt
+    chunks = sorted((folder.parent / "chunks").glob("chunk_*.npy"))
+    assert len(chunks) == 4  # 240 docs / 64 per chunk
+    kept = {p.name: p.stat().st_mtime_ns for p in chunks}
+    lost = chunks[1]
+    before = np.load(lost)
+    lost.unlink()
+    shutil.rmtree(folder)
+    build_index(cfg, served["data_dir"], progress=False)
+    np.testing.assert_allclose(np.load(lost), before, atol=1e-5)
+    for p in chunks:
+        if p != lost:
+            assert p.stat().st_mtime_ns == kept[p.name]  # only the missing chunk was re-encoded
+    assert manifest.is_file()
