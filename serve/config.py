@@ -101,8 +101,12 @@ class LimitsConfig(_Strict):
 
 
 class BatchConfig(_Strict):
+    """serve.batching.GreedyBatcher settings: a batch forms when one of the
+    max_concurrent_batches slots is free, from everything queued (up to max_batch_size queries)."""
+
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    max_concurrent_batches: int = Field(1, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait before a batch forms when the queue is empty")
 
 
 class DeploymentsConfig(_Strict):
@@ -117,7 +121,7 @@ class DeploymentsConfig(_Strict):
     shard: dict[str, Any] = Field(
         default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
     )
-    ingress_batching: BatchConfig = Field(default_factory=BatchConfig)
+    ingress_batching: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_size=32, max_concurrent_batches=2))
     encoder_batching: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_size=64))
 
     @field_validator("ingress", "encoder", "shard")

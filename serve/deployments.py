@@ -1,6 +1,6 @@
 """Ray Serve deployments: thin wrappers over the plain classes in actors/ and serve.serving.
 
-    HTTP proxy -> RetrievalIngress (FastAPI; serve.batch over concurrent requests)
+    HTTP proxy -> RetrievalIngress (FastAPI; GreedyBatcher over concurrent requests)
                     -> ExpertEncoder   (one call per batch: base pass, routing, mixed-expert pass)
                     -> SearchShard0..S-1 (one call per shard per batch, in parallel) -> exact merge
 """
@@ -20,6 +20,7 @@ from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_
 from actors.routing import PilotSet
 from actors.search import ShardSearcher
 
+from .batching import GreedyBatcher
 from .config import BatchConfig, LimitsConfig
 from .http import create_app
 from .serving import RetrievalService
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name="ExpertEncoder")
 class ExpertEncoderDeployment:
-    """Base encoder + every expert adapter in one replica; batches route+encode across callers."""
+    """Base encoder + every expert adapter in one replica; batches route+encode across callers
+    (several ingress replicas' batches merge here)."""
 
     def __init__(
         self,
@@ -46,11 +48,13 @@ class ExpertEncoderDeployment:
         self.encoder = RoutedEncoder(engine, pilots, policy)
         self.base_model_ref = base_model_ref
         b = BatchConfig(**batching)
-        self._batched = serve.batch(
-            max_batch_size=b.max_batch_size,
-            batch_wait_timeout_s=b.batch_wait_timeout_s,
-            batch_size_fn=lambda reqs: sum(len(r["queries"]) for r in reqs),
-        )(self._run_batch)
+        self._batched = GreedyBatcher(
+            self._run_batch,
+            b.max_batch_size,
+            b.max_concurrent_batches,
+            b.batch_wait_timeout_s,
+            size_fn=lambda request: len(request["queries"]),
+        )
 
     async def _run_batch(self, requests: list[dict]) -> list[dict]:
         # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
@@ -127,7 +131,7 @@ class RetrievalIngress:
             served_name,
         )
         self.service.enable_batching(
-            serve.batch(max_batch_size=b.max_batch_size, batch_wait_timeout_s=b.batch_wait_timeout_s)
+            lambda fn: GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s)
         )
 
     def __serve_build_asgi_app__(self):

@@ -113,13 +113,13 @@ class RetrievalService:
         self.docs = docs
         self.limits = limits
         self.served_name = served_name
-        # In Serve the batcher is serve.batch(retrieve_many); alone, each request is its own batch.
+        # In Serve the batcher is GreedyBatcher(retrieve_many); alone, each request is its own batch.
         self._submit = batcher or (lambda item: self._single(item))
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
 
     def enable_batching(self, decorate: Callable) -> None:
-        """Batch concurrent requests: ``decorate`` wraps retrieve_many (e.g. serve.batch(...))."""
+        """Batch concurrent requests: ``decorate`` wraps retrieve_many (serve.batching.GreedyBatcher)."""
         self._submit = decorate(self.retrieve_many)
 
     async def _single(self, item: RetrieveItem) -> dict:
