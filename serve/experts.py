@@ -80,6 +80,8 @@ def train_domain_expert(
     cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True
 ) -> dict:
     """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched."""
+    if cfg.experts.dir is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
     boot = cfg.experts.bootstrap
     model_path = resolve_model(cfg.model.ref)
     examples = training_queries(data_dir, domain, boot.max_queries)

@@ -195,3 +195,15 @@ def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
         if p != lost:
             assert p.stat().st_mtime_ns == kept[p.name]  # only the missing chunk was re-encoded
     assert manifest.is_file()
+
+
+def test_cli_query_pretty_prints_a_served_answer(served):
+    from typer.testing import CliRunner
+
+    from serve.cli import app
+
+    r = CliRunner().invoke(app, ["query", "salt intake and blood pressure", "--url", served["url"], "-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert "expert:" in r.output and "policy: pilot_mean" in r.output
+    r = CliRunner().invoke(app, ["query", "x", "--url", served["url"], "--expert", "nope"])
+    assert r.exit_code == 1 and "404" in r.output

