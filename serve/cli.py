@@ -99,6 +99,43 @@ def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional
     console.print(f"removed expert {name}")
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate routing policies.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("beir")
+def eval_beir(
+    domains: str = typer.Option("scifact,nfcorpus,cranfield", help="comma-separated datasets"),
+    policies: str = typer.Option(",".join(["base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle", "instance_oracle"])),
+    setting: str = typer.Option("per_domain", help="per_domain | union"),
+    max_queries: Optional[int] = typer.Option(None, help="first N test queries per domain (smoke runs)"),
+    out: Path = typer.Option(Path("benchmarks/results/beir_eval"), help="output stem (.json/.md/.png)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """nDCG@10 and Recall@100 (ir-measures) per domain and policy; JSON + markdown + PNG."""
+    from .evaluation import evaluate, write_report
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    from .cluster import ensure_ray
+
+    ensure_ray(cfg.ray)  # the index build (if needed) is a Ray Data job
+    try:
+        result = evaluate(cfg, ddir, domains.split(","), policies.split(","), setting, max_queries)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    result["command"] = "routerserve " + " ".join(sys.argv[1:])
+    paths = write_report(result, out)
+    table = Table("policy", *result["domains"], "avg")
+    for policy, per in result["policies"].items():
+        table.add_row(policy, *[f"{100 * per[d]:.1f}" for d in [*result["domains"], "avg"]])
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
 @config_app.command("show")
 def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """The effective configuration (defaults filled in, paths absolute)."""

@@ -1,0 +1,322 @@
+"""`routerserve eval beir`: nDCG@10 / Recall@100 of routing policies on BEIR-layout domains.
+
+Every policy answers one question per test query: which encoder (an expert's adapter, or the base
+model) embeds it. Queries are embedded once per expert; documents once, by the base model (the
+same cached index `routerserve index build` writes). Metrics come from ir-measures (pytrec_eval).
+
+Settings:
+* ``per_domain`` — BEIR style: each domain's test queries against its own corpus;
+* ``union`` — all corpora in one index, as a served deployment sees them (a hit from another
+  domain's corpus is simply not relevant).
+
+Policies here (more register the same way):
+  base            the base model for every query
+  pilot_mean      RouterRetriever: mean cosine to each expert's pilots (paper)
+  pilot_nearest   nearest pilot (released code)
+  dataset_router  the expert trained on the query's own dataset (knows the dataset label)
+  dataset_oracle  per domain, the single encoder with the best test nDCG@10 (upper bound, eval only)
+  instance_oracle per query, the encoder with the best nDCG@10 (upper bound, eval only)
+
+Test queries never include a query used for training or pilots: the 'test' split where a 'train'
+split exists, else the test half of actors.beir.seeded_half_split (training uses the other half).
+ArguAna: a query's own id is removed from its ranking (BEIR practice).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from actors.beir import available_splits, load_qrels, load_queries, seeded_half_split
+from actors.encoder import BASE, EncoderEngine
+from actors.routing import choose, get_policy
+
+from .config import RouterServeConfig
+from .experts import enabled_experts, load_pilots
+from .indexing import build_index, encoder_settings
+from .models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+SELF_RETRIEVAL_DOMAINS = {"arguana"}
+DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle", "instance_oracle"]
+
+
+def test_queries(data_dir: Path, domain: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """(qid -> text, qrels) of the evaluation queries: never those used for training or pilots."""
+    queries = load_queries(data_dir, domain)
+    splits = available_splits(data_dir, domain)
+    qrels = load_qrels(data_dir, domain, "test")
+    if "train" not in splits:
+        _, test_half = seeded_half_split(sorted(qrels))
+        qrels = {q: qrels[q] for q in test_half}
+    qrels = {q: r for q, r in qrels.items() if q in queries and any(v > 0 for v in r.values())}
+    return {q: queries[q] for q in qrels}, qrels
+
+
+@dataclass
+class Corpus:
+    name: str
+    doc_ids: list[str]
+    datasets: list[str]
+    vectors: np.ndarray
+
+
+def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool) -> Corpus:
+    """Base-model vectors of these datasets, from (or into) the shared index cache."""
+    import pyarrow.parquet as pq
+
+    sub = cfg.model_copy(deep=True)
+    sub.corpus.datasets = list(datasets)
+    sub.index.num_shards = 1
+    folder = build_index(sub, data_dir, progress=progress)
+    root = folder.parent
+    vectors = np.concatenate([np.load(p) for p in sorted((root / "chunks").glob("chunk_*.npy"))])
+    table = pq.read_table(root / "docs.parquet", columns=["doc_id", "dataset"])
+    return Corpus("+".join(datasets), table.column("doc_id").to_pylist(), table.column("dataset").to_pylist(), vectors)
+
+
+@dataclass
+class DomainRun:
+    """Everything a policy may look at for one domain's test queries."""
+
+    domain: str
+    qids: list[str]
+    embeddings: dict[str, np.ndarray]  # encoder name -> [n, D]
+    qrels: dict[str, dict[str, int]]
+    per_query_ndcg: dict[str, np.ndarray] = field(default_factory=dict)  # encoder -> [n]
+    pilots: object = None
+    experts: list[str] = field(default_factory=list)
+
+
+PolicyFn = Callable[[DomainRun], list[str]]
+_EVAL_POLICIES: dict[str, PolicyFn] = {}
+
+
+def eval_policy(name: str):
+    def deco(fn: PolicyFn) -> PolicyFn:
+        _EVAL_POLICIES[name] = fn
+        return fn
+
+    return deco
+
+
+def eval_policies() -> list[str]:
+    return sorted(_EVAL_POLICIES)
+
+
+@eval_policy("base")
+def _base(run: DomainRun) -> list[str]:
+    return [BASE] * len(run.qids)
+
+
+def _pilot_policy(name: str) -> PolicyFn:
+    def fn(run: DomainRun) -> list[str]:
+        if not run.experts:
+            return [BASE] * len(run.qids)
+        pilots = run.pilots.restrict(run.experts)
+        return choose(get_policy(name).score(run.embeddings[BASE], pilots), pilots.expert_names)
+
+    return fn
+
+
+eval_policy("pilot_mean")(_pilot_policy("pilot_mean"))
+eval_policy("pilot_nearest")(_pilot_policy("pilot_nearest"))
+
+
+@eval_policy("dataset_router")
+def _dataset_router(run: DomainRun) -> list[str]:
+    return [run.domain if run.domain in run.experts else BASE] * len(run.qids)
+
+
+@eval_policy("dataset_oracle")
+def _dataset_oracle(run: DomainRun) -> list[str]:
+    best = max(run.per_query_ndcg, key=lambda e: (run.per_query_ndcg[e].mean(), e == BASE))
+    return [best] * len(run.qids)
+
+
+@eval_policy("instance_oracle")
+def _instance_oracle(run: DomainRun) -> list[str]:
+    names = list(run.per_query_ndcg)
+    table = np.stack([run.per_query_ndcg[n] for n in names], axis=1)
+    return [names[int(i)] for i in np.argmax(table, axis=1)]
+
+
+def qualify(dataset: str, doc_id: str) -> str:
+    """Doc ids are only unique within a dataset (cranfield and npl both use 1, 2, …)."""
+    return f"{dataset}/{doc_id}"
+
+
+def search_run(
+    query_vectors: np.ndarray, qids: list[str], corpus: Corpus, k: int, drop_self: bool, domain: str
+) -> dict[str, dict[str, float]]:
+    """Top-k run {qid: {dataset/doc_id: score}} by exact inner product (FAISS flat)."""
+    from actors.search import ShardSearcher, build_flat_index
+
+    searcher = ShardSearcher(index=build_flat_index(corpus.vectors), use_gpu="auto")
+    scores, ids = searcher.search(query_vectors, k + (1 if drop_self else 0))
+    run: dict[str, dict[str, float]] = {}
+    for qi, qid in enumerate(qids):
+        hits: dict[str, float] = {}
+        for s, i in zip(scores[qi], ids[qi]):
+            if i < 0:
+                continue
+            doc, ds = corpus.doc_ids[int(i)], corpus.datasets[int(i)]
+            if drop_self and doc == qid and ds == domain:
+                continue
+            doc = qualify(ds, doc)
+            if doc not in hits:
+                hits[doc] = float(s)
+            if len(hits) == k:
+                break
+        run[qid] = hits
+    return run
+
+
+def _measures():
+    from ir_measures import R, nDCG
+
+    return nDCG @ 10, R @ 100
+
+
+def per_query(qrels, run, measure) -> dict[str, float]:
+    import ir_measures
+
+    values = {m.query_id: m.value for m in ir_measures.iter_calc([measure], qrels, run)}
+    return {q: values.get(q, 0.0) for q in qrels}
+
+
+def evaluate(
+    cfg: RouterServeConfig,
+    data_dir: Path,
+    domains: list[str],
+    policies: list[str] | None = None,
+    setting: str = "per_domain",
+    max_queries: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``policies`` on ``domains``; returns the result dict (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    policies = policies or DEFAULT_POLICIES
+    unknown = [p for p in policies if p not in _EVAL_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; available: {eval_policies()}")
+    if setting not in ("per_domain", "union"):
+        raise ValueError("setting must be 'per_domain' or 'union'")
+    t0 = time.perf_counter()
+    adapters = enabled_experts(cfg)
+    pilots = load_pilots(cfg)
+    experts = [e for e in (pilots.expert_names if pilots else []) if e in adapters]
+    engine = EncoderEngine(resolve_model(cfg.model.ref), {e: adapters[e] for e in experts}, encoder_settings(cfg))
+    encoders = [BASE, *experts]
+    ndcg_m, recall_m = _measures()
+    union = load_corpus_vectors(cfg, data_dir, domains, progress) if setting == "union" else None
+    scores: dict[str, dict[str, float]] = {p: {} for p in policies}
+    recall: dict[str, dict[str, float]] = {p: {} for p in policies}
+    confusion: dict[str, dict[str, int]] = {p: {} for p in policies}
+    counts: dict[str, int] = {}
+    for domain in tqdm(domains, desc=f"eval {setting}", disable=not progress):
+        corpus = union or load_corpus_vectors(cfg, data_dir, [domain], progress)
+        queries, qrels = test_queries(data_dir, domain)
+        if cfg.corpus.max_docs_per_dataset:
+            # Smoke runs on a capped corpus: keep only queries with a judged doc inside it.
+            docset = set(corpus.doc_ids)
+            qrels = {q: r for q, r in qrels.items() if any(v > 0 and d in docset for d, v in r.items())}
+        qids = sorted(qrels)
+        qrels = {q: {qualify(domain, d): v for d, v in r.items()} for q, r in qrels.items()}
+        if max_queries:
+            qids = qids[:max_queries]
+            qrels = {q: qrels[q] for q in qids}
+        counts[domain] = len(qids)
+        texts = [queries[q] for q in qids]
+        emb = {name: engine.encode(texts, name) for name in encoders}
+        drop_self = domain in SELF_RETRIEVAL_DOMAINS
+        runs = {name: search_run(emb[name], qids, corpus, 100, drop_self, domain) for name in encoders}
+        pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in encoders}
+        pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in encoders}
+        ctx = DomainRun(
+            domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in encoders}, pilots, experts
+        )
+        for policy in policies:
+            chosen = _EVAL_POLICIES[policy](ctx)
+            scores[policy][domain] = float(np.mean([pq_ndcg[c][q] for c, q in zip(chosen, qids)]))
+            recall[policy][domain] = float(np.mean([pq_recall[c][q] for c, q in zip(chosen, qids)]))
+            row = confusion[policy].setdefault(domain, {})
+            for c in chosen:
+                row[c] = row.get(c, 0) + 1
+    for table in (scores, recall):
+        for policy, per in table.items():
+            per["avg"] = float(np.mean([per[d] for d in domains]))
+    return {
+        "policies": scores,
+        "recall@100": recall,
+        "routing": confusion,
+        "setting": setting,
+        "domains": domains,
+        "experts": experts,
+        "num_queries": counts,
+        "capped_corpus": cfg.corpus.max_docs_per_dataset,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def write_report(result: dict, stem: Path) -> list[Path]:
+    """JSON + markdown table + PNG (per-domain bars per policy; routing confusion matrix)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    domains = result["domains"]
+    lines = [
+        f"# BEIR evaluation ({result['setting']}) — nDCG@10 (Recall@100 in brackets)",
+        "",
+        f"Command: `{result.get('command', '')}`",
+        f"Experts: {result['experts']}; test queries per domain: {result['num_queries']}",
+        "",
+        "| policy | " + " | ".join(domains) + " | avg |",
+        "|---|" + "---|" * (len(domains) + 1),
+    ]
+    for policy, per in result["policies"].items():
+        rec = result["recall@100"][policy]
+        cells = [f"{100 * per[d]:.1f} ({100 * rec[d]:.1f})" for d in [*domains, "avg"]]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    paths[1].write_text("\n".join(lines) + "\n")
+
+    policies = list(result["policies"])
+    routed = [p for p in policies if p in ("pilot_mean", "pilot_nearest")] or policies[:1]
+    fig, axes = plt.subplots(1, 1 + len(routed), figsize=(6 + 4 * len(routed), 4.2))
+    ax = axes[0]
+    width = 0.8 / max(len(policies), 1)
+    x = np.arange(len(domains) + 1)
+    for i, p in enumerate(policies):
+        ax.bar(x + i * width, [100 * result["policies"][p][d] for d in [*domains, "avg"]], width, label=p)
+    ax.set_xticks(x + 0.4 - width / 2, [*domains, "avg"], rotation=20)
+    ax.set_ylabel("nDCG@10")
+    ax.set_title(f"per domain ({result['setting']})")
+    ax.legend(fontsize=7)
+    cols = [BASE, *result["experts"]]
+    for ax, p in zip(axes[1:], routed):
+        m = np.array([[result["routing"][p][d].get(c, 0) for c in cols] for d in domains], dtype=float)
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(cols)), cols, rotation=30)
+        ax.set_yticks(range(len(domains)), domains)
+        for (r, c), v in np.ndenumerate(m):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"routing: true domain × chosen ({p})")
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=110)
+    plt.close(fig)
+    return paths
