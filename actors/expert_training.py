@@ -46,11 +46,13 @@ def train_query_adapter(
     out_dir: str | os.PathLike,
     settings: AdapterTrainSettings | None = None,
     progress: bool = True,
+    hard_negatives: np.ndarray | None = None,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
-    Negatives are the other positives of the batch (in-batch negatives). Writes a peft adapter
-    folder plus ``train_report.json`` to ``out_dir`` and returns the report.
+    Negatives are the other positives of the batch (in-batch negatives) plus, when given,
+    ``hard_negatives[i]`` ([n, H, D] frozen doc vectors mined from the base index). Writes a peft
+    adapter folder plus ``train_report.json`` to ``out_dir`` and returns the report.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -76,6 +78,12 @@ def train_query_adapter(
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
+    negs = None
+    if hard_negatives is not None:
+        hard_negatives = np.asarray(hard_negatives, dtype=np.float32)
+        if hard_negatives.ndim != 3 or hard_negatives.shape[0] != len(queries):
+            raise ValueError("hard_negatives must be [n_queries, H, dim]")
+        negs = torch.nn.functional.normalize(torch.as_tensor(hard_negatives), dim=-1)
     order: list[int] = []
     losses: list[float] = []
     bs = min(settings.batch_size, len(queries))
@@ -105,6 +113,9 @@ def train_query_adapter(
         # Rows sharing a positive doc are not negatives of each other: mask duplicates.
         same = (d @ d.T > 0.9999) & ~torch.eye(len(idx), dtype=torch.bool)
         logits = logits.masked_fill(same, float("-inf"))
+        if negs is not None:  # each query's own mined negatives, appended after the batch columns
+            hard = torch.einsum("bd,bhd->bh", q, negs[idx]) / settings.temperature
+            logits = torch.cat([logits, hard], dim=1)
         loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
         optim.zero_grad()
         loss.backward()
@@ -118,6 +129,7 @@ def train_query_adapter(
     report = {
         "settings": asdict(settings),
         "num_queries": len(queries),
+        "hard_negatives_per_query": 0 if negs is None else int(negs.shape[1]),
         "losses": losses,
         "seconds": time.perf_counter() - t0,
         "base_model": str(model_path),
@@ -138,3 +150,51 @@ def domain_mean_pilots(
         embs.append(vectors.mean(axis=0))
         names.append(expert)
     return PilotSet(np.stack(embs), names, list(names), base_model)
+
+
+def mine_hard_negatives(
+    query_vectors: np.ndarray,
+    corpus_vectors: np.ndarray,
+    positive_rows: list[set[int]],
+    num_negatives: int,
+    skip_top: int = 0,
+) -> np.ndarray:
+    """Row ids [n, H] of the base model's top-ranked NON-relevant docs for each query.
+
+    ``skip_top`` ignores the first ranks (often unjudged relevant docs). Queries with too few
+    candidates repeat their last negative.
+    """
+    from .search import ShardSearcher, build_flat_index
+
+    searcher = ShardSearcher(index=build_flat_index(corpus_vectors), use_gpu="auto")
+    depth = num_negatives + skip_top + max((len(p) for p in positive_rows), default=0) + 1
+    _, ids = searcher.search(query_vectors, min(depth, corpus_vectors.shape[0]))
+    out = np.zeros((len(positive_rows), num_negatives), dtype=np.int64)
+    for i, row in enumerate(ids):
+        cands = [int(r) for r in row if r >= 0 and int(r) not in positive_rows[i]][skip_top:]
+        if not cands:
+            raise ValueError(f"query {i}: no non-relevant document to use as a negative")
+        cands = (cands + [cands[-1]] * num_negatives)[:num_negatives]
+        out[i] = cands
+    return out
+
+
+def plot_losses(losses: list[float], path: str | os.PathLike, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(losses, lw=0.8, alpha=0.5, label="step")
+    if len(losses) >= 10:
+        w = max(len(losses) // 20, 5)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(range(w - 1, len(losses)), smooth, lw=1.8, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -116,6 +116,24 @@ class PilotSet:
         return PilotSet(emb, mine.experts + other.experts, doms, other.base_model or self.base_model)
 
 
+def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
+    """``current`` with every pilot of ``new``'s domains replaced by ``new``'s pilots."""
+    if current is None or current.embeddings.shape[0] == 0:
+        return new
+    if not current.domains:
+        raise ValueError("current pilots carry no domains; rebuild them with 'routerserve pilots build'")
+    doomed = set(new.domains)
+    keep = [i for i, d in enumerate(current.domains) if d not in doomed]
+    if keep and current.dim != new.dim:
+        raise ValueError("pilot dimensions differ")
+    return PilotSet(
+        np.concatenate([current.embeddings[keep], new.embeddings]),
+        [current.experts[i] for i in keep] + new.experts,
+        [current.domains[i] for i in keep] + new.domains,
+        new.base_model or current.base_model,
+    )
+
+
 class RoutingPolicy:
     """Scores experts for a batch of queries; higher is better."""
 

@@ -179,11 +179,11 @@ def main(
     queries = _queries(ddir, cfg.corpus.datasets, 256)
     ensure_ray(cfg.ray)
     if prepare:
-        from serve.experts import bootstrap_experts
+        from serve.experts import train_default_experts
         from serve.indexing import build_index
 
         build_index(cfg, ddir)
-        bootstrap_experts(cfg, ddir)
+        train_default_experts(cfg, ddir)
     console.rule("in-process ceiling (no Ray)")
     ceiling = {}
     for b in sorted({1, *levels}):

@@ -58,22 +58,51 @@ def index_build(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = 
 @experts_app.command("train")
 def experts_train(
     domain: str = typer.Option(..., "--domain", help="BEIR dataset name under the data dir"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: experts.bootstrap.steps)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: experts.training.steps)"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     data_dir: Optional[Path] = DataOpt,
 ):
     """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched)."""
+    from .cluster import ensure_ray
     from .experts import train_domain_expert
 
     cfg = _load(config, set_)
     if steps is not None:
-        cfg.experts.bootstrap.steps = steps
-    report = train_domain_expert(cfg, _data_dir(cfg, data_dir), domain)
+        cfg.experts.training.steps = steps
+    ddir = _data_dir(cfg, data_dir)
+    ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
+    report = train_domain_expert(cfg, ddir, domain)
     console.print(
         f"[green]expert {domain}[/green]: {report['num_queries']} queries, {len(report['losses'])} steps, "
         f"loss {report['losses'][0]:.3f} → {report['losses'][-1]:.3f}"
     )
+
+
+pilots_app = typer.Typer(no_args_is_help=True, help="Pilot embeddings (the router's only state).")
+app.add_typer(pilots_app, name="pilots")
+
+
+@pilots_app.command("build")
+def pilots_build(
+    domains: Optional[str] = typer.Option(None, help="comma-separated; default: every expert's domain"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """Group each domain's training queries by their best expert (nDCG@10); mean base embedding
+    per (domain, expert) = one pilot. Other domains' pilots are kept."""
+    from .cluster import ensure_ray
+    from .pilots import build_pilots
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    ensure_ray(cfg.ray)
+    wins = build_pilots(cfg, ddir, domains.split(",") if domains else None)
+    table = Table("domain", "pilots → expert (queries won)")
+    for domain, per in wins.items():
+        table.add_row(domain, ", ".join(f"{e} ({n})" for e, n in per.items()))
+    console.print(table)
 
 
 @experts_app.command("list")
@@ -246,14 +275,14 @@ def up(
     ddir = _data_dir(cfg, data_dir)
     ensure_ray(cfg.ray)
     if prepare:
-        from .experts import bootstrap_experts
+        from .experts import train_default_experts
         from .indexing import build_index
 
         console.rule("index")
         console.print(f"index: {build_index(cfg, ddir)}")
-        if cfg.experts.bootstrap.domains:
+        if cfg.experts.training.default_domains:
             console.rule("experts")
-            trained = bootstrap_experts(cfg, ddir)
+            trained = train_default_experts(cfg, ddir)
             console.print(f"experts trained now: {trained or 'none (all present)'}")
     console.rule("serve")
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})

@@ -62,13 +62,16 @@ class SearchConfig(_Strict):
 
 
 class ExpertTrainConfig(_Strict):
-    """The small default experts `routerserve up` trains when the experts folder lacks them."""
+    """How `routerserve experts train` trains an expert, and which experts `routerserve up`
+    trains when the experts folder lacks them (default_domains)."""
 
-    domains: list[str] = Field(default_factory=list)
+    default_domains: list[str] = Field(default_factory=list)
     steps: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=2)
-    max_queries: int = Field(400, ge=2)
+    max_queries: int = Field(400, ge=2, description="training queries per domain (deterministic sample)")
     lr: float = Field(1e-4, gt=0)
+    hard_negatives: int = Field(4, ge=0, description="mined from the base index per query; 0 = in-batch only")
+    skip_top: int = Field(0, ge=0, description="ignore this many top-ranked non-relevant docs when mining")
     seed: int = 0
 
 
@@ -76,7 +79,7 @@ class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
     policy: str = "pilot_mean"
-    bootstrap: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
+    training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
 
     @field_validator("policy")
     @classmethod
@@ -163,9 +166,9 @@ class RouterServeConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _bootstrap_needs_dir(self) -> "RouterServeConfig":
-        if self.experts.bootstrap.domains and self.experts.dir is None:
-            raise ValueError("experts.bootstrap.domains needs experts.dir to write adapters to")
+    def _default_experts_need_dir(self) -> "RouterServeConfig":
+        if self.experts.training.default_domains and self.experts.dir is None:
+            raise ValueError("experts.training.default_domains needs experts.dir to write adapters to")
         return self
 
     # -- paths ---------------------------------------------------------------------------------

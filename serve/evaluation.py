@@ -38,7 +38,7 @@ from actors.routing import choose, get_policy
 
 from .config import RouterServeConfig
 from .experts import enabled_experts, load_pilots
-from .indexing import build_index, encoder_settings
+from .indexing import Corpus, encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -57,28 +57,6 @@ def test_queries(data_dir: Path, domain: str) -> tuple[dict[str, str], dict[str,
         qrels = {q: qrels[q] for q in test_half}
     qrels = {q: r for q, r in qrels.items() if q in queries and any(v > 0 for v in r.values())}
     return {q: queries[q] for q in qrels}, qrels
-
-
-@dataclass
-class Corpus:
-    name: str
-    doc_ids: list[str]
-    datasets: list[str]
-    vectors: np.ndarray
-
-
-def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool) -> Corpus:
-    """Base-model vectors of these datasets, from (or into) the shared index cache."""
-    import pyarrow.parquet as pq
-
-    sub = cfg.model_copy(deep=True)
-    sub.corpus.datasets = list(datasets)
-    sub.index.num_shards = 1
-    folder = build_index(sub, data_dir, progress=progress)
-    root = folder.parent
-    vectors = np.concatenate([np.load(p) for p in sorted((root / "chunks").glob("chunk_*.npy"))])
-    table = pq.read_table(root / "docs.parquet", columns=["doc_id", "dataset"])
-    return Corpus("+".join(datasets), table.column("doc_id").to_pylist(), table.column("dataset").to_pylist(), vectors)
 
 
 @dataclass

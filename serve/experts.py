@@ -10,19 +10,23 @@ corpus index is untouched. Removing one = deleting both (``remove_expert``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from actors.beir import available_splits, iter_corpus, load_qrels, load_queries, seeded_half_split
+from actors.beir import available_splits, dataset_dir, file_sha256, load_qrels, load_queries, seeded_half_split
 from actors.encoder import EncoderEngine, adapter_dirs
-from actors.expert_training import AdapterTrainSettings, domain_mean_pilots, train_query_adapter
+from actors.expert_training import (
+    AdapterTrainSettings,
+    mine_hard_negatives,
+    plot_losses,
+    train_query_adapter,
+)
 from actors.routing import PILOTS_FILE, PilotSet
 
 from .config import RouterServeConfig
-from .indexing import encoder_settings
+from .indexing import encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -53,79 +57,116 @@ def load_pilots(cfg: RouterServeConfig) -> PilotSet | None:
     return PilotSet.load(path) if path is not None and path.is_file() else None
 
 
-def training_queries(data_dir: Path, domain: str, max_queries: int) -> list[tuple[str, str, str]]:
-    """(query id, query text, positive doc id) for the domain's training queries.
+def training_queries(data_dir: Path, domain: str, max_queries: int | None = None) -> list[tuple[str, str, dict[str, int]]]:
+    """(query id, query text, judged docs) for the domain's training queries.
 
     The 'train' split where one exists; otherwise the train half of a seeded split of the judged
     queries (actors.beir.seeded_half_split), so the other half stays unseen for evaluation.
+    A deterministic sample (by hash of the query id) of at most ``max_queries``.
     """
     queries = load_queries(data_dir, domain)
-    if "train" in available_splits(data_dir, domain):
+    splits = available_splits(data_dir, domain)
+    if "train" in splits:
         qrels = load_qrels(data_dir, domain, "train")
         qids = sorted(qrels)
     else:
-        split = "test" if "test" in available_splits(data_dir, domain) else available_splits(data_dir, domain)[0]
-        qrels = load_qrels(data_dir, domain, split)
+        qrels = load_qrels(data_dir, domain, "test" if "test" in splits else splits[0])
         qids, _ = seeded_half_split(sorted(qrels))
     qids = [q for q in qids if q in queries and any(s > 0 for s in qrels[q].values())]
     qids.sort(key=lambda q: hashlib.sha256(q.encode()).hexdigest())
-    out = []
-    for qid in qids[:max_queries]:
-        best = max(qrels[qid].items(), key=lambda kv: (kv[1], kv[0]))[0]
-        out.append((qid, queries[qid], best))
-    return out
+    return [(qid, queries[qid], {d: s for d, s in qrels[qid].items() if s > 0}) for qid in qids[:max_queries]]
+
+
+def domain_examples(cfg: RouterServeConfig, data_dir: Path, domain: str, corpus) -> list[tuple[str, str, int, set[int]]]:
+    """(qid, text, best judged row, all judged rows) for the domain's training queries whose judged
+    docs are in ``corpus``; the same deterministic sample for training and for pilots."""
+    row_of = {d: i for i, d in enumerate(corpus.doc_ids)}
+    examples = []
+    for qid, text, judged in training_queries(data_dir, domain):
+        rows = {row_of[d] for d in judged if d in row_of}
+        if rows:
+            best = max((d for d in judged if d in row_of), key=lambda d: (judged[d], d))
+            examples.append((qid, text, row_of[best], rows))
+        if len(examples) == cfg.experts.training.max_queries:
+            break
+    if len(examples) < 2:
+        raise ValueError(f"domain {domain!r}: fewer than 2 training queries with a judged document in the corpus")
+    return examples
 
 
 def train_domain_expert(
-    cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True
+    cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True
 ) -> dict:
-    """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched."""
+    """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched.
+
+    Document vectors (positives and mined hard negatives) come from the domain's base index
+    (built and cached as a Ray Data job if missing): no document is re-encoded here.
+    """
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
-    boot = cfg.experts.bootstrap
+    train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
-    examples = training_queries(data_dir, domain, boot.max_queries)
-    wanted = {doc for _, _, doc in examples}
-    docs = {d.doc_id: d for d in iter_corpus(data_dir, domain) if d.doc_id in wanted}
-    examples = [e for e in examples if e[2] in docs]
-    if len(examples) < 2:
-        raise ValueError(f"domain {domain!r}: fewer than 2 training queries with a judged document")
+    corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+    examples = domain_examples(cfg, data_dir, domain, corpus)
     settings = encoder_settings(cfg)
     base = EncoderEngine(model_path, None, settings)
-    doc_ids = sorted(wanted & set(docs))
-    doc_vecs = base.encode([docs[d].as_passage() for d in doc_ids])
-    row = {d: i for i, d in enumerate(doc_ids)}
-    positives = np.stack([doc_vecs[row[doc]] for _, _, doc in examples])
+    texts = [t for _, t, _, _ in examples]
+    positives = corpus.vectors[[best for _, _, best, _ in examples]]
+    hard = None
+    if train.hard_negatives > 0:
+        query_vecs = base.encode(texts)
+        neg_rows = mine_hard_negatives(
+            query_vecs, corpus.vectors, [rows for _, _, _, rows in examples], train.hard_negatives, train.skip_top
+        )
+        hard = corpus.vectors[neg_rows]
     out_dir = adapters_root(cfg) / domain
     report = train_query_adapter(
         model_path,
         settings,
-        [q for _, q, _ in examples],
+        texts,
         positives,
         out_dir,
-        AdapterTrainSettings(steps=boot.steps, batch_size=boot.batch_size, lr=boot.lr, seed=boot.seed),
+        AdapterTrainSettings(steps=train.steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed),
         progress=progress,
+        hard_negatives=hard,
     )
-    new = domain_mean_pilots(base, {domain: [q for _, q, _ in examples]}, base_model=cfg.model.ref)
-    current = load_pilots(cfg)
-    merged = current.merged_with(new) if current is not None else new
-    merged.save(pilots_path(cfg))
+    report.update(
+        domain=domain,
+        data_hash=hashlib.sha256(
+            json.dumps([(q, sorted(r)) for q, _, _, r in examples]).encode()
+            + file_sha256(dataset_dir(data_dir, domain) / "corpus.jsonl").encode()
+        ).hexdigest(),
+        query_ids_sha256=hashlib.sha256(",".join(q for q, _, _, _ in examples).encode()).hexdigest(),
+        skip_top=train.skip_top,
+    )
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(report["losses"], out_dir / "loss.png", f"expert {domain}: {len(examples)} queries")
+    if pilots:  # this domain's pilots, against every expert present now
+        from .pilots import build_pilots
+
+        build_pilots(cfg, data_dir, [domain], progress)
     return report
 
 
-def bootstrap_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> list[str]:
-    """Train the configured default experts that are missing (adapter or pilots); returns those trained."""
+def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> list[str]:
+    """Train the configured default experts that are missing, then rebuild the pilots of every
+    default domain against the full expert set (the paper builds pilots once all experts exist).
+    Returns the domains trained now."""
     trained = []
     root = adapters_root(cfg)
-    for domain in cfg.experts.bootstrap.domains:
-        pilots = load_pilots(cfg)
-        have_adapter = root is not None and (root / domain / "adapter_config.json").is_file()
-        have_pilots = pilots is not None and domain in pilots.expert_names
-        if have_adapter and have_pilots:
+    domains = cfg.experts.training.default_domains
+    pilots = load_pilots(cfg)
+    for domain in domains:
+        if root is not None and (root / domain / "adapter_config.json").is_file():
             continue
         logger.info("training default expert %s", domain)
-        train_domain_expert(cfg, data_dir, domain, progress)
+        train_domain_expert(cfg, data_dir, domain, progress, pilots=False)
         trained.append(domain)
+    have = set(pilots.domains) if pilots is not None else set()
+    if trained or not set(domains) <= have:
+        from .pilots import build_pilots
+
+        build_pilots(cfg, data_dir, list(domains), progress)
     return trained
 
 

@@ -100,13 +100,40 @@ class _EncodeBatch:
 
 def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> Path:
     """Build (or reuse) the index; returns the folder holding manifest.json."""
-    from tqdm.auto import tqdm
-
     loc = locate_index(cfg, data_dir)
     out = shards_dir(loc.root, cfg.index.num_shards)
     if (out / "manifest.json").is_file():
         logger.info("index %s is up to date", out)
         return out
+    vectors, encode_seconds = _encode_corpus(cfg, data_dir, loc, progress)
+    n = vectors.shape[0]
+    import faiss
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (start, end) in enumerate(split_ranges(n, cfg.index.num_shards)):
+        name = f"shard_{i:03d}.faiss"
+        faiss.write_index(build_flat_index(vectors[start:end]), str(out / name))
+        entries.append(ShardEntry(name, start, end - start))
+    manifest = IndexManifest(
+        key=loc.key,
+        model_ref=cfg.model.ref,
+        model_fingerprint=loc.model_fingerprint,
+        dim=int(vectors.shape[1]),
+        similarity=cfg.model.similarity,
+        pooling=cfg.model.pooling,
+        max_seq_length=cfg.model.max_seq_length,
+        datasets=list(cfg.corpus.datasets),
+        num_docs=n,
+        shards=entries,
+        encode_seconds=encode_seconds,
+    )
+    manifest.save(out)
+    return out
+
+
+def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool) -> tuple[np.ndarray, float]:
+    """docs.parquet + every chunk of base-model vectors (encoding only the missing chunks)."""
     loc.root.mkdir(parents=True, exist_ok=True)
     docs_path = loc.root / DOCS_FILE
     docs = [
@@ -132,29 +159,7 @@ def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -
     vectors = np.concatenate([np.load(chunk_file(c)) for c in chunk_ids])
     if vectors.shape[0] != n:
         raise RuntimeError(f"encoded {vectors.shape[0]} vectors for {n} documents; delete {chunk_dir} and rebuild")
-    import faiss
-
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (start, end) in enumerate(split_ranges(n, cfg.index.num_shards)):
-        name = f"shard_{i:03d}.faiss"
-        faiss.write_index(build_flat_index(vectors[start:end]), str(out / name))
-        entries.append(ShardEntry(name, start, end - start))
-    manifest = IndexManifest(
-        key=loc.key,
-        model_ref=cfg.model.ref,
-        model_fingerprint=loc.model_fingerprint,
-        dim=int(vectors.shape[1]),
-        similarity=cfg.model.similarity,
-        pooling=cfg.model.pooling,
-        max_seq_length=cfg.model.max_seq_length,
-        datasets=list(cfg.corpus.datasets),
-        num_docs=n,
-        shards=entries,
-        encode_seconds=encode_seconds,
-    )
-    manifest.save(out)
-    return out
+    return vectors, encode_seconds
 
 
 def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> None:
@@ -196,3 +201,24 @@ def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> Non
     bar.close()
     if buffers:
         raise RuntimeError(f"encoding finished with incomplete chunks {sorted(buffers)}")
+
+
+@dataclass
+class Corpus:
+    name: str
+    doc_ids: list[str]
+    datasets: list[str]
+    vectors: np.ndarray
+
+
+def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool = True) -> Corpus:
+    """Base-model vectors of these datasets, from (or into) the shared index cache (no shards
+    written; encoding only what is missing, as a Ray Data job)."""
+    import pyarrow.parquet as pq
+
+    sub = cfg.model_copy(deep=True)
+    sub.corpus.datasets = list(datasets)
+    loc = locate_index(sub, data_dir)
+    vectors, _ = _encode_corpus(sub, data_dir, loc, progress)
+    table = pq.read_table(loc.root / "docs.parquet", columns=["doc_id", "dataset"])
+    return Corpus("+".join(datasets), table.column("doc_id").to_pylist(), table.column("dataset").to_pylist(), vectors)

@@ -95,3 +95,16 @@ def engine(model_path, random_adapters, encoder_settings):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One private local Ray cluster for every test that needs Ray (index builds, Serve)."""
+    import ray
+
+    from serve.cluster import ensure_ray
+    from serve.config import RayConfig
+
+    ensure_ray(RayConfig(num_cpus=4))
+    yield
+    ray.shutdown()

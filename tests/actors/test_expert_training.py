@@ -53,3 +53,25 @@ def test_request_batch_mixes_experts_and_isolates_a_bad_request(engine):
     assert out[2]["experts"] == ["beta"]
     np.testing.assert_allclose(out[2]["embeddings"][0], engine.encode(["d"], "beta")[0], atol=1e-5)
     np.testing.assert_allclose(out[0]["embeddings"][1], engine.encode(["b"])[0], atol=1e-5)
+
+
+def test_hard_negatives_are_top_ranked_non_relevant_rows():
+    from actors.expert_training import mine_hard_negatives
+
+    corpus = np.eye(6, dtype=np.float32)
+    q = np.array([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], dtype=np.float32)
+    assert mine_hard_negatives(q, corpus, [{0}], 2).tolist() == [[1, 2]]
+    assert mine_hard_negatives(q, corpus, [{0, 1}], 2, skip_top=1).tolist() == [[3, 4]]
+
+
+def test_hard_negatives_enter_the_loss(tmp_path, model_path, encoder_settings):
+    """Same data and seed: adding hard negatives must change the loss (they are real columns)."""
+    queries = ["alpha query", "beta query", "gamma query", "delta query"]
+    rng = np.random.default_rng(3)
+    pos = rng.normal(size=(4, 384)).astype(np.float32)
+    hard = rng.normal(size=(4, 2, 384)).astype(np.float32)
+    s = AdapterTrainSettings(steps=1, batch_size=4)
+    plain = train_query_adapter(model_path, encoder_settings, queries, pos, tmp_path / "a", s, progress=False)
+    mined = train_query_adapter(model_path, encoder_settings, queries, pos, tmp_path / "b", s, progress=False, hard_negatives=hard)
+    assert mined["hard_negatives_per_query"] == 2 and plain["hard_negatives_per_query"] == 0
+    assert mined["losses"][0] > plain["losses"][0]  # more negative columns, same positives → higher CE

@@ -67,3 +67,14 @@ def test_pilotset_validates_shapes():
         PilotSet(np.zeros((2, 3)), ["a"])
     with pytest.raises(ValueError, match="2-D"):
         PilotSet(np.zeros(3), [])
+
+
+def test_replace_domains_keeps_other_domains(rng):
+    from actors.routing import replace_domains
+
+    cur = PilotSet(rng.normal(size=(3, 4)), ["a", "b", "a"], ["d1", "d1", "d2"], "m")
+    new = PilotSet(np.ones((1, 4)), ["b"], ["d1"], "m")
+    out = replace_domains(cur, new)
+    assert out.domains == ["d2", "d1"] and out.experts == ["a", "b"]
+    np.testing.assert_array_equal(out.embeddings[0], cur.embeddings[2])
+    assert replace_domains(None, new) is new

@@ -25,7 +25,7 @@ def test_serve_yaml_to_file(tmp_path, data_dir):
     assert r.exit_code == 0, r.output
     doc = yaml.safe_load(out.read_text())
     assert doc["http_options"]["host"] == "0.0.0.0"
-    assert doc["applications"][0]["args"]["data_dir"] == str(data_dir)
+    assert doc["applications"][0]["args"]["data_dir"] == str(data_dir.resolve())
 
 
 def test_doctor_reports_versions_model_and_devices(data_dir):

@@ -27,12 +27,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_dir):
-    import ray
+def served(tmp_path_factory, data_dir, ray_session):
     from ray import serve
 
     from serve.builders import build_app
-    from serve.cluster import ensure_ray
     from serve.experts import enabled_experts, pilots_path, train_domain_expert
     from serve.indexing import build_index
 
@@ -45,13 +43,11 @@ def served(tmp_path_factory, data_dir):
             "index": {"dir": str(root / "index"), "num_shards": 3, "chunk_size": 64, "encode_workers": 1},
             "experts": {
                 "dir": str(root / "experts"),
-                "bootstrap": {"domains": ["scifact", "nfcorpus"], "steps": 4, "max_queries": 24, "batch_size": 8},
+                "training": {"default_domains": ["scifact", "nfcorpus"], "steps": 4, "max_queries": 24, "batch_size": 8},
             },
             "http": {"port": port},
-            "ray": {"num_cpus": 4},
         }
     ).absolutized()
-    ensure_ray(cfg.ray)
     folder = build_index(cfg, data_dir, progress=False)
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
@@ -78,7 +74,6 @@ def served(tmp_path_factory, data_dir):
     doc_ids = pq.read_table(folder.parent / "docs.parquet").column("doc_id").to_pylist()
     yield {"url": url, "cfg": cfg, "folder": folder, "reference": reference, "vectors": vectors, "doc_ids": doc_ids, "data_dir": data_dir}
     serve.shutdown()
-    ray.shutdown()
 
 
 def _expected_ids(served, query: str, expert: str | None, k: int) -> tuple[str, list[str]]:

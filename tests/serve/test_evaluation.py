@@ -8,10 +8,7 @@ from serve.evaluation import Corpus, evaluate, per_query, search_run, write_repo
 
 
 @pytest.fixture(scope="module")
-def eval_result(tmp_path_factory, data_dir):
-    import ray
-
-    from serve.cluster import ensure_ray
+def eval_result(tmp_path_factory, data_dir, ray_session):
     from serve.experts import train_domain_expert
 
     root = tmp_path_factory.mktemp("eval")
@@ -20,18 +17,13 @@ def eval_result(tmp_path_factory, data_dir):
             "model": {"max_seq_length": 96},
             "corpus": {"max_docs_per_dataset": 300},
             "index": {"dir": str(root / "index"), "encode_workers": 1, "chunk_size": 128},
-            "experts": {"dir": str(root / "experts"), "bootstrap": {"steps": 3, "max_queries": 16, "batch_size": 8}},
-            "ray": {"num_cpus": 2},
+            "experts": {"dir": str(root / "experts"), "training": {"steps": 3, "max_queries": 16, "batch_size": 8}},
         }
     )
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
-    ensure_ray(cfg.ray)
-    try:
-        per_domain = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], max_queries=25, progress=False)
-        union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean"], "union", max_queries=25, progress=False)
-    finally:
-        ray.shutdown()
+    per_domain = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], max_queries=25, progress=False)
+    union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean"], "union", max_queries=25, progress=False)
     return {"per_domain": per_domain, "union": union, "root": root}
 
 

@@ -1,6 +1,7 @@
 """Expert artifacts: adding/removing an expert leaves the others and the index untouched."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -26,11 +27,16 @@ def _folder_hash(path):
 
 
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, ray_session):
     return config_from_dict(
         {
             "model": {"max_seq_length": 64},
-            "experts": {"dir": str(tmp_path / "experts"), "bootstrap": {"steps": 2, "max_queries": 8, "batch_size": 4}},
+            "corpus": {"max_docs_per_dataset": 300},
+            "index": {"dir": str(tmp_path / "index"), "encode_workers": 1},
+            "experts": {
+                "dir": str(tmp_path / "experts"),
+                "training": {"steps": 3, "max_queries": 8, "batch_size": 4, "hard_negatives": 2},
+            },
         }
     )
 
@@ -38,18 +44,23 @@ def cfg(tmp_path):
 def test_add_and_remove_experts_independently(cfg, data_dir):
     train_domain_expert(cfg, data_dir, "scifact", progress=False)
     first = _folder_hash(enabled_experts(cfg)["scifact"])
-    first_pilots = load_pilots(cfg).restrict(["scifact"]).embeddings.copy()
+    first_pilots = load_pilots(cfg).embeddings.copy()
+    assert load_pilots(cfg).domains == ["scifact"] and load_pilots(cfg).experts == ["scifact"]
     train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
     assert sorted(enabled_experts(cfg)) == ["nfcorpus", "scifact"]
     assert _folder_hash(enabled_experts(cfg)["scifact"]) == first
     pilots = load_pilots(cfg)
-    assert pilots.expert_names == ["scifact", "nfcorpus"]
-    np.testing.assert_array_equal(pilots.restrict(["scifact"]).embeddings, first_pilots)
-    report = (enabled_experts(cfg)["nfcorpus"] / "train_report.json").read_text()
-    assert '"num_queries": 8' in report
+    assert set(pilots.domains) == {"scifact", "nfcorpus"} and set(pilots.expert_names) <= {"scifact", "nfcorpus"}
+    # scifact's pilots were built before nfcorpus existed and are kept as they were
+    scifact_rows = [i for i, d in enumerate(pilots.domains) if d == "scifact"]
+    np.testing.assert_array_equal(pilots.embeddings[scifact_rows], first_pilots)
+    report = json.loads((enabled_experts(cfg)["nfcorpus"] / "train_report.json").read_text())
+    assert report["num_queries"] == 8 and report["hard_negatives_per_query"] == 2
+    assert len(report["losses"]) == 3 and report["domain"] == "nfcorpus" and len(report["data_hash"]) == 64
+    assert (enabled_experts(cfg)["nfcorpus"] / "loss.png").stat().st_size > 0
     remove_expert(cfg, "scifact")
     assert list(enabled_experts(cfg)) == ["nfcorpus"]
-    assert load_pilots(cfg).expert_names == ["nfcorpus"]
+    assert load_pilots(cfg).expert_names == ["nfcorpus"]  # pilots pointing to the removed expert are gone
     with pytest.raises(FileNotFoundError):
         remove_expert(cfg, "scifact")
 
@@ -78,3 +89,34 @@ def test_seeded_split_is_deterministic_and_order_free():
     a = seeded_half_split(ids)
     b = seeded_half_split(list(reversed(ids)))
     assert sorted(a[0]) == sorted(b[0]) and not set(a[0]) & set(a[1])
+
+
+def test_domain_pilots_group_queries_by_their_best_expert(engine, data_dir):
+    """Independent recomputation: rank with numpy, binary nDCG@10 by hand, group, average."""
+    from actors.beir import iter_corpus
+    from serve.evaluation import qualify
+    from serve.indexing import Corpus
+    from serve.pilots import domain_pilots
+
+    docs = list(iter_corpus(data_dir, "scifact", 80))
+    vecs = engine.encode([d.as_passage() for d in docs])
+    corpus = Corpus("scifact", [d.doc_id for d in docs], ["scifact"] * len(docs), vecs)
+    texts = [d.title for d in docs[:12]]  # each title's own abstract is its relevant doc
+    qids = [f"q{i}" for i in range(12)]
+    qrels = {q: {qualify("scifact", docs[i].doc_id): 1} for i, q in enumerate(qids)}
+    pilots, wins = domain_pilots(engine, "scifact", qids, texts, qrels, corpus, "m")
+
+    def ndcg(expert):
+        order = np.argsort(-(engine.encode(texts, expert) @ vecs.T), axis=1)[:, :10]
+        return np.array([1 / np.log2(2 + list(order[i]).index(i)) if i in order[i] else 0.0 for i in range(12)])
+
+    table = np.stack([ndcg("alpha"), ndcg("beta")], axis=1)
+    best = [0 if row[0] == row.max() else 1 for row in table]  # no own expert: ties → first
+    base = engine.encode(texts)
+    assert sum(wins.values()) == 12 and set(pilots.domains) == {"scifact"}
+    for name, j in (("alpha", 0), ("beta", 1)):
+        members = [i for i in range(12) if best[i] == j]
+        assert wins.get(name, 0) == len(members)
+        if members:
+            row = pilots.experts.index(name)
+            np.testing.assert_allclose(pilots.embeddings[row], base[members].mean(axis=0), atol=1e-5)

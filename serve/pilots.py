@@ -1,0 +1,77 @@
+"""`routerserve pilots build`: pilot embeddings by the RouterRetriever rule.
+
+For each domain: take its training queries (the same sample the expert was trained on), find for
+each query the expert whose adapter gives the best nDCG@10 on the domain's corpus, group the
+domain's queries by that best expert, and average each group's BASE-model embeddings. That gives
+at most one pilot per (domain, expert) pair. Rebuilding a domain replaces only that domain's
+pilots; adding a domain needs no router training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from actors.encoder import BASE, EncoderEngine
+from actors.routing import PilotSet, replace_domains
+
+from .config import RouterServeConfig
+from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, qualify, search_run
+from .experts import domain_examples, enabled_experts, load_pilots, pilots_path
+from .indexing import encoder_settings, load_corpus_vectors
+from .models import resolve_model
+
+
+def domain_pilots(
+    engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus, base_model: str
+) -> tuple[PilotSet, dict[str, int]]:
+    """Pilots of one domain and how many of its queries each expert won."""
+    from ir_measures import nDCG
+
+    experts = engine.experts
+    if not experts:
+        raise ValueError("no experts loaded: train one first ('routerserve experts train --domain NAME')")
+    base = engine.encode(texts, BASE)
+    drop_self = domain in SELF_RETRIEVAL_DOMAINS
+    table = np.zeros((len(qids), len(experts)))
+    for j, e in enumerate(experts):
+        run = search_run(engine.encode(texts, e), qids, corpus, 10, drop_self, domain)
+        scores = per_query(qrels, run, nDCG @ 10)
+        table[:, j] = [scores[q] for q in qids]
+    # ties (e.g. every expert scores 0) go to the domain's own expert when there is one
+    own = experts.index(domain) if domain in experts else 0
+    best = []
+    for row in table:
+        top = row.max()
+        best.append(own if row[own] == top else int(np.argmax(row)))
+    best = np.array(best)
+    embs, names, wins = [], [], {}
+    for j, e in enumerate(experts):
+        members = best == j
+        if members.any():
+            embs.append(base[members].mean(axis=0))
+            names.append(e)
+            wins[e] = int(members.sum())
+    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model), wins
+
+
+def build_pilots(
+    cfg: RouterServeConfig, data_dir: Path, domains: list[str] | None = None, progress: bool = True
+) -> dict[str, dict[str, int]]:
+    """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain."""
+    adapters = enabled_experts(cfg)
+    domains = domains or list(adapters)
+    engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
+    current = load_pilots(cfg)
+    report = {}
+    for domain in domains:
+        corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+        examples = domain_examples(cfg, data_dir, domain, corpus)
+        qids = [q for q, _, _, _ in examples]
+        qrels = {q: {qualify(domain, corpus.doc_ids[r]): 1 for r in rows} for q, _, _, rows in examples}
+        new, wins = domain_pilots(engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref)
+        current = replace_domains(current, new)
+        report[domain] = wins
+    current.save(pilots_path(cfg))
+    return report
