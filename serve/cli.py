@@ -105,6 +105,25 @@ def pilots_build(
     console.print(table)
 
 
+@experts_app.command("train-multitask")
+def experts_train_multitask(
+    domains: str = typer.Option(..., help="comma-separated datasets"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """The multi-task baseline: one adapter on every domain's training data (never routed to;
+    evaluated by `eval beir --policies multitask`). Steps = experts.training.steps × #domains."""
+    from .cluster import ensure_ray
+    from .experts import train_multitask_expert
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    ensure_ray(cfg.ray)
+    report = train_multitask_expert(cfg, ddir, domains.split(","))
+    console.print(f"[green]multitask[/green]: {report['num_queries']} queries, {len(report['losses'])} steps")
+
+
 @experts_app.command("list")
 def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """Expert adapters on disk and their pilot counts."""
@@ -135,7 +154,10 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("beir")
 def eval_beir(
     domains: str = typer.Option("scifact,nfcorpus,cranfield", help="comma-separated datasets"),
-    policies: str = typer.Option(",".join(["base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle", "instance_oracle"])),
+    policies: str = typer.Option(
+        "base,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle",
+        help="also: multitask (after `experts train-multitask`)",
+    ),
     setting: str = typer.Option("per_domain", help="per_domain | union"),
     max_queries: Optional[int] = typer.Option(None, help="first N test queries per domain (smoke runs)"),
     out: Path = typer.Option(Path("benchmarks/results/beir_eval"), help="output stem (.json/.md/.png)"),

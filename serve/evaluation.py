@@ -14,6 +14,9 @@ Policies here (more register the same way):
   pilot_mean      RouterRetriever: mean cosine to each expert's pilots (paper)
   pilot_nearest   nearest pilot (released code)
   dataset_router  the expert trained on the query's own dataset (knows the dataset label)
+  classifier      ExpertClassifierRouter-style: softmax regression on base embeddings trained to
+                  predict the expert of each training query's domain
+  multitask       one adapter trained on every domain's data (`experts train-multitask`)
   dataset_oracle  per domain, the single encoder with the best test nDCG@10 (upper bound, eval only)
   instance_oracle per query, the encoder with the best nDCG@10 (upper bound, eval only)
 
@@ -37,14 +40,14 @@ from actors.encoder import BASE, EncoderEngine
 from actors.routing import choose, get_policy
 
 from .config import RouterServeConfig
-from .experts import enabled_experts, load_pilots
+from .experts import MULTITASK, domain_examples, enabled_experts, load_pilots, multitask_dir
 from .indexing import Corpus, encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
 
 SELF_RETRIEVAL_DOMAINS = {"arguana"}
-DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle", "instance_oracle"]
+DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle", "instance_oracle"]
 
 
 def test_queries(data_dir: Path, domain: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
@@ -70,6 +73,7 @@ class DomainRun:
     per_query_ndcg: dict[str, np.ndarray] = field(default_factory=dict)  # encoder -> [n]
     pilots: object = None
     experts: list[str] = field(default_factory=list)
+    classifier: object = None
 
 
 PolicyFn = Callable[[DomainRun], list[str]]
@@ -112,6 +116,20 @@ def _dataset_router(run: DomainRun) -> list[str]:
     return [run.domain if run.domain in run.experts else BASE] * len(run.qids)
 
 
+@eval_policy("multitask")
+def _multitask(run: DomainRun) -> list[str]:
+    if MULTITASK not in run.embeddings:
+        raise ValueError("policy multitask needs the multi-task adapter ('routerserve experts train-multitask')")
+    return [MULTITASK] * len(run.qids)
+
+
+@eval_policy("classifier")
+def _classifier(run: DomainRun) -> list[str]:
+    if run.classifier is None:
+        return [BASE] * len(run.qids)
+    return run.classifier.predict(run.embeddings[BASE])
+
+
 @eval_policy("dataset_oracle")
 def _dataset_oracle(run: DomainRun) -> list[str]:
     best = max(run.per_query_ndcg, key=lambda e: (run.per_query_ndcg[e].mean(), e == BASE))
@@ -128,6 +146,21 @@ def _instance_oracle(run: DomainRun) -> list[str]:
 def qualify(dataset: str, doc_id: str) -> str:
     """Doc ids are only unique within a dataset (cranfield and npl both use 1, 2, …)."""
     return f"{dataset}/{doc_id}"
+
+
+def _train_classifier(cfg: RouterServeConfig, data_dir: Path, engine: EncoderEngine, experts: list[str]):
+    """The classifier router learns expert = training domain from the experts' training queries."""
+    from actors.routing import LinearExpertClassifier
+
+    xs, ys = [], []
+    for e in experts:
+        corpus = load_corpus_vectors(cfg, data_dir, [e], progress=False)
+        texts = [t for _, t, _, _ in domain_examples(cfg, data_dir, e, corpus)]
+        xs.append(engine.encode(texts, BASE))
+        ys += [e] * len(texts)
+    if len(experts) < 2:
+        return None
+    return LinearExpertClassifier.fit(np.concatenate(xs), ys, seed=cfg.experts.training.seed)
 
 
 def search_run(
@@ -191,8 +224,15 @@ def evaluate(
     adapters = enabled_experts(cfg)
     pilots = load_pilots(cfg)
     experts = [e for e in (pilots.expert_names if pilots else []) if e in adapters]
-    engine = EncoderEngine(resolve_model(cfg.model.ref), {e: adapters[e] for e in experts}, encoder_settings(cfg))
-    encoders = [BASE, *experts]
+    extra = {}
+    if "multitask" in policies:
+        mt = multitask_dir(cfg)
+        if mt is None or not (mt / "adapter_config.json").is_file():
+            raise ValueError("policy multitask needs the multi-task adapter ('routerserve experts train-multitask')")
+        extra[MULTITASK] = mt
+    engine = EncoderEngine(resolve_model(cfg.model.ref), {**{e: adapters[e] for e in experts}, **extra}, encoder_settings(cfg))
+    encoders = [BASE, *experts]  # candidates of the oracles: the base model and the routed experts
+    classifier = _train_classifier(cfg, data_dir, engine, experts) if "classifier" in policies else None
     ndcg_m, recall_m = _measures()
     union = load_corpus_vectors(cfg, data_dir, domains, progress) if setting == "union" else None
     scores: dict[str, dict[str, float]] = {p: {} for p in policies}
@@ -213,13 +253,14 @@ def evaluate(
             qrels = {q: qrels[q] for q in qids}
         counts[domain] = len(qids)
         texts = [queries[q] for q in qids]
-        emb = {name: engine.encode(texts, name) for name in encoders}
+        scored = encoders + list(extra)
+        emb = {name: engine.encode(texts, name) for name in scored}
         drop_self = domain in SELF_RETRIEVAL_DOMAINS
-        runs = {name: search_run(emb[name], qids, corpus, 100, drop_self, domain) for name in encoders}
-        pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in encoders}
-        pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in encoders}
+        runs = {name: search_run(emb[name], qids, corpus, 100, drop_self, domain) for name in scored}
+        pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in scored}
+        pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in scored}
         ctx = DomainRun(
-            domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in encoders}, pilots, experts
+            domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in encoders}, pilots, experts, classifier
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)

@@ -15,6 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from actors.beir import available_splits, dataset_dir, file_sha256, load_qrels, load_queries, seeded_half_split
 from actors.encoder import EncoderEngine, adapter_dirs
 from actors.expert_training import (
@@ -145,6 +147,49 @@ def train_domain_expert(
         from .pilots import build_pilots
 
         build_pilots(cfg, data_dir, [domain], progress)
+    return report
+
+
+MULTITASK = "multitask"
+
+
+def multitask_dir(cfg: RouterServeConfig) -> Path | None:
+    """The multi-task baseline adapter lives outside adapters/: it is never routed to."""
+    return None if cfg.experts.dir is None else Path(cfg.experts.dir) / MULTITASK
+
+
+def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list[str], progress: bool = True) -> dict:
+    """One adapter trained on every domain's training data (the paper's multi-task baseline);
+    positives and hard negatives come from each query's own domain index."""
+    if cfg.experts.dir is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    train = cfg.experts.training
+    model_path = resolve_model(cfg.model.ref)
+    base = EncoderEngine(model_path, None, encoder_settings(cfg))
+    texts, positives, hard = [], [], []
+    for domain in domains:
+        corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+        examples = domain_examples(cfg, data_dir, domain, corpus)
+        t = [x for _, x, _, _ in examples]
+        texts += t
+        positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
+        if train.hard_negatives > 0:
+            rows = mine_hard_negatives(base.encode(t), corpus.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
+            hard.append(corpus.vectors[rows])
+    out_dir = multitask_dir(cfg)
+    report = train_query_adapter(
+        model_path,
+        encoder_settings(cfg),
+        texts,
+        np.concatenate(positives),
+        out_dir,
+        AdapterTrainSettings(steps=train.steps * len(domains), batch_size=train.batch_size, lr=train.lr, seed=train.seed),
+        progress=progress,
+        hard_negatives=np.concatenate(hard) if hard else None,
+    )
+    report.update(domain="+".join(domains))
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(report["losses"], out_dir / "loss.png", f"multi-task adapter: {len(texts)} queries")
     return report
 
 

@@ -9,7 +9,8 @@ from serve.evaluation import Corpus, evaluate, per_query, search_run, write_repo
 
 @pytest.fixture(scope="module")
 def eval_result(tmp_path_factory, data_dir, ray_session):
-    from serve.experts import train_domain_expert
+    from serve.evaluation import DEFAULT_POLICIES
+    from serve.experts import train_domain_expert, train_multitask_expert
 
     root = tmp_path_factory.mktemp("eval")
     cfg = config_from_dict(
@@ -22,26 +23,31 @@ def eval_result(tmp_path_factory, data_dir, ray_session):
     )
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
-    per_domain = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], max_queries=25, progress=False)
+    train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
+    per_domain = evaluate(
+        cfg, data_dir, ["scifact", "nfcorpus"], [*DEFAULT_POLICIES, "multitask"], max_queries=25, progress=False
+    )
     union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean"], "union", max_queries=25, progress=False)
     return {"per_domain": per_domain, "union": union, "root": root}
 
 
 def test_result_shape_and_ranges(eval_result):
     r = eval_result["per_domain"]
-    assert set(r["policies"]) == {"base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle", "instance_oracle"}
+    assert set(r["policies"]) == {"base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "multitask", "dataset_oracle", "instance_oracle"}
     for per in [*r["policies"].values(), *r["recall@100"].values()]:
         assert set(per) == {"scifact", "nfcorpus", "avg"}
         assert all(0.0 <= v <= 1.0 for v in per.values())
         assert per["avg"] == pytest.approx((per["scifact"] + per["nfcorpus"]) / 2)
     assert r["experts"] == ["scifact", "nfcorpus"] and all(n > 0 for n in r["num_queries"].values())
     assert r["policies"]["base"]["avg"] > 0.05  # real retrieval, not noise
+    assert "multitask" in r["policies"] and r["routing"]["multitask"]["scifact"] == {"multitask": r["num_queries"]["scifact"]}
+    assert set(r["routing"]["classifier"]["scifact"]) <= {"scifact", "nfcorpus"}
 
 
 def test_oracles_bound_the_other_policies(eval_result):
     p = eval_result["per_domain"]["policies"]
     for d in ("scifact", "nfcorpus"):
-        for other in ("base", "pilot_mean", "pilot_nearest", "dataset_router", "dataset_oracle"):
+        for other in ("base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle"):
             assert p["instance_oracle"][d] >= p[other][d] - 1e-9
         for single in ("base", "dataset_router"):
             assert p["dataset_oracle"][d] >= p[single][d] - 1e-9

@@ -1,0 +1,96 @@
+"""The RouterRetriever quality benchmark: train what is missing, then evaluate every policy.
+
+    .venv/bin/python benchmarks/beir_eval.py --domains scifact,nfcorpus,arguana,cranfield,npl \
+        --experts-dir .routerserve/experts-beir --steps 300 --name beir
+
+1. one expert per domain (query-side LoRA, hard negatives from the domain's base index), skipped
+   when its adapter exists; 2. pilots of every domain by the paper's best-expert rule;
+3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
+union setting. Writes benchmarks/results/<name>.{json,md,png} and <name>_union.*; the JSON
+holds both settings, the command, versions and the machine. Test queries are never used for
+training or pilots (see serve/evaluation.py). Encoding and training dominate the run time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line, git_commit, machine  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
+    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir")),
+    steps: int = typer.Option(300, help="training steps per expert (multi-task: steps × #domains)"),
+    max_queries: int = typer.Option(2000, help="training queries per domain"),
+    policies: str = typer.Option("base,multitask,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle"),
+    settings: str = typer.Option("per_domain,union"),
+    name: str = typer.Option("beir"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: Optional[list[str]] = typer.Option(None, "--set"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+):
+    from rich.console import Console
+
+    from serve.cluster import ensure_ray
+    from serve.config import load_config
+    from serve.evaluation import evaluate, write_report
+    from serve.experts import multitask_dir, train_default_experts, train_multitask_expert
+
+    console = Console()
+    overrides = [
+        f"experts.dir={experts_dir}",
+        f"experts.training.steps={steps}",
+        f"experts.training.max_queries={max_queries}",
+        f"experts.training.default_domains=[{domains}]",
+        *(set_ or []),
+    ]
+    cfg = load_config(config, overrides).absolutized()
+    ddir = cfg.resolve_data_dir(data_dir)
+    doms = domains.split(",")
+    ensure_ray(cfg.ray)
+    t0 = time.perf_counter()
+    console.rule("experts")
+    console.print(f"trained now: {train_default_experts(cfg, ddir)}")
+    pols = policies.split(",")
+    if "multitask" in pols and not (multitask_dir(cfg) / "adapter_config.json").is_file():
+        console.rule("multi-task adapter")
+        train_multitask_expert(cfg, ddir, doms)
+    train_seconds = time.perf_counter() - t0
+    combined = {
+        "benchmark": name,
+        "command": command_line(),
+        "commit": git_commit(),
+        "machine": machine(),
+        "training": cfg.experts.training.model_dump(),
+        "train_seconds": train_seconds,
+    }
+    for i, setting in enumerate(settings.split(",")):
+        console.rule(f"eval {setting}")
+        result = evaluate(cfg, ddir, doms, pols, setting)
+        result["command"] = combined["command"]
+        stem = RESULTS / (name if i == 0 else f"{name}_{setting}")
+        write_report(result, stem)
+        if i == 0:
+            combined.update({k: v for k, v in result.items() if k != "command"})
+        else:
+            combined[setting] = result
+        for policy, per in result["policies"].items():
+            console.print(f"{setting:10s} {policy:16s} " + "  ".join(f"{d}={100 * per[d]:.1f}" for d in [*doms, "avg"]))
+    import json
+
+    (RESULTS / f"{name}.json").write_text(json.dumps(combined, indent=2) + "\n")
+    console.print(f"wrote {RESULTS / name}.* in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    app()
