@@ -216,6 +216,14 @@ def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[s
     written; encoding only what is missing, as a Ray Data job)."""
     import pyarrow.parquet as pq
 
+    if len(datasets) > 1:  # a union is the concatenation of the per-dataset caches: encode nothing twice
+        parts = [load_corpus_vectors(cfg, data_dir, [d], progress) for d in datasets]
+        return Corpus(
+            "+".join(datasets),
+            [i for p in parts for i in p.doc_ids],
+            [x for p in parts for x in p.datasets],
+            np.concatenate([p.vectors for p in parts]),
+        )
     sub = cfg.model_copy(deep=True)
     sub.corpus.datasets = list(datasets)
     loc = locate_index(sub, data_dir)
