@@ -177,16 +177,21 @@ def _pilot_similarities(queries: np.ndarray, pilots: PilotSet) -> tuple[np.ndarr
     return q @ p.T, names, owner
 
 
+def _per_expert(queries: np.ndarray, pilots: PilotSet, reduce) -> np.ndarray:
+    """[n_queries, n_experts]: ``reduce`` over each expert's pilot similarities."""
+    sims, names, owner = _pilot_similarities(queries, pilots)
+    out = np.zeros((sims.shape[0], len(names)), dtype=np.float32)
+    for j in range(len(names)):
+        out[:, j] = reduce(sims[:, owner == j], axis=1)
+    return out
+
+
 @register_policy("pilot_mean")
 class PilotMeanPolicy(RoutingPolicy):
     """The paper's rule: an expert's score is the mean cosine similarity over its pilots."""
 
     def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
-        sims, names, owner = _pilot_similarities(queries, pilots)
-        out = np.zeros((sims.shape[0], len(names)), dtype=np.float32)
-        for j in range(len(names)):
-            out[:, j] = sims[:, owner == j].mean(axis=1)
-        return out
+        return _per_expert(queries, pilots, np.mean)
 
 
 @register_policy("pilot_nearest")
@@ -194,11 +199,7 @@ class PilotNearestPolicy(RoutingPolicy):
     """The released code's rule: an expert's score is its nearest pilot's cosine similarity."""
 
     def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
-        sims, names, owner = _pilot_similarities(queries, pilots)
-        out = np.zeros((sims.shape[0], len(names)), dtype=np.float32)
-        for j in range(len(names)):
-            out[:, j] = sims[:, owner == j].max(axis=1)
-        return out
+        return _per_expert(queries, pilots, np.max)
 
 
 def choose(scores: np.ndarray, names: list[str]) -> list[str]:
