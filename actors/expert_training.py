@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,12 +48,27 @@ def train_query_adapter(
     settings: AdapterTrainSettings | None = None,
     progress: bool = True,
     hard_negatives: np.ndarray | None = None,
+    corpus: tuple[np.ndarray, list[int], list[set[int]]] | None = None,
+    dev: tuple[list[str], Callable[[np.ndarray], float]] | None = None,
+    eval_every: int = 25,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
     Negatives are the other positives of the batch (in-batch negatives) plus, when given,
-    ``hard_negatives[i]`` ([n, H, D] frozen doc vectors mined from the base index). Writes a peft
-    adapter folder plus ``train_report.json`` to ``out_dir`` and returns the report.
+    ``hard_negatives[i]`` ([n, H, D] frozen doc vectors mined from the base index).
+
+    ``corpus=(vectors [N, D], target row per query, judged rows per query)`` switches to the
+    full-corpus objective: a softmax over EVERY document of the domain (all frozen base vectors,
+    so this costs one [batch, N] product), other judged-relevant docs of the query masked out.
+    Every negative — in-batch, hard, easy — is then in the denominator, so a query cannot drift
+    to a region where only the few sampled negatives are ranked right (measured: with 4 mined
+    negatives + in-batch, 300 steps on nfcorpus lowered test nDCG@10 from 31.8 to 4.6).
+    ``dev=(queries, score_fn)``: every ``eval_every`` steps (and before the first) the dev queries
+    are embedded and scored (higher is better); the adapter saved is the best-scoring state. A
+    fresh LoRA adapter is the identity (B = 0), so when no step beats the start the expert saved
+    is exactly the base model on those queries: an expert never does worse than base on its dev
+    queries. Dev queries must come from the training side, never from test queries.
+    Writes a peft adapter folder plus ``train_report.json`` to ``out_dir``; returns the report.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -79,6 +95,13 @@ def train_query_adapter(
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
     negs = None
+    full = None
+    if corpus is not None:
+        cvec, targets, judged = corpus
+        if len(targets) != len(queries) or len(judged) != len(queries):
+            raise ValueError("corpus targets and judged rows need one entry per query")
+        full = torch.nn.functional.normalize(torch.as_tensor(np.asarray(cvec, dtype=np.float32)), dim=-1)
+        target_t = torch.as_tensor(targets)
     if hard_negatives is not None:
         hard_negatives = np.asarray(hard_negatives, dtype=np.float32)
         if hard_negatives.ndim != 3 or hard_negatives.shape[0] != len(queries):
@@ -86,6 +109,29 @@ def train_query_adapter(
         negs = torch.nn.functional.normalize(torch.as_tensor(hard_negatives), dim=-1)
     order: list[int] = []
     losses: list[float] = []
+    dev_curve: list[tuple[int, float]] = []
+    best_state: dict | None = None
+
+    def dev_check(step: int) -> None:
+        nonlocal best_state
+        if dev is None:
+            return
+        dev_queries, score_fn = dev
+        model.eval()
+        with torch.no_grad():
+            vecs = []
+            for i in range(0, len(dev_queries), 64):
+                e = tokenizer(dev_queries[i : i + 64], padding=True, truncation=True,
+                              max_length=encoder_settings.max_seq_length, return_tensors="pt")
+                h = model(**e).last_hidden_state
+                vecs.append(torch.nn.functional.normalize(mean_pool(h, e["attention_mask"]), dim=-1).numpy())
+        model.train()
+        score = float(score_fn(np.concatenate(vecs)))
+        if not dev_curve or score > max(v for _, v in dev_curve):
+            best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        dev_curve.append((step, score))
+
+    dev_check(0)
     bs = min(settings.batch_size, len(queries))
     t0 = time.perf_counter()
     steps = range(settings.steps)
@@ -108,21 +154,34 @@ def train_query_adapter(
         )
         hidden = model(**enc).last_hidden_state
         q = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
-        d = docs[idx]
-        logits = q @ d.T / settings.temperature
-        # Rows sharing a positive doc are not negatives of each other: mask duplicates.
-        same = (d @ d.T > 0.9999) & ~torch.eye(len(idx), dtype=torch.bool)
-        logits = logits.masked_fill(same, float("-inf"))
-        if negs is not None:  # each query's own mined negatives, appended after the batch columns
-            hard = torch.einsum("bd,bhd->bh", q, negs[idx]) / settings.temperature
-            logits = torch.cat([logits, hard], dim=1)
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
+        if full is not None:
+            logits = q @ full.T / settings.temperature
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            for r, i in enumerate(idx):
+                others = [j for j in judged[i] if j != targets[i]]
+                if others:
+                    mask[r, others] = True
+            loss = torch.nn.functional.cross_entropy(logits.masked_fill(mask, float("-inf")), target_t[idx])
+        else:
+            d = docs[idx]
+            logits = q @ d.T / settings.temperature
+            # Rows sharing a positive doc are not negatives of each other: mask duplicates.
+            same = (d @ d.T > 0.9999) & ~torch.eye(len(idx), dtype=torch.bool)
+            logits = logits.masked_fill(same, float("-inf"))
+            if negs is not None:  # each query's own mined negatives, appended after the batch columns
+                hard = torch.einsum("bd,bhd->bh", q, negs[idx]) / settings.temperature
+                logits = torch.cat([logits, hard], dim=1)
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
         optim.zero_grad()
         loss.backward()
         optim.step()
         losses.append(float(loss.detach()))
         if progress:
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
+        if dev is not None and (len(losses) % eval_every == 0 or len(losses) == settings.steps):
+            dev_check(len(losses))
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -130,6 +189,11 @@ def train_query_adapter(
         "settings": asdict(settings),
         "num_queries": len(queries),
         "hard_negatives_per_query": 0 if negs is None else int(negs.shape[1]),
+        "objective": "full_corpus" if full is not None else "in_batch+mined",
+        "dev_curve": dev_curve,
+        "best_step": max(dev_curve, key=lambda sv: sv[1])[0] if dev_curve else settings.steps,
+        "num_dev_queries": 0 if dev is None else len(dev[0]),
+        "corpus_size": 0 if full is None else int(full.shape[0]),
         "losses": losses,
         "seconds": time.perf_counter() - t0,
         "base_model": str(model_path),

@@ -70,8 +70,17 @@ class ExpertTrainConfig(_Strict):
     batch_size: int = Field(16, ge=2)
     max_queries: int = Field(400, ge=2, description="training queries per domain (deterministic sample)")
     lr: float = Field(1e-4, gt=0)
-    hard_negatives: int = Field(4, ge=0, description="mined from the base index per query; 0 = in-batch only")
+    objective: Literal["full_corpus", "mined"] = Field(
+        "full_corpus",
+        description="full_corpus: softmax over every doc of the domain's base index; "
+        "mined: in-batch + hard_negatives mined from the base index",
+    )
+    hard_negatives: int = Field(4, ge=0, description="objective 'mined': negatives per query; 0 = in-batch only")
     skip_top: int = Field(0, ge=0, description="ignore this many top-ranked non-relevant docs when mining")
+    dev_fraction: float = Field(
+        0.1, ge=0, lt=1, description="training queries held out to pick the best step (0 = keep the last)"
+    )
+    eval_every: int = Field(25, ge=1, description="steps between dev evaluations")
     seed: int = 0
 
 

@@ -96,6 +96,32 @@ def domain_examples(cfg: RouterServeConfig, data_dir: Path, domain: str, corpus)
     return examples
 
 
+def split_dev(examples: list, fraction: float, minimum: int = 10) -> tuple[list, list]:
+    """Hold out a deterministic slice of the TRAINING queries to choose the best step."""
+    n_dev = int(len(examples) * fraction)
+    if fraction <= 0 or n_dev < minimum or len(examples) - n_dev < 2:
+        return examples, []
+    ranked = sorted(examples, key=lambda e: hashlib.sha256(f"dev:{e[0]}".encode()).hexdigest())
+    dev = {e[0] for e in ranked[:n_dev]}
+    return [e for e in examples if e[0] not in dev], [e for e in examples if e[0] in dev]
+
+
+def dev_scorer(domain: str, dev_examples: list, corpus):
+    """(dev queries, score_fn): mean nDCG@10 (ir-measures, judged docs binary) over the domain."""
+    from ir_measures import nDCG
+
+    from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, qualify, search_run
+
+    qids = [q for q, _, _, _ in dev_examples]
+    qrels = {q: {qualify(domain, corpus.doc_ids[r]): 1 for r in rows} for q, _, _, rows in dev_examples}
+
+    def score(vectors: np.ndarray) -> float:
+        run = search_run(vectors, qids, corpus, 10, domain in SELF_RETRIEVAL_DOMAINS, domain)
+        return float(np.mean(list(per_query(qrels, run, nDCG @ 10).values())))
+
+    return [t for _, t, _, _ in dev_examples], score
+
+
 def train_domain_expert(
     cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True
 ) -> dict:
@@ -110,12 +136,15 @@ def train_domain_expert(
     model_path = resolve_model(cfg.model.ref)
     corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
     examples = domain_examples(cfg, data_dir, domain, corpus)
+    examples, dev_examples = split_dev(examples, train.dev_fraction)
     settings = encoder_settings(cfg)
     base = EncoderEngine(model_path, None, settings)
     texts = [t for _, t, _, _ in examples]
     positives = corpus.vectors[[best for _, _, best, _ in examples]]
-    hard = None
-    if train.hard_negatives > 0:
+    hard = full = None
+    if train.objective == "full_corpus":
+        full = (corpus.vectors, [b for _, _, b, _ in examples], [rows for _, _, _, rows in examples])
+    elif train.hard_negatives > 0:
         query_vecs = base.encode(texts)
         neg_rows = mine_hard_negatives(
             query_vecs, corpus.vectors, [rows for _, _, _, rows in examples], train.hard_negatives, train.skip_top
@@ -131,9 +160,13 @@ def train_domain_expert(
         AdapterTrainSettings(steps=train.steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed),
         progress=progress,
         hard_negatives=hard,
+        corpus=full,
+        dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
+        eval_every=train.eval_every,
     )
     report.update(
         domain=domain,
+        dev_query_ids=[q for q, _, _, _ in dev_examples],
         data_hash=hashlib.sha256(
             json.dumps([(q, sorted(r)) for q, _, _, r in examples]).encode()
             + file_sha256(dataset_dir(data_dir, domain) / "corpus.jsonl").encode()
@@ -167,13 +200,18 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     model_path = resolve_model(cfg.model.ref)
     base = EncoderEngine(model_path, None, encoder_settings(cfg))
     texts, positives, hard = [], [], []
+    vectors, targets, judged, offset = [], [], [], 0
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples = domain_examples(cfg, data_dir, domain, corpus)
         t = [x for _, x, _, _ in examples]
         texts += t
         positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
-        if train.hard_negatives > 0:
+        vectors.append(corpus.vectors)
+        targets += [offset + b for _, _, b, _ in examples]
+        judged += [{offset + r for r in rows} for _, _, _, rows in examples]
+        offset += corpus.vectors.shape[0]
+        if train.objective == "mined" and train.hard_negatives > 0:
             rows = mine_hard_negatives(base.encode(t), corpus.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
             hard.append(corpus.vectors[rows])
     out_dir = multitask_dir(cfg)
@@ -186,6 +224,8 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         AdapterTrainSettings(steps=train.steps * len(domains), batch_size=train.batch_size, lr=train.lr, seed=train.seed),
         progress=progress,
         hard_negatives=np.concatenate(hard) if hard else None,
+        # full corpus: every domain's docs (other domains' docs are easy negatives)
+        corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
     )
     report.update(domain="+".join(domains))
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 
 from actors.encoder import EncoderEngine
@@ -75,3 +76,54 @@ def test_hard_negatives_enter_the_loss(tmp_path, model_path, encoder_settings):
     mined = train_query_adapter(model_path, encoder_settings, queries, pos, tmp_path / "b", s, progress=False, hard_negatives=hard)
     assert mined["hard_negatives_per_query"] == 2 and plain["hard_negatives_per_query"] == 0
     assert mined["losses"][0] > plain["losses"][0]  # more negative columns, same positives → higher CE
+
+
+def test_full_corpus_objective_ranks_targets_higher(tmp_path, model_path, encoder_settings):
+    """Softmax over the whole (frozen) corpus: targets must climb in the full ranking."""
+    base = EncoderEngine(model_path, None, encoder_settings)
+    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(60, base.dim)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    targets = list(range(8))
+    report = train_query_adapter(
+        model_path, encoder_settings, queries, corpus[targets], tmp_path / "full",
+        AdapterTrainSettings(steps=25, batch_size=8, lr=2e-3), progress=False,
+        corpus=(corpus, targets, [{t} for t in targets]),
+    )
+    assert report["objective"] == "full_corpus" and report["corpus_size"] == 60
+
+    def mean_rank(vectors):
+        sims = vectors @ corpus.T
+        return np.mean([(sims[i] > sims[i, t]).sum() for i, t in enumerate(targets)])
+
+    trained = EncoderEngine(model_path, {"full": tmp_path / "full"}, encoder_settings)
+    assert mean_rank(trained.encode(queries, "full")) < mean_rank(base.encode(queries)) - 5
+
+
+def test_dev_selection_keeps_the_best_step_and_never_worse_than_base(tmp_path, model_path, encoder_settings):
+    base = EncoderEngine(model_path, None, encoder_settings)
+    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
+    rng = np.random.default_rng(1)
+    targets = rng.normal(size=(8, base.dim)).astype(np.float32)
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    dev_q = queries[:4]
+    dev_base = base.encode(dev_q)
+    s = AdapterTrainSettings(steps=20, batch_size=8, lr=2e-3)
+    # a dev score that any change from the base model lowers: step 0 (identity adapter) must win
+    stay = train_query_adapter(
+        model_path, encoder_settings, queries, targets, tmp_path / "stay", s, progress=False,
+        dev=(dev_q, lambda v: float(np.sum(v * dev_base, axis=1).mean())), eval_every=5,
+    )
+    assert stay["best_step"] == 0 and [st for st, _ in stay["dev_curve"]] == [0, 5, 10, 15, 20]
+    kept = EncoderEngine(model_path, {"stay": tmp_path / "stay"}, encoder_settings)
+    np.testing.assert_allclose(kept.encode(dev_q, "stay"), dev_base, atol=1e-5)
+    # a dev score that rewards the training objective: a later step wins and is what gets saved
+    go = train_query_adapter(
+        model_path, encoder_settings, queries, targets, tmp_path / "go", s, progress=False,
+        dev=(dev_q, lambda v: float(np.sum(v * targets[:4], axis=1).mean())), eval_every=5,
+    )
+    assert go["best_step"] > 0
+    best = max(v for _, v in go["dev_curve"])
+    saved = EncoderEngine(model_path, {"go": tmp_path / "go"}, encoder_settings).encode(dev_q, "go")
+    assert float(np.sum(saved * targets[:4], axis=1).mean()) == pytest.approx(best, abs=1e-4)

@@ -55,7 +55,7 @@ def test_add_and_remove_experts_independently(cfg, data_dir):
     scifact_rows = [i for i, d in enumerate(pilots.domains) if d == "scifact"]
     np.testing.assert_array_equal(pilots.embeddings[scifact_rows], first_pilots)
     report = json.loads((enabled_experts(cfg)["nfcorpus"] / "train_report.json").read_text())
-    assert report["num_queries"] == 8 and report["hard_negatives_per_query"] == 2
+    assert report["num_queries"] == 8 and report["objective"] == "full_corpus" and report["corpus_size"] == 300
     assert len(report["losses"]) == 3 and report["domain"] == "nfcorpus" and len(report["data_hash"]) == 64
     assert (enabled_experts(cfg)["nfcorpus"] / "loss.png").stat().st_size > 0
     remove_expert(cfg, "scifact")
@@ -120,3 +120,21 @@ def test_domain_pilots_group_queries_by_their_best_expert(engine, data_dir):
         if members:
             row = pilots.experts.index(name)
             np.testing.assert_allclose(pilots.embeddings[row], base[members].mean(axis=0), atol=1e-5)
+
+
+def test_mined_objective_uses_hard_negatives_from_the_base_index(cfg, data_dir):
+    cfg.experts.training.objective = "mined"
+    report = train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    assert report["objective"] == "in_batch+mined" and report["hard_negatives_per_query"] == 2
+    assert load_pilots(cfg).domains == ["scifact"]
+
+
+def test_split_dev_is_deterministic_disjoint_and_skipped_when_small():
+    from serve.experts import split_dev
+
+    examples = [(f"q{i}", "t", 0, {0}) for i in range(200)]
+    train, dev = split_dev(examples, 0.1)
+    assert len(dev) == 20 and len(train) == 180 and not {e[0] for e in dev} & {e[0] for e in train}
+    assert split_dev(list(reversed(examples)), 0.1)[1] == sorted(dev, key=lambda e: -int(e[0][1:]))
+    assert split_dev(examples[:50], 0.1) == (examples[:50], [])  # 5 < 10 dev queries: no dev
+    assert split_dev(examples, 0.0) == (examples, [])
