@@ -10,6 +10,7 @@ A reference is one of:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -78,8 +79,17 @@ def resolve_model(ref: str) -> Path:
 
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the model folder's file names and bytes (weights included)."""
+    """sha256 over the model folder's file names and bytes (weights included); computed once per
+    folder state (paths, sizes, mtimes) in a process."""
     folder = Path(folder)
+    state = tuple(
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    )
+    return _fingerprint(folder, state)
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(folder: Path, state: tuple) -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()

@@ -1,17 +1,22 @@
-import pytest
 import numpy as np
+import pytest
 
 from actors.encoder import EncoderEngine
 from actors.expert_training import AdapterTrainSettings, domain_mean_pilots, train_query_adapter
 from actors.routed_encoder import RoutedEncoder, route_and_encode_requests
 
+QUERIES = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
+
+
+def _unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
 
 def test_training_moves_queries_towards_their_documents(tmp_path, model_path, encoder_settings):
     base = EncoderEngine(model_path, None, encoder_settings)
-    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
-    rng = np.random.default_rng(0)
-    targets = rng.normal(size=(8, base.dim)).astype(np.float32)
-    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    queries = QUERIES
+    targets = _unit_rows(8, base.dim, 0)
     report = train_query_adapter(
         model_path, encoder_settings, queries, targets, tmp_path / "toy",
         AdapterTrainSettings(steps=25, batch_size=8, lr=2e-3), progress=False,
@@ -81,10 +86,8 @@ def test_hard_negatives_enter_the_loss(tmp_path, model_path, encoder_settings):
 def test_full_corpus_objective_ranks_targets_higher(tmp_path, model_path, encoder_settings):
     """Softmax over the whole (frozen) corpus: targets must climb in the full ranking."""
     base = EncoderEngine(model_path, None, encoder_settings)
-    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
-    rng = np.random.default_rng(0)
-    corpus = rng.normal(size=(60, base.dim)).astype(np.float32)
-    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = QUERIES
+    corpus = _unit_rows(60, base.dim, 0)
     targets = list(range(8))
     report = train_query_adapter(
         model_path, encoder_settings, queries, corpus[targets], tmp_path / "full",
@@ -103,10 +106,8 @@ def test_full_corpus_objective_ranks_targets_higher(tmp_path, model_path, encode
 
 def test_dev_selection_keeps_the_best_step_and_never_worse_than_base(tmp_path, model_path, encoder_settings):
     base = EncoderEngine(model_path, None, encoder_settings)
-    queries = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
-    rng = np.random.default_rng(1)
-    targets = rng.normal(size=(8, base.dim)).astype(np.float32)
-    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    queries = QUERIES
+    targets = _unit_rows(8, base.dim, 1)
     dev_q = queries[:4]
     dev_base = base.encode(dev_q)
     s = AdapterTrainSettings(steps=20, batch_size=8, lr=2e-3)

@@ -39,5 +39,5 @@ def test_fingerprint_depends_on_content(tmp_path):
     a = model_fingerprint(tmp_path)
     (tmp_path / "w.bin").write_bytes(b"1")
     b = model_fingerprint(tmp_path)
-    (tmp_path / "w.bin").write_bytes(b"2")
+    (tmp_path / "w.bin").write_bytes(b"22")  # the per-process cache keys on (size, mtime): change the size
     assert len({a, b, model_fingerprint(tmp_path)}) == 3
