@@ -101,20 +101,6 @@ class PilotSet:
                 str(data["base_model"]) if "base_model" in data else "",
             )
 
-    def merged_with(self, other: "PilotSet") -> "PilotSet":
-        """This set with ``other``'s experts replaced/added (other experts are left untouched)."""
-        replaced = set(other.experts)
-        mine = self.restrict([e for e in self.expert_names if e not in replaced])
-        if mine.embeddings.shape[0] and other.embeddings.shape[0] and mine.dim != other.dim:
-            raise ValueError("pilot dimensions differ")
-        emb = (
-            np.concatenate([mine.embeddings, other.embeddings])
-            if mine.embeddings.shape[0]
-            else other.embeddings
-        )
-        doms = (mine.domains or [""] * len(mine.experts)) + (other.domains or [""] * len(other.experts))
-        return PilotSet(emb, mine.experts + other.experts, doms, other.base_model or self.base_model)
-
 
 def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
     """``current`` with every pilot of ``new``'s domains replaced by ``new``'s pilots."""

@@ -1,10 +1,12 @@
-"""Expert artifacts on disk and the small default experts that `routerserve up` trains.
+"""Expert artifacts on disk, expert training, and the default experts `routerserve up` trains.
 
-    <experts.dir>/adapters/<name>/     peft LoRA adapter folder (adapter_config.json, weights)
-    <experts.dir>/pilots.npz           pilot embeddings with the expert each pilot points to
+    <experts.dir>/adapters/<name>/     peft LoRA adapter folder (+ train_report.json, loss.png)
+    <experts.dir>/pilots.npz           pilot embeddings with the expert and domain of each
+    <experts.dir>/multitask/           the multi-task baseline adapter (evaluation only)
 
-Adding an expert = adding its adapter folder and its pilots; nothing else is retrained and the
-corpus index is untouched. Removing one = deleting both (``remove_expert``).
+Adding an expert = training its adapter and building its domain's pilots (serve.pilots); nothing
+else is retrained and the corpus index is untouched. Removing one = deleting its adapter and every
+pilot pointing to it (``remove_expert``).
 """
 
 from __future__ import annotations

@@ -38,20 +38,16 @@ def test_no_experts_routes_to_base():
     assert choose(np.zeros((3, 0)), []) == ["base", "base", "base"]
 
 
-def test_restrict_and_merge_keep_other_experts(tmp_path, rng):
-    a = PilotSet(rng.normal(size=(2, 4)), ["a", "a"], ["d1", "d2"], "m")
-    b = PilotSet(rng.normal(size=(1, 4)), ["b"], ["d3"], "m")
-    merged = a.merged_with(b)
-    assert merged.expert_names == ["a", "b"]
-    replaced = merged.merged_with(PilotSet(np.ones((1, 4)), ["a"], ["d9"], "m"))
-    assert replaced.experts == ["b", "a"]
-    np.testing.assert_array_equal(replaced.embeddings[1], np.ones(4))
-    np.testing.assert_array_equal(replaced.embeddings[0], b.embeddings[0])
-    path = replaced.save(tmp_path)
+def test_save_load_and_restrict(tmp_path, rng):
+    pilots = PilotSet(rng.normal(size=(3, 4)), ["b", "a", "b"], ["d3", "d9", "d4"], "m")
+    path = pilots.save(tmp_path)
     loaded = PilotSet.load(path)
-    assert loaded.experts == ["b", "a"] and loaded.domains == ["d3", "d9"] and loaded.base_model == "m"
-    np.testing.assert_array_equal(loaded.embeddings, replaced.embeddings)
-    assert replaced.restrict(["b"]).experts == ["b"]
+    assert loaded.experts == ["b", "a", "b"] and loaded.domains == ["d3", "d9", "d4"] and loaded.base_model == "m"
+    np.testing.assert_array_equal(loaded.embeddings, pilots.embeddings)
+    assert loaded.expert_names == ["b", "a"]
+    only_b = loaded.restrict(["b"])
+    assert only_b.experts == ["b", "b"] and only_b.domains == ["d3", "d4"]
+    np.testing.assert_array_equal(only_b.embeddings, pilots.embeddings[[0, 2]])
 
 
 def test_registry_is_by_name_and_rejects_duplicates():
