@@ -244,8 +244,8 @@ def evaluate(
         queries, qrels = test_queries(data_dir, domain)
         if cfg.corpus.max_docs_per_dataset:
             # Smoke runs on a capped corpus: keep only queries with a judged doc inside it.
-            docset = set(corpus.doc_ids)
-            qrels = {q: r for q, r in qrels.items() if any(v > 0 and d in docset for d, v in r.items())}
+            docset = {qualify(ds, d) for ds, d in zip(corpus.datasets, corpus.doc_ids)}
+            qrels = {q: r for q, r in qrels.items() if any(v > 0 and qualify(domain, d) in docset for d, v in r.items())}
         qids = sorted(qrels)
         qrels = {q: {qualify(domain, d): v for d, v in r.items()} for q, r in qrels.items()}
         if max_queries:
