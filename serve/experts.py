@@ -193,6 +193,17 @@ def multitask_dir(cfg: RouterServeConfig) -> Path | None:
     return None if cfg.experts.dir is None else Path(cfg.experts.dir) / MULTITASK
 
 
+def _joint_dev(parts: list[tuple[list[str], object]]):
+    """One dev set over several domains: the mean of each domain's dev score."""
+    queries = [q for qs, _ in parts for q in qs]
+    bounds = np.cumsum([0] + [len(qs) for qs, _ in parts])
+
+    def score(vectors: np.ndarray) -> float:
+        return float(np.mean([fn(vectors[a:b]) for (_, fn), a, b in zip(parts, bounds[:-1], bounds[1:])]))
+
+    return queries, score
+
+
 def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list[str], progress: bool = True) -> dict:
     """One adapter trained on every domain's training data (the paper's multi-task baseline);
     positives and hard negatives come from each query's own domain index."""
@@ -203,9 +214,12 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     base = EncoderEngine(model_path, None, encoder_settings(cfg))
     texts, positives, hard = [], [], []
     vectors, targets, judged, offset = [], [], [], 0
+    dev_parts = []  # (dev queries, score_fn) per domain: the same dev selection as the experts get
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
-        examples = domain_examples(cfg, data_dir, domain, corpus)
+        examples, dev_examples = split_dev(domain_examples(cfg, data_dir, domain, corpus), train.dev_fraction)
+        if dev_examples:
+            dev_parts.append(dev_scorer(domain, dev_examples, corpus))
         t = [x for _, x, _, _ in examples]
         texts += t
         positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
@@ -228,6 +242,8 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         hard_negatives=np.concatenate(hard) if hard else None,
         # full corpus: every domain's docs (other domains' docs are easy negatives)
         corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
+        dev=_joint_dev(dev_parts) if dev_parts else None,
+        eval_every=train.eval_every,
     )
     report.update(domain="+".join(domains))
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))

@@ -18,7 +18,10 @@ def eval_result(tmp_path_factory, data_dir, ray_session):
             "model": {"max_seq_length": 96},
             "corpus": {"max_docs_per_dataset": 300},
             "index": {"dir": str(root / "index"), "encode_workers": 1, "chunk_size": 128},
-            "experts": {"dir": str(root / "experts"), "training": {"steps": 3, "max_queries": 16, "batch_size": 8}},
+            "experts": {
+                "dir": str(root / "experts"),
+                "training": {"steps": 3, "max_queries": 30, "batch_size": 8, "dev_fraction": 0.34, "eval_every": 2},
+            },
         }
     )
     for domain in ("scifact", "nfcorpus"):
@@ -42,6 +45,10 @@ def test_result_shape_and_ranges(eval_result):
     assert r["policies"]["base"]["avg"] > 0.05  # real retrieval, not noise
     assert "multitask" in r["policies"] and r["routing"]["multitask"]["scifact"] == {"multitask": r["num_queries"]["scifact"]}
     assert set(r["routing"]["classifier"]["scifact"]) <= {"scifact", "nfcorpus"}
+    import json
+
+    mt = json.loads((eval_result["root"] / "experts" / "multitask" / "train_report.json").read_text())
+    assert mt["num_dev_queries"] >= 20 and [s for s, _ in mt["dev_curve"]] == [0, 2, 4, 6]
 
 
 def test_oracles_bound_the_other_policies(eval_result):
