@@ -79,6 +79,9 @@ class ShardSearcher:
     def dim(self) -> int:
         return int(self.index.d)
 
+    def info(self) -> dict:
+        return {"ntotal": self.ntotal, "offset": self.offset, "device": self.device}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:

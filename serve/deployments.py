@@ -82,7 +82,7 @@ class SearchShardDeployment:
         return await asyncio.to_thread(self.shard.search, queries, k)
 
     def info(self) -> dict:
-        return {"ntotal": self.shard.ntotal, "offset": self.shard.offset, "device": self.shard.device}
+        return self.shard.info()
 
 
 class _HandleEncoderClient:

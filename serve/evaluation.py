@@ -50,7 +50,7 @@ SELF_RETRIEVAL_DOMAINS = {"arguana"}
 DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle", "instance_oracle"]
 
 
-def test_queries(data_dir: Path, domain: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+def eval_queries(data_dir: Path, domain: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
     """(qid -> text, qrels) of the evaluation queries: never those used for training or pilots."""
     queries = load_queries(data_dir, domain)
     splits = available_splits(data_dir, domain)
@@ -241,7 +241,7 @@ def evaluate(
     counts: dict[str, int] = {}
     for domain in tqdm(domains, desc=f"eval {setting}", disable=not progress):
         corpus = union or load_corpus_vectors(cfg, data_dir, [domain], progress)
-        queries, qrels = test_queries(data_dir, domain)
+        queries, qrels = eval_queries(data_dir, domain)
         if cfg.corpus.max_docs_per_dataset:
             # Smoke runs on a capped corpus: keep only queries with a judged doc inside it.
             docset = {qualify(ds, d) for ds, d in zip(corpus.datasets, corpus.doc_ids)}

@@ -108,14 +108,21 @@ def split_dev(examples: list, fraction: float, minimum: int = 10) -> tuple[list,
     return [e for e in examples if e[0] not in dev], [e for e in examples if e[0] in dev]
 
 
+def examples_qrels(domain: str, examples: list, corpus) -> dict[str, dict[str, int]]:
+    """{qid: {dataset/doc_id: 1}} for (qid, text, best row, judged rows) examples (judged = relevant)."""
+    from .evaluation import qualify
+
+    return {q: {qualify(domain, corpus.doc_ids[r]): 1 for r in rows} for q, _, _, rows in examples}
+
+
 def dev_scorer(domain: str, dev_examples: list, corpus):
     """(dev queries, score_fn): mean nDCG@10 (ir-measures, judged docs binary) over the domain."""
     from ir_measures import nDCG
 
-    from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, qualify, search_run
+    from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, search_run
 
     qids = [q for q, _, _, _ in dev_examples]
-    qrels = {q: {qualify(domain, corpus.doc_ids[r]): 1 for r in rows} for q, _, _, rows in dev_examples}
+    qrels = examples_qrels(domain, dev_examples, corpus)
 
     def score(vectors: np.ndarray) -> float:
         run = search_run(vectors, qids, corpus, 10, domain in SELF_RETRIEVAL_DOMAINS, domain)

@@ -17,8 +17,8 @@ from actors.encoder import BASE, EncoderEngine
 from actors.routing import PilotSet, replace_domains
 
 from .config import RouterServeConfig
-from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, qualify, search_run
-from .experts import domain_examples, enabled_experts, load_pilots, pilots_path
+from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, search_run
+from .experts import domain_examples, enabled_experts, examples_qrels, load_pilots, pilots_path
 from .indexing import encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
@@ -69,7 +69,7 @@ def build_pilots(
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples = domain_examples(cfg, data_dir, domain, corpus)
         qids = [q for q, _, _, _ in examples]
-        qrels = {q: {qualify(domain, corpus.doc_ids[r]): 1 for r in rows} for q, _, _, rows in examples}
+        qrels = examples_qrels(domain, examples, corpus)
         new, wins = domain_pilots(engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref)
         current = replace_domains(current, new)
         report[domain] = wins

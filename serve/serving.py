@@ -84,7 +84,7 @@ class LocalShardClient:
         return self.shard.search(queries, k)
 
     async def info(self) -> dict:
-        return {"ntotal": self.shard.ntotal, "offset": self.shard.offset, "device": self.shard.device}
+        return self.shard.info()
 
 
 @dataclass
@@ -104,7 +104,6 @@ class RetrievalService:
         docs: DocStore,
         limits: LimitsConfig,
         served_name: str,
-        batcher: Callable[[RetrieveItem], Awaitable[dict]] | None = None,
     ):
         if not shards:
             raise ValueError("at least one shard is required")
@@ -113,8 +112,8 @@ class RetrievalService:
         self.docs = docs
         self.limits = limits
         self.served_name = served_name
-        # In Serve the batcher is GreedyBatcher(retrieve_many); alone, each request is its own batch.
-        self._submit = batcher or (lambda item: self._single(item))
+        # Alone each request is its own batch; Serve's ingress calls enable_batching(GreedyBatcher).
+        self._submit: Callable[[RetrieveItem], Awaitable[dict]] = self._single
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
 
