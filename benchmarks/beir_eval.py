@@ -74,9 +74,10 @@ def main(
         "training": cfg.experts.training.model_dump(),
         "train_seconds": train_seconds,
     }
+    query_embeddings: dict = {}  # the same experts in both settings: encode each test query once
     for i, setting in enumerate(settings.split(",")):
         console.rule(f"eval {setting}")
-        result = evaluate(cfg, ddir, doms, pols, setting)
+        result = evaluate(cfg, ddir, doms, pols, setting, embedding_cache=query_embeddings)
         result["command"] = combined["command"]
         stem = RESULTS / (name if i == 0 else f"{name}_{setting}")
         write_report(result, stem)

@@ -210,8 +210,11 @@ def evaluate(
     setting: str = "per_domain",
     max_queries: int | None = None,
     progress: bool = True,
+    embedding_cache: dict | None = None,
 ) -> dict:
-    """Evaluate ``policies`` on ``domains``; returns the result dict (see module docstring)."""
+    """Evaluate ``policies`` on ``domains``; returns the result dict (see module docstring).
+    ``embedding_cache``: a dict shared by calls over the same experts (e.g. the per-domain and the
+    union setting of one benchmark) so each test query is encoded once per encoder."""
     from tqdm.auto import tqdm
 
     policies = policies or DEFAULT_POLICIES
@@ -254,7 +257,13 @@ def evaluate(
         counts[domain] = len(qids)
         texts = [queries[q] for q in qids]
         scored = encoders + list(extra)
-        emb = {name: engine.encode(texts, name) for name in scored}
+        cache = embedding_cache if embedding_cache is not None else {}
+        emb = {}
+        for name in scored:
+            key = (domain, name, tuple(qids))
+            if key not in cache:
+                cache[key] = engine.encode(texts, name)
+            emb[name] = cache[key]
         drop_self = domain in SELF_RETRIEVAL_DOMAINS
         runs = {name: search_run(emb[name], qids, corpus, 100, drop_self, domain) for name in scored}
         pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in scored}

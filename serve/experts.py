@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -100,8 +102,10 @@ def domain_examples(cfg: RouterServeConfig, data_dir: Path, domain: str, corpus)
 
 def split_dev(examples: list, fraction: float, minimum: int = 10) -> tuple[list, list]:
     """Hold out a deterministic slice of the TRAINING queries to choose the best step."""
-    n_dev = int(len(examples) * fraction)
-    if fraction <= 0 or n_dev < minimum or len(examples) - n_dev < 2:
+    # at least ``minimum`` dev queries when the domain has 3× that many (npl: 46 training queries
+    # → 10 dev), none below that: a smaller dev set would choose the step by noise
+    n_dev = max(int(len(examples) * fraction), minimum)
+    if fraction <= 0 or len(examples) < 3 * minimum:
         return examples, []
     ranked = sorted(examples, key=lambda e: hashlib.sha256(f"dev:{e[0]}".encode()).hexdigest())
     dev = {e[0] for e in ranked[:n_dev]}
@@ -219,7 +223,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
     base = EncoderEngine(model_path, None, encoder_settings(cfg))
-    texts, positives, hard = [], [], []
+    texts, positives, hard, groups = [], [], [], []
     vectors, targets, judged, offset = [], [], [], 0
     dev_parts = []  # (dev queries, score_fn) per domain: the same dev selection as the experts get
     for domain in domains:
@@ -229,6 +233,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
             dev_parts.append(dev_scorer(domain, dev_examples, corpus))
         t = [x for _, x, _, _ in examples]
         texts += t
+        groups += [domains.index(domain)] * len(t)  # one domain per batch
         positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
         vectors.append(corpus.vectors)
         targets += [offset + b for _, _, b, _ in examples]
@@ -251,6 +256,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
         dev=_joint_dev(dev_parts) if dev_parts else None,
         eval_every=train.eval_every,
+        groups=groups,
     )
     report.update(domain="+".join(domains))
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
@@ -278,6 +284,69 @@ def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool
 
         build_pilots(cfg, data_dir, list(domains), progress)
     return trained
+
+
+EXPERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_expert_name(name: str) -> str:
+    if not EXPERT_NAME.match(name or "") or name.lower() == "base":
+        raise ValueError(
+            f"invalid expert name {name!r}: 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and not 'base'"
+        )
+    return name
+
+
+def add_expert(
+    cfg: RouterServeConfig,
+    data_dir: Path,
+    name: str,
+    adapter_dir: Path,
+    domain: str | None = None,
+    replace: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Register an adapter trained elsewhere as expert ``name`` and build ``domain``'s pilots.
+
+    The adapter must be a peft LoRA folder that loads onto the configured base model (checked by
+    loading it and encoding a probe before anything is written). It is copied to
+    ``<experts.dir>/adapters/<name>`` (atomically: a partial copy is never visible), then the
+    pilots of ``domain`` (default: ``name``; its training queries from the data dir) are rebuilt
+    against every expert present. Other domains' pilots and the other adapters are untouched.
+    Returns how many of the domain's training queries each expert won.
+    """
+    from .pilots import build_pilots
+
+    root = adapters_root(cfg)
+    if root is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    check_expert_name(name)
+    domain = domain or name
+    src = Path(adapter_dir)
+    config_file = src / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{src} is not a peft adapter folder (no adapter_config.json)")
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{config_file}: peft_type is {peft_type!r}; experts are LoRA adapters ('LORA')")
+    dest = root / name
+    if dest.exists() and not replace:
+        raise FileExistsError(f"expert {name!r} exists at {dest}; pass replace=True (--replace) to overwrite it")
+    if not training_queries(data_dir, domain, 1):
+        raise ValueError(f"domain {domain!r} has no judged training query under {data_dir}: pilots need some")
+    try:  # fails here, before any write, when the adapter does not fit the base model
+        EncoderEngine(resolve_model(cfg.model.ref), {name: src}, encoder_settings(cfg)).encode(["probe"], name)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
+        raise ValueError(f"adapter {src} does not load onto base model {cfg.model.ref!r}: {exc}") from exc
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{name}.adding"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
+    return build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
 
 
 def remove_expert(cfg: RouterServeConfig, name: str) -> None:

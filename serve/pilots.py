@@ -24,9 +24,17 @@ from .models import resolve_model
 
 
 def domain_pilots(
-    engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus, base_model: str
+    engine: EncoderEngine,
+    domain: str,
+    qids: list[str],
+    texts: list[str],
+    qrels: dict,
+    corpus,
+    base_model: str,
+    owner: str | None = None,
 ) -> tuple[PilotSet, dict[str, int]]:
-    """Pilots of one domain and how many of its queries each expert won."""
+    """Pilots of one domain and how many of its queries each expert won. Ties (e.g. every expert
+    scores 0) go to the domain's own expert: ``owner``, else the expert named like the domain."""
     from ir_measures import nDCG
 
     experts = engine.experts
@@ -39,8 +47,8 @@ def domain_pilots(
         run = search_run(engine.encode(texts, e), qids, corpus, 10, drop_self, domain)
         scores = per_query(qrels, run, nDCG @ 10)
         table[:, j] = [scores[q] for q in qids]
-    # ties (e.g. every expert scores 0) go to the domain's own expert when there is one
-    own = experts.index(domain) if domain in experts else 0
+    owner = owner or domain
+    own = experts.index(owner) if owner in experts else 0
     best = []
     for row in table:
         top = row.max()
@@ -57,20 +65,29 @@ def domain_pilots(
 
 
 def build_pilots(
-    cfg: RouterServeConfig, data_dir: Path, domains: list[str] | None = None, progress: bool = True
+    cfg: RouterServeConfig,
+    data_dir: Path,
+    domains: list[str] | None = None,
+    progress: bool = True,
+    owners: dict[str, str] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain."""
+    """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain.
+    ``owners``: domain → its own expert where the names differ (``experts add --domain``)."""
     adapters = enabled_experts(cfg)
-    domains = domains or list(adapters)
-    engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     current = load_pilots(cfg)
+    if not domains:  # the domains that have pilots, plus every expert named after a dataset
+        domains = list(dict.fromkeys(current.domains)) if current is not None else []
+        domains += [a for a in adapters if a not in domains and (Path(data_dir) / a / "corpus.jsonl").is_file()]
+    engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples = domain_examples(cfg, data_dir, domain, corpus)
         qids = [q for q, _, _, _ in examples]
         qrels = examples_qrels(domain, examples, corpus)
-        new, wins = domain_pilots(engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref)
+        new, wins = domain_pilots(
+            engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, (owners or {}).get(domain)
+        )
         current = replace_domains(current, new)
         report[domain] = wins
     current.save(pilots_path(cfg))

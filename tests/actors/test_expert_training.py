@@ -128,3 +128,26 @@ def test_dev_selection_keeps_the_best_step_and_never_worse_than_base(tmp_path, m
     best = max(v for _, v in go["dev_curve"])
     saved = EncoderEngine(model_path, {"go": tmp_path / "go"}, encoder_settings).encode(dev_q, "go")
     assert float(np.sum(saved * targets[:4], axis=1).mean()) == pytest.approx(best, abs=1e-4)
+
+
+def test_group_batches_draw_each_batch_from_one_group_and_cover_every_query():
+    import random
+    from collections import Counter
+
+    from actors.expert_training import group_batches
+
+    groups = [0] * 30 + [1] * 90 + [2] * 3
+    batches = group_batches(groups, 8, random.Random(0))
+    seen, per_group = Counter(), Counter()
+    for _ in range(400):
+        b = next(batches)
+        assert len({groups[i] for i in b}) == 1 and len(set(b)) == len(b)
+        assert len(b) == (3 if groups[b[0]] == 2 else 8)  # a group smaller than the batch is one batch
+        seen.update(b)
+        per_group[groups[b[0]]] += len(b)
+    assert set(seen) == set(range(len(groups)))
+    # groups are drawn in proportion to their size: group 1 gets about 3× group 0's batches
+    assert 2.0 < per_group[1] / per_group[0] < 4.5
+    one = group_batches([0] * 10, 4, random.Random(0))
+    first_epoch = [i for _ in range(3) for i in next(one)][:10]
+    assert sorted(first_epoch) == list(range(10))  # one group: plain shuffled epochs

@@ -10,6 +10,7 @@ from actors.beir import load_qrels, seeded_half_split
 from actors.routing import PilotSet
 from serve.config import config_from_dict
 from serve.experts import (
+    add_expert,
     enabled_experts,
     load_pilots,
     remove_expert,
@@ -63,6 +64,48 @@ def test_add_and_remove_experts_independently(cfg, data_dir):
     assert load_pilots(cfg).expert_names == ["nfcorpus"]  # pilots pointing to the removed expert are gone
     with pytest.raises(FileNotFoundError):
         remove_expert(cfg, "scifact")
+
+
+def test_add_external_adapter_builds_only_its_domains_pilots(cfg, data_dir, random_adapters, tmp_path):
+    train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    scifact_adapter = _folder_hash(enabled_experts(cfg)["scifact"])
+    scifact_pilots = load_pilots(cfg).embeddings.copy()
+    wins = add_expert(cfg, data_dir, "nf-ext", random_adapters["alpha"], domain="nfcorpus", progress=False)
+    assert sum(wins.values()) == 8 and set(wins) <= {"scifact", "nf-ext"}  # every training query won by someone
+    assert sorted(enabled_experts(cfg)) == ["nf-ext", "scifact"]
+    assert _folder_hash(enabled_experts(cfg)["nf-ext"]) == _folder_hash(random_adapters["alpha"])
+    assert _folder_hash(enabled_experts(cfg)["scifact"]) == scifact_adapter
+    pilots = load_pilots(cfg)
+    np.testing.assert_array_equal(pilots.embeddings[[i for i, d in enumerate(pilots.domains) if d == "scifact"]], scifact_pilots)
+    assert sorted(e for e, d in zip(pilots.experts, pilots.domains) if d == "nfcorpus") == sorted(wins)
+    # a second add of the same name needs replace=True; replacing swaps the weights in place
+    with pytest.raises(FileExistsError, match="nf-ext"):
+        add_expert(cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", progress=False)
+    add_expert(cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", replace=True, progress=False)
+    assert _folder_hash(enabled_experts(cfg)["nf-ext"]) == _folder_hash(random_adapters["beta"])
+    assert not [p for p in (tmp_path / "experts" / "adapters").iterdir() if p.name.startswith(".")]
+
+
+def test_add_rejects_bad_names_and_adapters_before_writing(cfg, data_dir, random_adapters, tmp_path):
+    import shutil
+
+    for bad in ["", "base", "a:b", "../x", "x" * 65]:
+        with pytest.raises(ValueError, match="invalid expert name"):
+            add_expert(cfg, data_dir, bad, random_adapters["alpha"], domain="scifact", progress=False)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        add_expert(cfg, data_dir, "x", tmp_path, domain="scifact", progress=False)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(random_adapters["alpha"], wrong)
+    conf = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**conf, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type"):
+        add_expert(cfg, data_dir, "x", wrong, domain="scifact", progress=False)
+    (wrong / "adapter_config.json").write_text(json.dumps({**conf, "target_modules": ["no_such_proj"]}))
+    with pytest.raises(ValueError, match="does not load onto base model"):
+        add_expert(cfg, data_dir, "x", wrong, domain="scifact", progress=False)
+    with pytest.raises(ValueError, match="no-such-domain"):
+        add_expert(cfg, data_dir, "x", random_adapters["alpha"], domain="no-such-domain", progress=False)
+    assert enabled_experts(cfg) == {} and load_pilots(cfg) is None
 
 
 def test_enabled_list_must_exist(cfg):
@@ -136,5 +179,7 @@ def test_split_dev_is_deterministic_disjoint_and_skipped_when_small():
     train, dev = split_dev(examples, 0.1)
     assert len(dev) == 20 and len(train) == 180 and not {e[0] for e in dev} & {e[0] for e in train}
     assert split_dev(list(reversed(examples)), 0.1)[1] == sorted(dev, key=lambda e: -int(e[0][1:]))
-    assert split_dev(examples[:50], 0.1) == (examples[:50], [])  # 5 < 10 dev queries: no dev
+    small_train, small_dev = split_dev(examples[:50], 0.1)  # 10 % is 5: raised to the minimum of 10
+    assert len(small_dev) == 10 and len(small_train) == 40
+    assert split_dev(examples[:29], 0.1) == (examples[:29], [])  # under 3 × 10 queries: no dev
     assert split_dev(examples, 0.0) == (examples, [])
