@@ -16,13 +16,48 @@ from actors.index_store import DOCS_FILE, IndexManifest
 from ray.serve import Application
 
 from .config import RouterServeConfig, config_from_dict, load_config
-from .deployments import ExpertEncoderDeployment, RetrievalIngress, SearchShardDeployment
+from .deployments import (
+    ExpertEncoderDeployment,
+    LLMEngineDeployment,
+    RetrievalIngress,
+    RouterR1ControllerDeployment,
+    SearchShardDeployment,
+)
 from .experts import enabled_experts, pilots_path
 from .indexing import encoder_settings, require_index
 from .models import resolve_model
 
 INGRESS = "RetrievalIngress"
 ENCODER = "ExpertEncoder"
+CONTROLLER = "RouterR1Controller"
+
+
+def llm_engine_name(engine: str) -> str:
+    return f"LLM-{engine}"
+
+
+def _engine_options(engine) -> dict:
+    """The engine's Serve options with its ``env`` merged into the replicas' runtime_env."""
+    opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in engine.deployment.items()}
+    if engine.env:
+        actor = dict(opts.get("ray_actor_options") or {})
+        runtime_env = dict(actor.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **engine.env}
+        actor["runtime_env"] = runtime_env
+        opts["ray_actor_options"] = actor
+    return opts
+
+
+def build_chat(cfg: RouterServeConfig):
+    """The Router-R1 half: one deployment per LLM engine and the controller over them."""
+    llm = cfg.llm
+    engines = {
+        name: LLMEngineDeployment.options(name=llm_engine_name(name), **_engine_options(e)).bind(
+            name, e.model_dump(mode="json"), str(llm.model_cache_dir)
+        )
+        for name, e in llm.engines.items()
+    }
+    return RouterR1ControllerDeployment.options(name=CONTROLLER, **llm.controller).bind(llm.model_dump(mode="json"), engines)
 
 
 def shard_name(i: int) -> str:
@@ -69,4 +104,5 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg.limits.model_dump(),
         cfg.model.served_name,
         d.ingress_batching.model_dump(),
+        build_chat(cfg) if cfg.llm.enabled else None,
     )

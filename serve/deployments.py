@@ -1,14 +1,19 @@
-"""Ray Serve deployments: thin wrappers over the plain classes in actors/ and serve.serving.
+"""Ray Serve deployments: thin wrappers over the plain classes in actors/ and serve.*_serving.
 
     HTTP proxy -> RetrievalIngress (FastAPI; GreedyBatcher over concurrent requests)
                     -> ExpertEncoder   (one call per batch: base pass, routing, mixed-expert pass)
                     -> SearchShard0..S-1 (one call per shard per batch, in parallel) -> exact merge
+               -> RetrievalIngress /v1/chat/completions
+                    -> RouterR1Controller (the Router-R1 loop per request, concurrently)
+                         -> LLM-<engine> (router and candidate engines: vLLM / transformers / remote)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from ray import serve
@@ -16,14 +21,18 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.encoder import EncoderEngine, EncoderSettings
 from actors.index_store import DocStore
+from actors.llm_engines import OpenAIEngine
+from actors.router_r1 import Completion
 from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
 from actors.routing import PilotSet
 from actors.search import ShardSearcher
 
 from .batching import GreedyBatcher
-from .config import BatchConfig, LimitsConfig
+from .chat_protocol import ChatCompletionRequest
+from .chat_serving import ChatService
+from .config import BatchConfig, LimitsConfig, LLMConfig, LLMEngineConfig
 from .http import create_app
-from .serving import RetrievalService
+from .serving import RequestError, RetrievalService
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +130,7 @@ class RetrievalIngress:
         limits: dict,
         served_name: str,
         batching: dict,
+        chat: DeploymentHandle | None = None,
     ):
         b = BatchConfig(**batching)
         self.service = RetrievalService(
@@ -133,6 +143,121 @@ class RetrievalIngress:
         self.service.enable_batching(
             lambda fn: GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s)
         )
+        self.chat = _HandleChatClient(chat) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, self.chat)
+
+
+@serve.deployment(name="LLMEngine")
+class LLMEngineDeployment:
+    """One LLM engine (router or candidate); Serve's health check is the engine's."""
+
+    async def __init__(self, name: str, engine: dict, model_cache_dir: str):
+        from .llm_pool import make_engine
+
+        self.name = name
+        self.engine = make_engine(name, LLMEngineConfig.model_validate(engine), Path(model_cache_dir))
+        await self.engine.start()
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float, stop: list[str], regex: str | None) -> dict:
+        out = await self.engine.complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop, regex=regex)
+        return asdict(out)
+
+    async def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> dict:
+        return asdict(await self.engine.chat(messages, max_tokens=max_tokens, temperature=temperature))
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a local engine that died restarts the replica; a remote
+        (openai) engine is probed by the controller's /healthz instead."""
+        if not isinstance(self.engine, OpenAIEngine):
+            await self.engine.check_health()
+
+    async def probe(self) -> None:
+        await self.engine.check_health()
+
+
+class _HandleEngineClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        return Completion(**await self.handle.complete.remote(prompt, max_tokens, temperature, list(stop), regex))
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        return Completion(**await self.handle.chat.remote(messages, max_tokens, temperature))
+
+    async def check_health(self) -> None:
+        await self.handle.probe.remote()
+
+
+def _error_dict(exc: RequestError) -> dict:
+    return {"__error__": {"message": exc.message, "param": exc.param, "status": exc.status}}
+
+
+@serve.deployment(name="RouterR1Controller")
+class RouterR1ControllerDeployment:
+    """Runs the Router-R1 loop per request (asyncio: requests interleave, none blocks another),
+    calling the engines through handles; tokenizers (chat template, cost bounds) live here."""
+
+    def __init__(self, llm: dict, engines: dict[str, DeploymentHandle]):
+        from .llm_pool import chat_template, load_tokenizers, token_counters
+
+        cfg = LLMConfig.model_validate(llm)
+        tokenizers = load_tokenizers(cfg)
+        router_tok = tokenizers.get(cfg.router.engine) if cfg.router else None
+        if cfg.router is not None and router_tok is None:
+            raise ValueError(f"llm.engines.{cfg.router.engine}.tokenizer: the router needs a local tokenizer for its chat template")
+        self.service = ChatService(
+            cfg,
+            {name: _HandleEngineClient(h) for name, h in engines.items()},
+            chat_template(router_tok, cfg.engines[cfg.router.engine].chat_template) if router_tok is not None else (lambda m: ""),
+            token_counters(tokenizers),
+        )
+
+    async def chat(self, request: dict) -> dict:
+        try:
+            return (await self.service.chat(ChatCompletionRequest.model_validate(request))).model_dump()
+        except RequestError as exc:
+            return _error_dict(exc)
+
+    async def stream(self, request: dict):
+        try:
+            async for event in self.service.stream(ChatCompletionRequest.model_validate(request)):
+                yield event
+        except RequestError as exc:
+            yield _error_dict(exc)
+
+    def models(self) -> dict:
+        return self.service.models().model_dump()
+
+    async def health(self) -> tuple[bool, dict]:
+        return await self.service.health()
+
+
+class _HandleChatClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    @staticmethod
+    def _raise(out):
+        if isinstance(out, dict) and "__error__" in out:
+            e = out["__error__"]
+            raise RequestError(e["message"], e["param"], e["status"])
+        return out
+
+    async def chat(self, req: ChatCompletionRequest) -> dict:
+        return self._raise(await self.handle.chat.remote(req.model_dump()))
+
+    async def stream(self, req: ChatCompletionRequest):
+        async for event in self.handle.options(stream=True).stream.remote(req.model_dump()):
+            yield self._raise(event)
+
+    async def models(self) -> dict:
+        return await self.handle.models.remote()
+
+    async def health(self) -> tuple[bool, dict]:
+        try:
+            return tuple(await self.handle.health.remote())
+        except Exception as exc:  # noqa: BLE001 - controller down: unhealthy, not a 500
+            return False, {"llm_controller": f"{type(exc).__name__}: {exc}"[:200]}

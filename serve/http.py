@@ -8,12 +8,14 @@ experts/models 404. An unexpected exception is logged and answered 500 with its 
 from __future__ import annotations
 
 import logging
+from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .chat_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelList
 from .protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -36,7 +38,18 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     )
 
 
-def create_app(service: RetrievalService) -> FastAPI:
+class ChatClient(Protocol):
+    """What the HTTP layer needs from the chat side: serve.chat_serving.ChatService in-process,
+    or the Router-R1 controller deployment through a handle. ``chat`` returns a response dict;
+    ``stream`` yields SSE lines; both raise RequestError for client errors."""
+
+    async def chat(self, req: ChatCompletionRequest) -> dict: ...
+    def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]: ...
+    async def models(self) -> dict: ...
+    async def health(self) -> tuple[bool, dict]: ...
+
+
+def create_app(service: RetrievalService | None, chat: ChatClient | None = None) -> FastAPI:
     app = FastAPI(
         title="routerserve",
         version="0.1.0",
@@ -45,7 +58,7 @@ def create_app(service: RetrievalService) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError):
-        return _error(exc.status, exc.message, exc.param)
+        return _error(exc.status, exc.message, exc.param, "server_error" if exc.status >= 500 else "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -67,21 +80,48 @@ def create_app(service: RetrievalService) -> FastAPI:
         logger.exception("unhandled error")
         return _error(500, f"internal error ({type(exc).__name__})", kind="server_error")
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=_ERRORS)
-    async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
-        return await service.retrieve(req)
+    if service is not None:
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
-    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
-        return await service.embeddings(req)
+        @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=_ERRORS)
+        async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
+            return await service.retrieve(req)
 
-    @app.get("/v1/experts", response_model=ExpertsResponse)
-    async def experts() -> ExpertsResponse:
-        return await service.experts()
+        @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+        async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
+            return await service.embeddings(req)
+
+        @app.get("/v1/experts", response_model=ExpertsResponse)
+        async def experts() -> ExpertsResponse:
+            return await service.experts()
+
+    if chat is not None:
+
+        @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, 503: {"model": ErrorResponse}})
+        async def chat_completions(req: ChatCompletionRequest):
+            if not req.stream:
+                return JSONResponse(await chat.chat(req))
+            events = chat.stream(req)
+            first = await anext(events)  # a client error (unknown model, ...) surfaces here, before any byte is sent
+
+            async def body():
+                yield first
+                async for event in events:
+                    yield event
+
+            return StreamingResponse(body(), media_type="text/event-stream")
+
+        @app.get("/v1/models", response_model=ModelList)
+        async def models():
+            return JSONResponse(await chat.models())
 
     @app.get("/healthz")
     async def healthz():
-        ok, detail = await service.health()
+        ok, detail = True, {}
+        if service is not None:
+            ok, detail = await service.health()
+        if chat is not None:
+            chat_ok, chat_detail = await chat.health()
+            ok, detail = ok and chat_ok, {**detail, **chat_detail}
         return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "unavailable", **detail})
 
     return app

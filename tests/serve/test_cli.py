@@ -38,3 +38,13 @@ def test_doctor_reports_versions_model_and_devices(data_dir):
 def test_query_against_nothing_is_a_clean_error():
     r = runner.invoke(app, ["query", "hello", "--url", "http://127.0.0.1:9"])
     assert r.exit_code == 1 and "cannot reach" in r.output
+
+
+def test_experts_add_and_remove_errors_are_clean_exits(tmp_path, data_dir):
+    exp = ["--set", f"experts.dir={tmp_path / 'experts'}", "--data-dir", str(data_dir)]
+    r = runner.invoke(app, ["experts", "add", "a:b", "--adapter", str(tmp_path), *exp])
+    assert r.exit_code == 2 and "invalid expert name" in r.output
+    r = runner.invoke(app, ["experts", "add", "ok", "--adapter", str(tmp_path), *exp])
+    assert r.exit_code == 2 and "adapter_config.json" in r.output
+    r = runner.invoke(app, ["experts", "remove", "ghost", *exp[:2]])
+    assert r.exit_code == 2 and "ghost" in r.output

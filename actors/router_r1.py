@@ -1,0 +1,447 @@
+"""The Router-R1 protocol (arXiv 2506.09033) as plain code: parsing, the multi-round loop, the ledger.
+
+The released checkpoints were trained on this token stream, so the loop reproduces it:
+
+* one user message (the router prompt holding the question) through the tokenizer's chat template
+  with the generation prompt; the whole trajectory is then ONE assistant turn of raw continuation;
+* each generation stops at ``</search>`` or ``</answer>`` (stop string kept), at most
+  ``max_new_tokens`` tokens, greedy by default;
+* the action is the first ``<(search|answer)>(.*?)</\\1>`` of that generation; a search is
+  ``Model-Name:sub-query``, split on the FIRST colon (upstream keeps only the text between the
+  first and the second colon, which cuts sub-queries such as "ratio 3:2"; we do not copy that bug);
+* after a search the loop appends exactly ``"\\n\\n<information>" + reply.strip() +
+  "</information>\\n\\n"``; a failed call or an unknown model gives the reply ``None``, rendered
+  as the text "None" as upstream does; an invalid action (no tag, placeholder text, no colon, empty
+  sub-query) appends nothing and the loop goes on;
+* at most ``max_route_calls`` (4) executed calls, then one last generation whose searches are not
+  executed; the answer is the LAST ``<answer>…</answer>`` of the generated part.
+
+Beyond upstream: a hard per-request budget (a call whose worst-case cost would pass it is not
+made; the router is told so inside ``<information>`` and its next generation is the last), a
+fallback candidate for failed calls, a cap on generations (so invalid actions cannot loop
+forever), and a trace of every round. The loop is engine-agnostic: it takes a ``generate``
+coroutine for the router and a ``call`` coroutine per candidate (Serve handles in deployment,
+plain engines in tests and the CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Awaitable, Callable, Literal, Mapping, Sequence
+
+SEARCH_STOP = "</search>"
+ANSWER_STOP = "</answer>"
+STOPS = (SEARCH_STOP, ANSWER_STOP)
+ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# text a small router copies from the prompt instead of filling in: treated as no action
+PLACEHOLDERS = {"model-name:sub-query", "model-name:sub-question", "model name:sub-query", "llm-name:query", "..."}
+BUDGET_EXHAUSTED = "Budget exhausted: no further model calls can be made. Answer now inside <answer> and </answer>."
+CANDIDATE_INSTRUCTION = (
+    "{query}\n\nAnswer concisely, in a few words. If you cannot answer, say which other model should be asked."
+)
+
+
+# routerserve's own router prompt (the upstream text is not ours to copy): same tags, same rules.
+# A deployment may load another template from a file (e.g. the text the released checkpoints were
+# trained on); placeholders: $question and $candidates (string.Template, so braces are literal).
+DEFAULT_ROUTER_PROMPT = """You answer a question by consulting other language models, all inside this one reply.
+Rules:
+- Reason step by step inside <think> and </think> whenever you need to.
+- To consult a model, write <search>Model-Name:sub-question</search> with one model name from the list below. Its reply comes back between <information> and </information>.
+- You may consult models up to 4 times. Pick the model whose strengths fit the sub-question; prefer a cheaper model when it is good enough.
+- When you know the answer, give it inside <answer> and </answer>, in a few words and without explanation.
+
+Models you can consult:
+$candidates
+
+Question: $question"""
+
+
+def render_candidates(pool: Sequence[tuple[str, str, "Price"]]) -> str:
+    lines = []
+    for name, description, price in pool:
+        lines.append(
+            f"- {name}: {description.strip()} (price per 1M tokens: {price.prompt_per_1m:g} prompt, "
+            f"{price.completion_per_1m:g} completion {price.currency})"
+        )
+    return "\n".join(lines)
+
+
+def render_router_prompt(template: str, question: str, pool: Sequence[tuple[str, str, "Price"]]) -> str:
+    """The user message of the router: the template with the (normalised) question and the pool."""
+    try:
+        return string.Template(template).substitute(question=normalize_question(question), candidates=render_candidates(pool))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"router prompt template: {exc!r} (placeholders are $question and $candidates; write $$ for $)") from None
+
+
+def router_action_regex(candidate_names: Sequence[str], may_route: bool = True, think: bool = False) -> str:
+    """A regex for one router generation (vLLM structured outputs), so a small router always emits
+    a parseable action: a search naming a configured candidate, or an answer (with ``think``, an
+    optional one-line <think> first). No counted repeats: ``{0,200}``-style bounds made xgrammar's
+    compilation time out (vLLM gives up after 5 s) on a busy 2-core host, while these compile in
+    milliseconds; the generation's token limit bounds the length. Thinking is off by default: a
+    135M router "thinks" until its token limit (measured: 96-token rambles, every round invalid)."""
+    prefix = r"(<think>[^<\n]*</think>\s?)?" if think else ""
+    answer = r"<answer>[^<\n]+</answer>"
+    if not may_route or not candidate_names:
+        return prefix + answer
+    names = "|".join(re.escape(n) for n in candidate_names)
+    return prefix + rf"(<search>({names}):[^<\n]+</search>|{answer})"
+
+
+def information_block(reply: str | None) -> str:
+    """What the loop appends after a search: the reply, or "None" for a failed call."""
+    return "\n\n<information>" + str(reply).strip() + "</information>\n\n"
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """``text`` up to and including the earliest stop string, and which one it was."""
+    best: tuple[int, str] | None = None
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    if best is None:
+        return text, None
+    return text[: best[0] + len(best[1])], best[1]
+
+
+def normalize_question(question: str) -> str:
+    """Upstream's question preprocessing: strip, and end with a question mark."""
+    q = question.strip()
+    return q if q.endswith("?") else q + "?"
+
+
+@dataclass
+class Action:
+    kind: Literal["search", "answer", "invalid"]
+    content: str = ""
+    model: str | None = None  # search: the name as the router wrote it
+    query: str | None = None  # search: the sub-query (everything after the first colon)
+    reason: str | None = None  # invalid: why
+
+
+def parse_action(text: str) -> Action:
+    """The first search/answer tag of one generation (Router-R1's rule), validated."""
+    m = ACTION_RE.search(text)
+    if m is None:
+        return Action("invalid", reason="no <search> or <answer> tag")
+    kind, content = m.group(1), m.group(2).strip()
+    if kind == "answer":
+        return Action("answer", content)
+    if content.lower() in PLACEHOLDERS or not content:
+        return Action("invalid", content, reason="placeholder or empty search")
+    if ":" not in content:
+        return Action("invalid", content, reason="search without 'Model-Name:' prefix")
+    model, query = (part.strip() for part in content.split(":", 1))
+    if not model:
+        return Action("invalid", content, reason="empty model name")
+    if not query:
+        return Action("invalid", content, model=model, reason="empty sub-query")
+    return Action("search", content, model=model, query=query)
+
+
+def extract_answer(generated: str) -> str | None:
+    """The LAST <answer>…</answer> of the generated part (never the prompt), stripped."""
+    found = ANSWER_RE.findall(generated)
+    return found[-1].strip() if found else None
+
+
+# --- outcome metrics (SQuAD normalisation), as Router-R1 scores them ---------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str | None, golden: Sequence[str]) -> float:
+    if prediction is None:
+        return 0.0
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(g) for g in golden))
+
+
+def token_f1(prediction: str | None, golden: Sequence[str]) -> float:
+    if prediction is None:
+        return 0.0
+    best = 0.0
+    p = normalize_answer(prediction).split()
+    for g in golden:
+        t = normalize_answer(g).split()
+        common = sum((collections.Counter(p) & collections.Counter(t)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(p), common / len(t)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+# --- engines' results and the ledger ----------------------------------------------------------
+
+
+@dataclass
+class Completion:
+    """One engine call's result: text (stop string included when it stopped on one) and usage."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"  # "stop" (EOS or a stop string) | "length"
+    stop: str | None = None  # the stop string that ended it, if any
+
+
+@dataclass(frozen=True)
+class Price:
+    """Price per 1M tokens."""
+
+    prompt_per_1m: float
+    completion_per_1m: float
+    currency: str = "USD"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_1m + completion_tokens * self.completion_per_1m) / 1e6
+
+    def completion_cost(self, completion_tokens: int) -> float:
+        """Upstream Router-R1's figure: completion tokens only."""
+        return completion_tokens * self.completion_per_1m / 1e6
+
+
+@dataclass
+class Candidate:
+    """A routable model as the loop sees it: its price, its call, and a token counter used to
+    bound a call's cost before it is made."""
+
+    name: str
+    price: Price
+    call: Callable[[str], Awaitable[Completion]]  # sub-query → completion (the call wraps it)
+    max_tokens: int = 512
+    count_tokens: Callable[[str], int] = lambda text: max(1, len(text) // 3)  # upper-ish bound
+
+    def worst_case_cost(self, query: str) -> float:
+        prompt = self.count_tokens(CANDIDATE_INSTRUCTION.format(query=query)) + 32  # chat-template overhead
+        return self.price.cost(prompt, self.max_tokens)
+
+
+@dataclass
+class Round:
+    """One generation of the router and what the controller did with it."""
+
+    index: int
+    router_text: str
+    router_prompt_tokens: int
+    router_completion_tokens: int
+    router_latency_s: float
+    action: str  # search | answer | invalid | none
+    candidate: str | None = None  # resolved configured name (or the name as written if unknown)
+    sub_query: str | None = None
+    reply: str | None = None
+    status: str | None = None  # ok | fallback | failed | unknown_model | over_budget | not_executed
+    prompt_tokens: int = 0  # candidate call
+    completion_tokens: int = 0
+    cost: float = 0.0
+    cost_completion_only: float = 0.0
+    latency_s: float = 0.0
+    controller_s: float = 0.0  # time spent in the controller itself (parsing, bookkeeping)
+    error: str | None = None
+
+
+@dataclass
+class Ledger:
+    currency: str = "USD"
+    calls: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    cost_completion_only: float = 0.0
+    router_prompt_tokens: int = 0
+    router_completion_tokens: int = 0
+
+    def charge(self, candidate: str, price: Price, completion: Completion) -> tuple[float, float]:
+        full = price.cost(completion.prompt_tokens, completion.completion_tokens)
+        upstream = price.completion_cost(completion.completion_tokens)
+        self.calls[candidate] = self.calls.get(candidate, 0) + 1
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        self.cost += full
+        self.cost_completion_only += upstream
+        return full, upstream
+
+
+@dataclass
+class RouterR1Result:
+    answer: str | None
+    generated: str  # the assistant turn: router text plus the inserted <information> blocks
+    prompt: str  # the templated prompt the turn continues
+    rounds: list[Round]
+    ledger: Ledger
+    budget: float | None
+    route_calls: int
+    stopped: str  # answer | no_answer | budget
+    latency_s: float
+
+    @property
+    def budget_left(self) -> float | None:
+        return None if self.budget is None else max(0.0, self.budget - self.ledger.cost)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budget_left"] = self.budget_left
+        return d
+
+
+@dataclass
+class LoopSettings:
+    max_route_calls: int = 4
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    max_generations: int = 10  # invalid actions continue; this bounds them
+    budget: float | None = None  # per request, in the candidates' currency (full cost)
+    fallback: str | None = None  # candidate tried once when a call fails
+    call_timeout_s: float = 60.0
+
+
+RouterGenerate = Callable[[str, Sequence[str], int, float, bool], Awaitable[Completion]]
+"""(prompt so far, stop strings, max new tokens, temperature, may_route) → completion.
+``may_route=False`` on the last generation: an engine with structured outputs may then restrict
+the router to an answer."""
+
+RoundEvent = Callable[[Round], Awaitable[None] | None]
+
+
+class RouterR1Loop:
+    """Runs the Router-R1 loop for one question at a time (one instance serves many concurrent
+    requests: it holds no per-request state)."""
+
+    def __init__(
+        self,
+        generate: RouterGenerate,
+        candidates: Mapping[str, Candidate],
+        settings: LoopSettings | None = None,
+    ) -> None:
+        self.generate = generate
+        self.candidates = dict(candidates)
+        self.settings = settings or LoopSettings()
+        self._by_lower = {name.lower(): name for name in self.candidates}
+        if self.settings.fallback is not None and self.settings.fallback not in self.candidates:
+            raise ValueError(f"fallback candidate {self.settings.fallback!r} is not in the pool {sorted(self.candidates)}")
+
+    def resolve(self, written: str) -> str | None:
+        """Configured candidate name for the name the router wrote (case-insensitive)."""
+        return self._by_lower.get(written.strip().lower())
+
+    async def _call(self, cand: Candidate, query: str) -> Completion:
+        return await asyncio.wait_for(cand.call(query), self.settings.call_timeout_s)
+
+    async def run(
+        self, prompt: str, on_round: RoundEvent | None = None, budget: float | None = None,
+        max_route_calls: int | None = None,
+    ) -> RouterR1Result:
+        """``prompt``: the templated router prompt (chat template applied, generation prompt added).
+        ``budget`` / ``max_route_calls``: this request's own limits (the call cap can only lower
+        the configured one)."""
+        s = self.settings
+        budget = s.budget if budget is None else budget
+        call_cap = s.max_route_calls if max_route_calls is None else min(max_route_calls, s.max_route_calls)
+        t_start = time.perf_counter()
+        generated = ""
+        rounds: list[Round] = []
+        ledger = Ledger(currency=next(iter(self.candidates.values())).price.currency if self.candidates else "USD")
+        calls = 0
+        may_route = True
+        for index in range(s.max_generations):
+            # the last generation may not route: after max_route_calls, after a budget refusal, and
+            # at the generation cap (so a constrained router still ends with an answer)
+            last = not may_route or calls >= call_cap or index == s.max_generations - 1
+            t0 = time.perf_counter()
+            out = await self.generate(prompt + generated, STOPS, s.max_new_tokens, s.temperature, not last)
+            t1 = time.perf_counter()
+            text, _ = cut_at_stop(out.text, STOPS)  # an engine that ran past its stop string is cut back
+            generated += text
+            ledger.router_prompt_tokens += out.prompt_tokens
+            ledger.router_completion_tokens += out.completion_tokens
+            action = parse_action(text)
+            rnd = Round(index, text, out.prompt_tokens, out.completion_tokens, t1 - t0, action.kind)
+            rounds.append(rnd)
+            if action.kind == "answer":
+                pass
+            elif action.kind == "invalid":
+                rnd.error = action.reason
+            elif last:
+                rnd.candidate, rnd.sub_query, rnd.status = action.model, action.query, "not_executed"
+            else:
+                t_call = await self._route(action, rnd, ledger, budget)
+                if rnd.status != "over_budget":
+                    calls += 1
+                else:
+                    may_route = False
+                generated += information_block(BUDGET_EXHAUSTED if rnd.status == "over_budget" else rnd.reply)
+                rnd.controller_s = (time.perf_counter() - t1) - t_call
+            if rnd.controller_s == 0.0:
+                rnd.controller_s = time.perf_counter() - t1
+            if on_round is not None:
+                maybe = on_round(rnd)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+            if action.kind == "answer" or last:
+                break
+        answer = extract_answer(generated)
+        if answer is not None:
+            stopped = "answer"
+        elif not may_route:
+            stopped = "budget"
+        else:
+            stopped = "no_answer"
+        return RouterR1Result(
+            answer, generated, prompt, rounds, ledger, budget, calls, stopped, time.perf_counter() - t_start
+        )
+
+    async def _route(self, action: Action, rnd: Round, ledger: Ledger, budget: float | None) -> float:
+        """Make (or refuse) one route call; fills ``rnd``; returns seconds spent waiting on calls."""
+        name = self.resolve(action.model or "")
+        rnd.candidate, rnd.sub_query = name or action.model, action.query
+        if name is None:
+            rnd.status, rnd.reply, rnd.error = "unknown_model", None, f"unknown model {action.model!r}"
+            return 0.0
+        cand = self.candidates[name]
+        if budget is not None and ledger.cost + cand.worst_case_cost(action.query) > budget:
+            rnd.status = "over_budget"
+            rnd.error = f"a call to {name} could cost up to {cand.worst_case_cost(action.query):.6f}, over the budget left"
+            return 0.0
+        waited = 0.0
+        fallback = self.settings.fallback
+        tried = [name] + ([fallback] if fallback is not None and fallback != name else [])
+        for attempt, which in enumerate(tried):
+            c = self.candidates[which]
+            if attempt and budget is not None and ledger.cost + c.worst_case_cost(action.query) > budget:
+                break
+            t0 = time.perf_counter()
+            try:
+                completion = await self._call(c, action.query)
+            except Exception as exc:  # noqa: BLE001 - a failed call is data for the router
+                waited += time.perf_counter() - t0
+                rnd.error = f"{which}: {type(exc).__name__}: {exc}"[:500]
+                continue
+            waited += time.perf_counter() - t0
+            full, upstream = ledger.charge(which, c.price, completion)
+            rnd.reply = completion.text
+            rnd.status = "ok" if attempt == 0 else "fallback"
+            rnd.candidate = which if attempt else name
+            rnd.prompt_tokens, rnd.completion_tokens = completion.prompt_tokens, completion.completion_tokens
+            rnd.cost, rnd.cost_completion_only = full, upstream
+            rnd.latency_s = waited
+            return waited
+        rnd.status, rnd.reply, rnd.latency_s = "failed", None, waited
+        return waited

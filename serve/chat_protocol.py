@@ -1,0 +1,127 @@
+"""OpenAI-compatible request/response models of /v1/chat/completions and /v1/models.
+
+``model`` is the router (``router-r1`` by default: the Router-R1 loop over the candidate pool) or
+a candidate's name (a direct call, priced the same way). Extensions: ``budget`` (a hard cost cap
+for this request, in the candidates' currency) in the request; ``routing`` (rounds, cost, budget
+left) in the response and in streamed chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields we do not use (e.g. user, n=1); unknown ones are rejected by name
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = Field(None, max_length=256)
+    budget: float | None = Field(None, gt=0, description="routerserve: hard cost cap for this request")
+    max_route_calls: int | None = Field(
+        None, ge=0, le=32, description="routerserve: at most this many route calls (≤ the server's cap); 0 = the router answers alone"
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" and m.text().strip() for m in value):
+            raise ValueError("needs at least one non-empty user message")
+        return value
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RoutingInfo(BaseModel):
+    """How the answer was produced and what it cost (routerserve extension)."""
+
+    router: str | None = None
+    rounds: list[dict[str, Any]] = Field(default_factory=list)
+    route_calls: int = 0
+    calls: dict[str, int] = Field(default_factory=dict)
+    cost: float = 0.0
+    cost_completion_only: float = 0.0  # upstream Router-R1's figure
+    currency: str = "USD"
+    budget: float | None = None
+    budget_left: float | None = None
+    stopped: str = "answer"
+    candidate_tokens: dict[str, int] = Field(default_factory=dict)
+    router_tokens: dict[str, int] = Field(default_factory=dict)
+    latency_s: float = 0.0
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    routing: RoutingInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "routerserve"
+    kind: Literal["router", "candidate"]
+    description: str | None = None
+    price: dict[str, Any] | None = None
+    engine: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

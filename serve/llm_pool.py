@@ -1,0 +1,54 @@
+"""Engines and tokenizers from the `llm` config: the one place that turns an engine entry into an
+``actors.llm_engines`` object (used by the Serve engine deployment, the controller and the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from actors.llm_engines import LLMEngine, OpenAIEngine, TransformersEngine, VLLMEngine
+
+from .config import LLMConfig, LLMEngineConfig
+from .llm_models import resolve_llm
+
+
+def engine_model_path(engine: LLMEngineConfig, cache_dir: Path) -> Path | None:
+    """The local model folder of a vllm/transformers engine (converted from GGUF once, cached);
+    for an openai engine, its optional local tokenizer folder."""
+    if engine.kind == "openai":
+        return None if engine.tokenizer is None else resolve_llm(engine.tokenizer, cache_dir)
+    return resolve_llm(engine.model, cache_dir)
+
+
+def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path) -> LLMEngine:
+    if engine.kind == "openai":
+        tok = engine_model_path(engine, cache_dir)
+        return OpenAIEngine(engine.base_url, engine.model, engine.api_key_env, str(tok) if tok else None, model_id=name)
+    path = engine_model_path(engine, cache_dir)
+    if engine.kind == "transformers":
+        return TransformersEngine(path, model_id=name, num_threads=engine.num_threads,
+                                  chat_template=engine.chat_template, chat_stop=engine.chat_stop)
+    return VLLMEngine(path, model_id=name, chat_template=engine.chat_template, chat_stop=engine.chat_stop,
+                      **engine.engine_kwargs)
+
+
+def load_tokenizers(llm: LLMConfig) -> dict[str, object]:
+    """A Hugging Face tokenizer per engine that has a local model (or tokenizer) folder."""
+    from transformers import AutoTokenizer
+
+    out = {}
+    for name, engine in llm.engines.items():
+        path = engine_model_path(engine, Path(llm.model_cache_dir))
+        if path is not None:
+            out[name] = AutoTokenizer.from_pretrained(str(path))
+    return out
+
+
+def token_counters(tokenizers: dict[str, object]) -> dict[str, Callable[[str], int]]:
+    return {name: (lambda text, t=tok: len(t(text, add_special_tokens=False)["input_ids"])) for name, tok in tokenizers.items()}
+
+
+def chat_template(tokenizer, template: str | None = None) -> Callable[[list[dict]], str]:
+    return lambda messages: tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )

@@ -1,0 +1,256 @@
+"""Router-R1 protocol conformance: insertion format, stops, limits, extraction, invalid actions,
+unknown models, failed calls, fallback, budget, ledger, concurrency — against scripted engines."""
+
+import asyncio
+import time
+
+import pytest
+
+from actors.llm_engines import ScriptedEngine
+from actors.router_r1 import (
+    BUDGET_EXHAUSTED,
+    DEFAULT_ROUTER_PROMPT,
+    STOPS,
+    Candidate,
+    Completion,
+    LoopSettings,
+    Price,
+    RouterR1Loop,
+    exact_match,
+    extract_answer,
+    information_block,
+    normalize_answer,
+    parse_action,
+    render_router_prompt,
+    router_action_regex,
+    token_f1,
+)
+
+PROMPT = "<|user|>\nQuestion: q?\n<|assistant|>\n"
+
+
+def router(script, **kw):
+    """A scripted router: ``generate`` over a ScriptedEngine, recording what it was asked."""
+    engine = ScriptedEngine(script, **kw)
+    asked = []
+
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
+        asked.append({"prompt": prompt, "stop": tuple(stop), "max": max_new_tokens, "temp": temperature, "may_route": may_route})
+        return await engine.complete(prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop)
+
+    return generate, asked
+
+
+def candidate(name, reply="reply", latency=0.0, price=(1.0, 2.0), fail=None, max_tokens=512):
+    engine = ScriptedEngine(lambda q: reply if not callable(reply) else reply(q), latency_s=latency, model_id=name, fail_with=fail)
+
+    async def call(query):
+        return await engine.chat([{"role": "user", "content": query}], max_tokens=max_tokens)
+
+    return Candidate(name, Price(*price), call, max_tokens=max_tokens, count_tokens=engine.count_tokens), engine
+
+
+def run(loop, prompt=PROMPT, **kw):
+    return asyncio.run(loop.run(prompt, **kw))
+
+
+def test_search_reply_is_inserted_exactly_and_the_turn_continues():
+    gen, asked = router(["<think>who?</think>\n<search>Alpha:capital of France</search> junk", "<answer>Paris</answer>"])
+    alpha, engine = candidate("Alpha", reply="  Paris is the capital.  ")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}))
+    assert result.answer == "Paris" and result.stopped == "answer" and result.route_calls == 1
+    first = "<think>who?</think>\n<search>Alpha:capital of France</search>"
+    assert result.generated == first + "\n\n<information>Paris is the capital.</information>\n\n<answer>Paris</answer>"
+    assert information_block("  x ") == "\n\n<information>x</information>\n\n"
+    # one assistant turn of raw continuation: the second generation continues prompt + turn so far
+    assert asked[1]["prompt"] == PROMPT + first + "\n\n<information>Paris is the capital.</information>\n\n"
+    assert all(a["stop"] == STOPS and a["max"] == 1024 and a["temp"] == 0.0 for a in asked)
+    assert engine.calls == ["capital of France"]
+
+
+def test_generation_is_cut_at_the_first_stop_string_and_keeps_it():
+    async def gen(prompt, stop, n, t, may_route):  # an engine that ran past its stop string
+        return Completion("<answer>A</answer> trailing <answer>B</answer>", 5, 9)
+
+    result = run(RouterR1Loop(gen, {}))
+    assert result.generated == "<answer>A</answer>" and result.answer == "A"
+
+
+def test_at_most_four_route_calls_then_one_last_generation_that_cannot_route():
+    gen, asked = router(lambda p: "<search>Alpha:again</search>")
+    alpha, engine = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}))
+    assert len(engine.calls) == 4 and result.route_calls == 4
+    assert len(result.rounds) == 5 and result.rounds[-1].status == "not_executed"
+    assert [a["may_route"] for a in asked] == [True] * 4 + [False]
+    assert result.answer is None and result.stopped == "no_answer"
+    assert result.generated.count("<information>") == 4
+
+
+def test_answer_is_the_last_answer_of_the_generated_part_only():
+    prompt = PROMPT.replace("q?", "format: <answer>example</answer>")
+    gen, _ = router(["<search>Alpha:x</search>", "<answer> final </answer>"])
+    alpha, _ = candidate("Alpha", reply="<answer>from the candidate</answer>")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}), prompt=prompt)
+    assert result.answer == "final"
+    gen, _ = router(["<answer>first</answer>"])
+    assert run(RouterR1Loop(gen, {}), prompt=prompt).answer == "first"  # never the prompt's example
+    assert extract_answer("no tags") is None
+    assert extract_answer("<answer>a</answer> x <answer>b\nc</answer>") == "b\nc"
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("I think the answer is Paris.", "no <search>"),
+        ("<search>Model-Name:sub-query</search>", "placeholder"),
+        ("<search>no colon here</search>", "without 'Model-Name:'"),
+        ("<search>Alpha:   </search>", "empty sub-query"),
+        ("<search>:question</search>", "empty model name"),
+    ],
+)
+def test_invalid_actions_append_nothing_and_the_loop_goes_on(text, reason):
+    gen, asked = router([text, "<answer>ok</answer>"])
+    alpha, engine = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}))
+    assert result.rounds[0].action == "invalid" and reason in result.rounds[0].error
+    assert engine.calls == [] and result.route_calls == 0
+    assert asked[1]["prompt"] == PROMPT + result.rounds[0].router_text  # nothing inserted
+    assert result.answer == "ok"
+
+
+def test_parse_action_takes_the_first_tag_and_splits_on_the_first_colon():
+    a = parse_action("<search>gpt-X: ratio 3:2 in degrees?</search><answer>no</answer>")
+    assert (a.kind, a.model, a.query) == ("search", "gpt-X", "ratio 3:2 in degrees?")
+    assert parse_action("<answer>\n 42 \n</answer>").content == "42"
+
+
+def test_unknown_model_gets_none_and_names_match_case_insensitively():
+    gen, asked = router(["<search>nobody:q1</search>", "<search>ALPHA:q2</search>", "<answer>x</answer>"])
+    alpha, engine = candidate("Alpha", reply="r2")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}))
+    assert result.rounds[0].status == "unknown_model" and "nobody" in result.rounds[0].error
+    assert "<information>None</information>" in asked[1]["prompt"]
+    assert result.rounds[1].candidate == "Alpha" and result.rounds[1].status == "ok" and engine.calls == ["q2"]
+    assert result.ledger.calls == {"Alpha": 1}
+
+
+def test_failed_call_gives_none_and_the_fallback_is_tried():
+    gen, asked = router(["<search>Broken:q</search>", "<answer>x</answer>"])
+    broken, _ = candidate("Broken", fail=RuntimeError("engine down"))
+    result = run(RouterR1Loop(gen, {"Broken": broken}))
+    assert result.rounds[0].status == "failed" and "engine down" in result.rounds[0].error
+    assert "<information>None</information>" in asked[1]["prompt"] and result.ledger.cost == 0.0
+
+    gen, asked = router(["<search>Broken:q</search>", "<answer>x</answer>"])
+    backup, engine = candidate("Backup", reply="from backup")
+    result = run(RouterR1Loop(gen, {"Broken": broken, "Backup": backup}, LoopSettings(fallback="Backup")))
+    assert result.rounds[0].status == "fallback" and result.rounds[0].candidate == "Backup"
+    assert "<information>from backup</information>" in asked[1]["prompt"] and result.ledger.calls == {"Backup": 1}
+    with pytest.raises(ValueError, match="fallback"):
+        RouterR1Loop(gen, {"Broken": broken}, LoopSettings(fallback="Ghost"))
+
+
+def test_a_call_past_its_timeout_fails():
+    gen, asked = router(["<search>Slow:q</search>", "<answer>x</answer>"])
+    slow, _ = candidate("Slow", latency=5.0)
+    t0 = time.perf_counter()
+    result = run(RouterR1Loop(gen, {"Slow": slow}, LoopSettings(call_timeout_s=0.2)))
+    assert time.perf_counter() - t0 < 3.0
+    assert result.rounds[0].status == "failed" and "TimeoutError" in result.rounds[0].error
+
+
+def test_ledger_counts_prompt_and_completion_tokens_and_both_costs():
+    gen, _ = router(["<search>Alpha:one two three</search>", "<search>Beta:four</search>", "<answer>x</answer>"])
+    alpha, _ = candidate("Alpha", reply="a b c d", price=(1_000_000.0, 2_000_000.0))  # 1 and 2 per token
+    beta, _ = candidate("Beta", reply="e", price=(0.0, 10_000_000.0))
+    result = run(RouterR1Loop(gen, {"Alpha": alpha, "Beta": beta}))
+    ledger = result.ledger
+    # scripted token counts: prompt = words of the sub-query, completion = words of the reply
+    assert (ledger.prompt_tokens, ledger.completion_tokens) == (3 + 1, 4 + 1)
+    assert ledger.cost == pytest.approx(3 * 1 + 4 * 2 + 1 * 10)
+    assert ledger.cost_completion_only == pytest.approx(4 * 2 + 1 * 10)
+    assert [r.cost for r in result.rounds[:2]] == pytest.approx([11.0, 10.0])
+    assert ledger.router_completion_tokens == sum(r.router_completion_tokens for r in result.rounds)
+
+
+def test_budget_refuses_a_call_that_could_exceed_it_and_tells_the_router():
+    gen, asked = router(["<search>Pricey:q</search>", "<answer>guess</answer>"])
+    pricey, engine = candidate("Pricey", price=(0.0, 1000.0), max_tokens=100)  # worst case 0.1 per call
+    result = run(RouterR1Loop(gen, {"Pricey": pricey}, LoopSettings(budget=0.05)))
+    assert engine.calls == [] and result.rounds[0].status == "over_budget"
+    assert information_block(BUDGET_EXHAUSTED) in asked[1]["prompt"]
+    assert asked[1]["may_route"] is False and result.answer == "guess" and result.ledger.cost == 0.0
+    assert result.budget_left == pytest.approx(0.05)
+    # a per-request budget overrides the default; a big one lets the call through
+    gen, _ = router(["<search>Pricey:q</search>", "<answer>x</answer>"])
+    result = asyncio.run(RouterR1Loop(gen, {"Pricey": pricey}, LoopSettings(budget=0.05)).run(PROMPT, budget=1.0))
+    assert result.rounds[0].status == "ok" and 0 < result.ledger.cost <= 1.0
+
+
+def test_generations_are_capped_when_the_router_never_acts():
+    gen, asked = router(lambda p: "rambling without tags")
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_generations=3)))
+    assert len(asked) == 3 and result.stopped == "no_answer" and result.answer is None
+    assert [a["may_route"] for a in asked] == [True, True, False]  # the cap's generation may not route
+    gen, asked = router(lambda p: "<search>Alpha:q</search>")  # a search at the cap is not executed
+    alpha, engine = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_generations=2, max_route_calls=4)))
+    assert len(engine.calls) == 1 and result.rounds[-1].status == "not_executed"
+
+
+def test_concurrent_requests_do_not_serialize():
+    gen, _ = router(lambda p: "<answer>x</answer>" if "<information>" in p else "<search>Alpha:q</search>")
+    alpha, _ = candidate("Alpha", latency=0.3)
+    loop = RouterR1Loop(gen, {"Alpha": alpha})
+
+    async def many():
+        return await asyncio.gather(*(loop.run(PROMPT) for _ in range(16)))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(many())
+    elapsed = time.perf_counter() - t0
+    assert all(r.answer == "x" and r.route_calls == 1 for r in results)
+    assert elapsed < 0.3 * 4  # serial would take 16 × 0.3 s
+
+
+def test_round_events_arrive_in_order():
+    gen, _ = router(["<search>Alpha:q</search>", "<answer>x</answer>"])
+    alpha, _ = candidate("Alpha")
+    seen = []
+
+    async def on_round(rnd):
+        seen.append((rnd.index, rnd.action))
+
+    run(RouterR1Loop(gen, {"Alpha": alpha}), on_round=on_round)
+    assert seen == [(0, "search"), (1, "answer")]
+
+
+def test_squad_normalisation_exact_match_and_f1():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match("the Beatles", ["Beatles", "x"]) == 1.0 and exact_match(None, ["a"]) == 0.0
+    assert exact_match("Beatles band", ["Beatles"]) == 0.0
+    assert token_f1("Barack Obama", ["Obama"]) == pytest.approx(2 / 3)
+    assert token_f1("x", ["y"]) == 0.0 and token_f1(None, ["y"]) == 0.0
+
+
+def test_router_prompt_renders_the_pool_and_question():
+    text = render_router_prompt(DEFAULT_ROUTER_PROMPT, "  who wrote Hamlet ", [("Alpha", "general model", Price(0.1, 0.2, "EUR"))])
+    assert text.endswith("Question: who wrote Hamlet?")
+    assert "- Alpha: general model (price per 1M tokens: 0.1 prompt, 0.2 completion EUR)" in text
+    assert "<search>" in text and "<answer>" in text and "<information>" in text
+    assert render_router_prompt("costs $$5 {literal} $question", "q", []) == "costs $5 {literal} q?"
+    with pytest.raises(ValueError, match=r"\$question"):
+        render_router_prompt("$unknown $question", "q", [])
+
+
+def test_action_regex_allows_only_configured_names_and_answers_on_the_last_round():
+    import re
+
+    rx = re.compile(router_action_regex(["Alpha", "Be.ta"], think=True))
+    assert rx.fullmatch("<think>hm</think> <search>Alpha:who?</search>")
+    assert not re.fullmatch(router_action_regex(["Alpha"]), "<think>hm</think><search>Alpha:q</search>")  # think off
+    assert rx.fullmatch("<search>Be.ta:q</search>") and not rx.fullmatch("<search>Bexta:q</search>")
+    assert rx.fullmatch("<answer>Paris</answer>") and not rx.fullmatch("<search>Gamma:q</search>")
+    last = re.compile(router_action_regex(["Alpha"], may_route=False))
+    assert last.fullmatch("<answer>x</answer>") and not last.fullmatch("<search>Alpha:q</search>")
