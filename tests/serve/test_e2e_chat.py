@@ -86,7 +86,7 @@ def chat_app(tmp_path_factory, data_dir, ray_session):
             pass
         time.sleep(1)
     yield {"url": url, "cfg": cfg}
-    serve.delete("chat")
+    serve.shutdown()  # also stops the HTTP proxy: the next module starts Serve on its own port
 
 
 @pytest.fixture(scope="module")
