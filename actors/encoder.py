@@ -138,8 +138,6 @@ class EncoderEngine:
         return adapter
 
     def _forward(self, texts: list[str], names: list[str]) -> np.ndarray:
-        import torch
-
         enc = self.tokenizer(
             texts,
             padding=True,
@@ -163,15 +161,14 @@ class EncoderEngine:
         if self.settings.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            pooled = mean_pool(hidden, mask)
         if self.settings.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled.float().cpu().numpy()
 
 
 def mean_pool(hidden, mask):
-    """Differentiable mean pooling used by the trainer (same math as EncoderEngine._pool)."""
+    """Mean pooling over the attention mask (differentiable: the trainer uses it too)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 

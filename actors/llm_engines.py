@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -76,11 +75,14 @@ class _TokenizerMixin:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    def _chat_text(self, text: str) -> str:
+    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0) -> Completion:
+        await self.start()
+        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
         for s in self.chat_stop:  # the stop string is not part of a chat reply
-            if text.endswith(s):
-                return text[: -len(s)]
-        return text
+            if out.text.endswith(s):
+                out.text = out.text[: -len(s)]
+                break
+        return out
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -188,12 +190,6 @@ class TransformersEngine(_TokenizerMixin):
         finish = "stop" if which is not None or ended_eos or len(new) < max_tokens else "length"
         return Completion(text, n_prompt, int(len(new)), finish, which)
 
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
-        await self.start()
-        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
-        out.text = self._chat_text(out.text)
-        return out
-
     async def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError(f"{self.model_id}: model not loaded")
@@ -247,12 +243,6 @@ class VLLMEngine(_TokenizerMixin):
         choice = final.outputs[0]
         which = choice.stop_reason if isinstance(choice.stop_reason, str) else None
         return Completion(choice.text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", which)
-
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
-        await self.start()
-        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
-        out.text = self._chat_text(out.text)
-        return out
 
     async def check_health(self) -> None:
         if self.engine is None:

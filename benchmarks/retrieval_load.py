@@ -15,7 +15,6 @@ Writes benchmarks/results/retrieval_load.{json,md,png}.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
 import time

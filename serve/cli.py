@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -276,21 +275,26 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON response"),
 ):
     """Send a query to a running service and pretty-print the result."""
+    data = _post(url, "/v1/retrieve", {"query": text, "top_k": top_k, "expert": expert}, 60)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        _print_result(data)
+
+
+def _post(url: str, path: str, body: dict, timeout: float) -> dict:
+    """POST to a running service; an unreachable service or an error status exits 1 with the reason."""
     import httpx
 
-    body = {"query": text, "top_k": top_k, "expert": expert}
     try:
-        resp = httpx.post(f"{url.rstrip('/')}/v1/retrieve", json=body, timeout=60)
+        resp = httpx.post(f"{url.rstrip('/')}{path}", json=body, timeout=timeout)
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}:[/red] {exc}")
         raise typer.Exit(1)
     if resp.status_code != 200:
         console.print(f"[red]{resp.status_code}[/red] {resp.text}")
         raise typer.Exit(1)
-    if as_json:
-        sys.stdout.write(json.dumps(resp.json(), indent=2) + "\n")
-    else:
-        _print_result(resp.json())
+    return resp.json()
 
 
 @eval_app.command("qa")
@@ -339,18 +343,8 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON response"),
 ):
     """Ask the Router-R1 controller (or one candidate) and print the answer and its routing trace."""
-    import httpx
-
     body = {"model": model, "messages": [{"role": "user", "content": question}], "budget": budget}
-    try:
-        resp = httpx.post(f"{url.rstrip('/')}/v1/chat/completions", json={k: v for k, v in body.items() if v is not None}, timeout=600)
-    except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach {url}:[/red] {exc}")
-        raise typer.Exit(1)
-    if resp.status_code != 200:
-        console.print(f"[red]{resp.status_code}[/red] {resp.text}")
-        raise typer.Exit(1)
-    data = resp.json()
+    data = _post(url, "/v1/chat/completions", {k: v for k, v in body.items() if v is not None}, 600)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
@@ -368,7 +362,7 @@ def chat(
                   f"{routing['route_calls']} calls, cost {routing['cost']:.6f} {routing['currency']}, {routing['latency_s']:.1f} s)")
 
 
-def _wait_healthy(url: str, timeout_s: float = 180) -> dict:
+def wait_healthy(url: str, timeout_s: float = 180) -> dict:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -421,7 +415,7 @@ def up(
     serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     url = f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
-    health = _wait_healthy(url)
+    health = wait_healthy(url)
     console.print(f"[green]serving[/green] {url}  (docs: {url}/docs)  experts: {health.get('experts')}")
     console.print(f"[bold]sample query:[/bold] {sample_query}")
     query(sample_query, 5, None, url, False)

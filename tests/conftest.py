@@ -108,3 +108,13 @@ def ray_session():
     ensure_ray(RayConfig(num_cpus=4))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http_port() -> int:
+    """A free local port for one module's Serve HTTP proxy."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

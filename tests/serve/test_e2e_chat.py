@@ -9,32 +9,25 @@ GGUF conversion, vLLM start-up, the retrieval side on a tiny corpus)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 
 import httpx
 import pytest
 
+from serve.cli import wait_healthy
 from serve.config import config_from_dict
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def chat_app(tmp_path_factory, data_dir, ray_session):
+def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
     from ray import serve
 
     from serve.builders import build_app
     from serve.indexing import build_index
 
     root = tmp_path_factory.mktemp("chat")
-    port = _free_port()
+    port = http_port
     url = f"http://127.0.0.1:{port}"
     cfg = config_from_dict(
         {
@@ -77,14 +70,7 @@ def chat_app(tmp_path_factory, data_dir, ray_session):
     build_index(cfg, data_dir, progress=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name="chat", route_prefix="/")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(url, 120)
     yield {"url": url, "cfg": cfg}
     serve.shutdown()  # also stops the HTTP proxy: the next module starts Serve on its own port
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import time
 
 import httpx
 import numpy as np
@@ -15,19 +13,14 @@ import pytest
 from actors.encoder import EncoderEngine
 from actors.routed_encoder import RoutedEncoder
 from actors.routing import PilotSet
+from serve.cli import wait_healthy
 from serve.config import config_from_dict
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_dir, ray_session):
+def served(tmp_path_factory, data_dir, ray_session, http_port):
     from ray import serve
 
     from serve.builders import build_app
@@ -35,7 +28,7 @@ def served(tmp_path_factory, data_dir, ray_session):
     from serve.indexing import build_index
 
     root = tmp_path_factory.mktemp("served")
-    port = _free_port()
+    port = http_port
     cfg = config_from_dict(
         {
             "model": {"max_seq_length": 128},
@@ -54,14 +47,7 @@ def served(tmp_path_factory, data_dir, ray_session):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url, 120)
     # An in-process reference: the same adapters, pilots and vectors, no Serve, no shards.
     from serve.indexing import encoder_settings
     from serve.models import resolve_model

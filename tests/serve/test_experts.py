@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from actors.beir import load_qrels, seeded_half_split
-from actors.routing import PilotSet
 from serve.config import config_from_dict
 from serve.experts import (
     add_expert,
