@@ -9,6 +9,7 @@ worst-case cost of a call before it is made) run here, next to the loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -166,8 +167,6 @@ class ChatService:
         if cand is not None:
             response = await self._direct(req, cand)
         else:
-            import asyncio
-
             queue: asyncio.Queue = asyncio.Queue()
             task = asyncio.ensure_future(self._run_router(req, on_round=queue.put))
             while True:
@@ -239,8 +238,10 @@ class ChatService:
         limit = min(req.token_limit() or cand.max_tokens, cand.max_tokens)
         temperature = cand.temperature if req.temperature is None else req.temperature
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        price = self._price(cand)
         if req.budget is not None:
-            worst = self._candidate(cand).price.cost(sum(self.count_tokens.get(cand.engine, lambda t: len(t) // 3)(m["content"]) for m in messages) + 32, limit)
+            count = self.count_tokens.get(cand.engine) or (lambda text: max(1, len(text) // 3))
+            worst = price.cost(sum(count(m["content"]) for m in messages) + 32, limit)
             if worst > req.budget:
                 raise RequestError(f"budget {req.budget} is below this call's worst-case cost {worst:.6f}", "budget", 422)
         t0 = time.perf_counter()
@@ -248,7 +249,6 @@ class ChatService:
             out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
         except Exception as exc:  # noqa: BLE001
             raise EngineUnavailable(f"candidate {cand.name!r} failed: {type(exc).__name__}: {exc}") from exc
-        price = self._price(cand)
         cost = price.cost(out.prompt_tokens, out.completion_tokens)
         return ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",

@@ -174,3 +174,11 @@ def test_max_route_calls_zero_makes_the_router_answer_alone(client, parts):
     assert routing["route_calls"] == 0 and big.calls == []
     assert routing["rounds"][0]["status"] == "not_executed"  # its search was not made
     assert router.regexes[0] is not None and "<search>" not in router.regexes[0]  # constrained to an answer
+
+
+def test_direct_call_over_budget_is_refused_before_calling(client, parts):
+    _, _, big = parts
+    r = client.post("/v1/chat/completions", json={"model": "Alpha", "budget": 0.5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 422 and "worst-case cost" in r.json()["error"]["message"] and big.calls == []
+    r = client.post("/v1/chat/completions", json={"model": "Beta", "budget": 0.5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["routing"]["budget_left"] == 0.5  # a free candidate fits any budget
