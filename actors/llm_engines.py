@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-from .router_r1 import Completion, cut_at_stop
+from .router_r1 import Completion, approx_tokens, cut_at_stop
 
 Messages = list[dict]
 
@@ -59,6 +59,15 @@ class LLMEngine(Protocol):
         ...
 
 
+def render_chat(tokenizer, messages: Messages, template: str | None = None) -> str:
+    """``messages`` through the tokenizer's chat template (or ``template``), generation prompt added."""
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def count_with(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 class _TokenizerMixin:
     """Chat template and token counts from the model's tokenizer. ``chat_template`` (Jinja)
     overrides or supplies the template (base models ship none); ``chat_stop`` ends chat replies
@@ -71,9 +80,7 @@ class _TokenizerMixin:
     def chat_prompt(self, messages: Messages) -> str:
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise RuntimeError(f"{self.model_id}: the model has no chat template; set the engine's chat_template")
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
-        )
+        return render_chat(self.tokenizer, messages, self.chat_template)
 
     async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0) -> Completion:
         await self.start()
@@ -85,7 +92,7 @@ class _TokenizerMixin:
         return out
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return count_with(self.tokenizer, text)
 
 
 class ScriptedEngine:
@@ -333,12 +340,10 @@ class OpenAIEngine:
     def chat_prompt(self, messages: Messages) -> str:
         if self.tokenizer is None:
             raise RuntimeError(f"{self.model_id}: a remote router needs 'tokenizer' (a local folder) for its chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages)
 
     def count_tokens(self, text: str) -> int:
-        if self.tokenizer is None:
-            return max(1, len(text) // 3)  # an over-estimate for English; used only to bound costs
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return approx_tokens(text) if self.tokenizer is None else count_with(self.tokenizer, text)
 
     async def check_health(self) -> None:
         """Reachability of the endpoint (GET /models). Serve's replica health check must not call

@@ -219,6 +219,12 @@ class Price:
         return completion_tokens * self.completion_per_1m / 1e6
 
 
+def approx_tokens(text: str) -> int:
+    """A token count without a tokenizer: an over-estimate for English (≈3 characters per token),
+    used only to bound a call's cost before it is made."""
+    return max(1, len(text) // 3)
+
+
 @dataclass
 class Candidate:
     """A routable model as the loop sees it: its price, its call, and a token counter used to
@@ -228,7 +234,7 @@ class Candidate:
     price: Price
     call: Callable[[str], Awaitable[Completion]]  # sub-query → completion (the call wraps it)
     max_tokens: int = 512
-    count_tokens: Callable[[str], int] = lambda text: max(1, len(text) // 3)  # upper-ish bound
+    count_tokens: Callable[[str], int] = approx_tokens
 
     def worst_case_cost(self, query: str) -> float:
         prompt = self.count_tokens(CANDIDATE_INSTRUCTION.format(query=query)) + 32  # chat-template overhead

@@ -26,6 +26,7 @@ from actors.router_r1 import (
     RouterR1Loop,
     RouterR1Result,
     Round,
+    approx_tokens,
     render_router_prompt,
     router_action_regex,
 )
@@ -114,8 +115,10 @@ class ChatService:
             messages = [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query=query)}]
             return await engine.chat(messages, max_tokens=c.max_tokens, temperature=c.temperature)
 
-        counter = self.count_tokens.get(c.engine) or (lambda text: max(1, len(text) // 3))
-        return Candidate(c.name, self._price(c), call, c.max_tokens, counter)
+        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine))
+
+    def _counter(self, engine: str) -> Callable[[str], int]:
+        return self.count_tokens.get(engine) or approx_tokens
 
     async def _router_generate(self, prompt, stop, max_new_tokens, temperature, may_route) -> Completion:
         r = self.cfg.router
@@ -169,19 +172,19 @@ class ChatService:
         else:
             queue: asyncio.Queue = asyncio.Queue()
             task = asyncio.ensure_future(self._run_router(req, on_round=queue.put))
+            def round_chunk(rnd: Round) -> str:
+                return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                             "model": req.model, "choices": [], "routing_event": asdict(rnd)})
+
             while True:
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    rnd: Round = getter.result()
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": req.model, "choices": [], "routing_event": asdict(rnd)})
+                    yield round_chunk(getter.result())
                     continue
                 getter.cancel()
-                while not queue.empty():
-                    rnd = queue.get_nowait()
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": req.model, "choices": [], "routing_event": asdict(rnd)})
+                while not queue.empty():  # rounds that landed together with the end of the loop
+                    yield round_chunk(queue.get_nowait())
                 break
             try:
                 response = self._router_response(req, task.result())
@@ -240,7 +243,7 @@ class ChatService:
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
         price = self._price(cand)
         if req.budget is not None:
-            count = self.count_tokens.get(cand.engine) or (lambda text: max(1, len(text) // 3))
+            count = self._counter(cand.engine)
             worst = price.cost(sum(count(m["content"]) for m in messages) + 32, limit)
             if worst > req.budget:
                 raise RequestError(f"budget {req.budget} is below this call's worst-case cost {worst:.6f}", "budget", 422)

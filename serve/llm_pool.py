@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
-from actors.llm_engines import LLMEngine, OpenAIEngine, TransformersEngine, VLLMEngine
+from actors.llm_engines import LLMEngine, OpenAIEngine, TransformersEngine, VLLMEngine, count_with, render_chat
 
 from .config import LLMConfig, LLMEngineConfig
 from .llm_models import resolve_llm
@@ -45,10 +46,8 @@ def load_tokenizers(llm: LLMConfig) -> dict[str, object]:
 
 
 def token_counters(tokenizers: dict[str, object]) -> dict[str, Callable[[str], int]]:
-    return {name: (lambda text, t=tok: len(t(text, add_special_tokens=False)["input_ids"])) for name, tok in tokenizers.items()}
+    return {name: functools.partial(count_with, tok) for name, tok in tokenizers.items()}
 
 
 def chat_template(tokenizer, template: str | None = None) -> Callable[[list[dict]], str]:
-    return lambda messages: tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
-    )
+    return functools.partial(render_chat, tokenizer, template=template)
