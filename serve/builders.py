@@ -36,7 +36,7 @@ def llm_engine_name(engine: str) -> str:
     return f"LLM-{engine}"
 
 
-def _engine_options(engine) -> dict:
+def engine_options(engine) -> dict:
     """The engine's Serve options with its ``env`` merged into the replicas' runtime_env."""
     opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in engine.deployment.items()}
     if engine.env:
@@ -52,7 +52,7 @@ def build_chat(cfg: RouterServeConfig):
     """The Router-R1 half: one deployment per LLM engine and the controller over them."""
     llm = cfg.llm
     engines = {
-        name: LLMEngineDeployment.options(name=llm_engine_name(name), **_engine_options(e)).bind(
+        name: LLMEngineDeployment.options(name=llm_engine_name(name), **engine_options(e)).bind(
             name, e.model_dump(mode="json"), str(llm.model_cache_dir)
         )
         for name, e in llm.engines.items()

@@ -305,6 +305,7 @@ def eval_qa(
     concurrency: int = typer.Option(4, help="requests in flight"),
     url: str = typer.Option("http://127.0.0.1:8000", envvar="ROUTERSERVE_URL", help="a running routerserve app"),
     out: Path = typer.Option(Path("benchmarks/results/qa"), help="output stem (.json/.md/.png)"),
+    resume: bool = typer.Option(True, help="reuse finished dataset/policy runs from <out>.partial.jsonl"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     data_dir: Optional[Path] = DataOpt,
@@ -320,18 +321,100 @@ def eval_qa(
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
     try:
-        result = asyncio.run(evaluate_qa(url, ddir, datasets.split(","), limit, policies.split(",") if policies else None, concurrency))
+        checkpoint = out.with_suffix(".partial.jsonl")
+        if not resume:
+            checkpoint.unlink(missing_ok=True)
+        result = asyncio.run(evaluate_qa(url, ddir, datasets.split(","), limit, policies.split(",") if policies else None,
+                                         concurrency, checkpoint=checkpoint))
     except (ValueError, httpx.HTTPError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     result["command"] = "routerserve " + " ".join(sys.argv[1:])
     paths = write_qa_report(result, out)
+    checkpoint.unlink(missing_ok=True)
     table = Table("dataset", "policy", "EM", "F1", "calls/q", "cost/q")
     for name, per in result["datasets"].items():
         for p, r in per.items():
             table.add_row(name, p, f"{100 * r['em']:.1f}", f"{100 * r['f1']:.1f}", f"{r['calls_per_question']:.2f}", f"{r['cost_per_question']:.2e}")
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests from this config: render, validate.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    out: Optional[Path] = typer.Option(None, "--out", help="folder (default: k8s.out_dir)"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the folder differs from a fresh render"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Render the RayService, Serve config, PVC, PodMonitor and Grafana dashboard into k8s/."""
+    from .k8s import check_rendered, write_rendered
+
+    cfg = _load(config, set_)
+    try:
+        if check:
+            stale = check_rendered(cfg, out)
+            if stale:
+                console.print(f"[red]stale:[/red] {', '.join(stale)} — run 'routerserve k8s render'")
+                raise typer.Exit(1)
+            console.print("[green]k8s/ matches the config[/green]")
+            return
+        paths = write_rendered(cfg, out)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@k8s_app.command("validate")
+def k8s_validate(
+    folder: Path = typer.Option(Path("k8s"), "--dir", help="rendered manifests"),
+    crd_dir: Optional[Path] = typer.Option(None, "--crd-dir", envvar="ROUTERSERVE_KUBERAY_CRDS",
+                                           help="KubeRay CRD files (default: ../shared/k8s)"),
+    kubernetes_version: Optional[str] = typer.Option(None, help="default: k8s.kubernetes_version"),
+    artifacts_dir: Optional[Path] = typer.Option(
+        None, help="a local copy of the artifacts volume (index/, experts/, models/, data/): build the app against it"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="with --artifacts-dir: the corpus, if not under it"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """CRD schema, Kubernetes schemas, Serve schema (+ build with --artifacts-dir), KubeRay's rules."""
+    import ray
+
+    from .k8s import load_objects
+    from .k8s_validate import validate_objects
+
+    cfg = _load(config, set_)
+    objects = load_objects(folder)
+    if not objects:
+        console.print(f"[red]no manifests under {folder}[/red]")
+        raise typer.Exit(2)
+    path_map = None
+    if artifacts_dir is not None:
+        root = cfg.k8s.artifacts.mount_path.rstrip("/")
+        path_map = {root: str(artifacts_dir.resolve())}
+        if data_dir is not None:  # the corpus kept apart from the other artifacts
+            path_map = {f"{root}/data": str(data_dir.resolve()), **path_map}
+    try:
+        report = validate_objects(objects, crd_dir, kubernetes_version or cfg.k8s.kubernetes_version,
+                                  build=path_map is not None, path_map=path_map, ray_version=ray.__version__)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    failed = False
+    for check, errors in report.items():
+        status = "[green]ok[/green]" if not errors else f"[red]{len(errors)} error(s)[/red]"
+        console.print(f"{check:12s} {status}")
+        for e in errors:
+            console.print(f"  {e}")
+        failed = failed or bool(errors)
+    if artifacts_dir is None:
+        console.print("serve: schema and imports checked; pass --artifacts-dir to build the app too")
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

@@ -100,9 +100,30 @@ def summarize(items: list[dict]) -> dict:
     }
 
 
+def _load_checkpoint(path: Path | None, pool: dict) -> dict:
+    """Finished (dataset, policy) runs from an earlier, interrupted run against the same pool."""
+    done: dict = {}
+    if path is None or not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption
+                continue
+            if entry.get("pool") == pool:
+                done[(entry["dataset"], entry["policy"])] = entry
+    return done
+
+
 async def evaluate_qa(url: str, data_dir: Path, datasets: list[str], limit: int | None, policies: list[str] | None,
-                      concurrency: int = 4, seed: int = 0, progress: bool = True, transport=None) -> dict:
-    """``transport``: an httpx transport (tests: ASGI, in-process); default real HTTP to ``url``."""
+                      concurrency: int = 4, seed: int = 0, progress: bool = True, transport=None,
+                      checkpoint: Path | None = None) -> dict:
+    """``transport``: an httpx transport (tests: ASGI, in-process); default real HTTP to ``url``.
+
+    ``checkpoint``: a JSONL file; each finished (dataset, policy) run is appended to it, and a run
+    already there (same pool, same question ids) is reused instead of re-asked — an interrupted
+    evaluation resumes where it stopped."""
     import httpx
     from tqdm.auto import tqdm
 
@@ -117,22 +138,36 @@ async def evaluate_qa(url: str, data_dir: Path, datasets: list[str], limit: int 
         unknown = [p for p in policies if p not in (*BASE_POLICIES, *candidates)]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; available: {[*BASE_POLICIES, *candidates]}")
+        pool = {m["id"]: {k: m.get(k) for k in ("kind", "description", "price", "engine")} for m in models}
         data = {name: load_qa(data_dir, name, limit) for name in datasets}
+        done = _load_checkpoint(checkpoint, pool)
         total = sum(len(rows) for rows in data.values()) * len(policies)
         bar = tqdm(total=total, desc="eval qa", unit="q", disable=not progress)
         results: dict = {}
         per_question: dict = {}
+        resumed = []
         t0 = time.perf_counter()
         for name, rows in data.items():
             results[name], per_question[name] = {}, {}
+            ids = [r.get("id") for r in rows]
             for policy in policies:
-                items = await _run_policy(client, url, policy, rows, router, candidates, concurrency, seed, bar)
+                prior = done.get((name, policy))
+                if prior is not None and [i.get("id") for i in prior["items"]] == ids:
+                    items = prior["items"]
+                    resumed.append(f"{name}/{policy}")
+                    bar.update(len(items))
+                else:
+                    items = await _run_policy(client, url, policy, rows, router, candidates, concurrency, seed, bar)
+                    if checkpoint is not None:
+                        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                        with open(checkpoint, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps({"dataset": name, "policy": policy, "pool": pool, "items": items}) + "\n")
                 results[name][policy] = summarize(items)
                 per_question[name][policy] = items
         bar.close()
-    pool = {m["id"]: {k: m.get(k) for k in ("kind", "description", "price", "engine")} for m in models}
-    return {"datasets": results, "pool": pool, "policies": policies, "limit": limit, "concurrency": concurrency,
-            "seconds": time.perf_counter() - t0, "per_question": per_question}
+    overall = {p: summarize([i for name in per_question for i in per_question[name][p]]) for p in policies}
+    return {"datasets": results, "overall": overall, "pool": pool, "policies": policies, "limit": limit, "concurrency": concurrency,
+            "seconds": time.perf_counter() - t0, "resumed": resumed, "per_question": per_question}
 
 
 def write_qa_report(result: dict, stem: Path) -> list[Path]:
@@ -159,6 +194,12 @@ def write_qa_report(result: dict, stem: Path) -> list[Path]:
             r = per[p]
             lines.append(f"| {name} | {p} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | {r['calls_per_question']:.2f} | "
                          f"{r['cost_per_question']:.2e} | {r['latency_p50_s']:.1f} | {r['n']} |")
+    for p in policies:
+        r = result["overall"][p]
+        lines.append(f"| **all** | {p} | {100 * r['em']:.1f} | {100 * r['f1']:.1f} | {r['calls_per_question']:.2f} | "
+                     f"{r['cost_per_question']:.2e} | {r['latency_p50_s']:.1f} | {r['n']} |")
+    if result.get("resumed"):
+        lines += ["", f"Resumed from the checkpoint of an interrupted run: {', '.join(result['resumed'])}."]
     paths[1].write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in policies:

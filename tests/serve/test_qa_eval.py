@@ -98,3 +98,40 @@ def test_qa_inputs_are_checked(qa_dir):
     with pytest.raises(ValueError, match="unknown policies"):
         asyncio.run(evaluate_qa("http://test", qa_dir, ["toy"], None, ["oracle"], progress=False,
                                 transport=httpx.ASGITransport(app=app)))
+
+
+class CountingTransport(httpx.ASGITransport):
+    def __init__(self, app):
+        super().__init__(app=app)
+        self.chat_posts = 0
+
+    async def handle_async_request(self, request):
+        if request.url.path == "/v1/chat/completions":
+            self.chat_posts += 1
+        return await super().handle_async_request(request)
+
+
+def test_an_interrupted_qa_eval_resumes_from_its_checkpoint(qa_dir, tmp_path):
+    app = create_app(None, LocalChatClient(_service()))
+    ckpt = tmp_path / "qa.partial.jsonl"
+    first = CountingTransport(app)
+    full = asyncio.run(evaluate_qa("http://test", qa_dir, ["toy"], None, ["Alpha", "router"], progress=False,
+                                   transport=first, checkpoint=ckpt))
+    assert first.chat_posts == 6 and len(ckpt.read_text().splitlines()) == 2
+    # the run was cut while writing its second entry: only the first survives intact
+    lines = ckpt.read_text().splitlines()
+    ckpt.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    again = CountingTransport(app)
+    resumed = asyncio.run(evaluate_qa("http://test", qa_dir, ["toy"], None, ["Alpha", "router"], progress=False,
+                                      transport=again, checkpoint=ckpt))
+    assert again.chat_posts == 3  # only the router policy is asked again
+    assert resumed["resumed"] == ["toy/Alpha"]
+    assert resumed["datasets"]["toy"]["Alpha"] == full["datasets"]["toy"]["Alpha"]  # reused as recorded
+    for key in ("em", "f1", "calls_per_question", "cost_per_question", "n"):
+        assert resumed["datasets"]["toy"]["router"][key] == full["datasets"]["toy"]["router"][key]
+    assert resumed["overall"]["Alpha"]["n"] == 3
+    # a different question set (limit 2) does not reuse runs made for other ids
+    fresh = CountingTransport(app)
+    limited = asyncio.run(evaluate_qa("http://test", qa_dir, ["toy"], 2, ["Alpha"], progress=False,
+                                      transport=fresh, checkpoint=ckpt))
+    assert fresh.chat_posts == 2 and limited["resumed"] == []

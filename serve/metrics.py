@@ -1,0 +1,118 @@
+"""The project's own metrics: one catalog, used by the deployments, the Grafana dashboard and the
+metrics contract test.
+
+Metrics are created with ``ray.serve.metrics`` inside replicas (Serve adds the ``deployment``,
+``replica`` and ``application`` labels) and exported by each Ray node's metrics agent in
+Prometheus format. Exported names get Ray's ``ray_`` prefix; counters also get ``_total`` and
+histograms ``_bucket``/``_sum``/``_count`` (see :func:`series_name`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+LATENCY_MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+ROUND_BUCKETS = [1, 2, 3, 4, 5, 6, 8]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+
+CATALOG: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("routerserve_expert_selected", "counter", "Queries routed to each expert (base = no adapter)", ("expert",)),
+        MetricSpec("routerserve_routing_confidence", "histogram",
+                   "Routing policy confidence of the chosen expert (softmax of policy scores)", ("expert",),
+                   tuple(CONFIDENCE_BUCKETS)),
+        MetricSpec("routerserve_shard_search_latency_ms", "histogram", "FAISS search time per shard call", ("shard",),
+                   tuple(LATENCY_MS_BUCKETS)),
+        MetricSpec("routerserve_encoder_batch_size", "histogram", "Texts per encoder forward pass", ("stage",),
+                   tuple(BATCH_BUCKETS)),
+        MetricSpec("routerserve_controller_rounds", "histogram", "Router-R1 generations per request", ("stopped",),
+                   tuple(ROUND_BUCKETS)),
+        MetricSpec("routerserve_route_calls", "counter", "Candidate calls made by the controller", ("candidate", "outcome")),
+        MetricSpec("routerserve_llm_tokens", "counter", "Tokens through the router and candidates", ("model", "type")),
+        MetricSpec("routerserve_llm_cost", "counter", "Cost of candidate calls", ("model", "currency")),
+        MetricSpec("routerserve_errors", "counter", "Requests answered with an error", ("endpoint", "reason")),
+    )
+}
+
+
+def series_name(spec: MetricSpec) -> str:
+    """The Prometheus series name Ray exports for ``spec`` (counters: ``_total``; histograms: the
+    ``_bucket`` series)."""
+    base = f"ray_{spec.name}"
+    return {"counter": base + "_total", "gauge": base, "histogram": base + "_bucket"}[spec.kind]
+
+
+class Metrics:
+    """The catalog's metrics, created on first use (inside a replica or a Ray worker)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, Any] = {}
+
+    def _get(self, name: str):
+        metric = self._made.get(name)
+        if metric is None:
+            from ray.serve import metrics as serve_metrics
+
+            spec = CATALOG[name]
+            if spec.kind == "counter":
+                metric = serve_metrics.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+            elif spec.kind == "gauge":
+                metric = serve_metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+            else:
+                metric = serve_metrics.Histogram(spec.name, description=spec.description,
+                                                 boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
+            self._made[name] = metric
+        return metric
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        if value:
+            self._get(name).inc(value, tags={k: str(v) for k, v in tags.items()})
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        self._get(name).observe(value, tags={k: str(v) for k, v in tags.items()})
+
+
+def dashboard_panels() -> list[tuple[str, str, str]]:
+    """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours."""
+    rate = "[$__rate_interval]"
+    return [
+        ("HTTP requests/s by route and code",
+         f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{rate}))", "reqps"),
+        ("HTTP p95 latency by route",
+         f"histogram_quantile(0.95, sum by (route, le) (rate(ray_serve_http_request_latency_ms_bucket{rate})))", "ms"),
+        ("Replicas per deployment (healthy)", "sum by (deployment) (ray_serve_deployment_replica_healthy)", "none"),
+        ("Autoscaling target replicas", "max by (deployment) (ray_serve_autoscaling_target_replicas)", "none"),
+        ("Ongoing requests at replicas", "sum by (deployment) (ray_serve_num_ongoing_requests_at_replicas)", "none"),
+        ("Deployment p95 processing latency",
+         f"histogram_quantile(0.95, sum by (deployment, le) (rate(ray_serve_deployment_processing_latency_ms_bucket{rate})))",
+         "ms"),
+        ("Expert selected /s", f"sum by (expert) (rate(ray_routerserve_expert_selected_total{rate}))", "reqps"),
+        ("Routing confidence p50",
+         f"histogram_quantile(0.5, sum by (expert, le) (rate(ray_routerserve_routing_confidence_bucket{rate})))", "none"),
+        ("Shard search p95",
+         f"histogram_quantile(0.95, sum by (shard, le) (rate(ray_routerserve_shard_search_latency_ms_bucket{rate})))", "ms"),
+        ("Encoder batch size p50",
+         f"histogram_quantile(0.5, sum by (stage, le) (rate(ray_routerserve_encoder_batch_size_bucket{rate})))", "none"),
+        ("Router-R1 rounds per request p50",
+         f"histogram_quantile(0.5, sum by (le) (rate(ray_routerserve_controller_rounds_bucket{rate})))", "none"),
+        ("Route calls/s by candidate and outcome",
+         f"sum by (candidate, outcome) (rate(ray_routerserve_route_calls_total{rate}))", "reqps"),
+        ("Tokens/s by model", f"sum by (model, type) (rate(ray_routerserve_llm_tokens_total{rate}))", "none"),
+        ("Cost per hour by model", f"sum by (model, currency) (rate(ray_routerserve_llm_cost_total{rate})) * 3600", "none"),
+        ("Errors/s by reason", f"sum by (endpoint, reason) (rate(ray_routerserve_errors_total{rate}))", "reqps"),
+    ]
