@@ -42,6 +42,7 @@ from .chat_protocol import (
     Usage,
 )
 from .config import CandidateConfig, LLMConfig
+from .metrics import record_chat
 from .serving import RequestError
 
 
@@ -83,6 +84,7 @@ class ChatService:
         self.count_tokens = dict(count_tokens or {})
         self.template = prompt_template or load_prompt_template(llm.router.prompt_file if llm.router else None)
         self.created = int(time.time())
+        self.metrics = None  # serve.metrics.Metrics inside a replica; None: not recorded
         self.by_lower = {c.name.lower(): c for c in llm.candidates}
         self.pool = [(c.name, c.description, self._price(c)) for c in llm.candidates]
         self.loop = None
@@ -226,7 +228,7 @@ class ChatService:
             router_tokens={"prompt": led.router_prompt_tokens, "completion": led.router_completion_tokens},
             latency_s=result.latency_s,
         )
-        return ChatCompletionResponse(
+        return self._recorded(ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.cfg.router.served_name,
@@ -235,7 +237,12 @@ class ChatService:
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
             routing=routing,
-        )
+        ))
+
+    def _recorded(self, response: ChatCompletionResponse) -> ChatCompletionResponse:
+        if self.metrics is not None:
+            record_chat(self.metrics, response.model, response.routing.model_dump())
+        return response
 
     async def _direct(self, req: ChatCompletionRequest, cand: CandidateConfig) -> ChatCompletionResponse:
         limit = min(req.token_limit() or cand.max_tokens, cand.max_tokens)
@@ -251,9 +258,11 @@ class ChatService:
         try:
             out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
         except Exception as exc:  # noqa: BLE001
+            if self.metrics is not None:
+                self.metrics.inc("routerserve_route_calls", candidate=cand.name, outcome="failed")
             raise EngineUnavailable(f"candidate {cand.name!r} failed: {type(exc).__name__}: {exc}") from exc
         cost = price.cost(out.prompt_tokens, out.completion_tokens)
-        return ChatCompletionResponse(
+        return self._recorded(ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=cand.name,
@@ -267,7 +276,7 @@ class ChatService:
                 candidate_tokens={"prompt": out.prompt_tokens, "completion": out.completion_tokens},
                 latency_s=time.perf_counter() - t0,
             ),
-        )
+        ))
 
     async def health(self) -> tuple[bool, dict]:
         """Healthy when the router's engine is; a candidate's engine being down is reported (its

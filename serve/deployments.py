@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .chat_protocol import ChatCompletionRequest
 from .chat_serving import ChatService
 from .config import BatchConfig, LimitsConfig, LLMConfig, LLMEngineConfig
 from .http import create_app
+from .metrics import Metrics, record_routing
 from .serving import RequestError, RetrievalService
 
 logger = logging.getLogger(__name__)
@@ -65,15 +67,24 @@ class ExpertEncoderDeployment:
             size_fn=lambda request: len(request["queries"]),
         )
 
+        self.metrics = Metrics()
+
     async def _run_batch(self, requests: list[dict]) -> list[dict]:
         # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
-        return await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+        results = await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+        queries = sum(len(r["queries"]) for r in requests)
+        self.metrics.observe("routerserve_encoder_batch_size", queries, stage="route")
+        for result in results:
+            if "error" not in result:
+                record_routing(self.metrics, result)
+        return results
 
     async def route_and_encode(self, request: dict) -> dict:
         return await self._batched(request)
 
     async def embed(self, texts: list[str], expert: str | None) -> dict:
         vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
+        self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
         return {"embeddings": vectors, "tokens": tokens}
 
     def info(self) -> dict:
@@ -86,9 +97,14 @@ class SearchShardDeployment:
 
     def __init__(self, index_path: str, offset: int, use_gpu: str, num_threads: int | None):
         self.shard = ShardSearcher(index_path, offset, use_gpu=use_gpu, num_threads=num_threads)
+        self.label = Path(index_path).stem
+        self.metrics = Metrics()
 
     async def search(self, queries: np.ndarray, k: int):
-        return await asyncio.to_thread(self.shard.search, queries, k)
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self.shard.search, queries, k)
+        self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label)
+        return out
 
     def info(self) -> dict:
         return self.shard.info()
@@ -146,7 +162,7 @@ class RetrievalIngress:
         self.chat = _HandleChatClient(chat) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, self.chat)
+        return create_app(self.service, self.chat, Metrics())
 
 
 @serve.deployment(name="LLMEngine")
@@ -214,6 +230,7 @@ class RouterR1ControllerDeployment:
             chat_template(router_tok, cfg.engines[cfg.router.engine].chat_template) if router_tok is not None else (lambda m: ""),
             token_counters(tokenizers),
         )
+        self.service.metrics = Metrics()
 
     async def chat(self, request: dict) -> dict:
         try:

@@ -49,7 +49,15 @@ class ChatClient(Protocol):
     async def health(self) -> tuple[bool, dict]: ...
 
 
-def create_app(service: RetrievalService | None, chat: ChatClient | None = None) -> FastAPI:
+def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None) -> FastAPI:
+    """``metrics``: a serve.metrics.Metrics (inside the ingress replica) counting error answers by
+    endpoint and reason; None records nothing."""
+
+    def count(request: Request, status: int, reason: str) -> None:
+        if metrics is not None:  # the route's template, not the raw path: bounded label values
+            endpoint = getattr(request.scope.get("route"), "path", "<unmatched>")
+            metrics.inc("routerserve_errors", endpoint=endpoint, reason=f"{status}:{reason}")
+
     app = FastAPI(
         title="routerserve",
         version="0.1.0",
@@ -57,11 +65,13 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None)
     )
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError):
+    async def _request_error(request: Request, exc: RequestError):
+        count(request, exc.status, exc.param or "request")
         return _error(exc.status, exc.message, exc.param, "server_error" if exc.status >= 500 else "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        count(request, 422, "validation")
         parts, param = [], None
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -72,12 +82,14 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None)
         return _error(422, "; ".join(parts) or "invalid request", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        count(request, exc.status_code, "http")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error")
+        count(request, 500, type(exc).__name__)
         return _error(500, f"internal error ({type(exc).__name__})", kind="server_error")
 
     if service is not None:

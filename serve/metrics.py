@@ -16,7 +16,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 
 LATENCY_MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+CONFIDENCE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 ROUND_BUCKETS = [1, 2, 3, 4, 5, 6, 8]
 
 
@@ -32,10 +32,12 @@ class MetricSpec:
 CATALOG: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        MetricSpec("routerserve_expert_selected", "counter", "Queries routed to each expert (base = no adapter)", ("expert",)),
+        MetricSpec("routerserve_expert_selected", "counter",
+                   "Queries per expert (base = no adapter); how = routed by the policy or forced by the request",
+                   ("expert", "how")),
         MetricSpec("routerserve_routing_confidence", "histogram",
-                   "Routing policy confidence of the chosen expert (softmax of policy scores)", ("expert",),
-                   tuple(CONFIDENCE_BUCKETS)),
+                   "Margin of the chosen expert's policy score over the runner-up (cosine units; 0 = a tie)",
+                   ("expert",), tuple(CONFIDENCE_BUCKETS)),
         MetricSpec("routerserve_shard_search_latency_ms", "histogram", "FAISS search time per shard call", ("shard",),
                    tuple(LATENCY_MS_BUCKETS)),
         MetricSpec("routerserve_encoder_batch_size", "histogram", "Texts per encoder forward pass", ("stage",),
@@ -87,6 +89,36 @@ class Metrics:
         self._get(name).observe(value, tags={k: str(v) for k, v in tags.items()})
 
 
+def record_routing(metrics, result: dict) -> None:
+    """One encoder batch result (``route_and_encode_requests`` item): experts chosen, margins."""
+    for expert, forced, scores in zip(result["experts"], result["forced"], result["routing_scores"]):
+        metrics.inc("routerserve_expert_selected", expert=expert, how="forced" if forced else "routed")
+        if not forced and len(scores) >= 2:
+            top, second = sorted(scores.values(), reverse=True)[:2]
+            metrics.observe("routerserve_routing_confidence", top - second, expert=expert)
+
+
+def record_chat(metrics, model: str, routing: dict, router_engine_model: str | None = None) -> None:
+    """One answered chat request (router or direct): rounds, route calls, tokens, cost."""
+    currency = routing.get("currency", "USD")
+    if routing.get("router") is not None:
+        metrics.observe("routerserve_controller_rounds", len(routing["rounds"]), stopped=routing["stopped"])
+        for kind in ("prompt", "completion"):
+            metrics.inc("routerserve_llm_tokens", routing["router_tokens"].get(kind, 0), model=routing["router"], type=kind)
+        for r in routing["rounds"]:
+            if r.get("action") != "search" or not r.get("candidate"):
+                continue
+            metrics.inc("routerserve_route_calls", candidate=r["candidate"], outcome=r.get("status") or "unknown")
+            for kind in ("prompt", "completion"):
+                metrics.inc("routerserve_llm_tokens", r.get(f"{kind}_tokens", 0), model=r["candidate"], type=kind)
+            metrics.inc("routerserve_llm_cost", r.get("cost", 0.0), model=r["candidate"], currency=currency)
+    else:
+        metrics.inc("routerserve_route_calls", candidate=model, outcome="direct")
+        for kind in ("prompt", "completion"):
+            metrics.inc("routerserve_llm_tokens", routing["candidate_tokens"].get(kind, 0), model=model, type=kind)
+        metrics.inc("routerserve_llm_cost", routing.get("cost", 0.0), model=model, currency=currency)
+
+
 def dashboard_panels() -> list[tuple[str, str, str]]:
     """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours."""
     rate = "[$__rate_interval]"
@@ -116,3 +148,32 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
         ("Cost per hour by model", f"sum by (model, currency) (rate(ray_routerserve_llm_cost_total{rate})) * 3600", "none"),
         ("Errors/s by reason", f"sum by (endpoint, reason) (rate(ray_routerserve_errors_total{rate}))", "reqps"),
     ]
+
+
+def parse_scrape(text: str) -> dict[str, list[dict[str, str]]]:
+    """Prometheus text → series name → the label sets it was exported with."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append(dict(sample.labels))
+    return series
+
+
+def node_metrics_urls() -> list[str]:
+    """The metrics endpoint of every alive node of the connected Ray cluster."""
+    import ray
+
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+
+
+def scrape_cluster(timeout_s: float = 10.0) -> dict[str, list[dict[str, str]]]:
+    """Every node's metrics endpoint of the connected Ray cluster, parsed and merged."""
+    import httpx
+
+    merged: dict[str, list[dict[str, str]]] = {}
+    for url in node_metrics_urls():
+        for name, labels in parse_scrape(httpx.get(url, timeout=timeout_s).text).items():
+            merged.setdefault(name, []).extend(labels)
+    return merged

@@ -190,3 +190,33 @@ def test_eval_qa_runs_against_the_live_service(chat_app, tmp_path):
     assert per["router_alone"]["calls_per_question"] == 0 and per["router_alone"]["errors"] == 0
     assert per["SmolLM2-135M"]["calls_per_question"] == 1 and per["SmolLM2-135M"]["cost_per_question"] > 0
     assert all(0.0 <= per[p]["em"] <= per[p]["f1"] + 1e-9 <= 1.0 + 1e-9 for p in per)
+
+
+def test_metrics_contract_from_a_real_scrape(chat_app):
+    """After the traffic above (router requests, direct calls, a failed candidate, bad requests),
+    a real scrape of the Ray metrics endpoint carries the controller's metrics and labels."""
+    import time
+
+    from serve.metrics import scrape_cluster
+
+    def has(series, name, **labels):
+        return any(all(s.get(k) == v for k, v in labels.items()) for s in series.get(name, []))
+
+    wanted = [
+        ("ray_routerserve_controller_rounds_bucket", {"deployment": "RouterR1Controller", "stopped": "answer"}),
+        ("ray_routerserve_route_calls_total", {"candidate": "SmolLM2-135M", "outcome": "direct"}),
+        ("ray_routerserve_route_calls_total", {"candidate": "Offline", "outcome": "failed"}),
+        ("ray_routerserve_llm_tokens_total", {"model": "router-r1", "type": "completion"}),
+        ("ray_routerserve_llm_tokens_total", {"model": "SmolLM2-135M", "type": "prompt"}),
+        ("ray_routerserve_llm_cost_total", {"model": "SmolLM2-135M", "currency": "USD"}),
+        ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "404:model"}),
+        ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "503:model"}),
+    ]
+    deadline = time.monotonic() + 60
+    while True:
+        series = scrape_cluster()
+        missing = [(n, lab) for n, lab in wanted if not has(series, n, **lab)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert missing == []

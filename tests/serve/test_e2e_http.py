@@ -188,3 +188,43 @@ def test_cli_query_pretty_prints_a_served_answer(served):
     assert "expert:" in r.output and "policy: pilot_mean" in r.output
     r = CliRunner().invoke(app, ["query", "x", "--url", served["url"], "--expert", "nope"])
     assert r.exit_code == 1 and "404" in r.output
+
+
+def test_metrics_contract_from_a_real_scrape(served):
+    """The project's retrieval metrics, with their labels, in a real scrape of the Ray metrics
+    endpoint after real traffic (Ray exports on an interval: poll up to a minute)."""
+    import time
+
+    from serve.metrics import scrape_cluster
+
+    url = served["url"]
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": "vitamin D and infections", "top_k": 3}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": "salt", "top_k": 3, "expert": "base"}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/embeddings", json={"model": "base", "input": ["a", "b", "c"]}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": 3}, timeout=60).status_code == 422
+
+    def has(series, name, **labels):
+        return any(all(s.get(k) == v for k, v in labels.items()) for s in series.get(name, []))
+
+    wanted = [
+        ("ray_routerserve_expert_selected_total", {"how": "routed", "deployment": "ExpertEncoder"}),
+        ("ray_routerserve_expert_selected_total", {"expert": "base", "how": "forced"}),
+        ("ray_routerserve_routing_confidence_bucket", {"deployment": "ExpertEncoder"}),
+        ("ray_routerserve_encoder_batch_size_bucket", {"stage": "route"}),
+        ("ray_routerserve_encoder_batch_size_bucket", {"stage": "embed"}),
+        ("ray_routerserve_shard_search_latency_ms_bucket", {"deployment": "SearchShard0", "shard": "shard_000"}),
+        ("ray_routerserve_errors_total", {"endpoint": "/v1/retrieve", "reason": "422:validation",
+                                          "deployment": "RetrievalIngress"}),
+        ("ray_serve_num_http_requests_total", {"route": "/v1/retrieve"}),
+    ]
+    deadline = time.monotonic() + 60
+    while True:
+        series = scrape_cluster()
+        missing = [(n, lab) for n, lab in wanted if not has(series, n, **lab)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert missing == []
+    routed = [s for s in series["ray_routerserve_expert_selected_total"] if s.get("how") == "routed"]
+    assert {s["expert"] for s in routed} <= {"scifact", "nfcorpus", "base"}
+    assert all({"application", "replica"} <= set(s) for s in routed)
