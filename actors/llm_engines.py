@@ -4,6 +4,8 @@
                        float32, eager mode, a KV cache sized by ``VLLM_CPU_KVCACHE_SPACE``);
 * ``TransformersEngine`` — transformers ``generate`` on CPU, where vLLM cannot run;
 * ``OpenAIEngine``   — any OpenAI-compatible endpoint (base_url + key from an env variable);
+* ``RetrieverEngine`` — not an LLM: the routed retrieval service as a candidate ("Retriever"),
+                       answering a sub-query with the top passages (routed RAG in the same loop);
 * ``ScriptedEngine`` — replies from a script with a fixed latency: protocol tests and the
                        controller-overhead benchmark. Never a default.
 
@@ -22,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-from .router_r1 import Completion, approx_tokens, cut_at_stop
+from .router_r1 import CANDIDATE_INSTRUCTION, Completion, approx_tokens, cut_at_stop
 
 Messages = list[dict]
 
@@ -355,3 +357,71 @@ class OpenAIEngine:
             raise RuntimeError(f"{self.model_id}: {self.base_url} unreachable ({type(exc).__name__})") from None
         if r.status_code >= 400:
             raise RuntimeError(f"{self.model_id}: {self.base_url}/models answered {r.status_code}")
+
+
+class RetrieverEngine:
+    """The routed retrieval service (``POST {base_url}/v1/retrieve``) behind the engine protocol,
+    so the router can pull passages as it calls LLMs. A chat call searches with the user message
+    (the candidate instruction the controller wraps sub-queries in is removed first) and answers
+    with the top passages, ``[i] title: text``, cut to ``max_tokens`` (≈3 characters a token).
+    Tokens are counted the same way, so a Retriever call is priced like any candidate. It cannot
+    route (no raw completion): it is never the router."""
+
+    def __init__(self, base_url: str, expert: str = "auto", top_k: int = 3, max_chars_per_passage: int = 400,
+                 timeout_s: float = 30.0, model_id: str = "retriever", transport=None) -> None:
+        """``transport``: an httpx transport (tests: the app in-process); default real HTTP."""
+        self.base_url = base_url.rstrip("/")
+        self.transport = transport
+        self.expert = None if expert in ("auto", "", None) else expert
+        self.top_k = top_k
+        self.max_chars = max_chars_per_passage
+        self.timeout_s = timeout_s
+        self.model_id = model_id
+        self.client = None
+        _, _, self._instruction_suffix = CANDIDATE_INSTRUCTION.partition("{query}")
+
+    async def start(self) -> None:
+        if self.client is None:
+            import httpx
+
+            self.client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s, transport=self.transport)
+
+    def query_of(self, messages: Messages) -> str:
+        text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        if self._instruction_suffix and text.endswith(self._instruction_suffix):
+            text = text[: -len(self._instruction_suffix)]
+        return text.strip()
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        await self.start()
+        query = self.query_of(messages)
+        body = {"query": query, "top_k": self.top_k, "include_text": True}
+        if self.expert is not None:
+            body["expert"] = self.expert
+        r = await self.client.post("/v1/retrieve", json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{self.model_id}: /v1/retrieve answered {r.status_code}: {r.text[:300]}")
+        hits = r.json()["hits"]
+        passages = [f"[{i + 1}] {h['title']}: {(h.get('text') or '')[: self.max_chars]}".strip() for i, h in enumerate(hits)]
+        text = "\n".join(passages)
+        finish = "stop"
+        if approx_tokens(text) > max_tokens:
+            text, finish = text[: max_tokens * 3], "length"
+        return Completion(text, approx_tokens(query), approx_tokens(text) if text else 0, finish)
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        raise NotImplementedError(f"{self.model_id}: a retriever answers chat calls only; it cannot be the router")
+
+    def count_tokens(self, text: str) -> int:
+        return approx_tokens(text)
+
+    async def check_health(self) -> None:
+        """GET /v1/experts: the retrieval side only. Not /healthz, which asks the chat side's
+        health, which would ask this engine again when the retriever is the same app."""
+        await self.start()
+        try:
+            r = await self.client.get("/v1/experts", timeout=5.0)
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"{self.model_id}: {self.base_url} unreachable ({type(exc).__name__})") from None
+        if r.status_code >= 400:
+            raise RuntimeError(f"{self.model_id}: {self.base_url}/v1/experts answered {r.status_code}")

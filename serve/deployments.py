@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.encoder import EncoderEngine, EncoderSettings
 from actors.index_store import DocStore
-from actors.llm_engines import OpenAIEngine
+from actors.llm_engines import OpenAIEngine, RetrieverEngine
 from actors.router_r1 import Completion
 from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
 from actors.routing import PilotSet
@@ -185,8 +185,8 @@ class LLMEngineDeployment:
 
     async def check_health(self) -> None:
         """Serve's replica health check: a local engine that died restarts the replica; a remote
-        (openai) engine is probed by the controller's /healthz instead."""
-        if not isinstance(self.engine, OpenAIEngine):
+        one (openai, retriever) is probed by the controller's /healthz instead."""
+        if not isinstance(self.engine, (OpenAIEngine, RetrieverEngine)):
             await self.engine.check_health()
 
     async def probe(self) -> None:

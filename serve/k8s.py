@@ -104,7 +104,7 @@ def _deployment_options(ccfg: RouterServeConfig) -> list[dict[str, Any]]:
 def _check_paths_on_volume(ccfg: RouterServeConfig, root: str) -> None:
     """A local file path in the cluster config must point into the artifacts volume."""
     paths = {"model.ref": ccfg.model.ref}
-    paths.update({f"llm.engines.{n}.model": e.model for n, e in ccfg.llm.engines.items() if e.kind != "openai"})
+    paths.update({f"llm.engines.{n}.model": e.model for n, e in ccfg.llm.engines.items() if e.kind in ("vllm", "transformers")})
     if ccfg.llm.router is not None and ccfg.llm.router.prompt_file is not None:
         paths["llm.router.prompt_file"] = str(ccfg.llm.router.prompt_file)
     for key, ref in paths.items():

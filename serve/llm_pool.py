@@ -7,7 +7,15 @@ import functools
 from pathlib import Path
 from typing import Callable
 
-from actors.llm_engines import LLMEngine, OpenAIEngine, TransformersEngine, VLLMEngine, count_with, render_chat
+from actors.llm_engines import (
+    LLMEngine,
+    OpenAIEngine,
+    RetrieverEngine,
+    TransformersEngine,
+    VLLMEngine,
+    count_with,
+    render_chat,
+)
 
 from .config import LLMConfig, LLMEngineConfig
 from .llm_models import resolve_llm
@@ -16,12 +24,16 @@ from .llm_models import resolve_llm
 def engine_model_path(engine: LLMEngineConfig, cache_dir: Path) -> Path | None:
     """The local model folder of a vllm/transformers engine (converted from GGUF once, cached);
     for an openai engine, its optional local tokenizer folder."""
+    if engine.kind == "retriever":
+        return None
     if engine.kind == "openai":
         return None if engine.tokenizer is None else resolve_llm(engine.tokenizer, cache_dir)
     return resolve_llm(engine.model, cache_dir)
 
 
 def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path) -> LLMEngine:
+    if engine.kind == "retriever":
+        return RetrieverEngine(engine.base_url, engine.model, model_id=name, **engine.engine_kwargs)
     if engine.kind == "openai":
         tok = engine_model_path(engine, cache_dir)
         return OpenAIEngine(engine.base_url, engine.model, engine.api_key_env, str(tok) if tok else None, model_id=name)

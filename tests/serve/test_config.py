@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config import ConfigError, config_from_dict, load_config, DEFAULT_CONFIG
+from serve.config import DEFAULT_CONFIG, ConfigError, LLMConfig, config_from_dict, load_config
 
 
 def test_default_config_loads_and_matches_the_defaults_file():
@@ -141,3 +141,20 @@ def test_set_override_reaches_list_items():
     assert cfg.llm.candidates[0].max_tokens == 7
     with pytest.raises(ConfigError, match="llm.candidates.9.max_tokens: 9 is not an index"):
         load_config(None, ["llm.candidates.9.max_tokens=7"])
+
+
+def test_retriever_engine_config_is_checked():
+    base = {"engines": {"llm": {"kind": "vllm", "model": "package:none"},
+                        "ret": {"kind": "retriever", "model": "auto", "base_url": "http://127.0.0.1:8000"}},
+            "router": {"engine": "llm"},
+            "candidates": [{"name": "Retriever", "description": "passages", "engine": "ret",
+                            "price": {"prompt_per_1m": 0, "completion_per_1m": 0.01}}]}
+    assert LLMConfig.model_validate(base).engines["ret"].kind == "retriever"
+    bad = {**base, "router": {"engine": "ret"}}
+    with pytest.raises(ValueError, match="router.engine: 'ret' is a retriever"):
+        LLMConfig.model_validate(bad)
+    with pytest.raises(ValueError, match="base_url: required for kind 'retriever'"):
+        LLMConfig.model_validate({**base, "engines": {**base["engines"], "ret": {"kind": "retriever", "model": "auto"}}})
+    with pytest.raises(ValueError, match="engine_kwargs.dtype: not a retriever setting"):
+        LLMConfig.model_validate({**base, "engines": {**base["engines"], "ret": {
+            "kind": "retriever", "model": "auto", "base_url": "http://x", "engine_kwargs": {"dtype": "float32"}}}})

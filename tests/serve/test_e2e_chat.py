@@ -51,6 +51,9 @@ def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
                              "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
                     "down": {"kind": "openai", "model": "x", "base_url": "http://127.0.0.1:9/v1",
                              "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
+                    # retrieval as a tool: this app's own /v1/retrieve behind the engine protocol
+                    "search": {"kind": "retriever", "model": "auto", "base_url": url, "engine_kwargs": {"top_k": 2},
+                               "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
                 },
                 # bounded so the module stays quick on 2 cores: ≤ 2 calls, ≤ 4 generations of ≤ 128 tokens
                 "router": {"engine": "smollm2", "max_new_tokens": 128, "max_route_calls": 2, "max_generations": 4,
@@ -62,6 +65,8 @@ def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
                      "engine": "self", "price": {"prompt_per_1m": 0.5, "completion_per_1m": 1.0}, "max_tokens": 32},
                     {"name": "Offline", "description": "an endpoint that is down", "engine": "down",
                      "price": {"prompt_per_1m": 0, "completion_per_1m": 0}, "max_tokens": 16, "timeout_s": 5},
+                    {"name": "Retriever", "description": "searches scientific abstracts; returns passages",
+                     "engine": "search", "price": {"prompt_per_1m": 0, "completion_per_1m": 0.01}, "max_tokens": 200},
                 ],
                 "controller": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
             },
@@ -84,7 +89,7 @@ def client(chat_app):
 
 def test_models_lists_router_and_candidates_with_prices(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {"router-r1", "SmolLM2-135M", "Remote-Smol", "Offline"}
+    assert set(models) == {"router-r1", "SmolLM2-135M", "Remote-Smol", "Offline", "Retriever"}
     assert models["Remote-Smol"].model_extra["price"]["completion_per_1m"] == 1.0
     assert models["router-r1"].model_extra["kind"] == "router"
 
@@ -108,7 +113,7 @@ def test_router_r1_answers_with_a_consistent_trace(client):
     # structured outputs: every round is a valid action naming a configured candidate
     assert all(rd["action"] in ("search", "answer") for rd in rounds)
     searches = [rd for rd in rounds if rd["action"] == "search"]
-    assert all(rd["candidate"] in ("SmolLM2-135M", "Remote-Smol", "Offline") for rd in searches)
+    assert all(rd["candidate"] in ("SmolLM2-135M", "Remote-Smol", "Offline", "Retriever") for rd in searches)
     ok = [rd for rd in searches if rd["status"] in ("ok", "fallback")]
     assert routing["route_calls"] == len(searches)
     assert routing["cost"] == pytest.approx(sum(rd["cost"] for rd in ok))
@@ -140,6 +145,15 @@ def test_offline_candidate_is_a_503_and_the_service_keeps_answering(chat_app, cl
     assert health["status"] == "ok" and health["llm_engines"]["smollm2"] == "ok" and health["llm_engines"]["down"] != "ok"
     r = client.chat.completions.create(model="Remote-Smol", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert r.choices[0].message.content  # the OpenAIEngine path, through a real HTTP endpoint
+
+
+def test_retriever_candidate_answers_with_passages_through_serve(chat_app, client):
+    query = "vitamin D and respiratory infections"
+    hits = httpx.post(f"{chat_app['url']}/v1/retrieve", json={"query": query, "top_k": 2}, timeout=60).json()["hits"]
+    r = client.chat.completions.create(model="Retriever", messages=[{"role": "user", "content": query}])
+    text = r.choices[0].message.content
+    assert text.startswith(f"[1] {hits[0]['title']}") and f"[2] {hits[1]['title']}" in text
+    assert r.model_extra["routing"]["cost"] > 0
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ def stack(tmp_path_factory, engine, data_dir):
         LimitsConfig(max_query_chars=200, max_top_k=20, max_embedding_inputs=4),
         "mini",
     )
-    return {"client": TestClient(create_app(service)), "docs": docs, "vectors": vectors, "engine": engine}
+    return {"client": TestClient(create_app(service)), "docs": docs, "vectors": vectors, "engine": engine, "service": service}
 
 
 def test_retrieve_routes_and_hits_match_a_brute_force_search(stack):
@@ -164,3 +164,78 @@ def test_zero_experts_serves_the_base_model(stack, engine, model_path, encoder_s
     assert c.get("/v1/experts").json()["experts"] == []
     assert c.post("/v1/retrieve", json={"query": "x", "expert": "alpha"}).status_code == 404
     assert c.post("/v1/embeddings", json={"model": "mini:alpha", "input": "x"}).status_code == 404
+
+
+def test_retrieval_is_a_router_r1_candidate(stack):
+    """Routed RAG and routed LLMs in one graph: the retrieval service registered as the candidate
+    'Retriever' (RetrieverEngine over this app's own HTTP API, in-process), called by the router
+    loop and directly; its reply is the same top passages /v1/retrieve returns, and it is priced."""
+    import asyncio
+
+    import httpx
+
+    from actors.llm_engines import RetrieverEngine, ScriptedEngine
+    from serve.chat_serving import ChatService, LocalChatClient
+    from serve.config import LLMConfig
+
+    llm = LLMConfig.model_validate({
+        "engines": {"router": {"kind": "vllm", "model": "package:none"},
+                    "search": {"kind": "retriever", "model": "auto", "base_url": "http://app",
+                               "engine_kwargs": {"top_k": 2, "max_chars_per_passage": 80}}},
+        "router": {"engine": "router"},
+        "candidates": [{"name": "Retriever", "description": "scientific abstracts", "engine": "search",
+                        "price": {"prompt_per_1m": 0.0, "completion_per_1m": 0.01}, "max_tokens": 300}],
+    })
+
+    def router(prompt):  # retrieve once, then answer with the first passage's title
+        if prompt.rstrip().endswith("</information>"):
+            first = prompt.rstrip()[: -len("</information>")].rsplit("<information>", 1)[1]
+            return f"<answer>{first.split(': ', 1)[0]}</answer>"
+        return "<search>Retriever:protein expression in cancer cells</search>"
+
+    holder = {}
+    transport = httpx.ASGITransport(app=_LazyApp(holder))
+    search = RetrieverEngine("http://app", "auto", top_k=2, max_chars_per_passage=80, model_id="search", transport=transport)
+    scripted = ScriptedEngine(router)
+    service = ChatService(llm, {"router": scripted, "search": search}, scripted.chat_prompt)
+    # the app under test serves both halves: retrieval (the stack's service) and chat
+    holder["app"] = create_app(stack["service"], LocalChatClient(service))
+
+    async def run():
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=60) as client:
+            hits = (await client.post("/v1/retrieve", json={"query": "protein expression in cancer cells", "top_k": 2})).json()["hits"]
+            routed = await client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [
+                {"role": "user", "content": "Which abstract is about protein expression in cancer?"}]})
+            direct = await client.post("/v1/chat/completions", json={"model": "Retriever", "messages": [
+                {"role": "user", "content": "protein expression in cancer cells"}]})
+            return hits, routed, direct
+
+    hits, routed, direct = asyncio.run(run())
+    assert routed.status_code == 200 and direct.status_code == 200, (routed.text, direct.text)
+    call = next(r for r in routed.json()["routing"]["rounds"] if r["action"] == "search")
+    assert call["candidate"] == "Retriever" and call["status"] == "ok"
+    assert call["reply"].startswith(f"[1] {hits[0]['title']}") and f"[2] {hits[1]['title']}" in call["reply"]
+    assert routed.json()["choices"][0]["message"]["content"] == f"[1] {hits[0]['title']}"
+    assert call["completion_tokens"] > 0 and call["cost"] > 0
+    assert direct.json()["choices"][0]["message"]["content"].startswith(f"[1] {hits[0]['title']}")
+    with pytest.raises(NotImplementedError):
+        asyncio.run(search.complete("x", max_tokens=4))
+    asyncio.run(search.check_health())  # the retrieval side answers; no recursion through /healthz
+    healthy, detail = asyncio.run(service.health())
+    assert healthy and detail["llm_engines"]["search"] == "ok"
+    from actors.router_r1 import CANDIDATE_INSTRUCTION
+
+    wrapped = [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query="protein expression in cancer cells")}]
+    assert search.query_of(wrapped) == "protein expression in cancer cells"  # the LLM instruction is not searched
+    short = asyncio.run(search.chat(wrapped, max_tokens=10))
+    assert short.finish_reason == "length" and len(short.text) == 30 and short.text == call["reply"][:30]
+
+
+class _LazyApp:
+    """An ASGI app resolved at call time (the engine needs the transport before the app exists)."""
+
+    def __init__(self, holder):
+        self.holder = holder
+
+    async def __call__(self, scope, receive, send):
+        await self.holder["app"](scope, receive, send)
