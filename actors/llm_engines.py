@@ -277,6 +277,16 @@ def infer_stop(text: str, stop: Sequence[str]) -> str | None:
     return None if best is None else best[1]
 
 
+async def probe(client, path: str, model_id: str, base_url: str) -> None:
+    """GET ``path`` of a remote engine's endpoint; raises with what failed."""
+    try:
+        r = await client.get(path, timeout=5.0)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"{model_id}: {base_url} unreachable ({type(exc).__name__})") from None
+    if r.status_code >= 400:
+        raise RuntimeError(f"{model_id}: {base_url}{path} answered {r.status_code}")
+
+
 class OpenAIEngine:
     """An OpenAI-compatible HTTP endpoint (``/completions``, ``/chat/completions``, ``/models``).
     The key is read from ``api_key_env`` at start; ``tokenizer`` (a local folder) is needed only
@@ -351,12 +361,7 @@ class OpenAIEngine:
         """Reachability of the endpoint (GET /models). Serve's replica health check must not call
         this: a provider outage is not a reason to restart our replica."""
         await self.start()
-        try:
-            r = await self.client.get("/models", timeout=5.0)
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"{self.model_id}: {self.base_url} unreachable ({type(exc).__name__})") from None
-        if r.status_code >= 400:
-            raise RuntimeError(f"{self.model_id}: {self.base_url}/models answered {r.status_code}")
+        await probe(self.client, "/models", self.model_id, self.base_url)
 
 
 class RetrieverEngine:
@@ -419,9 +424,4 @@ class RetrieverEngine:
         """GET /v1/experts: the retrieval side only. Not /healthz, which asks the chat side's
         health, which would ask this engine again when the retriever is the same app."""
         await self.start()
-        try:
-            r = await self.client.get("/v1/experts", timeout=5.0)
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"{self.model_id}: {self.base_url} unreachable ({type(exc).__name__})") from None
-        if r.status_code >= 400:
-            raise RuntimeError(f"{self.model_id}: {self.base_url}/v1/experts answered {r.status_code}")
+        await probe(self.client, "/v1/experts", self.model_id, self.base_url)

@@ -177,3 +177,20 @@ def scrape_cluster(timeout_s: float = 10.0) -> dict[str, list[dict[str, str]]]:
         for name, labels in parse_scrape(httpx.get(url, timeout=timeout_s).text).items():
             merged.setdefault(name, []).extend(labels)
     return merged
+
+
+def wait_for_series(wanted: list[tuple[str, dict[str, str]]], timeout_s: float = 60.0, every_s: float = 2.0):
+    """Scrape until every (series name, labels) in ``wanted`` has a sample carrying those labels
+    (Ray exports on an interval); returns (what is still missing, the last scrape)."""
+    import time
+
+    def has(series, name, labels):
+        return any(all(s.get(k) == v for k, v in labels.items()) for s in series.get(name, []))
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        series = scrape_cluster()
+        missing = [(n, lab) for n, lab in wanted if not has(series, n, lab)]
+        if not missing or time.monotonic() > deadline:
+            return missing, series
+        time.sleep(every_s)

@@ -209,12 +209,7 @@ def test_eval_qa_runs_against_the_live_service(chat_app, tmp_path):
 def test_metrics_contract_from_a_real_scrape(chat_app):
     """After the traffic above (router requests, direct calls, a failed candidate, bad requests),
     a real scrape of the Ray metrics endpoint carries the controller's metrics and labels."""
-    import time
-
-    from serve.metrics import scrape_cluster
-
-    def has(series, name, **labels):
-        return any(all(s.get(k) == v for k, v in labels.items()) for s in series.get(name, []))
+    from serve.metrics import wait_for_series
 
     wanted = [
         ("ray_routerserve_controller_rounds_bucket", {"deployment": "RouterR1Controller", "stopped": "answer"}),
@@ -226,11 +221,5 @@ def test_metrics_contract_from_a_real_scrape(chat_app):
         ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "404:model"}),
         ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "503:model"}),
     ]
-    deadline = time.monotonic() + 60
-    while True:
-        series = scrape_cluster()
-        missing = [(n, lab) for n, lab in wanted if not has(series, n, **lab)]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    missing, series = wait_for_series(wanted, timeout_s=60)
     assert missing == []

@@ -193,18 +193,13 @@ def test_cli_query_pretty_prints_a_served_answer(served):
 def test_metrics_contract_from_a_real_scrape(served):
     """The project's retrieval metrics, with their labels, in a real scrape of the Ray metrics
     endpoint after real traffic (Ray exports on an interval: poll up to a minute)."""
-    import time
-
-    from serve.metrics import scrape_cluster
+    from serve.metrics import wait_for_series
 
     url = served["url"]
     assert httpx.post(f"{url}/v1/retrieve", json={"query": "vitamin D and infections", "top_k": 3}, timeout=60).status_code == 200
     assert httpx.post(f"{url}/v1/retrieve", json={"query": "salt", "top_k": 3, "expert": "base"}, timeout=60).status_code == 200
     assert httpx.post(f"{url}/v1/embeddings", json={"model": "base", "input": ["a", "b", "c"]}, timeout=60).status_code == 200
     assert httpx.post(f"{url}/v1/retrieve", json={"query": 3}, timeout=60).status_code == 422
-
-    def has(series, name, **labels):
-        return any(all(s.get(k) == v for k, v in labels.items()) for s in series.get(name, []))
 
     wanted = [
         ("ray_routerserve_expert_selected_total", {"how": "routed", "deployment": "ExpertEncoder"}),
@@ -217,13 +212,7 @@ def test_metrics_contract_from_a_real_scrape(served):
                                           "deployment": "RetrievalIngress"}),
         ("ray_serve_num_http_requests_total", {"route": "/v1/retrieve"}),
     ]
-    deadline = time.monotonic() + 60
-    while True:
-        series = scrape_cluster()
-        missing = [(n, lab) for n, lab in wanted if not has(series, n, **lab)]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    missing, series = wait_for_series(wanted, timeout_s=60)
     assert missing == []
     routed = [s for s in series["ray_routerserve_expert_selected_total"] if s.get("how") == "routed"]
     assert {s["expert"] for s in routed} <= {"scifact", "nfcorpus", "base"}
