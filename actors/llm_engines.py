@@ -277,6 +277,16 @@ def infer_stop(text: str, stop: Sequence[str]) -> str | None:
     return None if best is None else best[1]
 
 
+def bearer_header(api_key_env: str | None, model_id: str) -> dict[str, str]:
+    """``Authorization: Bearer $api_key_env`` (the first key when it holds a comma-separated list)."""
+    if not api_key_env:
+        return {}
+    key = os.environ.get(api_key_env, "").split(",")[0].strip()
+    if not key:
+        raise RuntimeError(f"{model_id}: environment variable {api_key_env} (the API key) is not set")
+    return {"Authorization": f"Bearer {key}"}
+
+
 async def probe(client, path: str, model_id: str, base_url: str) -> None:
     """GET ``path`` of a remote engine's endpoint; raises with what failed."""
     try:
@@ -308,13 +318,8 @@ class OpenAIEngine:
             return
         import httpx
 
-        headers = {}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise RuntimeError(f"{self.model_id}: environment variable {self.api_key_env} (the API key) is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s)
+        self.client = httpx.AsyncClient(base_url=self.base_url, headers=bearer_header(self.api_key_env, self.model_id),
+                                        timeout=self.timeout_s)
         if self.tokenizer_path:
             from transformers import AutoTokenizer
 
@@ -373,10 +378,12 @@ class RetrieverEngine:
     route (no raw completion): it is never the router."""
 
     def __init__(self, base_url: str, expert: str = "auto", top_k: int = 3, max_chars_per_passage: int = 400,
-                 timeout_s: float = 30.0, model_id: str = "retriever", transport=None) -> None:
+                 timeout_s: float = 30.0, model_id: str = "retriever", transport=None,
+                 api_key_env: str | None = None) -> None:
         """``transport``: an httpx transport (tests: the app in-process); default real HTTP."""
         self.base_url = base_url.rstrip("/")
         self.transport = transport
+        self.api_key_env = api_key_env
         self.expert = None if expert in ("auto", "", None) else expert
         self.top_k = top_k
         self.max_chars = max_chars_per_passage
@@ -389,7 +396,8 @@ class RetrieverEngine:
         if self.client is None:
             import httpx
 
-            self.client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s, transport=self.transport)
+            self.client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s, transport=self.transport,
+                                            headers=bearer_header(self.api_key_env, self.model_id))
 
     def query_of(self, messages: Messages) -> str:
         text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")

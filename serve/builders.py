@@ -105,4 +105,5 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg.model.served_name,
         d.ingress_batching.model_dump(),
         build_chat(cfg) if cfg.llm.enabled else None,
+        cfg.http.api_keys_env,
     )

@@ -89,6 +89,10 @@ class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
     policy: str = "pilot_mean"
+    pilot_margin: float = Field(0.0, ge=0.0, le=1.0, description="a training query joins another expert's pilot "
+                                "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
+    pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
+                                   "domain's own pilot (paper: 1)")
     training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
 
     @field_validator("policy")
@@ -105,6 +109,9 @@ class HTTPConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
+    api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an env variable "
+                                     "holding comma-separated API keys; set: every endpoint but /healthz needs "
+                                     "'Authorization: Bearer <key>'")
 
 
 class LimitsConfig(_Strict):
@@ -196,8 +203,8 @@ class LLMEngineConfig(_Strict):
             raise ValueError(f"base_url: required for kind {self.kind!r}")
         if self.kind not in ("openai", "retriever") and self.base_url:
             raise ValueError(f"base_url: only for kinds 'openai' and 'retriever' (this engine is {self.kind!r})")
-        if self.kind != "openai" and self.api_key_env:
-            raise ValueError(f"api_key_env: only for kind 'openai' (this engine is {self.kind!r})")
+        if self.kind not in ("openai", "retriever") and self.api_key_env:
+            raise ValueError(f"api_key_env: only for kinds 'openai' and 'retriever' (this engine is {self.kind!r})")
         if self.kind == "retriever":
             unknown = sorted(set(self.engine_kwargs) - {"top_k", "max_chars_per_passage", "timeout_s"})
             if unknown:

@@ -32,7 +32,7 @@ from .batching import GreedyBatcher
 from .chat_protocol import ChatCompletionRequest
 from .chat_serving import ChatService
 from .config import BatchConfig, LimitsConfig, LLMConfig, LLMEngineConfig
-from .http import create_app
+from .http import api_keys_from_env, create_app
 from .metrics import Metrics, record_routing
 from .serving import RequestError, RetrievalService
 
@@ -147,7 +147,9 @@ class RetrievalIngress:
         served_name: str,
         batching: dict,
         chat: DeploymentHandle | None = None,
+        api_keys_env: str | None = None,
     ):
+        self.api_keys = api_keys_from_env(api_keys_env)  # fails the replica start when the variable is missing
         b = BatchConfig(**batching)
         self.service = RetrievalService(
             _HandleEncoderClient(encoder),
@@ -162,7 +164,7 @@ class RetrievalIngress:
         self.chat = _HandleChatClient(chat) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, self.chat, Metrics())
+        return create_app(self.service, self.chat, Metrics(), self.api_keys)
 
 
 @serve.deployment(name="LLMEngine")

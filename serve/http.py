@@ -7,7 +7,9 @@ experts/models 404. An unexpected exception is logged and answered 500 with its 
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -49,9 +51,21 @@ class ChatClient(Protocol):
     async def health(self) -> tuple[bool, dict]: ...
 
 
-def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None) -> FastAPI:
+def api_keys_from_env(name: str | None) -> frozenset[str] | None:
+    """The keys in ``$name`` (comma-separated); None when no variable is configured."""
+    if name is None:
+        return None
+    keys = frozenset(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
+    if not keys:
+        raise RuntimeError(f"http.api_keys_env: environment variable {name} is not set or holds no key")
+    return keys
+
+
+def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None,
+               api_keys: frozenset[str] | None = None) -> FastAPI:
     """``metrics``: a serve.metrics.Metrics (inside the ingress replica) counting error answers by
-    endpoint and reason; None records nothing."""
+    endpoint and reason; None records nothing. ``api_keys``: when given, every endpoint except
+    /healthz (the probes') answers 401 without ``Authorization: Bearer <one of them>``."""
 
     def count(request: Request, status: int, reason: str) -> None:
         if metrics is not None:  # the route's template, not the raw path: bounded label values
@@ -63,6 +77,18 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
         version="0.1.0",
         description="RouterRetriever-style routed retrieval: base encoder + LoRA experts + sharded FAISS.",
     )
+
+    if api_keys is not None:
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            if request.url.path != "/healthz":
+                scheme, _, key = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in api_keys):
+                    count(request, 401, "api_key")
+                    return _error(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                  None, "authentication_error")
+            return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):

@@ -84,6 +84,9 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
 
 
 def _check_secrets_and_gpus(cfg: RouterServeConfig, ccfg: RouterServeConfig) -> None:
+    if ccfg.http.api_keys_env and ccfg.http.api_keys_env not in cfg.k8s.secret_env:
+        raise ConfigError(f"k8s.secret_env: http.api_keys_env names ${ccfg.http.api_keys_env}; map it to a "
+                          f"secret ({ccfg.http.api_keys_env}: {{secret: NAME, key: KEY}})")
     for name, engine in ccfg.llm.engines.items():
         if ccfg.llm.enabled and engine.api_key_env and engine.api_key_env not in cfg.k8s.secret_env:
             raise ConfigError(f"k8s.secret_env: engine {name} reads ${engine.api_key_env}; map it to a "

@@ -33,7 +33,8 @@ def engine_model_path(engine: LLMEngineConfig, cache_dir: Path) -> Path | None:
 
 def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path) -> LLMEngine:
     if engine.kind == "retriever":
-        return RetrieverEngine(engine.base_url, engine.model, model_id=name, **engine.engine_kwargs)
+        return RetrieverEngine(engine.base_url, engine.model, model_id=name, api_key_env=engine.api_key_env,
+                               **engine.engine_kwargs)
     if engine.kind == "openai":
         tok = engine_model_path(engine, cache_dir)
         return OpenAIEngine(engine.base_url, engine.model, engine.api_key_env, str(tok) if tok else None, model_id=name)

@@ -23,6 +23,44 @@ from .indexing import encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
 
+def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: int = 1) -> np.ndarray:
+    """Per training query (rows of ``table``: nDCG@10 per expert), the expert whose pilot it joins:
+    the best one, ties to the domain's own (``own``). Deviation knobs (paper: 0 and 1): another
+    expert wins only when it beats the own expert by more than ``margin``; groups smaller than
+    ``min_queries`` fold into the own group."""
+    best = np.where(table.max(axis=1) - table[:, own] > margin, table.argmax(axis=1), own)
+    if min_queries > 1:
+        sizes = np.bincount(best, minlength=table.shape[1])
+        best = np.where((sizes[best] < min_queries) & (best != own), own, best)
+    return best
+
+
+def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], domain: str,
+                       base_model: str) -> tuple[PilotSet, dict[str, int]]:
+    """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries."""
+    embs, names, wins = [], [], {}
+    for j, e in enumerate(experts):
+        members = best == j
+        if members.any():
+            embs.append(base[members].mean(axis=0))
+            names.append(e)
+            wins[e] = int(members.sum())
+    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model), wins
+
+
+def expert_table(engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus) -> np.ndarray:
+    """nDCG@10 of every expert (columns, ``engine.experts`` order) on each query (rows)."""
+    from ir_measures import nDCG
+
+    drop_self = domain in SELF_RETRIEVAL_DOMAINS
+    table = np.zeros((len(qids), len(engine.experts)))
+    for j, e in enumerate(engine.experts):
+        run = search_run(engine.encode(texts, e), qids, corpus, 10, drop_self, domain)
+        scores = per_query(qrels, run, nDCG @ 10)
+        table[:, j] = [scores[q] for q in qids]
+    return table
+
+
 def domain_pilots(
     engine: EncoderEngine,
     domain: str,
@@ -32,36 +70,19 @@ def domain_pilots(
     corpus,
     base_model: str,
     owner: str | None = None,
+    margin: float = 0.0,
+    min_queries: int = 1,
 ) -> tuple[PilotSet, dict[str, int]]:
     """Pilots of one domain and how many of its queries each expert won. Ties (e.g. every expert
     scores 0) go to the domain's own expert: ``owner``, else the expert named like the domain."""
-    from ir_measures import nDCG
-
     experts = engine.experts
     if not experts:
         raise ValueError("no experts loaded: train one first ('routerserve experts train --domain NAME')")
     base = engine.encode(texts, BASE)
-    drop_self = domain in SELF_RETRIEVAL_DOMAINS
-    table = np.zeros((len(qids), len(experts)))
-    for j, e in enumerate(experts):
-        run = search_run(engine.encode(texts, e), qids, corpus, 10, drop_self, domain)
-        scores = per_query(qrels, run, nDCG @ 10)
-        table[:, j] = [scores[q] for q in qids]
+    table = expert_table(engine, domain, qids, texts, qrels, corpus)
     owner = owner or domain
     own = experts.index(owner) if owner in experts else 0
-    best = []
-    for row in table:
-        top = row.max()
-        best.append(own if row[own] == top else int(np.argmax(row)))
-    best = np.array(best)
-    embs, names, wins = [], [], {}
-    for j, e in enumerate(experts):
-        members = best == j
-        if members.any():
-            embs.append(base[members].mean(axis=0))
-            names.append(e)
-            wins[e] = int(members.sum())
-    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model), wins
+    return pilots_from_groups(base, best_experts(table, own, margin, min_queries), experts, domain, base_model)
 
 
 def build_pilots(
@@ -86,7 +107,8 @@ def build_pilots(
         qids = [q for q, _, _, _ in examples]
         qrels = examples_qrels(domain, examples, corpus)
         new, wins = domain_pilots(
-            engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, (owners or {}).get(domain)
+            engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, (owners or {}).get(domain),
+            cfg.experts.pilot_margin, cfg.experts.pilot_min_queries,
         )
         current = replace_domains(current, new)
         report[domain] = wins

@@ -164,6 +164,22 @@ def test_domain_pilots_group_queries_by_their_best_expert(engine, data_dir):
             np.testing.assert_allclose(pilots.embeddings[row], base[members].mean(axis=0), atol=1e-5)
 
 
+def test_best_experts_margin_and_minimum_group_size():
+    from serve.pilots import best_experts
+
+    table = np.array([
+        [0.50, 0.50, 0.10],  # tie with the own expert (0): own
+        [0.40, 0.45, 0.00],  # expert 1 better by 0.05
+        [0.10, 0.60, 0.00],  # expert 1 better by 0.50
+        [0.00, 0.00, 0.30],  # expert 2 better by 0.30, alone in its group
+    ])
+    assert best_experts(table, own=0).tolist() == [0, 1, 1, 2]  # the paper's rule
+    assert best_experts(table, own=0, margin=0.1).tolist() == [0, 0, 1, 2]
+    assert best_experts(table, own=0, margin=0.1, min_queries=2).tolist() == [0, 0, 0, 0]  # both groups of 1 fold
+    assert best_experts(table, own=0, min_queries=2).tolist() == [0, 1, 1, 0]
+    assert best_experts(table, own=0, margin=1.0).tolist() == [0, 0, 0, 0]  # one pilot per domain
+
+
 def test_mined_objective_uses_hard_negatives_from_the_base_index(cfg, data_dir):
     cfg.experts.training.objective = "mined"
     report = train_domain_expert(cfg, data_dir, "scifact", progress=False)

@@ -219,6 +219,10 @@ def test_render_errors_name_the_key(cfg):
     ok = _with_k8s(cfg, overrides=remote, secret_env={"OPENAI_API_KEY": {"secret": "llm-keys", "key": "openai"}})
     head = render_all(ok)["rayservice.yaml"]
     assert "secretKeyRef:\n" in head and "name: llm-keys" in head and "key: openai" in head
+    with pytest.raises(ConfigError, match=r"^k8s\.secret_env: http\.api_keys_env names \$RS_KEYS"):
+        cluster_config(_with_k8s(cfg, overrides={"http.api_keys_env": "RS_KEYS"}))
+    keyed = _with_k8s(cfg, overrides={"http.api_keys_env": "RS_KEYS"}, secret_env={"RS_KEYS": {"secret": "rs", "key": "keys"}})
+    assert "name: RS_KEYS" in render_all(keyed)["rayservice.yaml"]
     with pytest.raises(ConfigError, match=r"^k8s\.gpu_workers: deployments \['ExpertEncoder'"):
         cluster_config(_with_k8s(cfg, gpu_workers=None))
     with pytest.raises(ConfigError, match=r"k8s\.cpu_workers\.min_replicas: 5 is above max_replicas 2"):

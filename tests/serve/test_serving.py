@@ -239,3 +239,22 @@ class _LazyApp:
 
     async def __call__(self, scope, receive, send):
         await self.holder["app"](scope, receive, send)
+
+
+def test_api_keys_guard_every_endpoint_but_healthz(stack, monkeypatch):
+    from serve.http import api_keys_from_env
+
+    monkeypatch.setenv("RS_KEYS", "key-one, key-two")
+    keys = api_keys_from_env("RS_KEYS")
+    assert keys == {"key-one", "key-two"} and api_keys_from_env(None) is None
+    client = TestClient(create_app(stack["service"], None, None, keys))
+    body = {"query": "protein", "top_k": 2}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"}):
+        r = client.post("/v1/retrieve", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert client.post("/v1/retrieve", json=body, headers={"Authorization": "Bearer key-two"}).status_code == 200
+    assert client.get("/v1/experts").status_code == 401
+    assert client.get("/healthz").status_code == 200  # probes need no key
+    monkeypatch.delenv("RS_KEYS")
+    with pytest.raises(RuntimeError, match="http.api_keys_env: environment variable RS_KEYS"):
+        api_keys_from_env("RS_KEYS")
