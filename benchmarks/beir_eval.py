@@ -4,7 +4,8 @@
         --experts-dir .routerserve/experts-beir --steps 300 --name beir
 
 1. one expert per domain (query-side LoRA, hard negatives from the domain's base index), skipped
-   when its adapter exists; 2. pilots of every domain by the paper's best-expert rule;
+   when its adapter exists; 2. pilots of every domain by the best-expert rule (the paper's; ``--set experts.pilot_margin=…
+experts.pilot_min_queries=…`` for the deviation benchmarks/pilot_margin.py selects);
 3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
 union setting. Writes benchmarks/results/<name>.{json,md,png} and <name>_union.*; the JSON
 holds both settings, the command, versions and the machine. Test queries are never used for
@@ -60,7 +61,13 @@ def main(
     ensure_ray(cfg.ray)
     t0 = time.perf_counter()
     console.rule("experts")
-    console.print(f"trained now: {train_default_experts(cfg, ddir)}")
+    trained = train_default_experts(cfg, ddir)
+    console.print(f"trained now: {trained}")
+    if not trained:  # the pilots on disk may follow another grouping rule: rebuild them with this config's
+        from serve.pilots import build_pilots
+
+        console.rule(f"pilots (margin {cfg.experts.pilot_margin}, min {cfg.experts.pilot_min_queries} queries)")
+        build_pilots(cfg, ddir, doms)
     pols = policies.split(",")
     if "multitask" in pols and not (multitask_dir(cfg) / "adapter_config.json").is_file():
         console.rule("multi-task adapter")
@@ -72,6 +79,7 @@ def main(
         "commit": git_commit(),
         "machine": machine(),
         "training": cfg.experts.training.model_dump(),
+        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries},
         "train_seconds": train_seconds,
     }
     query_embeddings: dict = {}  # the same experts in both settings: encode each test query once

@@ -316,7 +316,7 @@ def eval_qa(
 
     import httpx
 
-    from .qa_eval import evaluate_qa, write_qa_report
+    from .qa_eval import drop_from_checkpoint, evaluate_qa, write_qa_report
 
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
@@ -331,7 +331,7 @@ def eval_qa(
         raise typer.Exit(2)
     result["command"] = "routerserve " + " ".join(sys.argv[1:])
     paths = write_qa_report(result, out)
-    checkpoint.unlink(missing_ok=True)
+    drop_from_checkpoint(checkpoint, list(result["datasets"]))
     table = Table("dataset", "policy", "EM", "F1", "calls/q", "cost/q")
     for name, per in result["datasets"].items():
         for p, r in per.items():

@@ -290,6 +290,8 @@ def evaluate(
         "experts": experts,
         "num_queries": counts,
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
+        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
+                       "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts)},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -312,6 +314,14 @@ def write_report(result: dict, stem: Path) -> list[Path]:
         "",
         f"Command: `{result.get('command', '')}`",
         f"Experts: {result['experts']}; test queries per domain: {result['num_queries']}",
+    ]
+    rule = result.get("pilot_rule")
+    if rule:
+        paper = rule["margin"] == 0 and rule["min_queries"] == 1
+        lines.append(f"Pilots: {rule['num_pilots']}, grouping rule " + ("of the paper (best expert per training query)" if paper else
+                     f"with margin {rule['margin']} and groups of ≥ {rule['min_queries']} queries (a deviation from "
+                     f"the paper, selected on training queries: benchmarks/pilot_margin.py)"))
+    lines += [
         "",
         "| policy | " + " | ".join(domains) + " | avg |",
         "|---|" + "---|" * (len(domains) + 1),

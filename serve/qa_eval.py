@@ -214,3 +214,22 @@ def write_qa_report(result: dict, stem: Path) -> list[Path]:
     fig.savefig(paths[2], dpi=110)
     plt.close(fig)
     return paths
+
+
+def drop_from_checkpoint(checkpoint: Path, datasets: list[str]) -> None:
+    """Remove the reported datasets' runs from the checkpoint; other datasets' finished runs stay
+    for the evaluation that still needs them (the file goes when nothing is left)."""
+    if not checkpoint.is_file():
+        return
+    keep = []
+    for line in checkpoint.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("dataset") not in datasets:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    if keep:
+        checkpoint.write_text("\n".join(keep) + "\n", encoding="utf-8")
+    else:
+        checkpoint.unlink()
+

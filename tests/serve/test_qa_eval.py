@@ -135,3 +135,17 @@ def test_an_interrupted_qa_eval_resumes_from_its_checkpoint(qa_dir, tmp_path):
     limited = asyncio.run(evaluate_qa("http://test", qa_dir, ["toy"], 2, ["Alpha"], progress=False,
                                       transport=fresh, checkpoint=ckpt))
     assert fresh.chat_posts == 2 and limited["resumed"] == []
+
+
+
+def test_reporting_drops_only_the_reported_datasets_from_the_checkpoint(tmp_path):
+    from serve.qa_eval import drop_from_checkpoint
+
+    ckpt = tmp_path / "qa.partial.jsonl"
+    rows = [{"dataset": "nq", "policy": "router"}, {"dataset": "hotpotqa", "policy": "router"}, {"dataset": "nq", "policy": "random"}]
+    ckpt.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    drop_from_checkpoint(ckpt, ["nq"])
+    assert [json.loads(x) for x in ckpt.read_text().splitlines()] == [{"dataset": "hotpotqa", "policy": "router"}]
+    drop_from_checkpoint(ckpt, ["hotpotqa"])
+    assert not ckpt.exists()
+    drop_from_checkpoint(ckpt, ["nq"])  # nothing there: no error
