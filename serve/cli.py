@@ -316,7 +316,7 @@ def eval_qa(
 
     import httpx
 
-    from .qa_eval import drop_from_checkpoint, evaluate_qa, write_qa_report
+    from .qa_eval import drop_from_checkpoint, evaluate_qa, machine_info, write_qa_report
 
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
@@ -330,6 +330,7 @@ def eval_qa(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     result["command"] = "routerserve " + " ".join(sys.argv[1:])
+    result["machine"] = machine_info()
     paths = write_qa_report(result, out)
     drop_from_checkpoint(checkpoint, list(result["datasets"]))
     table = Table("dataset", "policy", "EM", "F1", "calls/q", "cost/q")
