@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -210,9 +211,9 @@ def _fake_cluster_config(head_resources: dict, worker_types: dict, idle_timeout_
 
 
 def _ray_running() -> bool:
-    out = subprocess.run([sys.executable, "-c", "import ray; print(ray._private.services.find_gcs_addresses())"],
+    out = subprocess.run([sys.executable, "-c", "import ray; print(len(ray._private.services.find_gcs_addresses()))"],
                          capture_output=True, text=True)
-    return "[]" not in out.stdout
+    return out.stdout.strip() != "0"
 
 
 @app.command("nodes")
@@ -246,7 +247,16 @@ def nodes(
                 cfg["provider"]["head_node_id"] = FAKE_HEAD_NODE_ID
             return cfg
 
+    # AutoscalingCluster runs the `ray` CLI: the one of this interpreter's environment
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     cluster = _Cluster(head_resources=dict(head), worker_node_types=worker_types, autoscaler_v2=True)
+    # Ray 2.60.0's wheel omits fake_multi_node/example.yaml, which the autoscaler monitor also
+    # reads as the fake provider's defaults (FileNotFoundError in monitor.err, no node ever
+    # launches). Write our own config there when it is missing.
+    defaults = Path(ray.__file__).parent / "autoscaler" / "_private" / "fake_multi_node" / "example.yaml"
+    if not defaults.is_file():
+        defaults.write_text(yaml.safe_dump(_fake_cluster_config({"CPU": 0}, worker_types, idle_timeout_s)))
+        console.print(f"wrote the missing fake-provider defaults {defaults}")
     minimum = 1 + sum(t["min_workers"] for t in worker_types.values())
     gpu_type = next(t for t in worker_types.values() if "GPU" in t["resources"])
     cpu_type = next(t for t in worker_types.values() if "GPU" not in t["resources"])
@@ -293,7 +303,8 @@ def nodes(
         cluster.shutdown()
     _save("nodes", {
         "node_types": worker_types, "head": head, "autoscaler": "v2",
-        "demand": f"{gpu_actors} actors of {gpu_type['resources']} + {cpu_actors} of {{'CPU': {cpu_type['resources']['CPU']}}}",
+        "demand": (f"{gpu_actors} actors of {{'CPU': {gpu_type['resources']['CPU']}, 'GPU': {gpu_type['resources']['GPU']}}}"
+                   f" + {cpu_actors} of {{'CPU': {cpu_type['resources']['CPU']}}}"),
         "idle_timeout_s": idle_timeout_s, "boot_s": round(boot, 1), "nodes_before": before, "nodes_peak": peak,
         "scale_up_s": round(up, 1), "nodes_after": after, "scale_down_s": None if down is None else round(down, 1),
     })
