@@ -52,7 +52,7 @@ def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
                     "down": {"kind": "openai", "model": "x", "base_url": "http://127.0.0.1:9/v1",
                              "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
                     # retrieval as a tool: this app's own /v1/retrieve behind the engine protocol
-                    "search": {"kind": "retriever", "model": "auto", "base_url": url, "engine_kwargs": {"top_k": 2},
+                    "search": {"kind": "retriever", "model": "auto", "base_url": url, "engine_kwargs": {"top_k": 2, "max_chars_per_passage": 100},
                                "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
                 },
                 # bounded so the module stays quick on 2 cores: ≤ 2 calls, ≤ 4 generations of ≤ 128 tokens
@@ -66,7 +66,7 @@ def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
                     {"name": "Offline", "description": "an endpoint that is down", "engine": "down",
                      "price": {"prompt_per_1m": 0, "completion_per_1m": 0}, "max_tokens": 16, "timeout_s": 5},
                     {"name": "Retriever", "description": "searches scientific abstracts; returns passages",
-                     "engine": "search", "price": {"prompt_per_1m": 0, "completion_per_1m": 0.01}, "max_tokens": 200},
+                     "engine": "search", "price": {"prompt_per_1m": 0, "completion_per_1m": 0.01}, "max_tokens": 400},
                 ],
                 "controller": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
             },
