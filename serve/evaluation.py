@@ -298,16 +298,9 @@ def evaluate(
 
 def write_report(result: dict, stem: Path) -> list[Path]:
     """JSON + markdown table + PNG (per-domain bars per policy; routing confusion matrix)."""
-    import json
+    from .reports import start_report
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths, plt = start_report(result, stem)
     domains = result["domains"]
     lines = [
         f"# BEIR evaluation ({result['setting']}) — nDCG@10 (Recall@100 in brackets)",

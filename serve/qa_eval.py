@@ -191,14 +191,9 @@ def machine_info() -> dict:
 
 
 def write_qa_report(result: dict, stem: Path) -> list[Path]:
-    import matplotlib
+    from .reports import start_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths, plt = start_report(result, stem)
     policies = result["policies"]
     lines = [
         "# Router-R1 QA evaluation — EM / F1 (%), calls and cost per question",
