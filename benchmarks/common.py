@@ -4,50 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    import psutil
+    from serve.reports import machine as describe
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "none"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    versions = {}
-    for dist in ("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "fastapi"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
+    return describe(("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "fastapi"))
 
 
 def command_line() -> str:

@@ -128,11 +128,10 @@ def _labels(cfg: RouterServeConfig) -> dict[str, str]:
 
 
 def _env(cfg: RouterServeConfig) -> list[dict[str, Any]]:
-    env = [
+    return [
         {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
         for name, ref in sorted(cfg.k8s.secret_env.items())
     ]
-    return env
 
 
 def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int]) -> dict:

