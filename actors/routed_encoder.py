@@ -152,6 +152,7 @@ def encoder_info(encoder: RoutedEncoder, base_model: str) -> dict:
     return {
         "base_model": base_model,
         "policy": encoder.policy.name,
+        "pilot_rule": encoder.pilots.rule,
         "dim": encoder.engine.dim,
         "device": encoder.engine.device,
         "experts": [{"name": e, "num_pilots": counts.get(e, 0)} for e in encoder.experts],

@@ -37,6 +37,7 @@ class PilotSet:
     experts: list[str]
     domains: list[str] = field(default_factory=list)
     base_model: str = ""
+    rule: str = ""  # how the pilots were grouped (serve.pilots.pilot_rule); "" = not recorded
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -66,6 +67,7 @@ class PilotSet:
             [self.experts[i] for i in keep],
             [self.domains[i] for i in keep] if self.domains else [],
             self.base_model,
+            self.rule,
         )
 
     @classmethod
@@ -84,6 +86,7 @@ class PilotSet:
             experts=np.array(self.experts, dtype=str),
             domains=np.array(self.domains, dtype=str),
             base_model=np.array(self.base_model, dtype=str),
+            rule=np.array(self.rule, dtype=str),
         )
         os.replace(tmp, path)
         return path
@@ -99,11 +102,13 @@ class PilotSet:
                 data["experts"].tolist(),
                 data["domains"].tolist() if "domains" in data else [],
                 str(data["base_model"]) if "base_model" in data else "",
+                str(data["rule"]) if "rule" in data else "",
             )
 
 
 def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
-    """``current`` with every pilot of ``new``'s domains replaced by ``new``'s pilots."""
+    """``current`` with every pilot of ``new``'s domains replaced by ``new``'s pilots. The pilots
+    kept must follow ``new``'s grouping rule: one pilot file, one rule."""
     if current is None or current.embeddings.shape[0] == 0:
         return new
     if not current.domains:
@@ -112,11 +117,17 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
     keep = [i for i, d in enumerate(current.domains) if d not in doomed]
     if keep and current.dim != new.dim:
         raise ValueError("pilot dimensions differ")
+    if keep and current.rule != new.rule:
+        raise ValueError(
+            f"pilots of {sorted({current.domains[i] for i in keep})} were grouped by {current.rule or 'an unrecorded rule'!r}, "
+            f"the new ones by {new.rule!r}: rebuild every domain's pilots"
+        )
     return PilotSet(
         np.concatenate([current.embeddings[keep], new.embeddings]),
         [current.experts[i] for i in keep] + new.experts,
         [current.domains[i] for i in keep] + new.domains,
         new.base_model or current.base_model,
+        new.rule,
     )
 
 

@@ -4,8 +4,10 @@
         --experts-dir .routerserve/experts-beir --steps 300 --name beir
 
 1. one expert per domain (query-side LoRA, hard negatives from the domain's base index), skipped
-   when its adapter exists; 2. pilots of every domain by the best-expert rule (the paper's; ``--set experts.pilot_margin=…
-experts.pilot_min_queries=…`` for the deviation benchmarks/pilot_margin.py selects);
+   when its adapter exists; 2. pilots of every domain by the best-expert rule with the config's
+   margin (configs/local.yaml: 0.5 / 10, chosen by benchmarks/pilot_margin.py; ``--set
+   experts.pilot_margin=0 --set experts.pilot_min_queries=1`` for the paper's), rebuilt when the
+   pilots on disk follow another rule;
 3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
 union setting. Writes benchmarks/results/<name>.{json,md,png} and <name>_union.*; the JSON
 holds both settings, the command, versions and the machine. Test queries are never used for
@@ -63,11 +65,7 @@ def main(
     console.rule("experts")
     trained = train_default_experts(cfg, ddir)
     console.print(f"trained now: {trained}")
-    if not trained:  # the pilots on disk may follow another grouping rule: rebuild them with this config's
-        from serve.pilots import build_pilots
-
-        console.rule(f"pilots (margin {cfg.experts.pilot_margin}, min {cfg.experts.pilot_min_queries} queries)")
-        build_pilots(cfg, ddir, doms)
+    # pilots: rebuilt there when a domain was trained now or the file's grouping rule is not the config's
     pols = policies.split(",")
     if "multitask" in pols and not (multitask_dir(cfg) / "adapter_config.json").is_file():
         console.rule("multi-task adapter")

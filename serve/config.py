@@ -71,10 +71,22 @@ class ExpertTrainConfig(_Strict):
     batch_size: int = Field(16, ge=2)
     max_queries: int = Field(400, ge=2, description="training queries per domain (deterministic sample)")
     lr: float = Field(1e-4, gt=0)
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank (paper: 8)")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (paper: 32)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="base-model modules that get a LoRA (paper: the attention query/value projections)",
+    )
     objective: Literal["full_corpus", "mined"] = Field(
         "full_corpus",
         description="full_corpus: softmax over every doc of the domain's base index; "
         "mined: in-batch + hard_negatives mined from the base index",
+    )
+    positives: Literal["best", "all"] = Field(
+        "best",
+        description="objective 'full_corpus': train towards each query's best-graded judged doc only, "
+        "or towards every judged doc (one InfoNCE term per relevant doc)",
     )
     hard_negatives: int = Field(4, ge=0, description="objective 'mined': negatives per query; 0 = in-batch only")
     skip_top: int = Field(0, ge=0, description="ignore this many top-ranked non-relevant docs when mining")
@@ -83,6 +95,12 @@ class ExpertTrainConfig(_Strict):
     )
     eval_every: int = Field(25, ge=1, description="steps between dev evaluations")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _positives_need_full_corpus(self) -> "ExpertTrainConfig":
+        if self.positives == "all" and self.objective != "full_corpus":
+            raise ValueError("experts.training.positives 'all' needs experts.training.objective 'full_corpus'")
+        return self
 
 
 class ExpertsConfig(_Strict):

@@ -226,6 +226,14 @@ def evaluate(
     t0 = time.perf_counter()
     adapters = enabled_experts(cfg)
     pilots = load_pilots(cfg)
+    from .pilots import pilot_rule
+
+    if pilots is not None and pilots.rule != pilot_rule(cfg):
+        raise ValueError(
+            f"the pilots in {cfg.experts.dir} were grouped by {pilots.rule or 'an unrecorded rule'!r}, the config "
+            f"(experts.pilot_margin, experts.pilot_min_queries) asks {pilot_rule(cfg)!r}: "
+            "rebuild them first ('routerserve pilots build')"
+        )
     experts = [e for e in (pilots.expert_names if pilots else []) if e in adapters]
     extra = {}
     if "multitask" in policies:

@@ -170,7 +170,10 @@ def train_domain_expert(
         texts,
         positives,
         out_dir,
-        AdapterTrainSettings(steps=train.steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed),
+        AdapterTrainSettings(
+            steps=train.steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed, positives=train.positives,
+            rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
+        ),
         progress=progress,
         hard_negatives=hard,
         corpus=full,
@@ -249,7 +252,10 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         texts,
         np.concatenate(positives),
         out_dir,
-        AdapterTrainSettings(steps=train.steps * len(domains), batch_size=train.batch_size, lr=train.lr, seed=train.seed),
+        AdapterTrainSettings(
+            steps=train.steps * len(domains), batch_size=train.batch_size, lr=train.lr, seed=train.seed,
+            positives=train.positives, rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
+        ),
         progress=progress,
         hard_negatives=np.concatenate(hard) if hard else None,
         # full corpus: every domain's docs (other domains' docs are easy negatives)
@@ -267,7 +273,8 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
 def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> list[str]:
     """Train the configured default experts that are missing, then rebuild the pilots of every
     default domain against the full expert set (the paper builds pilots once all experts exist).
-    Returns the domains trained now."""
+    Pilots grouped by another rule than the config's are rebuilt as well. Returns the domains
+    trained now."""
     trained = []
     root = adapters_root(cfg)
     domains = cfg.experts.training.default_domains
@@ -278,11 +285,11 @@ def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool
         logger.info("training default expert %s", domain)
         train_domain_expert(cfg, data_dir, domain, progress, pilots=False)
         trained.append(domain)
-    have = set(pilots.domains) if pilots is not None else set()
-    if trained or not set(domains) <= have:
-        from .pilots import build_pilots
+    from .pilots import build_pilots, pilots_follow_config
 
-        build_pilots(cfg, data_dir, list(domains), progress)
+    have = set(pilots.domains) if pilots is not None else set()
+    if trained or not set(domains) <= have or not pilots_follow_config(pilots, cfg):
+        build_pilots(cfg, data_dir, list(domains), progress)  # other rule on disk: every domain
     return trained
 
 

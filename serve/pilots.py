@@ -9,6 +9,7 @@ pilots; adding a domain needs no router training.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,17 @@ from .evaluation import SELF_RETRIEVAL_DOMAINS, per_query, search_run
 from .experts import domain_examples, enabled_experts, examples_qrels, load_pilots, pilots_path
 from .indexing import encoder_settings, load_corpus_vectors
 from .models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def pilot_rule(cfg: RouterServeConfig) -> str:
+    """The grouping rule the config asks for, as recorded in pilots.npz (``PilotSet.rule``)."""
+    return f"best_expert margin={cfg.experts.pilot_margin:g} min_queries={cfg.experts.pilot_min_queries}"
+
+
+def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> bool:
+    return pilots is not None and pilots.rule == pilot_rule(cfg)
 
 
 def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: int = 1) -> np.ndarray:
@@ -36,7 +48,7 @@ def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: 
 
 
 def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], domain: str,
-                       base_model: str) -> tuple[PilotSet, dict[str, int]]:
+                       base_model: str, rule: str = "") -> tuple[PilotSet, dict[str, int]]:
     """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries."""
     embs, names, wins = [], [], {}
     for j, e in enumerate(experts):
@@ -45,7 +57,7 @@ def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], d
             embs.append(base[members].mean(axis=0))
             names.append(e)
             wins[e] = int(members.sum())
-    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model), wins
+    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model, rule), wins
 
 
 def expert_table(engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus) -> np.ndarray:
@@ -72,6 +84,7 @@ def domain_pilots(
     owner: str | None = None,
     margin: float = 0.0,
     min_queries: int = 1,
+    rule: str = "",
 ) -> tuple[PilotSet, dict[str, int]]:
     """Pilots of one domain and how many of its queries each expert won. Ties (e.g. every expert
     scores 0) go to the domain's own expert: ``owner``, else the expert named like the domain."""
@@ -82,7 +95,7 @@ def domain_pilots(
     table = expert_table(engine, domain, qids, texts, qrels, corpus)
     owner = owner or domain
     own = experts.index(owner) if owner in experts else 0
-    return pilots_from_groups(base, best_experts(table, own, margin, min_queries), experts, domain, base_model)
+    return pilots_from_groups(base, best_experts(table, own, margin, min_queries), experts, domain, base_model, rule)
 
 
 def build_pilots(
@@ -93,12 +106,24 @@ def build_pilots(
     owners: dict[str, str] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain.
-    ``owners``: domain → its own expert where the names differ (``experts add --domain``)."""
+    ``owners``: domain → its own expert where the names differ (``experts add --domain``).
+    When the pilots on disk were grouped by another rule than the config's (``experts.pilot_margin``,
+    ``experts.pilot_min_queries``; files without a recorded rule count as another), every domain
+    that has pilots is rebuilt too, so the file never mixes rules."""
     adapters = enabled_experts(cfg)
     current = load_pilots(cfg)
+    rule = pilot_rule(cfg)
     if not domains:  # the domains that have pilots, plus every expert named after a dataset
         domains = list(dict.fromkeys(current.domains)) if current is not None else []
         domains += [a for a in adapters if a not in domains and (Path(data_dir) / a / "corpus.jsonl").is_file()]
+    elif current is not None and current.rule != rule:
+        stale = [d for d in dict.fromkeys(current.domains) if d not in domains]
+        if stale:
+            logger.warning("pilots on disk were grouped by %r, the config asks %r: rebuilding %s too",
+                           current.rule or "an unrecorded rule", rule, stale)
+            domains = [*domains, *stale]
+    if current is not None and current.rule != rule:
+        current = None  # every domain on disk is rebuilt below, under this rule
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}
     for domain in domains:
@@ -108,7 +133,7 @@ def build_pilots(
         qrels = examples_qrels(domain, examples, corpus)
         new, wins = domain_pilots(
             engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, (owners or {}).get(domain),
-            cfg.experts.pilot_margin, cfg.experts.pilot_min_queries,
+            cfg.experts.pilot_margin, cfg.experts.pilot_min_queries, rule,
         )
         current = replace_domains(current, new)
         report[domain] = wins

@@ -70,6 +70,7 @@ class ExpertInfo(BaseModel):
 class ExpertsResponse(BaseModel):
     base_model: str
     policy: str
+    pilot_rule: str = ""  # how the pilots were grouped ("" = not recorded in the pilot file)
     experts: list[ExpertInfo]
 
 

@@ -237,6 +237,7 @@ class RetrievalService:
         return ExpertsResponse(
             base_model=info["base_model"],
             policy=info["policy"],
+            pilot_rule=info.get("pilot_rule", ""),
             experts=[ExpertInfo(**e) for e in info["experts"]],
         )
 

@@ -104,6 +104,44 @@ def test_full_corpus_objective_ranks_targets_higher(tmp_path, model_path, encode
     assert mean_rank(trained.encode(queries, "full")) < mean_rank(base.encode(queries)) - 5
 
 
+def test_all_positives_objective_lifts_every_judged_doc(tmp_path, model_path, encoder_settings):
+    """positives='all': each query's other judged docs climb too (with 'best' they are only masked)."""
+    base = EncoderEngine(model_path, None, encoder_settings)
+    corpus = _unit_rows(60, base.dim, 2)
+    judged = [{3 * i, 3 * i + 1, 3 * i + 2} for i in range(8)]  # 3 relevant docs per query
+    targets = [3 * i for i in range(8)]
+    others = [(i, r) for i in range(8) for r in sorted(judged[i]) if r != targets[i]]
+
+    def others_rank(vectors):
+        sims = vectors @ corpus.T
+        return np.mean([(sims[i] > sims[i, r]).sum() for i, r in others])
+
+    ranks = {}
+    for mode in ("best", "all"):
+        report = train_query_adapter(
+            model_path, encoder_settings, QUERIES, corpus[targets], tmp_path / mode,
+            AdapterTrainSettings(steps=25, batch_size=8, lr=2e-3, positives=mode), progress=False,
+            corpus=(corpus, targets, judged),
+        )
+        assert report["settings"]["positives"] == mode
+        ranks[mode] = others_rank(EncoderEngine(model_path, {mode: tmp_path / mode}, encoder_settings).encode(QUERIES, mode))
+    assert ranks["all"] < others_rank(base.encode(QUERIES)) - 5
+    assert ranks["all"] < ranks["best"] - 5
+
+
+def test_all_positives_need_the_full_corpus_objective(tmp_path, model_path, encoder_settings):
+    with pytest.raises(ValueError, match="full-corpus"):
+        train_query_adapter(
+            model_path, encoder_settings, QUERIES, _unit_rows(8, 384, 0), tmp_path / "x",
+            AdapterTrainSettings(steps=1, positives="all"), progress=False,
+        )
+    with pytest.raises(ValueError, match="'best' or 'all'"):
+        train_query_adapter(
+            model_path, encoder_settings, QUERIES, _unit_rows(8, 384, 0), tmp_path / "y",
+            AdapterTrainSettings(steps=1, positives="some"), progress=False,
+        )
+
+
 def test_dev_selection_keeps_the_best_step_and_never_worse_than_base(tmp_path, model_path, encoder_settings):
     base = EncoderEngine(model_path, None, encoder_settings)
     queries = QUERIES

@@ -39,10 +39,11 @@ def test_no_experts_routes_to_base():
 
 
 def test_save_load_and_restrict(tmp_path, rng):
-    pilots = PilotSet(rng.normal(size=(3, 4)), ["b", "a", "b"], ["d3", "d9", "d4"], "m")
+    pilots = PilotSet(rng.normal(size=(3, 4)), ["b", "a", "b"], ["d3", "d9", "d4"], "m", "rule-1")
     path = pilots.save(tmp_path)
     loaded = PilotSet.load(path)
     assert loaded.experts == ["b", "a", "b"] and loaded.domains == ["d3", "d9", "d4"] and loaded.base_model == "m"
+    assert loaded.rule == "rule-1" and loaded.restrict(["a"]).rule == "rule-1"
     np.testing.assert_array_equal(loaded.embeddings, pilots.embeddings)
     assert loaded.expert_names == ["b", "a"]
     only_b = loaded.restrict(["b"])
@@ -74,6 +75,12 @@ def test_replace_domains_keeps_other_domains(rng):
     assert out.domains == ["d2", "d1"] and out.experts == ["a", "b"]
     np.testing.assert_array_equal(out.embeddings[0], cur.embeddings[2])
     assert replace_domains(None, new) is new
+    # one file, one grouping rule: pilots kept from another rule are refused, replacing them all is fine
+    other = PilotSet(np.ones((1, 4)), ["b"], ["d1"], "m", "margin=0.5")
+    with pytest.raises(ValueError, match=r"\['d2'\] were grouped by 'an unrecorded rule'"):
+        replace_domains(cur, other)
+    everything = PilotSet(np.ones((2, 4)), ["b", "a"], ["d1", "d2"], "m", "margin=0.5")
+    assert replace_domains(cur, everything).rule == "margin=0.5"
 
 
 def test_linear_classifier_learns_separable_domains(rng):

@@ -24,6 +24,8 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"deployments": {"shard": {"max_ongoing_requests": "lots"}}}, "deployments.shard"),
         ({"deployments": {"ingress": {"no_such_option": 1}}}, "deployments.ingress"),
         ({"http": {"port": 70000}}, "http.port"),
+        ({"experts": {"training": {"positives": "some"}}}, "experts.training.positives"),
+        ({"experts": {"training": {"positives": "all", "objective": "mined"}}}, "experts.training"),
     ],
 )
 def test_config_errors_name_the_offending_key(data, key):

@@ -76,6 +76,7 @@ def test_health_and_experts(served):
     ex = httpx.get(f"{served['url']}/v1/experts").json()
     assert sorted(e["name"] for e in ex["experts"]) == ["nfcorpus", "scifact"]
     assert all(e["num_pilots"] >= 1 for e in ex["experts"])
+    assert ex["pilot_rule"] == "best_expert margin=0 min_queries=1"  # the test config keeps the paper's rule
 
 
 @pytest.mark.parametrize(

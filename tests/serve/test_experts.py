@@ -65,6 +65,32 @@ def test_add_and_remove_experts_independently(cfg, data_dir):
         remove_expert(cfg, "scifact")
 
 
+def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_changes(cfg, data_dir):
+    from serve.evaluation import evaluate
+    from serve.experts import train_default_experts
+    from serve.pilots import build_pilots, pilot_rule
+
+    train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
+    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1"
+    margin = cfg.model_copy(deep=True)
+    margin.experts.pilot_margin, margin.experts.pilot_min_queries = 0.5, 10
+    # the evaluation refuses pilots grouped by another rule than the one it would report
+    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1'.*routerserve pilots build"):
+        evaluate(margin, data_dir, ["scifact"], ["pilot_mean"], max_queries=2, progress=False)
+    # rebuilding one domain under the new rule rebuilds every domain: the file never mixes rules
+    wins = build_pilots(margin, data_dir, ["nfcorpus"], progress=False)
+    assert sorted(wins) == ["nfcorpus", "scifact"]
+    pilots = load_pilots(margin)
+    assert pilots.rule == "best_expert margin=0.5 min_queries=10"
+    # 8 training queries < 10: every query folds into its own domain's pilot, one pilot per domain
+    assert sorted(zip(pilots.domains, pilots.experts)) == [("nfcorpus", "nfcorpus"), ("scifact", "scifact")]
+    # `up` (train_default_experts) trains nothing here but brings the pilots back to the config's rule
+    cfg.experts.training.default_domains = ["scifact", "nfcorpus"]
+    assert train_default_experts(cfg, data_dir, progress=False) == []
+    assert load_pilots(cfg).rule == pilot_rule(cfg)
+
+
 def test_add_external_adapter_builds_only_its_domains_pilots(cfg, data_dir, random_adapters, tmp_path):
     train_domain_expert(cfg, data_dir, "scifact", progress=False)
     scifact_adapter = _folder_hash(enabled_experts(cfg)["scifact"])
