@@ -90,7 +90,8 @@ def pilots_build(
     data_dir: Optional[Path] = DataOpt,
 ):
     """Group each domain's training queries by their best expert (nDCG@10); mean base embedding
-    per (domain, expert) = one pilot. Other domains' pilots are kept."""
+    per (domain, expert) = one pilot. Other domains' pilots are kept, unless they were grouped by
+    another rule (experts.pilot_margin / pilot_min_queries): then every domain is rebuilt."""
     from .cluster import ensure_ray
     from .pilots import build_pilots
 
@@ -135,6 +136,11 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
         n = sum(1 for e in (pilots.experts if pilots else []) if e == name)
         table.add_row(name, str(path), str(n))
     console.print(table if table.row_count else f"no experts under {adapters_root(cfg)}")
+    if pilots is not None:
+        from .pilots import pilot_rule
+
+        stale = "" if pilots.rule == pilot_rule(cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
+        console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
 
 
 @experts_app.command("add")

@@ -48,3 +48,22 @@ def test_experts_add_and_remove_errors_are_clean_exits(tmp_path, data_dir):
     assert r.exit_code == 2 and "adapter_config.json" in r.output
     r = runner.invoke(app, ["experts", "remove", "ghost", *exp[:2]])
     assert r.exit_code == 2 and "ghost" in r.output
+
+
+def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random_adapters):
+    import shutil
+
+    import numpy as np
+
+    from actors.routing import PilotSet
+
+    experts = tmp_path / "experts"
+    shutil.copytree(random_adapters["alpha"], experts / "adapters" / "alpha")
+    PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1").save(experts)
+    args = ["experts", "list", "--set", f"experts.dir={experts}", "--set", "experts.pilot_margin=0.5"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "alpha" in r.output and "│ 2 " in r.output.replace("  ", " ")
+    assert "pilot rule: best_expert margin=0 min_queries=1" in r.output and "routerserve pilots build" in r.output
+    same = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1"])
+    assert same.exit_code == 0 and "pilots build" not in same.output
