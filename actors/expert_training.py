@@ -106,6 +106,10 @@ def train_query_adapter(
         target_modules=list(settings.target_modules),
         bias="none",
     )
+    names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [t for t in settings.target_modules if t not in names]
+    if unknown:
+        raise ValueError(f"target_modules {unknown} match no linear layer of the base model (it has {sorted(names)})")
     model = get_peft_model(base, config)
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)

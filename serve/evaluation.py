@@ -226,7 +226,7 @@ def evaluate(
     t0 = time.perf_counter()
     adapters = enabled_experts(cfg)
     pilots = load_pilots(cfg)
-    from .pilots import pilot_rule
+    from .pilots import pilot_rule  # here: serve.pilots imports this module
 
     if pilots is not None and pilots.rule != pilot_rule(cfg):
         raise ValueError(

@@ -135,6 +135,11 @@ def test_all_positives_need_the_full_corpus_objective(tmp_path, model_path, enco
             model_path, encoder_settings, QUERIES, _unit_rows(8, 384, 0), tmp_path / "x",
             AdapterTrainSettings(steps=1, positives="all"), progress=False,
         )
+    with pytest.raises(ValueError, match=r"target_modules \['qproj'\] match no linear layer.*'query'"):
+        train_query_adapter(
+            model_path, encoder_settings, QUERIES, _unit_rows(8, 384, 0), tmp_path / "z",
+            AdapterTrainSettings(steps=1, target_modules=("query", "qproj")), progress=False,
+        )
     with pytest.raises(ValueError, match="'best' or 'all'"):
         train_query_adapter(
             model_path, encoder_settings, QUERIES, _unit_rows(8, 384, 0), tmp_path / "y",
