@@ -81,7 +81,7 @@ def _pilots(parts: dict[str, tuple[np.ndarray, np.ndarray]], experts: list[str],
 
     embs, names, doms = [], [], []
     for domain, (base, table) in parts.items():
-        ps, _ = pilots_from_groups(base, best_experts(table, experts.index(domain), margin, min_q), experts, domain, "")
+        ps, _ = pilots_from_groups(base, best_experts(table, experts.index(domain), margin, min_q, names=experts), experts, domain, "")
         embs.append(ps.embeddings)
         names += ps.experts
         doms += ps.domains

@@ -35,11 +35,18 @@ def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> boo
     return pilots is not None and pilots.rule == pilot_rule(cfg)
 
 
-def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: int = 1) -> np.ndarray:
+def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: int = 1,
+                 names: list[str] | None = None) -> np.ndarray:
     """Per training query (rows of ``table``: nDCG@10 per expert), the expert whose pilot it joins:
     the best one, ties to the domain's own (``own``). Deviation knobs (paper: 0 and 1): another
     expert wins only when it beats the own expert by more than ``margin``; groups smaller than
-    ``min_queries`` fold into the own group."""
+    ``min_queries`` fold into the own group. A tie between OTHER experts (common: one judged doc,
+    several experts rank it first) goes to the first by ``names`` when given, else the first
+    column — so with names the pilots do not depend on the order the experts were loaded in."""
+    if names is not None:
+        order = np.argsort(np.asarray(names, dtype=str), kind="stable")
+        inverse = int(np.flatnonzero(order == own)[0])
+        return order[best_experts(table[:, order], inverse, margin, min_queries)]
     best = np.where(table.max(axis=1) - table[:, own] > margin, table.argmax(axis=1), own)
     if min_queries > 1:
         sizes = np.bincount(best, minlength=table.shape[1])
@@ -95,7 +102,8 @@ def domain_pilots(
     table = expert_table(engine, domain, qids, texts, qrels, corpus)
     owner = owner or domain
     own = experts.index(owner) if owner in experts else 0
-    return pilots_from_groups(base, best_experts(table, own, margin, min_queries), experts, domain, base_model, rule)
+    best = best_experts(table, own, margin, min_queries, names=experts)
+    return pilots_from_groups(base, best, experts, domain, base_model, rule)
 
 
 def build_pilots(

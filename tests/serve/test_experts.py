@@ -206,6 +206,20 @@ def test_best_experts_margin_and_minimum_group_size():
     assert best_experts(table, own=0, margin=1.0).tolist() == [0, 0, 0, 0]  # one pilot per domain
 
 
+def test_best_experts_ties_between_other_experts_do_not_depend_on_load_order():
+    from serve.pilots import best_experts
+
+    # own expert "arguana" (column 1) misses; "scifact" and "cranfield" tie on every query
+    table = np.array([[1.0, 0.0, 1.0], [1.0, 0.2, 1.0], [0.9, 0.0, 0.9]])
+    names = ["scifact", "arguana", "cranfield"]
+    assert best_experts(table, own=1).tolist() == [0, 0, 0]  # no names: first column
+    assert best_experts(table, own=1, names=names).tolist() == [2, 2, 2]  # cranfield < scifact
+    # the same experts loaded in another order choose the same expert (by name)
+    perm = [2, 0, 1]  # cranfield, scifact, arguana
+    got = best_experts(table[:, perm], own=2, names=[names[i] for i in perm], margin=0.5, min_queries=2)
+    assert [[names[i] for i in perm][j] for j in got] == ["cranfield"] * 3
+
+
 def test_mined_objective_uses_hard_negatives_from_the_base_index(cfg, data_dir):
     cfg.experts.training.objective = "mined"
     report = train_domain_expert(cfg, data_dir, "scifact", progress=False)
