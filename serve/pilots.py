@@ -124,14 +124,12 @@ def build_pilots(
     if not domains:  # the domains that have pilots, plus every expert named after a dataset
         domains = list(dict.fromkeys(current.domains)) if current is not None else []
         domains += [a for a in adapters if a not in domains and (Path(data_dir) / a / "corpus.jsonl").is_file()]
-    elif current is not None and current.rule != rule:
+    if current is not None and current.rule != rule:  # rebuild every domain on disk, under this rule
         stale = [d for d in dict.fromkeys(current.domains) if d not in domains]
         if stale:
             logger.warning("pilots on disk were grouped by %r, the config asks %r: rebuilding %s too",
                            current.rule or "an unrecorded rule", rule, stale)
-            domains = [*domains, *stale]
-    if current is not None and current.rule != rule:
-        current = None  # every domain on disk is rebuilt below, under this rule
+        domains, current = [*domains, *stale], None
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}
     for domain in domains:
