@@ -137,9 +137,9 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
         table.add_row(name, str(path), str(n))
     console.print(table if table.row_count else f"no experts under {adapters_root(cfg)}")
     if pilots is not None:
-        from .pilots import pilot_rule
+        from .pilots import pilot_rule, pilots_follow_config
 
-        stale = "" if pilots.rule == pilot_rule(cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
+        stale = "" if pilots_follow_config(pilots, cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
 
 

@@ -226,9 +226,9 @@ def evaluate(
     t0 = time.perf_counter()
     adapters = enabled_experts(cfg)
     pilots = load_pilots(cfg)
-    from .pilots import pilot_rule  # here: serve.pilots imports this module
+    from .pilots import pilot_rule, pilots_follow_config  # here: serve.pilots imports this module
 
-    if pilots is not None and pilots.rule != pilot_rule(cfg):
+    if pilots is not None and not pilots_follow_config(pilots, cfg):
         raise ValueError(
             f"the pilots in {cfg.experts.dir} were grouped by {pilots.rule or 'an unrecorded rule'!r}, the config "
             f"(experts.pilot_margin, experts.pilot_min_queries) asks {pilot_rule(cfg)!r}: "

@@ -31,7 +31,7 @@ from actors.expert_training import (
 )
 from actors.routing import PILOTS_FILE, PilotSet
 
-from .config import RouterServeConfig
+from .config import ExpertTrainConfig, RouterServeConfig
 from .indexing import encoder_settings, load_corpus_vectors
 from .models import resolve_model
 
@@ -135,6 +135,14 @@ def dev_scorer(domain: str, dev_examples: list, corpus):
     return [t for _, t, _, _ in dev_examples], score
 
 
+def adapter_settings(train: ExpertTrainConfig, steps: int | None = None) -> AdapterTrainSettings:
+    """The adapter hyper-parameters of ``experts.training`` (``steps`` overrides its step count)."""
+    return AdapterTrainSettings(
+        steps=train.steps if steps is None else steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed,
+        positives=train.positives, rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
+    )
+
+
 def train_domain_expert(
     cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True
 ) -> dict:
@@ -170,10 +178,7 @@ def train_domain_expert(
         texts,
         positives,
         out_dir,
-        AdapterTrainSettings(
-            steps=train.steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed, positives=train.positives,
-            rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
-        ),
+        adapter_settings(train),
         progress=progress,
         hard_negatives=hard,
         corpus=full,
@@ -252,10 +257,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         texts,
         np.concatenate(positives),
         out_dir,
-        AdapterTrainSettings(
-            steps=train.steps * len(domains), batch_size=train.batch_size, lr=train.lr, seed=train.seed,
-            positives=train.positives, rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
-        ),
+        adapter_settings(train, steps=train.steps * len(domains)),
         progress=progress,
         hard_negatives=np.concatenate(hard) if hard else None,
         # full corpus: every domain's docs (other domains' docs are easy negatives)
