@@ -38,6 +38,7 @@ class AdapterTrainSettings:
     target_modules: tuple[str, ...] = ("query", "value")
     seed: int = 0
     positives: str = "best"  # full-corpus objective: "best" judged doc per query, or "all" of them
+    patience: int | None = None  # with dev queries: stop once this many steps pass without a new best
 
 
 def train_query_adapter(
@@ -75,6 +76,8 @@ def train_query_adapter(
     fresh LoRA adapter is the identity (B = 0), so when no step beats the start the expert saved
     is exactly the base model on those queries: an expert never does worse than base on its dev
     queries. Dev queries must come from the training side, never from test queries.
+    ``settings.patience`` (needs ``dev``): stop early once that many steps have passed since the
+    best dev score (the LR is constant, so the steps run are exactly the first ones of a longer run).
     ``groups`` (one id per query, e.g. its domain): every batch is drawn from one group, the
     group picked with probability proportional to its size (multi-task training): each domain's
     queries meet their own domain's in-batch negatives, and short queries are not padded to the
@@ -95,6 +98,8 @@ def train_query_adapter(
         raise ValueError(f"positives must be 'best' or 'all', not {settings.positives!r}")
     if settings.positives == "all" and corpus is None:
         raise ValueError("positives='all' needs the full-corpus objective (corpus=...)")
+    if settings.patience is not None and (settings.patience < 1 or dev is None):
+        raise ValueError("patience must be >= 1 steps and needs dev queries (dev=...)")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -207,6 +212,9 @@ def train_query_adapter(
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
         if dev is not None and (len(losses) % eval_every == 0 or len(losses) == settings.steps):
             dev_check(len(losses))
+            best_step = max(dev_curve, key=lambda sv: sv[1])[0]
+            if settings.patience is not None and len(losses) - best_step >= settings.patience:
+                break
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     out_dir = Path(out_dir)
@@ -223,6 +231,8 @@ def train_query_adapter(
         "num_dev_queries": 0 if dev is None else len(dev[0]),
         "corpus_size": 0 if full is None else int(full.shape[0]),
         "losses": losses,
+        "steps_run": len(losses),
+        "stopped_early": len(losses) < settings.steps,
         "seconds": time.perf_counter() - t0,
         "base_model": str(model_path),
     }

@@ -94,12 +94,18 @@ class ExpertTrainConfig(_Strict):
         0.1, ge=0, lt=1, description="training queries held out to pick the best step (0 = keep the last)"
     )
     eval_every: int = Field(25, ge=1, description="steps between dev evaluations")
+    patience: int | None = Field(
+        None, ge=1, description="stop once this many steps pass without a better dev score (null = run every step; "
+        "multi-task: × its number of domains, like steps)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
     def _positives_need_full_corpus(self) -> "ExpertTrainConfig":
         if self.positives == "all" and self.objective != "full_corpus":
             raise ValueError("experts.training.positives 'all' needs experts.training.objective 'full_corpus'")
+        if self.patience is not None and self.dev_fraction == 0:
+            raise ValueError("experts.training.patience needs dev queries (experts.training.dev_fraction > 0)")
         return self
 
 

@@ -135,11 +135,14 @@ def dev_scorer(domain: str, dev_examples: list, corpus):
     return [t for _, t, _, _ in dev_examples], score
 
 
-def adapter_settings(train: ExpertTrainConfig, steps: int | None = None) -> AdapterTrainSettings:
-    """The adapter hyper-parameters of ``experts.training`` (``steps`` overrides its step count)."""
+def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: bool = True) -> AdapterTrainSettings:
+    """The adapter hyper-parameters of ``experts.training``; ``step_scale`` multiplies the step
+    budget and the patience (the multi-task adapter gets both × its number of domains). Without
+    dev queries (a domain too small to hold some out) there is nothing to stop on: every step runs."""
     return AdapterTrainSettings(
-        steps=train.steps if steps is None else steps, batch_size=train.batch_size, lr=train.lr, seed=train.seed,
+        steps=train.steps * step_scale, batch_size=train.batch_size, lr=train.lr, seed=train.seed,
         positives=train.positives, rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
+        patience=None if train.patience is None or not has_dev else train.patience * step_scale,
     )
 
 
@@ -178,7 +181,7 @@ def train_domain_expert(
         texts,
         positives,
         out_dir,
-        adapter_settings(train),
+        adapter_settings(train, has_dev=bool(dev_examples)),
         progress=progress,
         hard_negatives=hard,
         corpus=full,
@@ -257,7 +260,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         texts,
         np.concatenate(positives),
         out_dir,
-        adapter_settings(train, steps=train.steps * len(domains)),
+        adapter_settings(train, step_scale=len(domains), has_dev=bool(dev_parts)),
         progress=progress,
         hard_negatives=np.concatenate(hard) if hard else None,
         # full corpus: every domain's docs (other domains' docs are easy negatives)

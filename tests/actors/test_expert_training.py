@@ -173,6 +173,37 @@ def test_dev_selection_keeps_the_best_step_and_never_worse_than_base(tmp_path, m
     assert float(np.sum(saved * targets[:4], axis=1).mean()) == pytest.approx(best, abs=1e-4)
 
 
+def test_patience_stops_after_that_many_steps_without_a_new_best(tmp_path, model_path, encoder_settings):
+    base = EncoderEngine(model_path, None, encoder_settings)
+    dev_q = QUERIES[:4]
+    dev_base = base.encode(dev_q)
+    score = lambda v: float(np.sum(v * dev_base, axis=1).mean())  # noqa: E731 - any change lowers it
+    targets = _unit_rows(8, base.dim, 1)
+    s = dict(steps=30, batch_size=8, lr=2e-3)
+    full = train_query_adapter(
+        model_path, encoder_settings, QUERIES, targets, tmp_path / "full", AdapterTrainSettings(**s),
+        progress=False, dev=(dev_q, score), eval_every=5,
+    )
+    early = train_query_adapter(
+        model_path, encoder_settings, QUERIES, targets, tmp_path / "early", AdapterTrainSettings(**s, patience=10),
+        progress=False, dev=(dev_q, score), eval_every=5,
+    )
+    # the best is step 0, so the run stops at the first check 10 steps after it; the LR is constant,
+    # so the steps it ran are exactly the first steps of the full run
+    assert full["best_step"] == early["best_step"] == 0 and not full["stopped_early"]
+    assert early["stopped_early"] and early["steps_run"] == 10 and len(early["losses"]) == 10
+    assert [st for st, _ in early["dev_curve"]] == [0, 5, 10]
+    np.testing.assert_allclose([v for _, v in early["dev_curve"]], [v for _, v in full["dev_curve"][:3]], atol=1e-5)
+    np.testing.assert_allclose(early["losses"], full["losses"][:10], rtol=1e-4)
+    kept = EncoderEngine(model_path, {"early": tmp_path / "early"}, encoder_settings)
+    np.testing.assert_allclose(kept.encode(dev_q, "early"), dev_base, atol=1e-5)
+    with pytest.raises(ValueError, match="patience.*dev queries"):
+        train_query_adapter(
+            model_path, encoder_settings, QUERIES, targets, tmp_path / "nodev",
+            AdapterTrainSettings(steps=2, patience=5), progress=False,
+        )
+
+
 def test_group_batches_draw_each_batch_from_one_group_and_cover_every_query():
     import random
     from collections import Counter

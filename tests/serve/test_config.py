@@ -26,6 +26,8 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"http": {"port": 70000}}, "http.port"),
         ({"experts": {"training": {"positives": "some"}}}, "experts.training.positives"),
         ({"experts": {"training": {"positives": "all", "objective": "mined"}}}, "experts.training"),
+        ({"experts": {"training": {"patience": 0}}}, "experts.training.patience"),
+        ({"experts": {"training": {"patience": 50, "dev_fraction": 0}}}, "experts.training"),
     ],
 )
 def test_config_errors_name_the_offending_key(data, key):

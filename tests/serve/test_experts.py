@@ -9,6 +9,7 @@ import pytest
 from actors.beir import load_qrels, seeded_half_split
 from serve.config import config_from_dict
 from serve.experts import (
+    adapter_settings,
     add_expert,
     enabled_experts,
     load_pilots,
@@ -238,3 +239,13 @@ def test_split_dev_is_deterministic_disjoint_and_skipped_when_small():
     assert len(small_dev) == 10 and len(small_train) == 40
     assert split_dev(examples[:29], 0.1) == (examples[:29], [])  # under 3 × 10 queries: no dev
     assert split_dev(examples, 0.0) == (examples, [])
+
+
+def test_adapter_settings_scale_steps_and_patience_and_drop_patience_without_dev():
+    train = config_from_dict({"experts": {"training": {"steps": 600, "patience": 150, "rank": 4}}}).experts.training
+    one = adapter_settings(train)
+    assert (one.steps, one.patience, one.rank) == (600, 150, 4)
+    multi = adapter_settings(train, step_scale=5)
+    assert (multi.steps, multi.patience) == (3000, 750)
+    assert adapter_settings(train, has_dev=False).patience is None
+    assert adapter_settings(config_from_dict({}).experts.training).patience is None
