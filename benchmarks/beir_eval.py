@@ -1,11 +1,11 @@
 """The RouterRetriever quality benchmark: train what is missing, then evaluate every policy.
 
     .venv/bin/python benchmarks/beir_eval.py --domains scifact,nfcorpus,arguana,cranfield,npl \
-        --experts-dir .routerserve/experts-beir --steps 300 --name beir
+        --experts-dir .routerserve/experts-beir3 --steps 600 --set experts.training.patience=300 --name beir
 
 1. one expert per domain (query-side LoRA, hard negatives from the domain's base index), skipped
    when its adapter exists; 2. pilots of every domain by the best-expert rule with the config's
-   margin (configs/local.yaml: 0.5 / 10, chosen by benchmarks/pilot_margin.py; ``--set
+   margin (configs/local.yaml: 0.3 / 10, chosen by benchmarks/pilot_margin.py; ``--set
    experts.pilot_margin=0 --set experts.pilot_min_queries=1`` for the paper's), rebuilt when the
    pilots on disk follow another rule;
 3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
@@ -32,8 +32,8 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
-    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir")),
-    steps: int = typer.Option(300, help="training steps per expert (multi-task: steps × #domains)"),
+    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir3")),
+    steps: int = typer.Option(600, help="training steps per expert (multi-task: steps × #domains)"),
     max_queries: int = typer.Option(2000, help="training queries per domain"),
     policies: str = typer.Option("base,multitask,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle"),
     settings: str = typer.Option("per_domain,union"),

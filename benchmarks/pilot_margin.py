@@ -1,11 +1,11 @@
 """Pilot grouping with a margin: a deviation from the paper, chosen on TRAINING queries only.
 
-    .venv/bin/python benchmarks/pilot_margin.py --experts-dir .routerserve/experts-beir
+    .venv/bin/python benchmarks/pilot_margin.py --experts-dir .routerserve/experts-beir3 --cache .routerserve/pilot-margin3 --name beir3_pilot_margin
 
 The paper's pilot rule puts each training query in the group of the expert with the best
 nDCG@10 on it (ties to the domain's own expert). With experts that differ little on most queries
 those wins are mostly noise, and pilot-mean routing sends a domain's test queries to its own
-expert only 16-50 % of the time (benchmarks/results/beir.md). Variant: another expert wins only
+expert only 16-50 % of the time (benchmarks/results/beir_paper_rule.md). Variant: another expert wins only
 if it beats the own expert by more than ``margin``; groups of fewer than ``min_queries`` fold
 into the own group (``experts.pilot_margin`` / ``experts.pilot_min_queries``).
 
@@ -98,7 +98,7 @@ def _routed(pilots, base: np.ndarray, table: np.ndarray, experts: list[str], pol
 @app.command()
 def main(
     domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
-    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir")),
+    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir3")),
     max_queries: int = typer.Option(2000, help="as in beir_eval.py: the same training sample"),
     cache: Path = typer.Option(Path(".routerserve/pilot-margin")),
     seed: int = typer.Option(0),
