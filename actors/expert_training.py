@@ -137,9 +137,10 @@ def train_query_adapter(
     losses: list[float] = []
     dev_curve: list[tuple[int, float]] = []
     best_state: dict | None = None
+    best_step = settings.steps  # without dev queries the last step is the one kept
 
     def dev_check(step: int) -> None:
-        nonlocal best_state
+        nonlocal best_state, best_step
         if dev is None:
             return
         dev_queries, score_fn = dev
@@ -155,6 +156,7 @@ def train_query_adapter(
         score = float(score_fn(np.concatenate(vecs)))
         if not dev_curve or score > max(v for _, v in dev_curve):
             best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            best_step = step
         dev_curve.append((step, score))
 
     dev_check(0)
@@ -212,7 +214,6 @@ def train_query_adapter(
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
         if dev is not None and (len(losses) % eval_every == 0 or len(losses) == settings.steps):
             dev_check(len(losses))
-            best_step = max(dev_curve, key=lambda sv: sv[1])[0]
             if settings.patience is not None and len(losses) - best_step >= settings.patience:
                 break
     if best_state is not None:
@@ -227,7 +228,7 @@ def train_query_adapter(
         "hard_negatives_per_query": 0 if negs is None else int(negs.shape[1]),
         "objective": "full_corpus" if full is not None else "in_batch+mined",
         "dev_curve": dev_curve,
-        "best_step": max(dev_curve, key=lambda sv: sv[1])[0] if dev_curve else settings.steps,
+        "best_step": best_step,
         "num_dev_queries": 0 if dev is None else len(dev[0]),
         "corpus_size": 0 if full is None else int(full.shape[0]),
         "losses": losses,
