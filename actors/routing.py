@@ -23,7 +23,7 @@ import numpy as np
 PILOTS_FILE = "pilots.npz"
 
 
-def _l2norm(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
@@ -37,7 +37,7 @@ class PilotSet:
     experts: list[str]
     domains: list[str] = field(default_factory=list)
     base_model: str = ""
-    rule: str = ""  # how the pilots were grouped (serve.pilots.pilot_rule); "" = not recorded
+    rule: str = ""  # how the pilots were grouped (serve.artifacts.experts.pilot_rule); "" = not recorded
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -166,8 +166,8 @@ def registered_policies() -> list[str]:
 
 
 def _pilot_similarities(queries: np.ndarray, pilots: PilotSet) -> tuple[np.ndarray, list[str], np.ndarray]:
-    q = _l2norm(np.atleast_2d(queries))
-    p = _l2norm(pilots.embeddings)
+    q = l2_normalize(np.atleast_2d(queries))
+    p = l2_normalize(pilots.embeddings)
     names = pilots.expert_names
     col = {n: i for i, n in enumerate(names)}
     owner = np.array([col[e] for e in pilots.experts], dtype=np.int64)
@@ -207,35 +207,3 @@ def choose(scores: np.ndarray, names: list[str]) -> list[str]:
         return [BASE] * scores.shape[0]
     return [names[int(i)] for i in np.argmax(scores, axis=1)]
 
-
-class LinearExpertClassifier:
-    """ExpertClassifierRouter-style baseline: softmax regression from a query's base embedding to
-    the expert of its training domain (trained with torch, full batch, L2-regularised)."""
-
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, names: list[str]):
-        self.weight, self.bias, self.names = weight, bias, list(names)
-
-    @classmethod
-    def fit(cls, x: np.ndarray, labels: list[str], epochs: int = 300, lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0):
-        import torch
-
-        names = sorted(set(labels))
-        if len(names) < 2:
-            raise ValueError("a classifier router needs training queries of at least 2 experts")
-        torch.manual_seed(seed)
-        xt = torch.as_tensor(_l2norm(x))
-        yt = torch.as_tensor([names.index(label) for label in labels])
-        layer = torch.nn.Linear(xt.shape[1], len(names))
-        opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(layer(xt), yt)
-            loss.backward()
-            opt.step()
-        return cls(layer.weight.detach().numpy().copy(), layer.bias.detach().numpy().copy(), names)
-
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        return _l2norm(x) @ self.weight.T + self.bias
-
-    def predict(self, x: np.ndarray) -> list[str]:
-        return [self.names[int(i)] for i in np.argmax(self.scores(x), axis=1)]

@@ -92,11 +92,13 @@ def serve_replicas(
     from ray import serve
     from rich.console import Console
 
-    from serve.builders import ENCODER, build_app
-    from serve.cli import wait_healthy
-    from serve.cluster import ensure_ray
+    from serve.app.builders import build_app
+
+    from serve.app.settings import ENCODER
+    from serve.cli.common import wait_healthy
+    from serve.deploy.cluster import ensure_ray
     from serve.config import RayConfig, config_from_dict, load_config
-    from serve.indexing import build_index
+    from serve.offline.indexing import build_index
 
     console = Console()
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,

@@ -44,10 +44,11 @@ def main(
 ):
     from rich.console import Console
 
-    from serve.cluster import ensure_ray
+    from serve.deploy.cluster import ensure_ray
     from serve.config import load_config
-    from serve.evaluation import evaluate, write_report
-    from serve.experts import multitask_dir, train_default_experts, train_multitask_expert
+    from serve.offline.beir_eval import evaluate, write_report
+    from serve.artifacts.experts import multitask_dir
+    from serve.offline.training import train_default_experts, train_multitask_expert
 
     console = Console()
     overrides = [

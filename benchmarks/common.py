@@ -13,7 +13,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    from serve.reports import machine as describe
+    from serve.offline.reports import machine as describe
 
     return describe(("ray", "torch", "transformers", "peft", "faiss-cpu", "faiss-gpu", "fastapi"))
 

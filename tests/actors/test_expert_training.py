@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from actors.encoder import EncoderEngine
-from actors.expert_training import AdapterTrainSettings, domain_mean_pilots, train_query_adapter
+from actors.expert_training import AdapterTrainSettings, train_query_adapter
 from actors.routed_encoder import RoutedEncoder, route_and_encode_requests
 
 QUERIES = [f"question number {i} about topic {t}" for i, t in enumerate("abcdefgh")]
@@ -29,10 +29,10 @@ def test_training_moves_queries_towards_their_documents(tmp_path, model_path, en
     assert after > before + 0.05
 
 
-def test_routed_encoder_routes_to_the_pilot_domain(engine):
+def test_routed_encoder_routes_to_the_pilot_domain(engine, mean_pilots):
     sci = ["protein folding in cells", "gene expression in tumors", "insulin resistance mechanisms"]
     law = ["should voting be mandatory", "ban on school uniforms debate", "freedom of speech limits"]
-    pilots = domain_mean_pilots(engine, {"alpha": sci, "beta": law})
+    pilots = mean_pilots(engine, {"alpha": sci, "beta": law})
     routed = RoutedEncoder(engine, pilots, "pilot_mean")
     batch = routed.route_and_encode(["DNA methylation in cancer cells", "is censorship ever justified"])
     assert [q.expert for q in batch.queries] == ["alpha", "beta"]
@@ -43,8 +43,8 @@ def test_routed_encoder_routes_to_the_pilot_domain(engine):
     np.testing.assert_allclose(batch.queries[1].embedding, engine.encode(["is censorship ever justified"], "beta")[0], atol=1e-5)
 
 
-def test_request_batch_mixes_experts_and_isolates_a_bad_request(engine):
-    pilots = domain_mean_pilots(engine, {"alpha": ["cells"], "beta": ["debate"]})
+def test_request_batch_mixes_experts_and_isolates_a_bad_request(engine, mean_pilots):
+    pilots = mean_pilots(engine, {"alpha": ["cells"], "beta": ["debate"]})
     routed = RoutedEncoder(engine, pilots)
     out = route_and_encode_requests(
         routed,

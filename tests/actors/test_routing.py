@@ -82,15 +82,3 @@ def test_replace_domains_keeps_other_domains(rng):
     everything = PilotSet(np.ones((2, 4)), ["b", "a"], ["d1", "d2"], "m", "margin=0.5")
     assert replace_domains(cur, everything).rule == "margin=0.5"
 
-
-def test_linear_classifier_learns_separable_domains(rng):
-    from actors.routing import LinearExpertClassifier
-
-    centers = rng.normal(size=(3, 16)) * 3
-    x = np.concatenate([c + rng.normal(size=(40, 16)) * 0.3 for c in centers])
-    y = ["a"] * 40 + ["b"] * 40 + ["c"] * 40
-    clf = LinearExpertClassifier.fit(x, y, epochs=200)
-    test = np.concatenate([c + rng.normal(size=(10, 16)) * 0.3 for c in centers])
-    assert clf.predict(test) == ["a"] * 10 + ["b"] * 10 + ["c"] * 10
-    with pytest.raises(ValueError, match="at least 2"):
-        LinearExpertClassifier.fit(x[:5], ["a"] * 5)

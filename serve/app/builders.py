@@ -1,0 +1,111 @@
+"""Builder functions: the only things a Serve ``import_path`` points to.
+
+    import_path: serve.app.builders:build_app
+    args: {config: <RouterServeConfig as a dict>, data_dir: <path>}
+
+The builder resolves the model, finds the built index and the expert artifacts (serve.artifacts),
+and binds the deployment graph: each deployment with its Serve options and its one settings
+object (serve.app.settings), by keyword. It never builds anything: the index and the experts are
+made offline (serve.offline) before the app starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from actors.index_store import DOCS_FILE, IndexManifest
+
+from serve.artifacts.experts import enabled_experts, pilots_path
+from serve.artifacts.index import require_index
+from serve.artifacts.models import encoder_settings, resolve_model
+from serve.config import RouterServeConfig, config_from_dict, load_config
+
+from .deployments import (
+    ExpertEncoderDeployment,
+    LLMEngineDeployment,
+    RetrievalIngress,
+    RouterR1ControllerDeployment,
+    SearchShardDeployment,
+)
+from .settings import (
+    CONTROLLER,
+    ENCODER,
+    INGRESS,
+    ControllerSettings,
+    EncoderDeploymentSettings,
+    EngineDeploymentSettings,
+    IngressSettings,
+    ShardDeploymentSettings,
+    deployment_options,
+    llm_engine_name,
+    shard_name,
+)
+
+
+def build_chat(cfg: RouterServeConfig, options: dict[str, dict]):
+    """The Router-R1 half: one deployment per LLM engine and the controller over them."""
+    llm = cfg.llm
+    engines = {
+        name: LLMEngineDeployment.options(name=llm_engine_name(name), **options[llm_engine_name(name)]).bind(
+            settings=EngineDeploymentSettings(name=name, engine=engine, model_cache_dir=str(llm.model_cache_dir))
+        )
+        for name, engine in llm.engines.items()
+    }
+    return RouterR1ControllerDeployment.options(name=CONTROLLER, **options[CONTROLLER]).bind(
+        settings=ControllerSettings(llm=llm), engines=engines
+    )
+
+
+def _config_from_args(args: dict[str, Any]) -> RouterServeConfig:
+    if "config" in args:
+        cfg = args["config"]
+        return cfg if isinstance(cfg, RouterServeConfig) else config_from_dict(cfg)
+    return load_config(args.get("config_path"))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    cfg = _config_from_args(args).absolutized()
+    data_dir = cfg.resolve_data_dir(args.get("data_dir"))
+    folder = require_index(cfg, data_dir)
+    manifest = IndexManifest.load(folder)
+    adapters = {name: str(path) for name, path in enabled_experts(cfg).items()}
+    pilots = pilots_path(cfg)
+    if adapters and (pilots is None or not pilots.is_file()):
+        raise FileNotFoundError(f"experts {sorted(adapters)} have adapters but no pilots file at {pilots}")
+    options = deployment_options(cfg)
+    d = cfg.deployments
+    encoder = ExpertEncoderDeployment.options(name=ENCODER, **options[ENCODER]).bind(
+        settings=EncoderDeploymentSettings(
+            model_path=str(resolve_model(cfg.model.ref)),
+            adapters=adapters,
+            pilots_path=str(pilots) if adapters else None,
+            encoder=encoder_settings(cfg),
+            policy=cfg.experts.policy,
+            base_model_ref=cfg.model.ref,
+            batching=d.encoder_batching,
+        )
+    )
+    shards = [
+        SearchShardDeployment.options(name=shard_name(i), **options[shard_name(i)]).bind(
+            settings=ShardDeploymentSettings(
+                index_path=str(folder / entry.file), offset=entry.offset,
+                use_gpu=cfg.search.use_gpu, num_threads=cfg.search.num_threads,
+            )
+        )
+        for i, entry in enumerate(manifest.shards)
+    ]
+    return RetrievalIngress.options(name=INGRESS, **options[INGRESS]).bind(
+        settings=IngressSettings(
+            docs_path=str(Path(folder).parent / DOCS_FILE),
+            limits=cfg.limits,
+            served_name=cfg.model.served_name,
+            batching=d.ingress_batching,
+            api_keys_env=cfg.http.api_keys_env,
+        ),
+        encoder=encoder,
+        shards=shards,
+        chat=build_chat(cfg, options) if cfg.llm.enabled else None,
+    )

@@ -1,0 +1,311 @@
+"""ChatService: the logic behind /v1/chat/completions and /v1/models (plain class, no Ray).
+
+``model: router-r1`` runs the Router-R1 loop (actors.router_r1) with the configured router engine
+over the candidate pool; ``model: <candidate>`` calls that candidate directly. Engines are reached
+through ``EngineClient`` objects: in Serve, handles to the LLM engine deployments
+(serve.app.deployments); in tests and benchmarks, engines in this process. Tokenizers (chat template,
+worst-case cost of a call before it is made) run here, next to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import asdict
+from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
+
+from actors.router_r1 import (
+    CANDIDATE_INSTRUCTION,
+    DEFAULT_ROUTER_PROMPT,
+    Candidate,
+    Completion,
+    LoopSettings,
+    Price,
+    RouterR1Loop,
+    RouterR1Result,
+    Round,
+    approx_tokens,
+    render_router_prompt,
+    router_action_regex,
+)
+
+from serve.config import CandidateConfig, LLMConfig
+
+from ..errors import EngineUnavailable, RequestError, error_body
+from ..metrics import record_chat
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    RoutingInfo,
+    Usage,
+)
+
+
+class EngineClient(Protocol):
+    async def complete(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+                       stop: Sequence[str] = (), regex: str | None = None) -> Completion: ...
+    async def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0) -> Completion: ...
+    async def check_health(self) -> None: ...
+
+
+def load_prompt_template(path) -> str:
+    if path is None:
+        return DEFAULT_ROUTER_PROMPT
+    text = open(path, encoding="utf-8").read()
+    if "$question" not in text and "${question}" not in text:
+        raise ValueError(f"llm.router.prompt_file: {path} has no $question placeholder")
+    return text
+
+
+class ChatService:
+    def __init__(
+        self,
+        llm: LLMConfig,
+        engines: Mapping[str, EngineClient],
+        chat_prompt: Callable[[list[dict]], str],
+        count_tokens: Mapping[str, Callable[[str], int]] | None = None,
+        prompt_template: str | None = None,
+    ) -> None:
+        """``chat_prompt``: the router model's chat template (messages → text with the generation
+        prompt); ``count_tokens``: per engine name, a token counter used to bound a call's cost."""
+        self.cfg = llm
+        self.engines = dict(engines)
+        self.chat_prompt = chat_prompt
+        self.count_tokens = dict(count_tokens or {})
+        self.template = prompt_template or load_prompt_template(llm.router.prompt_file if llm.router else None)
+        self.created = int(time.time())
+        self.metrics = None  # serve.app.metrics.Metrics inside a replica; None: not recorded
+        self.by_lower = {c.name.lower(): c for c in llm.candidates}
+        self.pool = [(c.name, c.description, self._price(c)) for c in llm.candidates]
+        self.loop = None
+        if llm.router is not None:
+            r = llm.router
+            self.loop = RouterR1Loop(
+                self._router_generate,
+                {c.name: self._candidate(c) for c in llm.candidates},
+                LoopSettings(
+                    max_route_calls=r.max_route_calls,
+                    max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature,
+                    max_generations=r.max_generations,
+                    budget=r.budget,
+                    fallback=self.by_lower[r.fallback.lower()].name if r.fallback else None,
+                    call_timeout_s=max((c.timeout_s for c in llm.candidates), default=60.0),
+                ),
+            )
+
+    # -- building blocks ---------------------------------------------------------------------
+
+    @staticmethod
+    def _price(c: CandidateConfig) -> Price:
+        return Price(c.price.prompt_per_1m, c.price.completion_per_1m, c.price.currency)
+
+    def _candidate(self, c: CandidateConfig) -> Candidate:
+        engine = self.engines[c.engine]
+
+        async def call(query: str) -> Completion:
+            messages = [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query=query)}]
+            return await engine.chat(messages, max_tokens=c.max_tokens, temperature=c.temperature)
+
+        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine))
+
+    def _counter(self, engine: str) -> Callable[[str], int]:
+        return self.count_tokens.get(engine) or approx_tokens
+
+    async def _router_generate(self, prompt, stop, max_new_tokens, temperature, may_route) -> Completion:
+        r = self.cfg.router
+        regex = router_action_regex([c.name for c in self.cfg.candidates], may_route, r.structured_think) if r.structured_output else None
+        try:
+            return await self.engines[r.engine].complete(
+                prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop, regex=regex
+            )
+        except Exception as exc:  # noqa: BLE001 - the router itself failing is a 503, not a 500
+            raise EngineUnavailable(f"router engine {r.engine!r} failed: {type(exc).__name__}: {exc}") from exc
+
+    def router_prompt(self, question: str) -> str:
+        user = render_router_prompt(self.template, question, self.pool)
+        return self.chat_prompt([{"role": "user", "content": user}])
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        cards = []
+        if self.cfg.router is not None:
+            cards.append(ModelCard(id=self.cfg.router.served_name, created=self.created, kind="router",
+                                   description="Router-R1: multi-round routing over the candidates", engine=self.cfg.router.engine))
+        for c in self.cfg.candidates:
+            cards.append(ModelCard(id=c.name, created=self.created, kind="candidate", description=c.description,
+                                   price=c.price.model_dump(), engine=c.engine))
+        return ModelList(data=cards)
+
+    def _target(self, req: ChatCompletionRequest) -> CandidateConfig | None:
+        """None = the router; else the candidate called directly."""
+        if self.cfg.router is not None and req.model.lower() == self.cfg.router.served_name.lower():
+            return None
+        cand = self.by_lower.get(req.model.lower())
+        if cand is None:
+            names = ([self.cfg.router.served_name] if self.cfg.router else []) + [c.name for c in self.cfg.candidates]
+            raise RequestError(f"model {req.model!r} not found; available: {names}", "model", 404)
+        return cand
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        cand = self._target(req)
+        if cand is None:
+            return self._router_response(req, await self._run_router(req))
+        return await self._direct(req, cand)
+
+    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per router round (choices empty, ``routing_event`` set),
+        then the answer chunk, the usage chunk when asked, and ``[DONE]``."""
+        cand = self._target(req)  # 404 before the stream opens
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if cand is not None:
+            response = await self._direct(req, cand)
+        else:
+            queue: asyncio.Queue = asyncio.Queue()
+            task = asyncio.ensure_future(self._run_router(req, on_round=queue.put))
+            def round_chunk(rnd: Round) -> str:
+                return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                             "model": req.model, "choices": [], "routing_event": asdict(rnd)})
+
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield round_chunk(getter.result())
+                    continue
+                getter.cancel()
+                while not queue.empty():  # rounds that landed together with the end of the loop
+                    yield round_chunk(queue.get_nowait())
+                break
+            try:
+                response = self._router_response(req, task.result())
+            except RequestError as exc:
+                yield _sse(error_body(exc.status, exc.message, exc.param, exc.kind))
+                yield "data: [DONE]\n\n"
+                return
+        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": response.created, "model": req.model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": response.choices[0].message.content},
+                                 "finish_reason": response.choices[0].finish_reason}],
+                    "routing": response.routing.model_dump()})
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": response.created, "model": req.model,
+                        "choices": [], "usage": response.usage.model_dump()})
+        yield "data: [DONE]\n\n"
+
+    async def _run_router(self, req: ChatCompletionRequest, on_round=None) -> RouterR1Result:
+        question = next(m.text() for m in reversed(req.messages) if m.role == "user" and m.text().strip())
+        prompt = self.router_prompt(question)
+        return await self.loop.run(prompt, on_round=on_round, budget=req.budget, max_route_calls=req.max_route_calls)
+
+    def _router_response(self, req: ChatCompletionRequest, result: RouterR1Result) -> ChatCompletionResponse:
+        led = result.ledger
+        prompt_tokens = led.router_prompt_tokens + led.prompt_tokens
+        completion_tokens = led.router_completion_tokens + led.completion_tokens
+        routing = RoutingInfo(
+            router=self.cfg.router.served_name,
+            rounds=[asdict(r) for r in result.rounds],
+            route_calls=result.route_calls,
+            calls=dict(led.calls),
+            cost=led.cost,
+            cost_completion_only=led.cost_completion_only,
+            currency=led.currency,
+            budget=result.budget,
+            budget_left=result.budget_left,
+            stopped=result.stopped,
+            candidate_tokens={"prompt": led.prompt_tokens, "completion": led.completion_tokens},
+            router_tokens={"prompt": led.router_prompt_tokens, "completion": led.router_completion_tokens},
+            latency_s=result.latency_s,
+        )
+        return self._recorded(ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.cfg.router.served_name,
+            choices=[Choice(message=ResponseMessage(content=result.answer or ""),
+                            finish_reason="stop" if result.answer is not None else "length")],
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens),
+            routing=routing,
+        ))
+
+    def _recorded(self, response: ChatCompletionResponse) -> ChatCompletionResponse:
+        if self.metrics is not None:
+            record_chat(self.metrics, response.model, response.routing.model_dump())
+        return response
+
+    async def _direct(self, req: ChatCompletionRequest, cand: CandidateConfig) -> ChatCompletionResponse:
+        limit = min(req.token_limit() or cand.max_tokens, cand.max_tokens)
+        temperature = cand.temperature if req.temperature is None else req.temperature
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        price = self._price(cand)
+        if req.budget is not None:
+            count = self._counter(cand.engine)
+            worst = price.cost(sum(count(m["content"]) for m in messages) + 32, limit)
+            if worst > req.budget:
+                raise RequestError(f"budget {req.budget} is below this call's worst-case cost {worst:.6f}", "budget", 422)
+        t0 = time.perf_counter()
+        try:
+            out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
+        except Exception as exc:  # noqa: BLE001
+            if self.metrics is not None:
+                self.metrics.inc("routerserve_route_calls", candidate=cand.name, outcome="failed")
+            raise EngineUnavailable(f"candidate {cand.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        cost = price.cost(out.prompt_tokens, out.completion_tokens)
+        return self._recorded(ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=cand.name,
+            choices=[Choice(message=ResponseMessage(content=out.text), finish_reason=out.finish_reason)],
+            usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                        total_tokens=out.prompt_tokens + out.completion_tokens),
+            routing=RoutingInfo(
+                calls={cand.name: 1}, cost=cost, cost_completion_only=price.completion_cost(out.completion_tokens),
+                currency=price.currency, budget=req.budget,
+                budget_left=None if req.budget is None else max(0.0, req.budget - cost),
+                candidate_tokens={"prompt": out.prompt_tokens, "completion": out.completion_tokens},
+                latency_s=time.perf_counter() - t0,
+            ),
+        ))
+
+    async def health(self) -> tuple[bool, dict]:
+        """Healthy when the router's engine is; a candidate's engine being down is reported (its
+        calls fail over to the fallback or reach the router as None) but does not fail the check."""
+        status = {}
+        for name, engine in self.engines.items():
+            try:
+                await engine.check_health()
+                status[name] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                status[name] = f"{type(exc).__name__}: {exc}"[:200]
+        router = self.cfg.router.engine if self.cfg.router is not None else None
+        ok = status.get(router, "ok") == "ok"
+        return ok, {"llm_engines": status}
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, default=str) + "\n\n"
+
+
+class LocalChatClient:
+    """serve.app.chat.router.ChatClient over an in-process ChatService (tests, benchmarks)."""
+
+    def __init__(self, service: ChatService):
+        self.service = service
+
+    async def chat(self, req: ChatCompletionRequest) -> dict:
+        return (await self.service.chat(req)).model_dump()
+
+    def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        return self.service.stream(req)
+
+    async def models(self) -> dict:
+        return self.service.models().model_dump()
+
+    async def health(self) -> tuple[bool, dict]:
+        return await self.service.health()

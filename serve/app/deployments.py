@@ -1,0 +1,248 @@
+"""Ray Serve deployments: thin wrappers over the plain classes in actors/ and the services in
+serve.app.retrieval / serve.app.chat, each constructed from one settings object (serve.app.settings).
+
+    HTTP proxy -> RetrievalIngress (FastAPI; GreedyBatcher over concurrent requests)
+                    -> ExpertEncoder   (one call per batch: base pass, routing, mixed-expert pass)
+                    -> SearchShard0..S-1 (one call per shard per batch, in parallel) -> exact merge
+               -> RetrievalIngress /v1/chat/completions
+                    -> RouterR1Controller (the Router-R1 loop per request, concurrently)
+                         -> LLM-<engine> (router and candidate engines: vLLM / transformers / remote)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.encoder import EncoderEngine
+from actors.index_store import DocStore
+from actors.llm_engines import OpenAIEngine, RetrieverEngine
+from actors.router_r1 import Completion
+from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
+from actors.routing import PilotSet
+from actors.search import ShardSearcher
+
+from .batching import GreedyBatcher
+from .chat.llm_pool import chat_template, load_tokenizers, make_engine, token_counters
+from .chat.protocol import ChatCompletionRequest
+from .chat.service import ChatService
+from .ingress import api_keys_from_env, create_app
+from .metrics import Metrics, record_routing
+from .retrieval.service import RetrievalService
+from .settings import CONTROLLER, ENCODER, INGRESS
+from .settings import ControllerSettings, EncoderDeploymentSettings, EngineDeploymentSettings, IngressSettings, ShardDeploymentSettings
+
+
+def _batcher(fn, b, size_fn=None) -> GreedyBatcher:
+    return GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn)
+
+
+@serve.deployment(name=ENCODER)
+class ExpertEncoderDeployment:
+    """Base encoder + every expert adapter in one replica; batches route+encode across callers
+    (several ingress replicas' batches merge here)."""
+
+    def __init__(self, settings: EncoderDeploymentSettings):
+        s = settings
+        engine = EncoderEngine(s.model_path, s.adapters, s.encoder)
+        pilots = PilotSet.load(s.pilots_path) if s.pilots_path else None
+        self.encoder = RoutedEncoder(engine, pilots, s.policy)
+        self.base_model_ref = s.base_model_ref
+        self._batched = _batcher(self._run_batch, s.batching, size_fn=lambda request: len(request["queries"]))
+        self.metrics = Metrics()
+
+    async def _run_batch(self, requests: list[dict]) -> list[dict]:
+        # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
+        results = await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+        queries = sum(len(r["queries"]) for r in requests)
+        self.metrics.observe("routerserve_encoder_batch_size", queries, stage="route")
+        for result in results:
+            if "error" not in result:
+                record_routing(self.metrics, result)
+        return results
+
+    async def route_and_encode(self, request: dict) -> dict:
+        return await self._batched(request)
+
+    async def embed(self, texts: list[str], expert: str | None) -> dict:
+        vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
+        self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
+        return {"embeddings": vectors, "tokens": tokens}
+
+    def info(self) -> dict:
+        return encoder_info(self.encoder, self.base_model_ref)
+
+
+@serve.deployment(name="SearchShard")  # named SearchShard<i> by the builder (settings.shard_name)
+class SearchShardDeployment:
+    """One FAISS shard (exact inner product), answering with global row ids."""
+
+    def __init__(self, settings: ShardDeploymentSettings):
+        s = settings
+        self.shard = ShardSearcher(s.index_path, s.offset, use_gpu=s.use_gpu, num_threads=s.num_threads)
+        self.label = Path(s.index_path).stem
+        self.metrics = Metrics()
+
+    async def search(self, queries: np.ndarray, k: int):
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self.shard.search, queries, k)
+        self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label)
+        return out
+
+    def info(self) -> dict:
+        return self.shard.info()
+
+
+class _HandleEncoderClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def route_and_encode(self, request: dict) -> dict:
+        return await self.handle.route_and_encode.remote(request)
+
+    async def embed(self, texts, expert):
+        return await self.handle.embed.remote(texts, expert)
+
+    async def info(self) -> dict:
+        return await self.handle.info.remote()
+
+
+class _HandleShardClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def search(self, queries, k):
+        return await self.handle.search.remote(queries, k)
+
+    async def info(self) -> dict:
+        return await self.handle.info.remote()
+
+
+@serve.deployment(name=INGRESS)
+@serve.ingress()
+class RetrievalIngress:
+    """The HTTP app (serve.app.ingress) over the encoder, the shards and, when enabled, the
+    Router-R1 controller."""
+
+    def __init__(
+        self,
+        settings: IngressSettings,
+        encoder: DeploymentHandle,
+        shards: list[DeploymentHandle],
+        chat: DeploymentHandle | None = None,
+    ):
+        s = settings
+        self.api_keys = api_keys_from_env(s.api_keys_env)  # fails the replica start when the variable is missing
+        self.service = RetrievalService(
+            _HandleEncoderClient(encoder),
+            [_HandleShardClient(h) for h in shards],
+            DocStore(s.docs_path),
+            s.limits,
+            s.served_name,
+        )
+        self.service.enable_batching(lambda fn: _batcher(fn, s.batching))
+        self.chat = _HandleChatClient(chat) if chat is not None else None
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.service, self.chat, Metrics(), self.api_keys)
+
+
+@serve.deployment(name="LLMEngine")
+class LLMEngineDeployment:
+    """One LLM engine (router or candidate); Serve's health check is the engine's."""
+
+    async def __init__(self, settings: EngineDeploymentSettings):
+        self.name = settings.name
+        self.engine = make_engine(settings.name, settings.engine, Path(settings.model_cache_dir))
+        await self.engine.start()
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float, stop: list[str], regex: str | None) -> dict:
+        out = await self.engine.complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop, regex=regex)
+        return asdict(out)
+
+    async def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> dict:
+        return asdict(await self.engine.chat(messages, max_tokens=max_tokens, temperature=temperature))
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a local engine that died restarts the replica; a remote
+        one (openai, retriever) is probed by the controller's /healthz instead."""
+        if not isinstance(self.engine, (OpenAIEngine, RetrieverEngine)):
+            await self.engine.check_health()
+
+    async def probe(self) -> None:
+        await self.engine.check_health()
+
+
+class _HandleEngineClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+        return Completion(**await self.handle.complete.remote(prompt, max_tokens, temperature, list(stop), regex))
+
+    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+        return Completion(**await self.handle.chat.remote(messages, max_tokens, temperature))
+
+    async def check_health(self) -> None:
+        await self.handle.probe.remote()
+
+
+@serve.deployment(name=CONTROLLER)
+class RouterR1ControllerDeployment:
+    """Runs the Router-R1 loop per request (asyncio: requests interleave, none blocks another),
+    calling the engines through handles; tokenizers (chat template, cost bounds) live here.
+    A RequestError raised here (unknown model, engine down) reaches the ingress as itself."""
+
+    def __init__(self, settings: ControllerSettings, engines: dict[str, DeploymentHandle]):
+        cfg = settings.llm
+        tokenizers = load_tokenizers(cfg)
+        router_tok = tokenizers.get(cfg.router.engine) if cfg.router else None
+        if cfg.router is not None and router_tok is None:
+            raise ValueError(f"llm.engines.{cfg.router.engine}.tokenizer: the router needs a local tokenizer for its chat template")
+        self.service = ChatService(
+            cfg,
+            {name: _HandleEngineClient(h) for name, h in engines.items()},
+            chat_template(router_tok, cfg.engines[cfg.router.engine].chat_template) if router_tok is not None else (lambda m: ""),
+            token_counters(tokenizers),
+        )
+        self.service.metrics = Metrics()
+
+    async def chat(self, request: dict) -> dict:
+        return (await self.service.chat(ChatCompletionRequest.model_validate(request))).model_dump()
+
+    async def stream(self, request: dict):
+        async for event in self.service.stream(ChatCompletionRequest.model_validate(request)):
+            yield event
+
+    def models(self) -> dict:
+        return self.service.models().model_dump()
+
+    async def health(self) -> tuple[bool, dict]:
+        return await self.service.health()
+
+
+class _HandleChatClient:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def chat(self, req: ChatCompletionRequest) -> dict:
+        return await self.handle.chat.remote(req.model_dump())
+
+    async def stream(self, req: ChatCompletionRequest):
+        async for event in self.handle.options(stream=True).stream.remote(req.model_dump()):
+            yield event
+
+    async def models(self) -> dict:
+        return await self.handle.models.remote()
+
+    async def health(self) -> tuple[bool, dict]:
+        try:
+            return tuple(await self.handle.health.remote())
+        except Exception as exc:  # noqa: BLE001 - controller down: unhealthy, not a 500
+            return False, {"llm_controller": f"{type(exc).__name__}: {exc}"[:200]}

@@ -1,0 +1,111 @@
+"""Errors of the HTTP API and the one place that turns them into JSON.
+
+Every error answer is ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape):
+``RequestError`` raised anywhere on a request's path (service, controller replica, engine call)
+becomes that body with its status; request validation failures are 422; routing errors (404/405)
+keep their status (405 with ``Allow``); anything unexpected is logged and answered 500 with its
+type only.
+
+``RequestError`` pickles with all its fields, so one raised inside a Serve replica reaches the
+ingress as itself (Ray re-raises it as a subclass of its class whose attributes are the
+original's) — no error dicts travel between deployments.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class RequestError(Exception):
+    """A client error (4xx) or an unavailable dependency (503), answered as JSON naming the problem."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+
+    def __reduce__(self):  # Exception pickles only ``args``; keep param and status across Ray hops
+        return type(self), (self.message, self.param, self.status)
+
+    @property
+    def kind(self) -> str:
+        return "server_error" if self.status >= 500 else "invalid_request_error"
+
+
+class EngineUnavailable(RequestError):
+    """An LLM engine (router, or a candidate called directly) failed or is down: 503."""
+
+    def __init__(self, message: str, param: str | None = "model", status: int = 503):
+        super().__init__(message, param, status)
+
+
+ERROR_RESPONSES = {r: {"model": ErrorResponse} for r in (404, 413, 422)}  # OpenAPI: the 4xx answers
+
+
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
+    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param, kind), headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """'field: problem; …' and the first offending field, from FastAPI's validation errors."""
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        param = param or where
+        msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI, count: Callable[[Request, int, str], None]) -> None:
+    """Every error path of ``app`` answers JSON; ``count(request, status, reason)`` records it."""
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        count(request, exc.status, exc.param or "request")
+        return error_response(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        count(request, 422, "validation")
+        message, param = validation_message(exc)
+        return error_response(422, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        count(request, exc.status_code, "http")
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error")
+        count(request, 500, type(exc).__name__)
+        return error_response(500, f"internal error ({type(exc).__name__})", kind="server_error")

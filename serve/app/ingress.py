@@ -1,0 +1,79 @@
+"""The HTTP front door: one FastAPI app with the retrieval and chat routers, API keys, JSON errors
+and /healthz. The ingress deployment (serve.app.deployments.RetrievalIngress) serves it; tests
+serve it in-process with local clients.
+
+    POST /v1/retrieve, /v1/embeddings; GET /v1/experts     serve.app.retrieval.router
+    POST /v1/chat/completions; GET /v1/models              serve.app.chat.router
+    GET /healthz                                           here (both halves)
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .chat.router import ChatClient, chat_router
+from .errors import error_response, install_error_handlers
+from .retrieval.router import retrieval_router
+from .retrieval.service import RetrievalService
+
+
+def api_keys_from_env(name: str | None) -> frozenset[str] | None:
+    """The keys in ``$name`` (comma-separated); None when no variable is configured."""
+    if name is None:
+        return None
+    keys = frozenset(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
+    if not keys:
+        raise RuntimeError(f"http.api_keys_env: environment variable {name} is not set or holds no key")
+    return keys
+
+
+def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None,
+               api_keys: frozenset[str] | None = None) -> FastAPI:
+    """``metrics``: a serve.app.metrics.Metrics (inside the ingress replica) counting error answers
+    by endpoint and reason; None records nothing. ``api_keys``: when given, every endpoint except
+    /healthz (the probes') answers 401 without ``Authorization: Bearer <one of them>``."""
+
+    def count(request: Request, status: int, reason: str) -> None:
+        if metrics is not None:  # the route's template, not the raw path: bounded label values
+            endpoint = getattr(request.scope.get("route"), "path", "<unmatched>")
+            metrics.inc("routerserve_errors", endpoint=endpoint, reason=f"{status}:{reason}")
+
+    app = FastAPI(
+        title="routerserve",
+        version="0.1.0",
+        description="RouterRetriever-style routed retrieval: base encoder + LoRA experts + sharded FAISS; "
+        "Router-R1 multi-round LLM routing.",
+    )
+    if api_keys is not None:
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            if request.url.path != "/healthz":
+                scheme, _, key = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in api_keys):
+                    count(request, 401, "api_key")
+                    return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                          None, "authentication_error")
+            return await call_next(request)
+
+    install_error_handlers(app, count)
+    if service is not None:
+        app.include_router(retrieval_router(service))
+    if chat is not None:
+        app.include_router(chat_router(chat))
+
+    @app.get("/healthz")
+    async def healthz():
+        ok, detail = True, {}
+        if service is not None:
+            ok, detail = await service.health()
+        if chat is not None:
+            chat_ok, chat_detail = await chat.health()
+            ok, detail = ok and chat_ok, {**detail, **chat_detail}
+        return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "unavailable", **detail})
+
+    return app

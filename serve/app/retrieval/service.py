@@ -1,0 +1,255 @@
+"""RetrievalService: the request logic behind /v1/retrieve, /v1/embeddings, /v1/experts, /healthz.
+
+Plain class, no Ray: it talks to an encoder and to S shards through the small async client
+protocols below. In Serve those clients wrap deployment handles (serve.app.deployments); in tests
+and the in-process benchmark they are local objects (LocalEncoderClient, LocalShardClient).
+
+Per batch of concurrent requests there is ONE encoder call (route + expert re-encode for every
+query of the batch) and ONE call per shard (the stacked query matrix), then an exact merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from actors.encoder import BASE
+from actors.index_store import DocStore
+from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
+from actors.search import ShardSearcher, merge_topk
+
+from serve.config import LimitsConfig
+
+from ..errors import RequestError
+from .protocol import (
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ExpertInfo,
+    ExpertsResponse,
+    Hit,
+    RetrieveRequest,
+    RetrieveResponse,
+    Usage,
+)
+
+
+class EncoderClient(Protocol):
+    async def route_and_encode(self, request: dict) -> dict: ...
+    async def embed(self, texts: list[str], expert: str | None) -> dict: ...
+    async def info(self) -> dict: ...
+
+
+class ShardClient(Protocol):
+    async def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    async def info(self) -> dict: ...
+
+
+class LocalEncoderClient:
+    """EncoderClient over an in-process RoutedEncoder (tests, in-process benchmark)."""
+
+    def __init__(self, encoder: RoutedEncoder, base_model: str = ""):
+        self.encoder = encoder
+        self.base_model = base_model
+
+    async def route_and_encode(self, request: dict) -> dict:
+        return route_and_encode_requests(self.encoder, [request])[0]
+
+    async def embed(self, texts: list[str], expert: str | None) -> dict:
+        vectors, tokens = self.encoder.embed(texts, expert)
+        return {"embeddings": vectors, "tokens": tokens}
+
+    async def info(self) -> dict:
+        return encoder_info(self.encoder, self.base_model)
+
+
+class LocalShardClient:
+    def __init__(self, shard: ShardSearcher):
+        self.shard = shard
+
+    async def search(self, queries: np.ndarray, k: int):
+        return self.shard.search(queries, k)
+
+    async def info(self) -> dict:
+        return self.shard.info()
+
+
+@dataclass
+class RetrieveItem:
+    query: str
+    top_k: int
+    expert: str | None
+    include_text: bool
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class RetrievalService:
+    def __init__(
+        self,
+        encoder: EncoderClient,
+        shards: list[ShardClient],
+        docs: DocStore,
+        limits: LimitsConfig,
+        served_name: str,
+    ):
+        if not shards:
+            raise ValueError("at least one shard is required")
+        self.encoder = encoder
+        self.shards = shards
+        self.docs = docs
+        self.limits = limits
+        self.served_name = served_name
+        # Alone each request is its own batch; Serve's ingress calls enable_batching(GreedyBatcher).
+        self._submit: Callable[[RetrieveItem], Awaitable[dict]] = self._single
+        self._info: dict | None = None
+        self._info_lock = asyncio.Lock()
+
+    def enable_batching(self, decorate: Callable) -> None:
+        """Batch concurrent requests: ``decorate`` wraps retrieve_many (serve.app.batching.GreedyBatcher)."""
+        self._submit = decorate(self.retrieve_many)
+
+    async def _single(self, item: RetrieveItem) -> dict:
+        return (await self.retrieve_many([item]))[0]
+
+    async def encoder_info(self) -> dict:
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self.encoder.info()
+        return self._info
+
+    @staticmethod
+    def check_expert(info: dict, name: str | None, message: str, param: str, ok: bool = True) -> None:
+        """404 unless ``ok`` and ``name`` is None, 'base' or a loaded expert (the encoder's list): the
+        one expert check of the API (the encoder re-checks only to fail a bad row alone in a batch)."""
+        known = [e["name"] for e in info["experts"]]
+        if not ok or (name and name != BASE and name not in known):
+            raise RequestError(f"{message}; available: {[BASE, *known]}", param, 404)
+
+    # -- /v1/retrieve ------------------------------------------------------------------------
+
+    async def retrieve(self, req: RetrieveRequest) -> RetrieveResponse:
+        query = req.query.strip()
+        if not query:
+            raise RequestError("query must not be empty", "query", 422)
+        if len(req.query) > self.limits.max_query_chars:
+            raise RequestError(
+                f"query is {len(req.query)} characters; the limit is {self.limits.max_query_chars}", "query", 413
+            )
+        if not 1 <= req.top_k <= self.limits.max_top_k:
+            raise RequestError(f"top_k must be between 1 and {self.limits.max_top_k}", "top_k", 422)
+        info = await self.encoder_info()
+        self.check_expert(info, req.expert, f"unknown expert {req.expert!r}", "expert")
+        item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
+        result = await self._submit(item)
+        if "error" in result:
+            raise RequestError(result["error"], "expert", 404)
+        result["timings_ms"]["total_ms"] = (time.perf_counter() - item.arrived) * 1e3
+        return RetrieveResponse(query=query, policy=info["policy"], **result)
+
+    async def retrieve_many(self, items: list[RetrieveItem]) -> list[dict]:
+        """One encoder call and one call per shard for the whole batch."""
+        t0 = time.perf_counter()
+        routed = await self.encoder.route_and_encode(
+            {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
+        )
+        if "error" in routed:
+            return [{"error": routed["error"]} for _ in items]
+        t1 = time.perf_counter()
+        matrix = np.asarray(routed["embeddings"], dtype=np.float32)
+        kmax = max(it.top_k for it in items)
+        parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards))
+        scores, ids = merge_topk(list(parts), kmax)
+        t2 = time.perf_counter()
+        timings = {
+            "encode_ms": (t1 - t0) * 1e3,
+            "search_ms": (t2 - t1) * 1e3,
+            "batch_size": float(len(items)),
+            **{k: float(v) for k, v in routed["timings_ms"].items()},
+        }
+        out = []
+        for i, it in enumerate(items):
+            hits = [
+                self.docs.hit(int(r), float(s), it.include_text)
+                for s, r in zip(scores[i, : it.top_k], ids[i, : it.top_k])
+                if r >= 0
+            ]
+            out.append(
+                {
+                    "expert": routed["experts"][i],
+                    "forced": routed["forced"][i],
+                    "routing_scores": routed["routing_scores"][i],
+                    "hits": [Hit(**h) for h in hits],
+                    "timings_ms": dict(timings, queue_ms=(t0 - it.arrived) * 1e3),
+                }
+            )
+        return out
+
+    # -- /v1/embeddings ------------------------------------------------------------------------
+
+    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        info = await self.encoder_info()
+        model, _, expert = req.model.partition(":")
+        self.check_expert(info, expert or None, f"unknown model {req.model!r} (use {self.served_name!r} or "
+                          f"'{self.served_name}:<expert>')", "model", ok=model in (self.served_name, BASE))
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not texts:
+            raise RequestError("input must not be empty", "input", 422)
+        if len(texts) > self.limits.max_embedding_inputs:
+            raise RequestError(
+                f"input has {len(texts)} texts; the limit is {self.limits.max_embedding_inputs}", "input", 413
+            )
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise RequestError(f"input[{i}] must not be empty", "input", 422)
+            if len(t) > self.limits.max_query_chars:
+                raise RequestError(
+                    f"input[{i}] is {len(t)} characters; the limit is {self.limits.max_query_chars}", "input", 413
+                )
+        if req.dimensions is not None and req.dimensions != info["dim"]:
+            raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
+        result = await self.encoder.embed(texts, expert or None)
+        vectors = np.asarray(result["embeddings"], dtype=np.float32)
+        data = [
+            EmbeddingData(
+                index=i,
+                embedding=base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist(),
+            )
+            for i, v in enumerate(vectors)
+        ]
+        tokens = int(sum(result["tokens"]))
+        return EmbeddingResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    # -- /v1/experts, /healthz -------------------------------------------------------------------
+
+    async def experts(self) -> ExpertsResponse:
+        info = await self.encoder_info()
+        return ExpertsResponse(
+            base_model=info["base_model"],
+            policy=info["policy"],
+            pilot_rule=info.get("pilot_rule", ""),
+            experts=[ExpertInfo(**e) for e in info["experts"]],
+        )
+
+    async def health(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {"num_docs": len(self.docs)}
+        try:
+            enc, *shards = await asyncio.wait_for(
+                asyncio.gather(self.encoder.info(), *(s.info() for s in self.shards)), timeout_s
+            )
+        except Exception as exc:  # any part not loaded/answering → not ready
+            return False, {**detail, "error": f"{type(exc).__name__}: {exc}"}
+        total = sum(int(s["ntotal"]) for s in shards)
+        detail.update(
+            experts=[e["name"] for e in enc["experts"]],
+            encoder_device=enc.get("device"),
+            shards=shards,
+        )
+        if total != len(self.docs):
+            return False, {**detail, "error": f"shards hold {total} vectors for {len(self.docs)} documents"}
+        return True, detail

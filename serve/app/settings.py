@@ -1,0 +1,100 @@
+"""Deployment names and the settings object each deployment is constructed with.
+
+The names are defined here once; the builder (serve.app.builders), the Serve YAML
+(serve.deploy.serve_config) and the KubeRay render (serve.deploy.k8s, through the Serve YAML) all
+take them from ``deployment_options``. Each deployment gets one settings object, by keyword,
+built from the config by the builder.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from actors.encoder import EncoderSettings
+
+from serve.config import BatchConfig, LimitsConfig, LLMConfig, LLMEngineConfig, RouterServeConfig
+
+INGRESS = "RetrievalIngress"
+ENCODER = "ExpertEncoder"
+CONTROLLER = "RouterR1Controller"
+
+
+def shard_name(i: int) -> str:
+    return f"SearchShard{i}"
+
+
+def llm_engine_name(engine: str) -> str:
+    return f"LLM-{engine}"
+
+
+def engine_options(engine: LLMEngineConfig) -> dict:
+    """The engine's Serve options with its ``env`` merged into the replicas' runtime_env."""
+    opts = copy.deepcopy(engine.deployment)
+    if engine.env:
+        actor = opts.setdefault("ray_actor_options", {})
+        runtime_env = actor.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **engine.env}
+    return opts
+
+
+def deployment_options(cfg: RouterServeConfig) -> dict[str, dict[str, Any]]:
+    """Every deployment of the app, by name, with its Serve options (ingress first)."""
+    d = cfg.deployments
+    out = {INGRESS: copy.deepcopy(d.ingress), ENCODER: copy.deepcopy(d.encoder)}
+    out.update({shard_name(i): copy.deepcopy(d.shard) for i in range(cfg.index.num_shards)})
+    if cfg.llm.enabled:
+        out.update({llm_engine_name(n): engine_options(e) for n, e in cfg.llm.engines.items()})
+        out[CONTROLLER] = copy.deepcopy(cfg.llm.controller)
+    return out
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncoderDeploymentSettings(_Settings):
+    """ExpertEncoder: the base model, every enabled expert's adapter and the pilots."""
+
+    model_path: str
+    adapters: dict[str, str]
+    pilots_path: str | None
+    encoder: EncoderSettings
+    policy: str
+    base_model_ref: str
+    batching: BatchConfig
+
+
+class ShardDeploymentSettings(_Settings):
+    """SearchShard<i>: one FAISS shard file and the global row id of its first vector."""
+
+    index_path: str
+    offset: int
+    use_gpu: str
+    num_threads: int | None
+
+
+class IngressSettings(_Settings):
+    """RetrievalIngress: the doc store, request limits, the served model name, batching, API keys."""
+
+    docs_path: str
+    limits: LimitsConfig
+    served_name: str
+    batching: BatchConfig
+    api_keys_env: str | None = None
+
+
+class EngineDeploymentSettings(_Settings):
+    """LLM-<engine>: one router or candidate engine."""
+
+    name: str
+    engine: LLMEngineConfig
+    model_cache_dir: str
+
+
+class ControllerSettings(_Settings):
+    """RouterR1Controller: the llm section (router, candidates, prices, limits)."""
+
+    llm: LLMConfig

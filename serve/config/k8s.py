@@ -1,0 +1,111 @@
+"""The `k8s` section: what `routerserve k8s render` needs beyond the app config (cluster shape,
+image, artifacts, secrets, monitoring, cluster-only overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import _Strict
+
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class K8sHeadConfig(_Strict):
+    cpu: str = Field("2", pattern=_QUANTITY, description="requests = limits")
+    memory: str = Field("8Gi", pattern=_QUANTITY)
+
+
+class K8sWorkerGroupConfig(_Strict):
+    """One KubeRay worker group; the Ray autoscaler moves its size between min and max replicas."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=0)
+    cpu: str = Field("4", pattern=_QUANTITY)
+    memory: str = Field("16Gi", pattern=_QUANTITY)
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per pod")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "K8sWorkerGroupConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
+class K8sFetchConfig(_Strict):
+    """Object-storage mode: an init container copies the artifacts into an emptyDir at mount_path."""
+
+    image: str
+    command: list[str] = Field(min_length=1, description="runs with $ARTIFACTS_DIR set to the mount path")
+    size_limit: str = Field("50Gi", pattern=_QUANTITY)
+
+
+class K8sArtifactsConfig(_Strict):
+    """Where index/, experts/, models/ and data/ (the corpus, hashed to find the index) come from."""
+
+    mount_path: str = Field("/artifacts", pattern=r"^/")
+    pvc: str | None = Field("routerserve-artifacts", description="an existing or rendered claim, mounted read-only")
+    create_pvc: bool = Field(True, description="render the PersistentVolumeClaim too")
+    storage: str = Field("50Gi", pattern=_QUANTITY)
+    storage_class: str | None = None
+    fetch: K8sFetchConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "K8sArtifactsConfig":
+        if (self.pvc is None) == (self.fetch is None):
+            raise ValueError("pvc: set exactly one of pvc (a volume) or fetch (object storage)")
+        return self
+
+
+class K8sSecretRef(_Strict):
+    secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    key: str = Field(min_length=1)
+
+
+class K8sMonitoringConfig(_Strict):
+    pod_monitor: bool = True
+    scrape_interval: str = Field("15s", pattern=r"^[0-9]+(s|m)$")
+    labels: dict[str, str] = Field(default_factory=lambda: {"release": "prometheus"},
+                                   description="labels your Prometheus operator selects monitors by")
+    grafana_dashboard: bool = True
+
+
+class K8sConfig(_Strict):
+    """`routerserve k8s render`: a KubeRay RayService (+ PVC, PodMonitor, Grafana dashboard) from
+    this same config; ``overrides`` are the dotted keys that differ on the cluster."""
+
+    name: str = Field("routerserve", pattern=_DNS_LABEL)
+    namespace: str = Field("routerserve", pattern=_DNS_LABEL)
+    image: str = Field("ghcr.io/routerserve/routerserve:0.1.0-ray2.60.0", description="k8s/Dockerfile, built and pushed")
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    ray_version: str = Field("2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
+    kubernetes_version: str = Field("1.33", pattern=r"^[0-9]+\.[0-9]+$", description="for validating core objects")
+    out_dir: Path = Path("k8s")
+    head: K8sHeadConfig = Field(default_factory=K8sHeadConfig)
+    cpu_workers: K8sWorkerGroupConfig = Field(default_factory=K8sWorkerGroupConfig)
+    gpu_workers: K8sWorkerGroupConfig | None = Field(
+        default_factory=lambda: K8sWorkerGroupConfig(
+            min_replicas=1, max_replicas=4, cpu="8", memory="48Gi", gpus=1,
+            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        )
+    )
+    idle_timeout_s: int = Field(120, ge=0, description="autoscaler: idle worker pods go after this")
+    upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = "NewCluster"
+    artifacts: K8sArtifactsConfig = Field(default_factory=K8sArtifactsConfig)
+    secret_env: dict[str, K8sSecretRef] = Field(default_factory=dict, description="env var → secretKeyRef on every pod")
+    monitoring: K8sMonitoringConfig = Field(default_factory=K8sMonitoringConfig)
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key → value, applied for the cluster")
+
+    @field_validator("overrides")
+    @classmethod
+    def _no_k8s_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key == "k8s" or key.startswith("k8s."):
+                raise ValueError(f"{key}: the k8s section cannot override itself")
+        return value

@@ -1,0 +1,338 @@
+"""`routerserve k8s render`: the Kubernetes objects, from the same config as the local run.
+
+One config, three outputs: the local run reads ``configs/local.yaml`` as is; the Serve config and
+the KubeRay RayService are rendered from it with ``k8s.overrides`` applied (the dotted keys that
+differ on the cluster: GPUs, autoscaling, engine settings) and the artifact paths moved under the
+mount path. What is written to ``k8s/``:
+
+* ``rayservice.yaml``   — RayService: head (no replicas: ``num-cpus: "0"``), a CPU worker group
+  (ingress, shard searchers, controller) and a GPU worker group (expert encoder, vLLM engines),
+  in-tree autoscaler v2, ``serveConfigV2`` embedded as a string;
+* ``serve-config.yaml`` — the same Serve config as a file (``serve deploy`` on any Ray cluster);
+* ``artifacts-pvc.yaml`` — the claim holding index/, experts/, models/, data/ (volume mode);
+* ``podmonitor.yaml``   — Prometheus operator PodMonitor on every Ray pod's metrics port;
+* ``grafana-dashboard.json`` (+ ``grafana-dashboard-configmap.yaml`` for Grafana's sidecar).
+
+``check_rendered`` re-renders and diffs against the committed files (a test does this in CI).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve.app.metrics import dashboard_panels
+from serve.config import ConfigError, RouterServeConfig, config_from_dict
+from serve.config.common import _looks_like_ref
+from serve.config.loading import _set_dotted
+
+from .serve_config import serve_config
+
+METRICS_PORT = 8080
+SERVE_PORT = 8000
+HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT, "metrics": METRICS_PORT}
+WORKER_PORTS = {"serve": SERVE_PORT, "metrics": METRICS_PORT}
+ARTIFACT_VOLUME = "artifacts"
+class _Dumper(yaml.SafeDumper):
+    """Block style, no anchors/aliases, multi-line strings as literal blocks (readable serveConfigV2)."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _str(dumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(doc: Any) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+HEADER = "# Rendered by `routerserve k8s render` from configs/local.yaml (k8s section). Do not edit:\n# change the config and re-render; a test diffs this file against a fresh render.\n"
+
+
+def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
+    """The config the cluster runs: artifact paths under the mount path, HTTP on all interfaces,
+    Ray joined (not started), then ``k8s.overrides``. Errors name the override's key."""
+    k = cfg.k8s
+    root = k.artifacts.mount_path.rstrip("/")
+    data = cfg.model_dump(mode="json")
+    data.pop("k8s")
+    data["data_dir"] = f"{root}/data"
+    data["index"]["dir"] = f"{root}/index"
+    if data["experts"]["dir"] is not None:
+        data["experts"]["dir"] = f"{root}/experts"
+    data["llm"]["model_cache_dir"] = f"{root}/models"
+    data["http"]["host"] = "0.0.0.0"
+    data["ray"] = {"address": "auto", "num_cpus": None, "include_dashboard": False}
+    for key, value in k.overrides.items():
+        try:
+            _set_dotted(data, key, copy.deepcopy(value))
+        except ConfigError as exc:
+            raise ConfigError(f"k8s.overrides.{exc}") from None
+    try:
+        ccfg = config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"k8s.overrides (the cluster config): {exc}") from None
+    _check_paths_on_volume(ccfg, root)
+    _check_secrets_and_gpus(cfg, ccfg)
+    return ccfg
+
+
+def _check_secrets_and_gpus(cfg: RouterServeConfig, ccfg: RouterServeConfig) -> None:
+    if ccfg.http.api_keys_env and ccfg.http.api_keys_env not in cfg.k8s.secret_env:
+        raise ConfigError(f"k8s.secret_env: http.api_keys_env names ${ccfg.http.api_keys_env}; map it to a "
+                          f"secret ({ccfg.http.api_keys_env}: {{secret: NAME, key: KEY}})")
+    for name, engine in ccfg.llm.engines.items():
+        if ccfg.llm.enabled and engine.api_key_env and engine.api_key_env not in cfg.k8s.secret_env:
+            raise ConfigError(f"k8s.secret_env: engine {name} reads ${engine.api_key_env}; map it to a "
+                              f"secret ({engine.api_key_env}: {{secret: NAME, key: KEY}})")
+    wants_gpu = [d["name"] for d in _deployment_options(ccfg) if (d.get("ray_actor_options") or {}).get("num_gpus")]
+    if wants_gpu and cfg.k8s.gpu_workers is None:
+        raise ConfigError(f"k8s.gpu_workers: deployments {wants_gpu} ask for GPUs but there is no GPU worker group")
+    if wants_gpu and cfg.k8s.gpu_workers.gpus == 0:
+        raise ConfigError(f"k8s.gpu_workers.gpus: deployments {wants_gpu} ask for GPUs but the group's pods have none")
+
+
+def _deployment_options(ccfg: RouterServeConfig) -> list[dict[str, Any]]:
+    return serve_config(ccfg, host="0.0.0.0")["applications"][0]["deployments"]
+
+
+def _check_paths_on_volume(ccfg: RouterServeConfig, root: str) -> None:
+    """A local file path in the cluster config must point into the artifacts volume."""
+    paths = {"model.ref": ccfg.model.ref}
+    paths.update({f"llm.engines.{n}.model": e.model for n, e in ccfg.llm.engines.items() if e.kind in ("vllm", "transformers")})
+    if ccfg.llm.router is not None and ccfg.llm.router.prompt_file is not None:
+        paths["llm.router.prompt_file"] = str(ccfg.llm.router.prompt_file)
+    for key, ref in paths.items():
+        if key.endswith("prompt_file") or not _looks_like_ref(ref):
+            if not (ref == root or ref.startswith(root + "/")):
+                raise ConfigError(f"{key}: {ref} is a local path; put it under {root} (the artifacts volume) "
+                                  f"and set it in k8s.overrides")
+
+
+def render_serve_config(cfg: RouterServeConfig) -> dict[str, Any]:
+    return serve_config(cluster_config(cfg), host="0.0.0.0")
+
+
+def _labels(cfg: RouterServeConfig) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "routerserve", "app.kubernetes.io/instance": cfg.k8s.name}
+
+
+def _env(cfg: RouterServeConfig) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+        for name, ref in sorted(cfg.k8s.secret_env.items())
+    ]
+
+
+def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int]) -> dict:
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    container: dict[str, Any] = {
+        "name": name,
+        "image": cfg.k8s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
+        "volumeMounts": [
+            {"name": ARTIFACT_VOLUME, "mountPath": cfg.k8s.artifacts.mount_path, "readOnly": True},
+            {"name": "ray-logs", "mountPath": "/tmp/ray"},
+        ],
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+    }
+    env = _env(cfg)
+    if env:
+        container["env"] = env
+    return container
+
+
+def _pod_template(cfg: RouterServeConfig, container: dict, group: str, tolerations=(), node_selector=None) -> dict:
+    a = cfg.k8s.artifacts
+    if a.pvc is not None:
+        volume = {"name": ARTIFACT_VOLUME, "persistentVolumeClaim": {"claimName": a.pvc, "readOnly": True}}
+    else:
+        volume = {"name": ARTIFACT_VOLUME, "emptyDir": {"sizeLimit": a.fetch.size_limit}}
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [volume, {"name": "ray-logs", "emptyDir": {}}],
+        "restartPolicy": "Never",  # autoscaler v2: a Ray node is never restarted in place
+    }
+    if a.fetch is not None:
+        spec["initContainers"] = [{
+            "name": "fetch-artifacts",
+            "image": a.fetch.image,
+            "command": list(a.fetch.command),
+            "env": [{"name": "ARTIFACTS_DIR", "value": a.mount_path}] + _env(cfg),
+            "volumeMounts": [{"name": ARTIFACT_VOLUME, "mountPath": a.mount_path}],
+        }]
+    if tolerations:
+        spec["tolerations"] = [dict(t) for t in tolerations]
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if cfg.k8s.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in cfg.k8s.image_pull_secrets]
+    return {"metadata": {"labels": {**_labels(cfg), "routerserve/group": group}}, "spec": spec}
+
+
+def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
+    container = _container(cfg, "ray-worker", group.cpu, group.memory, group.gpus, WORKER_PORTS)
+    return {
+        "groupName": name,
+        "replicas": group.min_replicas,
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "template": _pod_template(cfg, container, name, group.tolerations, group.node_selector),
+    }
+
+
+def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    k = cfg.k8s
+    serve_doc = serve_doc if serve_doc is not None else render_serve_config(cfg)
+    head = _container(cfg, "ray-head", k.head.cpu, k.head.memory, 0, HEAD_PORTS)
+    workers = [_worker_group(cfg, "cpu", k.cpu_workers)]
+    if k.gpu_workers is not None:
+        workers.append(_worker_group(cfg, "gpu", k.gpu_workers))
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": k.name, "namespace": k.namespace, "labels": _labels(cfg)},
+        "spec": {
+            "upgradeStrategy": {"type": k.upgrade_strategy},
+            "serveConfigV2": dump_yaml(serve_doc),
+            "rayClusterConfig": {
+                "rayVersion": k.ray_version,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {
+                    "version": "v2",
+                    "upscalingMode": "Default",
+                    "idleTimeoutSeconds": k.idle_timeout_s,
+                    "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                                  "limits": {"cpu": "500m", "memory": "512Mi"}},
+                },
+                "headGroupSpec": {
+                    # no Serve replicas or tasks on the head: it keeps the GCS, the Serve
+                    # controller and the autoscaler responsive under load
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
+                                       "metrics-export-port": str(METRICS_PORT)},
+                    "template": _pod_template(cfg, head, "head"),
+                },
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
+
+
+def render_pvc(cfg: RouterServeConfig) -> dict[str, Any] | None:
+    a = cfg.k8s.artifacts
+    if a.pvc is None or not a.create_pvc:
+        return None
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": a.storage}}}
+    if a.storage_class:
+        spec["storageClassName"] = a.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": a.pvc, "namespace": cfg.k8s.namespace, "labels": _labels(cfg)}, "spec": spec}
+
+
+def render_podmonitor(cfg: RouterServeConfig) -> dict[str, Any] | None:
+    m = cfg.k8s.monitoring
+    if not m.pod_monitor:
+        return None
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": f"{cfg.k8s.name}-ray", "namespace": cfg.k8s.namespace, "labels": {**_labels(cfg), **m.labels}},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": cfg.k8s.name}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": m.scrape_interval}],
+        },
+    }
+
+
+def render_dashboard(cfg: RouterServeConfig) -> dict[str, Any]:
+    panels = []
+    for i, (title, expr, unit) in enumerate(dashboard_panels()):
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": title,
+            "gridPos": {"x": (i % 2) * 12, "y": (i // 2) * 8, "w": 12, "h": 8},
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"expr": expr, "refId": "A", "legendFormat": "__auto"}],
+        })
+    return {
+        "title": f"routerserve ({cfg.k8s.name})", "uid": f"routerserve-{cfg.k8s.name}", "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["routerserve", "ray-serve"],
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "panels": panels,
+    }
+
+
+def render_dashboard_configmap(cfg: RouterServeConfig, dashboard: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{cfg.k8s.name}-grafana-dashboard", "namespace": cfg.k8s.namespace,
+                     "labels": {**_labels(cfg), "grafana_dashboard": "1"}},  # Grafana's sidecar picks these up
+        "data": {"routerserve.json": json.dumps(dashboard, indent=2)},
+    }
+
+
+def render_all(cfg: RouterServeConfig) -> dict[str, str]:
+    """File name → text, everything ``k8s render`` writes."""
+    serve_doc = render_serve_config(cfg)
+    files = {
+        "rayservice.yaml": HEADER + dump_yaml(render_rayservice(cfg, serve_doc)),
+        "serve-config.yaml": HEADER + dump_yaml(serve_doc),
+    }
+    pvc = render_pvc(cfg)
+    if pvc is not None:
+        files["artifacts-pvc.yaml"] = HEADER + dump_yaml(pvc)
+    monitor = render_podmonitor(cfg)
+    if monitor is not None:
+        files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)
+    if cfg.k8s.monitoring.grafana_dashboard:
+        dashboard = render_dashboard(cfg)
+        files["grafana-dashboard.json"] = json.dumps(dashboard, indent=2) + "\n"
+        files["grafana-dashboard-configmap.yaml"] = HEADER + dump_yaml(render_dashboard_configmap(cfg, dashboard))
+    return files
+
+
+def write_rendered(cfg: RouterServeConfig, out_dir: Path | None = None) -> list[Path]:
+    out_dir = Path(out_dir or cfg.k8s.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_all(cfg).items():
+        path = out_dir / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def check_rendered(cfg: RouterServeConfig, out_dir: Path | None = None) -> list[str]:
+    """Files under ``out_dir`` that differ from (or are missing in) a fresh render."""
+    out_dir = Path(out_dir or cfg.k8s.out_dir)
+    stale = []
+    for name, text in render_all(cfg).items():
+        path = out_dir / name
+        if not path.is_file() or path.read_text() != text:
+            stale.append(name)
+    return stale
+
+
+def load_objects(out_dir: Path) -> list[dict[str, Any]]:
+    """Every Kubernetes object in the rendered YAML files."""
+    objects = []
+    for path in sorted(Path(out_dir).glob("*.yaml")):
+        if path.name == "serve-config.yaml":
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return objects

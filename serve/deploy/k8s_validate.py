@@ -1,0 +1,270 @@
+"""Validating the rendered Kubernetes objects without a cluster.
+
+1. custom resources (RayService) against the KubeRay CRD's ``openAPIV3Schema``, read from a CRD
+   directory (default ``../shared/k8s``: KubeRay v1.7.0's CRD files; point ``--crd-dir`` at the
+   release you run). Fields the schema does not declare are errors too: the API server would
+   silently prune them, which is how a typo'd field gets lost;
+2. core objects (PVC, ConfigMap, and every pod template inside the RayService) against the
+   Kubernetes JSON schemas of ``kubernetes-validate`` (strict: unknown fields are errors);
+3. the embedded ``serveConfigV2`` with Ray Serve's own ``ServeDeploySchema``, then every
+   ``import_path`` imported and called with its args, and the deployment names in the config
+   checked against the built application (Serve rejects unknown names at deploy time);
+4. the KubeRay controller's rules that the CRD does not encode (``validation.go``).
+
+Each check returns a list of messages ("where: what"); empty means valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from serve.config import REPO_ROOT
+
+CRD_DIR_ENV = "ROUTERSERVE_KUBERAY_CRDS"
+UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
+
+
+def default_crd_dir() -> Path:
+    return Path(os.environ.get(CRD_DIR_ENV) or REPO_ROOT.parent / "shared" / "k8s")
+
+
+# -- 1. custom resources against the CRD schemas ------------------------------------------------
+
+
+def load_crd_schemas(crd_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) → openAPIV3Schema, for every CRD file in ``crd_dir``."""
+    crd_dir = Path(crd_dir)
+    if not crd_dir.is_dir():
+        raise FileNotFoundError(f"CRD directory {crd_dir} does not exist (set --crd-dir or ${CRD_DIR_ENV})")
+    schemas = {}
+    for path in sorted(crd_dir.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+            for version in doc["spec"]["versions"]:
+                schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    if not schemas:
+        raise FileNotFoundError(f"no CustomResourceDefinition found in {crd_dir}")
+    return schemas
+
+
+def _no_unknown_fields(schema: Any) -> Any:
+    """A copy where every object schema with declared properties rejects other fields, as the API
+    server's pruning would drop them (except where the CRD preserves unknown fields)."""
+    if isinstance(schema, list):
+        return [_no_unknown_fields(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _no_unknown_fields(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _where(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<root>"
+
+
+def validate_custom_resource(obj: dict[str, Any], schemas: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    import jsonschema
+
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if key not in schemas:
+        return [f"{key[1]}: no CRD for apiVersion {key[0]} (have {sorted(schemas)})"]
+    schema = _no_unknown_fields(copy.deepcopy(schemas[key]))
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked by the API server itself
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{obj['kind']}.{_where(e)}: {e.message}" for e in sorted(validator.iter_errors(obj), key=str)]
+
+
+# -- 2. core objects against the Kubernetes schemas ---------------------------------------------
+
+
+def pod_templates(obj: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
+    if obj.get("kind") != "RayService":
+        return
+    rc = obj["spec"]["rayClusterConfig"]
+    yield "headGroupSpec.template", rc["headGroupSpec"]["template"]
+    for i, group in enumerate(rc.get("workerGroupSpecs", [])):
+        yield f"workerGroupSpecs.{i}({group.get('groupName')}).template", group["template"]
+
+
+def validate_core_object(obj: dict[str, Any], kubernetes_version: str) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: {exc.message} at {_where(exc)}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"{obj.get('kind')}: no Kubernetes {kubernetes_version} schema for {obj.get('apiVersion')}"]
+    return []
+
+
+def validate_pod_templates(obj: dict[str, Any], kubernetes_version: str) -> list[str]:
+    errors = []
+    for where, template in pod_templates(obj):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+        errors += [f"{obj['kind']}.{where}: {e.split(': ', 1)[1]}" for e in validate_core_object(wrapped, kubernetes_version)]
+    return errors
+
+
+# -- 3. the embedded Serve config ---------------------------------------------------------------
+
+
+def _rebase(value: Any, path_map: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _rebase(v, path_map) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, path_map) for v in value]
+    if isinstance(value, str):
+        for src, dst in path_map.items():
+            if value == src or value.startswith(src.rstrip("/") + "/"):
+                return dst.rstrip("/") + value[len(src.rstrip("/")):]
+    return value
+
+
+def validate_serve_config(serve_doc: dict[str, Any] | str, build: bool = True,
+                          path_map: dict[str, str] | None = None) -> list[str]:
+    """``path_map`` rewrites path prefixes in the args before building (e.g. the artifacts mount
+    path → a local folder with the same layout), so the builders run here as on the cluster."""
+    from pydantic import ValidationError
+    from ray.serve._private.build_app import build_app as serve_build_app
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load(serve_doc) if isinstance(serve_doc, str) else serve_doc
+    try:
+        ServeDeploySchema.model_validate(doc)
+    except ValidationError as exc:
+        return [f"serveConfigV2.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    errors = []
+    for app in doc["applications"]:
+        where = f"serveConfigV2.applications[{app['name']}]"
+        module_name, _, attr = app["import_path"].replace(":", ".").rpartition(".")
+        try:
+            builder = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"{where}.import_path: {app['import_path']} does not import ({exc})")
+            continue
+        if not build:
+            continue
+        try:
+            built = serve_build_app(builder(_rebase(app.get("args") or {}, path_map or {})), name=app["name"])
+        except Exception as exc:  # the builder's own error is the finding
+            errors.append(f"{where}.args: building {app['import_path']} failed: {type(exc).__name__}: {exc}")
+            continue
+        names = {d.name for d in built.deployments}
+        for dep in app.get("deployments", []):
+            if dep["name"] not in names:
+                errors.append(f"{where}.deployments: {dep['name']!r} is not a deployment of the app {sorted(names)}")
+    return errors
+
+
+# -- 4. KubeRay's controller rules --------------------------------------------------------------
+
+
+def kuberay_rules(obj: dict[str, Any]) -> list[str]:
+    """The rules of KubeRay's ``validation.go`` (v1.7.0) that the CRD schema does not encode."""
+    if obj.get("kind") != "RayService":
+        return []
+    errors = []
+    spec = obj.get("spec", {})
+    rc = spec.get("rayClusterConfig", {})
+    for i, g in enumerate(rc.get("workerGroupSpecs", [])):
+        where = f"RayService.spec.rayClusterConfig.workerGroupSpecs[{i}]({g.get('groupName')})"
+        lo, hi, n = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1), g.get("replicas")
+        if lo < 0 or hi < 0:
+            errors.append(f"{where}: minReplicas and maxReplicas must be non-negative ({lo}, {hi})")
+        if lo > hi:
+            errors.append(f"{where}: minReplicas {lo} is greater than maxReplicas {hi}")
+        if n is not None and n < 0:
+            errors.append(f"{where}: replicas must be non-negative ({n})")
+    names = [g.get("groupName") for g in rc.get("workerGroupSpecs", [])]
+    if len(names) != len(set(names)):
+        errors.append(f"RayService.spec.rayClusterConfig.workerGroupSpecs: groupName repeats ({names})")
+    head_service = rc.get("headGroupSpec", {}).get("headService") or {}
+    if (head_service.get("metadata") or {}).get("name"):
+        errors.append("RayService.spec.rayClusterConfig.headGroupSpec.headService.metadata.name: must not be set "
+                      "for a RayService (KubeRay names the head service)")
+    upgrade = spec.get("upgradeStrategy") or {}
+    utype = upgrade.get("type")
+    if utype is not None and utype not in UPGRADE_TYPES:
+        errors.append(f"RayService.spec.upgradeStrategy.type: {utype!r} is not one of {list(UPGRADE_TYPES)}")
+    if utype == "NewClusterWithIncrementalUpgrade":
+        if not rc.get("enableInTreeAutoscaling"):
+            errors.append("RayService.spec.upgradeStrategy: incremental upgrades need enableInTreeAutoscaling: true")
+        opts = upgrade.get("clusterUpgradeOptions")
+        if not opts:
+            errors.append("RayService.spec.upgradeStrategy.clusterUpgradeOptions: required for incremental upgrades")
+        else:
+            step, surge = opts.get("stepSizePercent", -1), opts.get("maxSurgePercent", 100)
+            if not 0 <= step <= surge <= 100:
+                errors.append(f"RayService.spec.upgradeStrategy.clusterUpgradeOptions: need 0 <= stepSizePercent "
+                              f"({step}) <= maxSurgePercent ({surge}) <= 100")
+    version = (rc.get("autoscalerOptions") or {}).get("version")
+    if version is not None:
+        for where, template in pod_templates(obj):
+            for c in template.get("spec", {}).get("containers", []):
+                if any(e.get("name") == "RAY_enable_autoscaler_v2" for e in c.get("env", [])):
+                    errors.append(f"RayService.{where}: RAY_enable_autoscaler_v2 is set together with "
+                                  f"autoscalerOptions.version; use one")
+    return errors
+
+
+# -- cross-object checks of our own -------------------------------------------------------------
+
+
+def consistency(objects: list[dict[str, Any]], ray_version: str | None = None) -> list[str]:
+    """PodMonitor selects the Ray pods and their metrics port; rayVersion matches the image tag."""
+    errors = []
+    services = [o for o in objects if o.get("kind") == "RayService"]
+    for mon in (o for o in objects if o.get("kind") == "PodMonitor"):
+        match = mon["spec"]["selector"].get("matchLabels", {})
+        ports = {e["port"] for e in mon["spec"]["podMetricsEndpoints"]}
+        for svc in services:
+            for where, template in pod_templates(svc):
+                labels = template.get("metadata", {}).get("labels", {})
+                if any(labels.get(k) != v for k, v in match.items()):
+                    errors.append(f"PodMonitor/{mon['metadata']['name']}: does not select {where} (labels {labels})")
+                named = {p.get("name") for c in template["spec"]["containers"] for p in c.get("ports", [])}
+                if not ports <= named:
+                    errors.append(f"PodMonitor/{mon['metadata']['name']}: {where} has no port {sorted(ports - named)}")
+    for svc in services:
+        rc = svc["spec"]["rayClusterConfig"]
+        version = rc.get("rayVersion")
+        if ray_version is not None and version != ray_version:
+            errors.append(f"RayService.spec.rayClusterConfig.rayVersion: {version} but this Ray is {ray_version}")
+        for where, template in pod_templates(svc):
+            for c in template["spec"]["containers"]:
+                if version and version not in c["image"]:
+                    errors.append(f"RayService.{where}: image {c['image']} does not carry rayVersion {version}")
+    return errors
+
+
+def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None, kubernetes_version: str = "1.33",
+                     build: bool = True, path_map: dict[str, str] | None = None,
+                     ray_version: str | None = None) -> dict[str, list[str]]:
+    """All four checks (and the consistency one) over the rendered objects; check name → errors."""
+    schemas = load_crd_schemas(crd_dir or default_crd_dir())
+    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+    for obj in objects:
+        group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
+        if obj.get("kind") == "RayService":
+            report["crd"] += validate_custom_resource(obj, schemas)
+            report["core"] += validate_pod_templates(obj, kubernetes_version)
+            report["serve"] += validate_serve_config(obj["spec"]["serveConfigV2"], build=build, path_map=path_map)
+            report["kuberay"] += kuberay_rules(obj)
+        elif group.endswith("monitoring.coreos.com"):
+            continue  # the Prometheus operator's CRD is not vendored; checked by consistency()
+        else:
+            report["core"] += validate_core_object(obj, kubernetes_version)
+    report["consistency"] += consistency(objects, ray_version)
+    return report

@@ -1,0 +1,177 @@
+"""`routerserve index build`: encode a BEIR corpus with the base model (a Ray Data job) and write
+FAISS shard files plus the doc store. Cached and resumable by content hash; see actors.index_store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actors.beir import iter_corpus
+from actors.encoder import EncoderSettings
+from actors.index_store import (
+    DOCS_FILE,
+    DocStore,
+    IndexManifest,
+    ShardEntry,
+    shards_dir,
+)
+from actors.search import build_flat_index, split_ranges
+
+from serve.artifacts.index import IndexLocation, locate_index
+from serve.artifacts.models import encoder_settings
+from serve.config import RouterServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class _EncodeBatch:
+    """Ray Data callable class: one EncoderEngine per actor, base model only."""
+
+    def __init__(self, model_path: str, settings: EncoderSettings):
+        from actors.encoder import EncoderEngine
+
+        self.engine = EncoderEngine(model_path, None, settings)
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch["text"]]
+        vectors = self.engine.encode(texts)
+        return {"row": np.asarray(batch["row"], dtype=np.int64), "vector": vectors}
+
+
+def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> Path:
+    """Build (or reuse) the index; returns the folder holding manifest.json."""
+    loc = locate_index(cfg, data_dir)
+    out = shards_dir(loc.root, cfg.index.num_shards)
+    if (out / "manifest.json").is_file():
+        logger.info("index %s is up to date", out)
+        return out
+    vectors, encode_seconds = _encode_corpus(cfg, data_dir, loc, progress)
+    n = vectors.shape[0]
+    import faiss
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (start, end) in enumerate(split_ranges(n, cfg.index.num_shards)):
+        name = f"shard_{i:03d}.faiss"
+        faiss.write_index(build_flat_index(vectors[start:end]), str(out / name))
+        entries.append(ShardEntry(name, start, end - start))
+    manifest = IndexManifest(
+        key=loc.key,
+        model_ref=cfg.model.ref,
+        model_fingerprint=loc.model_fingerprint,
+        dim=int(vectors.shape[1]),
+        similarity=cfg.model.similarity,
+        pooling=cfg.model.pooling,
+        max_seq_length=cfg.model.max_seq_length,
+        datasets=list(cfg.corpus.datasets),
+        num_docs=n,
+        shards=entries,
+        encode_seconds=encode_seconds,
+    )
+    manifest.save(out)
+    return out
+
+
+def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool) -> tuple[np.ndarray, float]:
+    """docs.parquet + every chunk of base-model vectors (encoding only the missing chunks)."""
+    loc.root.mkdir(parents=True, exist_ok=True)
+    docs_path = loc.root / DOCS_FILE
+    docs = [
+        d
+        for name in cfg.corpus.datasets
+        for d in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)
+    ]
+    if not docs:
+        raise ValueError(f"corpus.datasets {cfg.corpus.datasets}: no documents found")
+    if not docs_path.is_file():
+        DocStore.write(docs_path, docs)
+    n = len(docs)
+    chunk = cfg.index.chunk_size
+    chunk_dir = loc.root / "chunks"
+    chunk_dir.mkdir(exist_ok=True)
+    chunk_ids = list(range((n + chunk - 1) // chunk))
+    chunk_file = lambda c: chunk_dir / f"chunk_{c:05d}.npy"  # noqa: E731
+    pending = [c for c in chunk_ids if not chunk_file(c).is_file()]
+    t0 = time.perf_counter()
+    if pending:
+        _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress)
+    encode_seconds = time.perf_counter() - t0
+    vectors = np.concatenate([np.load(chunk_file(c)) for c in chunk_ids])
+    if vectors.shape[0] != n:
+        raise RuntimeError(f"encoded {vectors.shape[0]} vectors for {n} documents; delete {chunk_dir} and rebuild")
+    return vectors, encode_seconds
+
+
+def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> None:
+    import ray
+    from tqdm.auto import tqdm
+
+    from serve.deploy.cluster import ensure_ray
+
+    ensure_ray(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar below counts documents
+    rows = [
+        {"row": r, "text": docs[r].as_passage()}
+        for c in pending
+        for r in range(c * chunk, min((c + 1) * chunk, len(docs)))
+    ]
+    ds = ray.data.from_items(rows).map_batches(
+        _EncodeBatch,
+        fn_constructor_kwargs={"model_path": str(loc.model_path), "settings": encoder_settings(cfg)},
+        batch_size=cfg.model.batch_size,
+        concurrency=cfg.index.encode_workers,
+        num_cpus=cfg.index.encode_num_cpus,
+        batch_format="numpy",
+    )
+    buffers: dict[int, dict[int, np.ndarray]] = {c: {} for c in pending}
+    bar = tqdm(total=len(rows), desc="encode corpus", unit="doc", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for row, vec in zip(batch["row"], batch["vector"]):
+            c = int(row) // chunk
+            buffers[c][int(row)] = vec
+            size = min((c + 1) * chunk, len(docs)) - c * chunk
+            if len(buffers[c]) == size:
+                ordered = np.stack([buffers[c][r] for r in range(c * chunk, c * chunk + size)])
+                tmp = chunk_file(c).with_suffix(".tmp.npy")
+                np.save(tmp, ordered.astype(np.float32))
+                tmp.replace(chunk_file(c))
+                del buffers[c]
+        bar.update(len(batch["row"]))
+    bar.close()
+    if buffers:
+        raise RuntimeError(f"encoding finished with incomplete chunks {sorted(buffers)}")
+
+
+@dataclass
+class Corpus:
+    name: str
+    doc_ids: list[str]
+    datasets: list[str]
+    vectors: np.ndarray
+
+
+def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool = True) -> Corpus:
+    """Base-model vectors of these datasets, from (or into) the shared index cache (no shards
+    written; encoding only what is missing, as a Ray Data job)."""
+    import pyarrow.parquet as pq
+
+    if len(datasets) > 1:  # a union is the concatenation of the per-dataset caches: encode nothing twice
+        parts = [load_corpus_vectors(cfg, data_dir, [d], progress) for d in datasets]
+        return Corpus(
+            "+".join(datasets),
+            [i for p in parts for i in p.doc_ids],
+            [x for p in parts for x in p.datasets],
+            np.concatenate([p.vectors for p in parts]),
+        )
+    sub = cfg.model_copy(deep=True)
+    sub.corpus.datasets = list(datasets)
+    loc = locate_index(sub, data_dir)
+    vectors, _ = _encode_corpus(sub, data_dir, loc, progress)
+    table = pq.read_table(loc.root / "docs.parquet", columns=["doc_id", "dataset"])
+    return Corpus("+".join(datasets), table.column("doc_id").to_pylist(), table.column("dataset").to_pylist(), vectors)

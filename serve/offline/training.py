@@ -1,0 +1,268 @@
+"""Expert training, the default experts `routerserve up` trains, and adding/removing experts.
+
+The files live in the expert store (serve.artifacts.experts). Adding an expert = training its
+adapter and building its domain's pilots (serve.offline.pilots); nothing
+else is retrained and the corpus index is untouched. Removing one = deleting its adapter and every
+pilot pointing to it (``remove_expert``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from actors.beir import dataset_dir, file_sha256
+from actors.encoder import EncoderEngine
+from actors.expert_training import (
+    AdapterTrainSettings,
+    mine_hard_negatives,
+    plot_losses,
+    train_query_adapter,
+)
+
+from serve.artifacts.experts import (
+    adapters_root,
+    check_expert_name,
+    load_pilots,
+    multitask_dir,
+    pilots_follow_config,
+    pilots_path,
+)
+from serve.artifacts.models import encoder_settings, resolve_model
+from serve.config import ExpertTrainConfig, RouterServeConfig
+
+from .indexing import load_corpus_vectors
+from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run, split_dev, training_queries
+from .pilots import build_pilots
+
+logger = logging.getLogger(__name__)
+
+
+def dev_scorer(domain: str, dev_examples: list, corpus):
+    """(dev queries, score_fn): mean nDCG@10 (ir-measures, judged docs binary) over the domain."""
+    from ir_measures import nDCG
+
+    qids = [q for q, _, _, _ in dev_examples]
+    qrels = examples_qrels(domain, dev_examples, corpus)
+
+    def score(vectors: np.ndarray) -> float:
+        run = search_run(vectors, qids, corpus, 10, domain in SELF_RETRIEVAL_DOMAINS, domain)
+        return float(np.mean(list(per_query(qrels, run, nDCG @ 10).values())))
+
+    return [t for _, t, _, _ in dev_examples], score
+
+
+def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: bool = True) -> AdapterTrainSettings:
+    """The adapter hyper-parameters of ``experts.training``; ``step_scale`` multiplies the step
+    budget and the patience (the multi-task adapter gets both × its number of domains). Without
+    dev queries (a domain too small to hold some out) there is nothing to stop on: every step runs."""
+    return AdapterTrainSettings(
+        steps=train.steps * step_scale, batch_size=train.batch_size, lr=train.lr, seed=train.seed,
+        positives=train.positives, rank=train.rank, alpha=train.alpha, target_modules=tuple(train.target_modules),
+        patience=None if train.patience is None or not has_dev else train.patience * step_scale,
+    )
+
+
+def train_domain_expert(
+    cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True
+) -> dict:
+    """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched.
+
+    Document vectors (positives and mined hard negatives) come from the domain's base index
+    (built and cached as a Ray Data job if missing): no document is re-encoded here.
+    """
+    if cfg.experts.dir is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    train = cfg.experts.training
+    model_path = resolve_model(cfg.model.ref)
+    corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+    examples = domain_examples(cfg, data_dir, domain, corpus)
+    examples, dev_examples = split_dev(examples, train.dev_fraction)
+    settings = encoder_settings(cfg)
+    base = EncoderEngine(model_path, None, settings)
+    texts = [t for _, t, _, _ in examples]
+    positives = corpus.vectors[[best for _, _, best, _ in examples]]
+    hard = full = None
+    if train.objective == "full_corpus":
+        full = (corpus.vectors, [b for _, _, b, _ in examples], [rows for _, _, _, rows in examples])
+    elif train.hard_negatives > 0:
+        query_vecs = base.encode(texts)
+        neg_rows = mine_hard_negatives(
+            query_vecs, corpus.vectors, [rows for _, _, _, rows in examples], train.hard_negatives, train.skip_top
+        )
+        hard = corpus.vectors[neg_rows]
+    out_dir = adapters_root(cfg) / domain
+    report = train_query_adapter(
+        model_path,
+        settings,
+        texts,
+        positives,
+        out_dir,
+        adapter_settings(train, has_dev=bool(dev_examples)),
+        progress=progress,
+        hard_negatives=hard,
+        corpus=full,
+        dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
+        eval_every=train.eval_every,
+    )
+    report.update(
+        domain=domain,
+        dev_query_ids=[q for q, _, _, _ in dev_examples],
+        data_hash=hashlib.sha256(
+            json.dumps([(q, sorted(r)) for q, _, _, r in examples]).encode()
+            + file_sha256(dataset_dir(data_dir, domain) / "corpus.jsonl").encode()
+        ).hexdigest(),
+        query_ids_sha256=hashlib.sha256(",".join(q for q, _, _, _ in examples).encode()).hexdigest(),
+        skip_top=train.skip_top,
+    )
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(report["losses"], out_dir / "loss.png", f"expert {domain}: {len(examples)} queries")
+    if pilots:  # this domain's pilots, against every expert present now
+        build_pilots(cfg, data_dir, [domain], progress)
+    return report
+
+
+def _joint_dev(parts: list[tuple[list[str], object]]):
+    """One dev set over several domains: the mean of each domain's dev score."""
+    queries = [q for qs, _ in parts for q in qs]
+    bounds = np.cumsum([0] + [len(qs) for qs, _ in parts])
+
+    def score(vectors: np.ndarray) -> float:
+        return float(np.mean([fn(vectors[a:b]) for (_, fn), a, b in zip(parts, bounds[:-1], bounds[1:])]))
+
+    return queries, score
+
+
+def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list[str], progress: bool = True) -> dict:
+    """One adapter trained on every domain's training data (the paper's multi-task baseline);
+    positives and hard negatives come from each query's own domain index."""
+    if cfg.experts.dir is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    train = cfg.experts.training
+    model_path = resolve_model(cfg.model.ref)
+    base = EncoderEngine(model_path, None, encoder_settings(cfg))
+    texts, positives, hard, groups = [], [], [], []
+    vectors, targets, judged, offset = [], [], [], 0
+    dev_parts = []  # (dev queries, score_fn) per domain: the same dev selection as the experts get
+    for domain in domains:
+        corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+        examples, dev_examples = split_dev(domain_examples(cfg, data_dir, domain, corpus), train.dev_fraction)
+        if dev_examples:
+            dev_parts.append(dev_scorer(domain, dev_examples, corpus))
+        t = [x for _, x, _, _ in examples]
+        texts += t
+        groups += [domains.index(domain)] * len(t)  # one domain per batch
+        positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
+        vectors.append(corpus.vectors)
+        targets += [offset + b for _, _, b, _ in examples]
+        judged += [{offset + r for r in rows} for _, _, _, rows in examples]
+        offset += corpus.vectors.shape[0]
+        if train.objective == "mined" and train.hard_negatives > 0:
+            rows = mine_hard_negatives(base.encode(t), corpus.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
+            hard.append(corpus.vectors[rows])
+    out_dir = multitask_dir(cfg)
+    report = train_query_adapter(
+        model_path,
+        encoder_settings(cfg),
+        texts,
+        np.concatenate(positives),
+        out_dir,
+        adapter_settings(train, step_scale=len(domains), has_dev=bool(dev_parts)),
+        progress=progress,
+        hard_negatives=np.concatenate(hard) if hard else None,
+        # full corpus: every domain's docs (other domains' docs are easy negatives)
+        corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
+        dev=_joint_dev(dev_parts) if dev_parts else None,
+        eval_every=train.eval_every,
+        groups=groups,
+    )
+    report.update(domain="+".join(domains))
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(report["losses"], out_dir / "loss.png", f"multi-task adapter: {len(texts)} queries")
+    return report
+
+
+def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> list[str]:
+    """Train the configured default experts that are missing, then rebuild the pilots of every
+    default domain against the full expert set (the paper builds pilots once all experts exist).
+    Pilots grouped by another rule than the config's are rebuilt as well. Returns the domains
+    trained now."""
+    trained = []
+    root = adapters_root(cfg)
+    domains = cfg.experts.training.default_domains
+    pilots = load_pilots(cfg)
+    for domain in domains:
+        if root is not None and (root / domain / "adapter_config.json").is_file():
+            continue
+        logger.info("training default expert %s", domain)
+        train_domain_expert(cfg, data_dir, domain, progress, pilots=False)
+        trained.append(domain)
+    have = set(pilots.domains) if pilots is not None else set()
+    if trained or not set(domains) <= have or not pilots_follow_config(pilots, cfg):
+        build_pilots(cfg, data_dir, list(domains), progress)  # other rule on disk: every domain
+    return trained
+
+
+def add_expert(
+    cfg: RouterServeConfig,
+    data_dir: Path,
+    name: str,
+    adapter_dir: Path,
+    domain: str | None = None,
+    replace: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Register an adapter trained elsewhere as expert ``name`` and build ``domain``'s pilots.
+
+    The adapter must be a peft LoRA folder that loads onto the configured base model (checked by
+    loading it and encoding a probe before anything is written). It is copied to
+    ``<experts.dir>/adapters/<name>`` (atomically: a partial copy is never visible), then the
+    pilots of ``domain`` (default: ``name``; its training queries from the data dir) are rebuilt
+    against every expert present. Other domains' pilots and the other adapters are untouched.
+    Returns how many of the domain's training queries each expert won.
+    """
+    root = adapters_root(cfg)
+    if root is None:
+        raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    check_expert_name(name)
+    domain = domain or name
+    src = Path(adapter_dir)
+    config_file = src / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{src} is not a peft adapter folder (no adapter_config.json)")
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{config_file}: peft_type is {peft_type!r}; experts are LoRA adapters ('LORA')")
+    dest = root / name
+    if dest.exists() and not replace:
+        raise FileExistsError(f"expert {name!r} exists at {dest}; pass replace=True (--replace) to overwrite it")
+    if not training_queries(data_dir, domain, 1):
+        raise ValueError(f"domain {domain!r} has no judged training query under {data_dir}: pilots need some")
+    try:  # fails here, before any write, when the adapter does not fit the base model
+        EncoderEngine(resolve_model(cfg.model.ref), {name: src}, encoder_settings(cfg)).encode(["probe"], name)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
+        raise ValueError(f"adapter {src} does not load onto base model {cfg.model.ref!r}: {exc}") from exc
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{name}.adding"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
+    return build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
+
+
+def remove_expert(cfg: RouterServeConfig, name: str) -> None:
+    root = adapters_root(cfg)
+    if root is None or not (root / name).is_dir():
+        raise FileNotFoundError(f"no expert {name!r} under {root}")
+    shutil.rmtree(root / name)
+    pilots = load_pilots(cfg)
+    if pilots is not None:
+        pilots.restrict([e for e in pilots.expert_names if e != name]).save(pilots_path(cfg))

@@ -1,0 +1,184 @@
+"""ChatService + the HTTP router for /v1/chat/completions and /v1/models, over scripted engines
+(the protocol logic; the real-model path is tests/serve/test_e2e_chat.py)."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from actors.llm_engines import ScriptedEngine
+from serve.app.chat.service import ChatService, LocalChatClient
+from serve.config import LLMConfig
+from serve.app.ingress import create_app
+
+
+class RecordingEngine(ScriptedEngine):
+    """A scripted engine that also records the structured-output regex it was given."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.regexes = []
+
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None):
+        self.regexes.append(regex)
+        return await super().complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop)
+
+
+def llm_config(**router):
+    return LLMConfig.model_validate(
+        {
+            "enabled": True,
+            "engines": {"small": {"kind": "vllm", "model": "package:none"}, "big": {"kind": "transformers", "model": "package:none"}},
+            "router": {"engine": "small", **router},
+            "candidates": [
+                {"name": "Alpha", "description": "knows capitals", "engine": "big",
+                 "price": {"prompt_per_1m": 1_000_000, "completion_per_1m": 2_000_000, "currency": "EUR"}},
+                {"name": "Beta", "description": "cheap", "engine": "small",
+                 "price": {"prompt_per_1m": 0, "completion_per_1m": 0}},
+            ],
+        }
+    )
+
+
+def router_script(prompt):
+    return "<answer>Paris</answer>" if prompt.rstrip().endswith("</information>") else "<think>ask</think><search>alpha:capital of France?</search>"
+
+
+@pytest.fixture
+def parts():
+    router = RecordingEngine(router_script, model_id="small")
+    big = ScriptedEngine(lambda q: "Paris is the capital", model_id="big")
+    service = ChatService(llm_config(), {"small": router, "big": big}, router.chat_prompt)
+    return service, router, big
+
+
+@pytest.fixture
+def client(parts):
+    return TestClient(create_app(None, LocalChatClient(parts[0])))
+
+
+def test_models_lists_router_and_priced_candidates(client):
+    body = client.get("/v1/models").json()
+    assert [m["id"] for m in body["data"]] == ["router-r1", "Alpha", "Beta"]
+    alpha = body["data"][1]
+    assert alpha["kind"] == "candidate" and alpha["price"]["currency"] == "EUR" and alpha["description"] == "knows capitals"
+
+
+def test_router_request_runs_the_loop_and_reports_routing_and_usage(client, parts):
+    _, router, big = parts
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "capital of France"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Paris" and body["choices"][0]["finish_reason"] == "stop"
+    routing = body["routing"]
+    assert routing["route_calls"] == 1 and routing["calls"] == {"Alpha": 1} and routing["stopped"] == "answer"
+    assert [rd["action"] for rd in routing["rounds"]] == ["search", "answer"]
+    assert routing["rounds"][0]["candidate"] == "Alpha" and routing["rounds"][0]["sub_query"] == "capital of France?"
+    # scripted tokens: the candidate's prompt is the wrapped sub-query, its completion 4 words
+    cand_prompt = routing["candidate_tokens"]["prompt"]
+    assert routing["candidate_tokens"]["completion"] == 4
+    assert routing["cost"] == pytest.approx(cand_prompt * 1 + 4 * 2) and routing["currency"] == "EUR"
+    assert routing["cost_completion_only"] == pytest.approx(8)
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == routing["router_tokens"]["prompt"] + cand_prompt
+    # the router saw ONE user message through its chat template, question normalised, pool rendered
+    first_prompt = router.calls[0]
+    assert first_prompt.startswith("<|user|>\n") and first_prompt.endswith("<|assistant|>\n")
+    assert "Question: capital of France?" in first_prompt and "- Alpha: knows capitals" in first_prompt
+    # structured outputs: every generation constrained; the candidate names are in the regex
+    assert all(rx and "Alpha" in rx for rx in router.regexes)
+    assert "concisely" in big.calls[0] and "capital of France?" in big.calls[0]
+
+
+def test_structured_output_can_be_switched_off(parts):
+    router = RecordingEngine(router_script)
+    service = ChatService(llm_config(structured_output=False), {"small": router, "big": parts[2]}, router.chat_prompt)
+    TestClient(create_app(None, LocalChatClient(service))).post(
+        "/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]}
+    )
+    assert router.regexes and all(rx is None for rx in router.regexes)
+
+
+def test_direct_candidate_call_is_priced(client):
+    r = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3})
+    body = r.json()
+    assert r.status_code == 200 and body["model"] == "Alpha"
+    assert body["choices"][0]["message"]["content"] == "Paris is the" and body["usage"]["completion_tokens"] == 3
+    assert body["routing"]["cost"] == pytest.approx(body["usage"]["prompt_tokens"] * 1 + 3 * 2)
+
+
+@pytest.mark.parametrize(
+    "payload, status, needle",
+    [
+        ({"model": "gpt-x", "messages": [{"role": "user", "content": "q"}]}, 404, "gpt-x"),
+        ({"model": "router-r1", "messages": [{"role": "system", "content": "q"}]}, 422, "user message"),
+        ({"model": "router-r1", "messages": []}, 422, "messages"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": 5}]}, 422, "content"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "n": 2}, 422, "n"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "temperature": -1}, 422, "temperature"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "tools": []}, 422, "tools"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "budget": 0}, 422, "budget"),
+    ],
+)
+def test_bad_requests_get_4xx_json_naming_the_problem(client, payload, status, needle):
+    r = client.post("/v1/chat/completions", json=payload)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert client.get("/v1/models").status_code == 200  # still serving
+
+
+def test_engine_failure_is_503_not_500(parts):
+    router = ScriptedEngine(router_script, fail_with=RuntimeError("engine crashed"))
+    service = ChatService(llm_config(), {"small": router, "big": parts[2]}, router.chat_prompt)
+    client = TestClient(create_app(None, LocalChatClient(service)))
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 503 and "engine crashed" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "Beta", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    health = client.get("/healthz")
+    assert health.status_code == 200  # scripted engines report healthy; failures are per call
+
+
+def test_budget_per_request_stops_routing(client):
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "budget": 1.0})
+    routing = r.json()["routing"]
+    assert routing["rounds"][0]["status"] == "over_budget" and routing["cost"] == 0.0 and routing["budget_left"] == 1.0
+    assert routing["route_calls"] == 0
+
+
+def test_stream_sends_round_events_then_the_answer(client):
+    with client.stream("POST", "/v1/chat/completions", json={"model": "router-r1", "stream": True, "stream_options": {"include_usage": True},
+                                                             "messages": [{"role": "user", "content": "capital of France"}]}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    rounds = [e["routing_event"] for e in events if "routing_event" in e]
+    assert [rd["action"] for rd in rounds] == ["search", "answer"]
+    answer = next(e for e in events if e["choices"])
+    assert answer["choices"][0]["delta"]["content"] == "Paris" and answer["object"] == "chat.completion.chunk"
+    assert events[-1]["usage"]["total_tokens"] > 0
+
+
+def test_stream_to_an_unknown_model_is_a_json_404(client):
+    r = client.post("/v1/chat/completions", json={"model": "nope", "stream": True, "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+
+
+def test_max_route_calls_zero_makes_the_router_answer_alone(client, parts):
+    _, router, big = parts
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "max_route_calls": 0,
+                                                  "messages": [{"role": "user", "content": "capital of France"}]})
+    routing = r.json()["routing"]
+    assert routing["route_calls"] == 0 and big.calls == []
+    assert routing["rounds"][0]["status"] == "not_executed"  # its search was not made
+    assert router.regexes[0] is not None and "<search>" not in router.regexes[0]  # constrained to an answer
+
+
+def test_direct_call_over_budget_is_refused_before_calling(client, parts):
+    _, _, big = parts
+    r = client.post("/v1/chat/completions", json={"model": "Alpha", "budget": 0.5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 422 and "worst-case cost" in r.json()["error"]["message"] and big.calls == []
+    r = client.post("/v1/chat/completions", json={"model": "Beta", "budget": 0.5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["routing"]["budget_left"] == 0.5  # a free candidate fits any budget

@@ -1,0 +1,259 @@
+"""RetrievalService + HTTP router in-process (no Ray): the same code the Serve ingress runs."""
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from actors.beir import iter_corpus
+from actors.index_store import DocStore
+from actors.routed_encoder import RoutedEncoder
+from actors.search import ShardSearcher, build_flat_index, split_ranges
+from serve.config import LimitsConfig
+from serve.app.ingress import create_app
+from serve.app.retrieval.service import LocalEncoderClient, LocalShardClient, RetrievalService
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, engine, data_dir, mean_pilots):
+    docs = list(iter_corpus(data_dir, "scifact", 60))
+    path = tmp_path_factory.mktemp("docs") / "docs.parquet"
+    DocStore.write(path, docs)
+    vectors = engine.encode([d.as_passage() for d in docs])
+    pilots = mean_pilots(engine, {"alpha": ["cell biology", "protein"], "beta": ["debate", "policy"]})
+    routed = RoutedEncoder(engine, pilots)
+    shards = [ShardSearcher(index=build_flat_index(vectors[a:b]), offset=a) for a, b in split_ranges(len(docs), 3)]
+    service = RetrievalService(
+        LocalEncoderClient(routed, "test-model"),
+        [LocalShardClient(s) for s in shards],
+        DocStore(path),
+        LimitsConfig(max_query_chars=200, max_top_k=20, max_embedding_inputs=4),
+        "mini",
+    )
+    return {"client": TestClient(create_app(service)), "docs": docs, "vectors": vectors, "engine": engine, "service": service}
+
+
+def test_retrieve_routes_and_hits_match_a_brute_force_search(stack):
+    q = "protein expression in cancer cells"
+    r = stack["client"].post("/v1/retrieve", json={"query": q, "top_k": 5, "include_text": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["expert"] in ("alpha", "beta") and not body["forced"]
+    assert set(body["routing_scores"]) == {"alpha", "beta"}
+    assert body["expert"] == max(body["routing_scores"], key=body["routing_scores"].get)
+    qv = stack["engine"].encode([q], body["expert"])[0]
+    want = np.argsort(-(stack["vectors"] @ qv), kind="stable")[:5]
+    assert [h["doc_id"] for h in body["hits"]] == [stack["docs"][i].doc_id for i in want]
+    assert body["hits"][0]["text"] == stack["docs"][want[0]].text
+    assert {"total_ms", "encode_ms", "search_ms"} <= set(body["timings_ms"])
+
+
+def test_forced_base_and_expert(stack):
+    c = stack["client"]
+    base = c.post("/v1/retrieve", json={"query": "insulin", "top_k": 3, "expert": "base"}).json()
+    beta = c.post("/v1/retrieve", json={"query": "insulin", "top_k": 3, "expert": "beta"}).json()
+    assert base["expert"] == "base" and base["forced"] and beta["expert"] == "beta"
+    assert "text" not in base["hits"][0] or base["hits"][0]["text"] is None
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"query": "", "top_k": 3}, 422, "query"),
+        ({"query": "   ", "top_k": 3}, 422, "query must not be empty"),
+        ({"query": "x" * 201}, 413, "limit is 200"),
+        ({"query": "ok", "top_k": 0}, 422, "top_k"),
+        ({"query": "ok", "top_k": 21}, 422, "top_k"),
+        ({"query": "ok", "top_k": "5"}, 422, "top_k"),
+        ({"query": 5}, 422, "query"),
+        ({"top_k": 3}, 422, "query"),
+        ({"query": "ok", "expert": "gamma"}, 404, "unknown expert 'gamma'"),
+        ({"query": "ok", "colour": "red"}, 422, "unknown field"),
+    ],
+)
+def test_bad_retrieve_requests_are_4xx_json(stack, body, status, needle):
+    r = stack["client"].post("/v1/retrieve", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["code"] == status
+
+
+def test_malformed_json_is_422(stack):
+    r = stack["client"].post("/v1/retrieve", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+
+
+def test_embeddings_openai_shape_and_expert_selection(stack):
+    c, engine = stack["client"], stack["engine"]
+    r = c.post("/v1/embeddings", json={"model": "mini", "input": ["a b", "c"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    np.testing.assert_allclose(body["data"][0]["embedding"], engine.encode(["a b"])[0], atol=1e-5)
+    assert body["usage"]["prompt_tokens"] == sum(engine.count_tokens(["a b", "c"]))
+    ex = c.post("/v1/embeddings", json={"model": "mini:alpha", "input": "a b", "encoding_format": "base64"}).json()
+    import base64
+
+    vec = np.frombuffer(base64.b64decode(ex["data"][0]["embedding"]), dtype=np.float32)
+    np.testing.assert_allclose(vec, engine.encode(["a b"], "alpha")[0], atol=1e-5)
+    assert c.post("/v1/embeddings", json={"model": "base", "input": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "other", "input": "x"}, 404, "unknown model"),
+        ({"model": "mini:gamma", "input": "x"}, 404, "unknown model"),
+        ({"model": "mini", "input": []}, 422, "input must not be empty"),
+        ({"model": "mini", "input": ["a"] * 5}, 413, "limit is 4"),
+        ({"model": "mini", "input": ["a", ""]}, 422, "input[1]"),
+        ({"model": "mini", "input": "x", "dimensions": 7}, 422, "dimensions"),
+        ({"model": "mini", "input": [1, 2]}, 422, "input"),
+    ],
+)
+def test_bad_embedding_requests(stack, body, status, needle):
+    r = stack["client"].post("/v1/embeddings", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_experts_health_and_openapi(stack):
+    c = stack["client"]
+    ex = c.get("/v1/experts").json()
+    assert [e["name"] for e in ex["experts"]] == ["alpha", "beta"] and ex["policy"] == "pilot_mean"
+    h = c.get("/healthz")
+    assert h.status_code == 200 and h.json()["num_docs"] == 60
+    spec = c.get("/openapi.json").json()
+    assert {"/v1/retrieve", "/v1/embeddings", "/v1/experts", "/healthz"} <= set(spec["paths"])
+
+
+def test_health_is_503_when_shards_do_not_cover_the_docs(stack, engine, tmp_path, mean_pilots):
+    DocStore.write(tmp_path / "d.parquet", stack["docs"])  # 60 docs, but the shard holds 10 vectors
+    pilots = mean_pilots(engine, {"alpha": ["x"], "beta": ["y"]})
+    service = RetrievalService(
+        LocalEncoderClient(RoutedEncoder(engine, pilots), "m"),
+        [LocalShardClient(ShardSearcher(index=build_flat_index(stack["vectors"][:10])))],
+        DocStore(tmp_path / "d.parquet"),
+        LimitsConfig(),
+        "mini",
+    )
+    r = TestClient(create_app(service)).get("/healthz")
+    assert r.status_code == 503 and "10 vectors for 60 documents" in r.json()["error"]
+
+
+def test_routed_encoder_requires_pilots_for_every_expert(engine):
+    with pytest.raises(ValueError, match="experts without pilot embeddings"):
+        RoutedEncoder(engine, None)
+
+
+def test_zero_experts_serves_the_base_model(stack, engine, model_path, encoder_settings, tmp_path):
+    from actors.encoder import EncoderEngine
+
+    plain = EncoderEngine(model_path, None, encoder_settings)
+    DocStore.write(tmp_path / "d.parquet", stack["docs"])
+    service = RetrievalService(
+        LocalEncoderClient(RoutedEncoder(plain, None), "m"),
+        [LocalShardClient(ShardSearcher(index=build_flat_index(stack["vectors"])))],
+        DocStore(tmp_path / "d.parquet"),
+        LimitsConfig(),
+        "mini",
+    )
+    c = TestClient(create_app(service))
+    body = c.post("/v1/retrieve", json={"query": "insulin resistance", "top_k": 3}).json()
+    assert body["expert"] == "base" and body["routing_scores"] == {} and len(body["hits"]) == 3
+    assert c.get("/v1/experts").json()["experts"] == []
+    assert c.post("/v1/retrieve", json={"query": "x", "expert": "alpha"}).status_code == 404
+    assert c.post("/v1/embeddings", json={"model": "mini:alpha", "input": "x"}).status_code == 404
+
+
+def test_retrieval_is_a_router_r1_candidate(stack):
+    """Routed RAG and routed LLMs in one graph: the retrieval service registered as the candidate
+    'Retriever' (RetrieverEngine over this app's own HTTP API, in-process), called by the router
+    loop and directly; its reply is the same top passages /v1/retrieve returns, and it is priced."""
+    import asyncio
+
+    import httpx
+
+    from actors.llm_engines import RetrieverEngine, ScriptedEngine
+    from serve.app.chat.service import ChatService, LocalChatClient
+    from serve.config import LLMConfig
+
+    llm = LLMConfig.model_validate({
+        "engines": {"router": {"kind": "vllm", "model": "package:none"},
+                    "search": {"kind": "retriever", "model": "auto", "base_url": "http://app",
+                               "engine_kwargs": {"top_k": 2, "max_chars_per_passage": 80}}},
+        "router": {"engine": "router"},
+        "candidates": [{"name": "Retriever", "description": "scientific abstracts", "engine": "search",
+                        "price": {"prompt_per_1m": 0.0, "completion_per_1m": 0.01}, "max_tokens": 300}],
+    })
+
+    def router(prompt):  # retrieve once, then answer with the first passage's title
+        if prompt.rstrip().endswith("</information>"):
+            first = prompt.rstrip()[: -len("</information>")].rsplit("<information>", 1)[1]
+            return f"<answer>{first.split(': ', 1)[0]}</answer>"
+        return "<search>Retriever:protein expression in cancer cells</search>"
+
+    holder = {}
+    transport = httpx.ASGITransport(app=_LazyApp(holder))
+    search = RetrieverEngine("http://app", "auto", top_k=2, max_chars_per_passage=80, model_id="search", transport=transport)
+    scripted = ScriptedEngine(router)
+    service = ChatService(llm, {"router": scripted, "search": search}, scripted.chat_prompt)
+    # the app under test serves both halves: retrieval (the stack's service) and chat
+    holder["app"] = create_app(stack["service"], LocalChatClient(service))
+
+    async def run():
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=60) as client:
+            hits = (await client.post("/v1/retrieve", json={"query": "protein expression in cancer cells", "top_k": 2})).json()["hits"]
+            routed = await client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [
+                {"role": "user", "content": "Which abstract is about protein expression in cancer?"}]})
+            direct = await client.post("/v1/chat/completions", json={"model": "Retriever", "messages": [
+                {"role": "user", "content": "protein expression in cancer cells"}]})
+            return hits, routed, direct
+
+    hits, routed, direct = asyncio.run(run())
+    assert routed.status_code == 200 and direct.status_code == 200, (routed.text, direct.text)
+    call = next(r for r in routed.json()["routing"]["rounds"] if r["action"] == "search")
+    assert call["candidate"] == "Retriever" and call["status"] == "ok"
+    assert call["reply"].startswith(f"[1] {hits[0]['title']}") and f"[2] {hits[1]['title']}" in call["reply"]
+    assert routed.json()["choices"][0]["message"]["content"] == f"[1] {hits[0]['title']}"
+    assert call["completion_tokens"] > 0 and call["cost"] > 0
+    assert direct.json()["choices"][0]["message"]["content"].startswith(f"[1] {hits[0]['title']}")
+    with pytest.raises(NotImplementedError):
+        asyncio.run(search.complete("x", max_tokens=4))
+    asyncio.run(search.check_health())  # the retrieval side answers; no recursion through /healthz
+    healthy, detail = asyncio.run(service.health())
+    assert healthy and detail["llm_engines"]["search"] == "ok"
+    from actors.router_r1 import CANDIDATE_INSTRUCTION
+
+    wrapped = [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query="protein expression in cancer cells")}]
+    assert search.query_of(wrapped) == "protein expression in cancer cells"  # the LLM instruction is not searched
+    short = asyncio.run(search.chat(wrapped, max_tokens=10))
+    assert short.finish_reason == "length" and len(short.text) == 30 and short.text == call["reply"][:30]
+
+
+class _LazyApp:
+    """An ASGI app resolved at call time (the engine needs the transport before the app exists)."""
+
+    def __init__(self, holder):
+        self.holder = holder
+
+    async def __call__(self, scope, receive, send):
+        await self.holder["app"](scope, receive, send)
+
+
+def test_api_keys_guard_every_endpoint_but_healthz(stack, monkeypatch):
+    from serve.app.ingress import api_keys_from_env
+
+    monkeypatch.setenv("RS_KEYS", "key-one, key-two")
+    keys = api_keys_from_env("RS_KEYS")
+    assert keys == {"key-one", "key-two"} and api_keys_from_env(None) is None
+    client = TestClient(create_app(stack["service"], None, None, keys))
+    body = {"query": "protein", "top_k": 2}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"}):
+        r = client.post("/v1/retrieve", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert client.post("/v1/retrieve", json=body, headers={"Authorization": "Bearer key-two"}).status_code == 200
+    assert client.get("/v1/experts").status_code == 401
+    assert client.get("/healthz").status_code == 200  # probes need no key
+    monkeypatch.delenv("RS_KEYS")
+    with pytest.raises(RuntimeError, match="http.api_keys_env: environment variable RS_KEYS"):
+        api_keys_from_env("RS_KEYS")

@@ -1,0 +1,221 @@
+"""End to end: a real local Ray cluster, the Ray Data index job, trained experts, the real Serve
+app, driven over real HTTP. Started once per module (≈1–2 min on 2 cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from actors.encoder import EncoderEngine
+from actors.routed_encoder import RoutedEncoder
+from actors.routing import PilotSet
+from serve.cli.common import wait_healthy
+from serve.config import config_from_dict
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir, ray_session, http_port):
+    from ray import serve
+
+    from serve.app.builders import build_app
+    from serve.artifacts.experts import enabled_experts, pilots_path
+    from serve.offline.training import train_domain_expert
+    from serve.offline.indexing import build_index
+
+    root = tmp_path_factory.mktemp("served")
+    port = http_port
+    cfg = config_from_dict(
+        {
+            "model": {"max_seq_length": 128},
+            "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 120},
+            "index": {"dir": str(root / "index"), "num_shards": 3, "chunk_size": 64, "encode_workers": 1},
+            "experts": {
+                "dir": str(root / "experts"),
+                "training": {"default_domains": ["scifact", "nfcorpus"], "steps": 4, "max_queries": 24, "batch_size": 8},
+            },
+            "http": {"port": port},
+        }
+    ).absolutized()
+    folder = build_index(cfg, data_dir, progress=False)
+    for domain in ("scifact", "nfcorpus"):
+        train_domain_expert(cfg, data_dir, domain, progress=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 120)
+    # An in-process reference: the same adapters, pilots and vectors, no Serve, no shards.
+    from serve.artifacts.models import encoder_settings
+    from serve.artifacts.models import resolve_model
+
+    engine = EncoderEngine(resolve_model(cfg.model.ref), enabled_experts(cfg), encoder_settings(cfg))
+    reference = RoutedEncoder(engine, PilotSet.load(pilots_path(cfg)), cfg.experts.policy)
+    vectors = np.concatenate([np.load(p) for p in sorted((folder.parent / "chunks").glob("chunk_*.npy"))])
+    import pyarrow.parquet as pq
+
+    doc_ids = pq.read_table(folder.parent / "docs.parquet").column("doc_id").to_pylist()
+    yield {"url": url, "cfg": cfg, "folder": folder, "reference": reference, "vectors": vectors, "doc_ids": doc_ids, "data_dir": data_dir}
+    serve.shutdown()
+
+
+def _expected_ids(served, query: str, expert: str | None, k: int) -> tuple[str, list[str]]:
+    batch = served["reference"].route_and_encode([query], [expert])
+    q = batch.queries[0]
+    order = np.argsort(-(served["vectors"] @ q.embedding), kind="stable")[:k]
+    return q.expert, [served["doc_ids"][i] for i in order]
+
+
+def test_health_and_experts(served):
+    h = httpx.get(f"{served['url']}/healthz").json()
+    assert h["status"] == "ok" and h["num_docs"] == 240 and len(h["shards"]) == 3
+    assert sum(s["ntotal"] for s in h["shards"]) == 240
+    ex = httpx.get(f"{served['url']}/v1/experts").json()
+    assert sorted(e["name"] for e in ex["experts"]) == ["nfcorpus", "scifact"]
+    assert all(e["num_pilots"] >= 1 for e in ex["experts"])
+    assert ex["pilot_rule"] == "best_expert margin=0 min_queries=1"  # the test config keeps the paper's rule
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["Vitamin D supplementation reduces the risk of respiratory infection.", "Is red meat bad for your heart?"],
+)
+def test_routed_retrieval_through_shards_equals_single_index(served, query):
+    r = httpx.post(f"{served['url']}/v1/retrieve", json={"query": query, "top_k": 10}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expert, ids = _expected_ids(served, query, None, 10)
+    assert body["expert"] == expert and body["expert"] in ("scifact", "nfcorpus")
+    assert [h["doc_id"] for h in body["hits"]] == ids
+    assert body["hits"] == sorted(body["hits"], key=lambda h: -h["score"])
+
+
+def test_concurrent_requests_batch_and_mix_experts(served):
+    queries = [f"dietary factors and disease risk, variant {i}" for i in range(24)]
+    experts = ["scifact", "nfcorpus", "base"] * 8
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(f"{served['url']}/v1/retrieve", json={"query": q, "top_k": 5, "expert": e})
+                    for q, e in zip(queries, experts)
+                )
+            )
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    bodies = [r.json() for r in responses]
+    for q, e, body in zip(queries, experts, bodies):
+        assert body["expert"] == e and body["forced"]
+        assert [h["doc_id"] for h in body["hits"]] == _expected_ids(served, q, e, 5)[1]
+    # Concurrent requests were served in shared batches (one encoder call for several queries).
+    assert max(b["timings_ms"]["encoder_batch_queries"] for b in bodies) > 1
+    assert max(b["timings_ms"]["batch_size"] for b in bodies) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, status",
+    [
+        ({"json": {"query": "", "top_k": 3}}, 422),
+        ({"json": {"query": "x", "top_k": 0}}, 422),
+        ({"json": {"query": "x", "top_k": 10_000}}, 422),
+        ({"json": {"query": "x" * 5000}}, 413),
+        ({"json": {"query": "x", "expert": "physics"}}, 404),
+        ({"json": {"query": ["not", "a", "string"]}}, 422),
+        ({"content": b"{broken", "headers": {"content-type": "application/json"}}, 422),
+    ],
+)
+def test_bad_input_is_a_4xx_json_error_and_the_service_survives(served, kwargs, status):
+    r = httpx.post(f"{served['url']}/v1/retrieve", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    ok = httpx.post(f"{served['url']}/v1/retrieve", json={"query": "insulin", "top_k": 1}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_embeddings_endpoint_matches_the_expert_encoder(served):
+    r = httpx.post(
+        f"{served['url']}/v1/embeddings",
+        json={"model": "all-MiniLM-L6-v2:scifact", "input": ["cell biology", "diet"]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    want = served["reference"].engine.encode(["cell biology", "diet"], "scifact")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    bad = httpx.post(f"{served['url']}/v1/embeddings", json={"model": "gpt-4", "input": "x"})
+    assert bad.status_code == 404
+
+
+def test_openapi_is_served(served):
+    spec = httpx.get(f"{served['url']}/openapi.json").json()
+    assert "/v1/retrieve" in spec["paths"] and "/v1/embeddings" in spec["paths"]
+
+
+def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
+    from serve.offline.indexing import build_index
+
+    cfg, folder = served["cfg"], served["folder"]
+    manifest = folder / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert build_index(cfg, served["data_dir"], progress=False) == folder
+    assert manifest.stat().st_mtime_ns == stamp  # cached: nothing rebuilt
+    chunks = sorted((folder.parent / "chunks").glob("chunk_*.npy"))
+    assert len(chunks) == 4  # 240 docs / 64 per chunk
+    kept = {p.name: p.stat().st_mtime_ns for p in chunks}
+    lost = chunks[1]
+    before = np.load(lost)
+    lost.unlink()
+    shutil.rmtree(folder)
+    build_index(cfg, served["data_dir"], progress=False)
+    np.testing.assert_allclose(np.load(lost), before, atol=1e-5)
+    for p in chunks:
+        if p != lost:
+            assert p.stat().st_mtime_ns == kept[p.name]  # only the missing chunk was re-encoded
+    assert manifest.is_file()
+
+
+def test_cli_query_pretty_prints_a_served_answer(served):
+    from typer.testing import CliRunner
+
+    from serve.cli import app
+
+    r = CliRunner().invoke(app, ["query", "salt intake and blood pressure", "--url", served["url"], "-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert "expert:" in r.output and "policy: pilot_mean" in r.output
+    r = CliRunner().invoke(app, ["query", "x", "--url", served["url"], "--expert", "nope"])
+    assert r.exit_code == 1 and "404" in r.output
+
+
+def test_metrics_contract_from_a_real_scrape(served):
+    """The project's retrieval metrics, with their labels, in a real scrape of the Ray metrics
+    endpoint after real traffic (Ray exports on an interval: poll up to a minute)."""
+    from serve.app.metrics import wait_for_series
+
+    url = served["url"]
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": "vitamin D and infections", "top_k": 3}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": "salt", "top_k": 3, "expert": "base"}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/embeddings", json={"model": "base", "input": ["a", "b", "c"]}, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": 3}, timeout=60).status_code == 422
+
+    wanted = [
+        ("ray_routerserve_expert_selected_total", {"how": "routed", "deployment": "ExpertEncoder"}),
+        ("ray_routerserve_expert_selected_total", {"expert": "base", "how": "forced"}),
+        ("ray_routerserve_routing_confidence_bucket", {"deployment": "ExpertEncoder"}),
+        ("ray_routerserve_encoder_batch_size_bucket", {"stage": "route"}),
+        ("ray_routerserve_encoder_batch_size_bucket", {"stage": "embed"}),
+        ("ray_routerserve_shard_search_latency_ms_bucket", {"deployment": "SearchShard0", "shard": "shard_000"}),
+        ("ray_routerserve_errors_total", {"endpoint": "/v1/retrieve", "reason": "422:validation",
+                                          "deployment": "RetrievalIngress"}),
+        ("ray_serve_num_http_requests_total", {"route": "/v1/retrieve"}),
+    ]
+    missing, series = wait_for_series(wanted, timeout_s=60)
+    assert missing == []
+    routed = [s for s in series["ray_routerserve_expert_selected_total"] if s.get("how") == "routed"]
+    assert {s["expert"] for s in routed} <= {"scifact", "nfcorpus", "base"}
+    assert all({"application", "replica"} <= set(s) for s in routed)

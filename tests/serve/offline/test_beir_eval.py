@@ -1,0 +1,108 @@
+"""Evaluation: real encoders, real ir-measures, small capped corpora (Ray Data builds the index)."""
+
+import numpy as np
+import pytest
+
+from serve.config import config_from_dict
+from serve.offline.beir_eval import evaluate, write_report
+from serve.offline.indexing import Corpus
+from serve.offline.ir import per_query, search_run
+
+
+@pytest.fixture(scope="module")
+def eval_result(tmp_path_factory, data_dir, ray_session):
+    from serve.offline.beir_eval import DEFAULT_POLICIES
+    from serve.offline.training import train_domain_expert, train_multitask_expert
+
+    root = tmp_path_factory.mktemp("eval")
+    cfg = config_from_dict(
+        {
+            "model": {"max_seq_length": 96},
+            "corpus": {"max_docs_per_dataset": 300},
+            "index": {"dir": str(root / "index"), "encode_workers": 1, "chunk_size": 128},
+            "experts": {
+                "dir": str(root / "experts"),
+                "training": {"steps": 3, "max_queries": 30, "batch_size": 8, "dev_fraction": 0.34, "eval_every": 2},
+            },
+        }
+    )
+    for domain in ("scifact", "nfcorpus"):
+        train_domain_expert(cfg, data_dir, domain, progress=False)
+    train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
+    per_domain = evaluate(
+        cfg, data_dir, ["scifact", "nfcorpus"], [*DEFAULT_POLICIES, "multitask"], max_queries=25, progress=False
+    )
+    union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean"], "union", max_queries=25, progress=False)
+    return {"per_domain": per_domain, "union": union, "root": root}
+
+
+def test_result_shape_and_ranges(eval_result):
+    r = eval_result["per_domain"]
+    assert set(r["policies"]) == {"base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "multitask", "dataset_oracle", "instance_oracle"}
+    for per in [*r["policies"].values(), *r["recall@100"].values()]:
+        assert set(per) == {"scifact", "nfcorpus", "avg"}
+        assert all(0.0 <= v <= 1.0 for v in per.values())
+        assert per["avg"] == pytest.approx((per["scifact"] + per["nfcorpus"]) / 2)
+    assert r["experts"] == ["scifact", "nfcorpus"] and all(n > 0 for n in r["num_queries"].values())
+    assert r["policies"]["base"]["avg"] > 0.05  # real retrieval, not noise
+    assert "multitask" in r["policies"] and r["routing"]["multitask"]["scifact"] == {"multitask": r["num_queries"]["scifact"]}
+    assert set(r["routing"]["classifier"]["scifact"]) <= {"scifact", "nfcorpus"}
+    import json
+
+    mt = json.loads((eval_result["root"] / "experts" / "multitask" / "train_report.json").read_text())
+    assert mt["num_dev_queries"] >= 20 and [s for s, _ in mt["dev_curve"]] == [0, 2, 4, 6]
+
+
+def test_oracles_bound_the_other_policies(eval_result):
+    p = eval_result["per_domain"]["policies"]
+    for d in ("scifact", "nfcorpus"):
+        for other in ("base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle"):
+            assert p["instance_oracle"][d] >= p[other][d] - 1e-9
+        for single in ("base", "dataset_router"):
+            assert p["dataset_oracle"][d] >= p[single][d] - 1e-9
+
+
+def test_routing_confusion_counts_every_query(eval_result):
+    r = eval_result["per_domain"]
+    for policy, rows in r["routing"].items():
+        for d, row in rows.items():
+            assert sum(row.values()) == r["num_queries"][d]
+    assert r["routing"]["dataset_router"]["scifact"] == {"scifact": r["num_queries"]["scifact"]}
+    assert r["routing"]["base"]["nfcorpus"] == {"base": r["num_queries"]["nfcorpus"]}
+
+
+def test_union_setting_runs_over_one_index(eval_result):
+    u = eval_result["union"]
+    assert u["setting"] == "union" and set(u["policies"]) == {"base", "pilot_mean"}
+    # a bigger corpus can only push relevant docs down: union base <= per-domain base (+ float noise)
+    assert u["policies"]["base"]["avg"] <= eval_result["per_domain"]["policies"]["base"]["avg"] + 1e-9
+
+
+def test_report_files(eval_result, tmp_path):
+    eval_result["per_domain"]["command"] = "routerserve eval beir (test)"
+    paths = write_report(eval_result["per_domain"], tmp_path / "beir")
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
+    md = paths[1].read_text()
+    assert "| pilot_mean |" in md and "instance_oracle" in md
+
+
+def test_self_retrieval_is_dropped_and_metrics_match_hand_computation():
+    vecs = np.eye(4, dtype=np.float32)
+    corpus = Corpus("toy", ["q1", "d1", "d2", "d3"], ["toy"] * 4, vecs)
+    q = np.array([[1.0, 0.9, 0.1, 0.0]], dtype=np.float32)
+    kept = search_run(q, ["q1"], corpus, 3, drop_self=False, domain="toy")["q1"]
+    dropped = search_run(q, ["q1"], corpus, 3, drop_self=True, domain="toy")["q1"]
+    assert list(kept) == ["toy/q1", "toy/d1", "toy/d2"] and list(dropped) == ["toy/d1", "toy/d2", "toy/d3"]
+    # the same id in ANOTHER dataset is not the query itself: it stays
+    other = Corpus("mix", ["q1", "d1"], ["other", "toy"], np.eye(2, 4, dtype=np.float32))
+    assert "other/q1" in search_run(q, ["q1"], other, 2, drop_self=True, domain="toy")["q1"]
+    from ir_measures import nDCG
+
+    qrels = {"q1": {"toy/d2": 1}}
+    # d2 at rank 2 → nDCG@10 = 1/log2(3)
+    assert per_query(qrels, {"q1": dropped}, nDCG @ 10)["q1"] == pytest.approx(1 / np.log2(3))
+
+
+def test_unknown_policy_is_rejected(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="unknown policies"):
+        evaluate(config_from_dict({"experts": {"dir": str(tmp_path)}}), data_dir, ["scifact"], ["psychic"])

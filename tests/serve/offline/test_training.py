@@ -1,0 +1,246 @@
+"""Expert artifacts: adding/removing an expert leaves the others and the index untouched."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from actors.beir import load_qrels, seeded_half_split
+from serve.config import config_from_dict
+from serve.artifacts.experts import enabled_experts, load_pilots
+from serve.offline.ir import training_queries
+from serve.offline.training import adapter_settings, add_expert, remove_expert, train_domain_expert
+
+
+def _folder_hash(path):
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def cfg(tmp_path, ray_session):
+    return config_from_dict(
+        {
+            "model": {"max_seq_length": 64},
+            "corpus": {"max_docs_per_dataset": 300},
+            "index": {"dir": str(tmp_path / "index"), "encode_workers": 1},
+            "experts": {
+                "dir": str(tmp_path / "experts"),
+                "training": {"steps": 3, "max_queries": 8, "batch_size": 4, "hard_negatives": 2},
+            },
+        }
+    )
+
+
+def test_add_and_remove_experts_independently(cfg, data_dir):
+    train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    first = _folder_hash(enabled_experts(cfg)["scifact"])
+    first_pilots = load_pilots(cfg).embeddings.copy()
+    assert load_pilots(cfg).domains == ["scifact"] and load_pilots(cfg).experts == ["scifact"]
+    train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
+    assert sorted(enabled_experts(cfg)) == ["nfcorpus", "scifact"]
+    assert _folder_hash(enabled_experts(cfg)["scifact"]) == first
+    pilots = load_pilots(cfg)
+    assert set(pilots.domains) == {"scifact", "nfcorpus"} and set(pilots.expert_names) <= {"scifact", "nfcorpus"}
+    # scifact's pilots were built before nfcorpus existed and are kept as they were
+    scifact_rows = [i for i, d in enumerate(pilots.domains) if d == "scifact"]
+    np.testing.assert_array_equal(pilots.embeddings[scifact_rows], first_pilots)
+    report = json.loads((enabled_experts(cfg)["nfcorpus"] / "train_report.json").read_text())
+    assert report["num_queries"] == 8 and report["objective"] == "full_corpus" and report["corpus_size"] == 300
+    assert len(report["losses"]) == 3 and report["domain"] == "nfcorpus" and len(report["data_hash"]) == 64
+    assert (enabled_experts(cfg)["nfcorpus"] / "loss.png").stat().st_size > 0
+    remove_expert(cfg, "scifact")
+    assert list(enabled_experts(cfg)) == ["nfcorpus"]
+    assert load_pilots(cfg).expert_names == ["nfcorpus"]  # pilots pointing to the removed expert are gone
+    with pytest.raises(FileNotFoundError):
+        remove_expert(cfg, "scifact")
+
+
+def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_changes(cfg, data_dir):
+    from serve.offline.beir_eval import evaluate
+    from serve.offline.training import train_default_experts
+    from serve.artifacts.experts import pilot_rule
+    from serve.offline.pilots import build_pilots
+
+    train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
+    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1"
+    margin = cfg.model_copy(deep=True)
+    margin.experts.pilot_margin, margin.experts.pilot_min_queries = 0.5, 10
+    # the evaluation refuses pilots grouped by another rule than the one it would report
+    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1'.*routerserve pilots build"):
+        evaluate(margin, data_dir, ["scifact"], ["pilot_mean"], max_queries=2, progress=False)
+    # rebuilding one domain under the new rule rebuilds every domain: the file never mixes rules
+    wins = build_pilots(margin, data_dir, ["nfcorpus"], progress=False)
+    assert sorted(wins) == ["nfcorpus", "scifact"]
+    pilots = load_pilots(margin)
+    assert pilots.rule == "best_expert margin=0.5 min_queries=10"
+    # 8 training queries < 10: every query folds into its own domain's pilot, one pilot per domain
+    assert sorted(zip(pilots.domains, pilots.experts)) == [("nfcorpus", "nfcorpus"), ("scifact", "scifact")]
+    # `up` (train_default_experts) trains nothing here but brings the pilots back to the config's rule
+    cfg.experts.training.default_domains = ["scifact", "nfcorpus"]
+    assert train_default_experts(cfg, data_dir, progress=False) == []
+    assert load_pilots(cfg).rule == pilot_rule(cfg)
+
+
+def test_add_external_adapter_builds_only_its_domains_pilots(cfg, data_dir, random_adapters, tmp_path):
+    train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    scifact_adapter = _folder_hash(enabled_experts(cfg)["scifact"])
+    scifact_pilots = load_pilots(cfg).embeddings.copy()
+    wins = add_expert(cfg, data_dir, "nf-ext", random_adapters["alpha"], domain="nfcorpus", progress=False)
+    assert sum(wins.values()) == 8 and set(wins) <= {"scifact", "nf-ext"}  # every training query won by someone
+    assert sorted(enabled_experts(cfg)) == ["nf-ext", "scifact"]
+    assert _folder_hash(enabled_experts(cfg)["nf-ext"]) == _folder_hash(random_adapters["alpha"])
+    assert _folder_hash(enabled_experts(cfg)["scifact"]) == scifact_adapter
+    pilots = load_pilots(cfg)
+    np.testing.assert_array_equal(pilots.embeddings[[i for i, d in enumerate(pilots.domains) if d == "scifact"]], scifact_pilots)
+    assert sorted(e for e, d in zip(pilots.experts, pilots.domains) if d == "nfcorpus") == sorted(wins)
+    # a second add of the same name needs replace=True; replacing swaps the weights in place
+    with pytest.raises(FileExistsError, match="nf-ext"):
+        add_expert(cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", progress=False)
+    add_expert(cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", replace=True, progress=False)
+    assert _folder_hash(enabled_experts(cfg)["nf-ext"]) == _folder_hash(random_adapters["beta"])
+    assert not [p for p in (tmp_path / "experts" / "adapters").iterdir() if p.name.startswith(".")]
+
+
+def test_add_rejects_bad_names_and_adapters_before_writing(cfg, data_dir, random_adapters, tmp_path):
+    import shutil
+
+    for bad in ["", "base", "a:b", "../x", "x" * 65]:
+        with pytest.raises(ValueError, match="invalid expert name"):
+            add_expert(cfg, data_dir, bad, random_adapters["alpha"], domain="scifact", progress=False)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        add_expert(cfg, data_dir, "x", tmp_path, domain="scifact", progress=False)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(random_adapters["alpha"], wrong)
+    conf = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**conf, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type"):
+        add_expert(cfg, data_dir, "x", wrong, domain="scifact", progress=False)
+    (wrong / "adapter_config.json").write_text(json.dumps({**conf, "target_modules": ["no_such_proj"]}))
+    with pytest.raises(ValueError, match="does not load onto base model"):
+        add_expert(cfg, data_dir, "x", wrong, domain="scifact", progress=False)
+    with pytest.raises(ValueError, match="no-such-domain"):
+        add_expert(cfg, data_dir, "x", random_adapters["alpha"], domain="no-such-domain", progress=False)
+    assert enabled_experts(cfg) == {} and load_pilots(cfg) is None
+
+
+def test_enabled_list_must_exist(cfg):
+    cfg.experts.enabled = ["ghost"]
+    with pytest.raises(FileNotFoundError, match="ghost"):
+        enabled_experts(cfg)
+
+
+def test_training_queries_use_train_split_or_the_seeded_train_half(data_dir):
+    sci = training_queries(data_dir, "scifact", 10_000)
+    train_ids = set(load_qrels(data_dir, "scifact", "train"))
+    assert sci and {q for q, _, _ in sci} <= train_ids
+    if (data_dir / "cranfield").is_dir():
+        cran = training_queries(data_dir, "cranfield", 10_000)
+        judged = sorted(load_qrels(data_dir, "cranfield", "test"))
+        train_half, test_half = seeded_half_split(judged)
+        assert {q for q, _, _ in cran} <= set(train_half)
+        assert not {q for q, _, _ in cran} & set(test_half)
+        assert 0.35 < len(train_half) / len(judged) < 0.65
+
+
+def test_seeded_split_is_deterministic_and_order_free():
+    ids = [str(i) for i in range(200)]
+    a = seeded_half_split(ids)
+    b = seeded_half_split(list(reversed(ids)))
+    assert sorted(a[0]) == sorted(b[0]) and not set(a[0]) & set(a[1])
+
+
+def test_domain_pilots_group_queries_by_their_best_expert(engine, data_dir):
+    """Independent recomputation: rank with numpy, binary nDCG@10 by hand, group, average."""
+    from actors.beir import iter_corpus
+    from serve.offline.ir import qualify
+    from serve.offline.indexing import Corpus
+    from serve.offline.pilots import domain_pilots
+
+    docs = list(iter_corpus(data_dir, "scifact", 80))
+    vecs = engine.encode([d.as_passage() for d in docs])
+    corpus = Corpus("scifact", [d.doc_id for d in docs], ["scifact"] * len(docs), vecs)
+    texts = [d.title for d in docs[:12]]  # each title's own abstract is its relevant doc
+    qids = [f"q{i}" for i in range(12)]
+    qrels = {q: {qualify("scifact", docs[i].doc_id): 1} for i, q in enumerate(qids)}
+    pilots, wins = domain_pilots(engine, "scifact", qids, texts, qrels, corpus, "m")
+
+    def ndcg(expert):
+        order = np.argsort(-(engine.encode(texts, expert) @ vecs.T), axis=1)[:, :10]
+        return np.array([1 / np.log2(2 + list(order[i]).index(i)) if i in order[i] else 0.0 for i in range(12)])
+
+    table = np.stack([ndcg("alpha"), ndcg("beta")], axis=1)
+    best = [0 if row[0] == row.max() else 1 for row in table]  # no own expert: ties → first
+    base = engine.encode(texts)
+    assert sum(wins.values()) == 12 and set(pilots.domains) == {"scifact"}
+    for name, j in (("alpha", 0), ("beta", 1)):
+        members = [i for i in range(12) if best[i] == j]
+        assert wins.get(name, 0) == len(members)
+        if members:
+            row = pilots.experts.index(name)
+            np.testing.assert_allclose(pilots.embeddings[row], base[members].mean(axis=0), atol=1e-5)
+
+
+def test_best_experts_margin_and_minimum_group_size():
+    from serve.offline.pilots import best_experts
+
+    table = np.array([
+        [0.50, 0.50, 0.10],  # tie with the own expert (0): own
+        [0.40, 0.45, 0.00],  # expert 1 better by 0.05
+        [0.10, 0.60, 0.00],  # expert 1 better by 0.50
+        [0.00, 0.00, 0.30],  # expert 2 better by 0.30, alone in its group
+    ])
+    assert best_experts(table, own=0).tolist() == [0, 1, 1, 2]  # the paper's rule
+    assert best_experts(table, own=0, margin=0.1).tolist() == [0, 0, 1, 2]
+    assert best_experts(table, own=0, margin=0.1, min_queries=2).tolist() == [0, 0, 0, 0]  # both groups of 1 fold
+    assert best_experts(table, own=0, min_queries=2).tolist() == [0, 1, 1, 0]
+    assert best_experts(table, own=0, margin=1.0).tolist() == [0, 0, 0, 0]  # one pilot per domain
+
+
+def test_best_experts_ties_between_other_experts_do_not_depend_on_load_order():
+    from serve.offline.pilots import best_experts
+
+    # own expert "arguana" (column 1) misses; "scifact" and "cranfield" tie on every query
+    table = np.array([[1.0, 0.0, 1.0], [1.0, 0.2, 1.0], [0.9, 0.0, 0.9]])
+    names = ["scifact", "arguana", "cranfield"]
+    assert best_experts(table, own=1).tolist() == [0, 0, 0]  # no names: first column
+    assert best_experts(table, own=1, names=names).tolist() == [2, 2, 2]  # cranfield < scifact
+    # the same experts loaded in another order choose the same expert (by name)
+    perm = [2, 0, 1]  # cranfield, scifact, arguana
+    got = best_experts(table[:, perm], own=2, names=[names[i] for i in perm], margin=0.5, min_queries=2)
+    assert [[names[i] for i in perm][j] for j in got] == ["cranfield"] * 3
+
+
+def test_mined_objective_uses_hard_negatives_from_the_base_index(cfg, data_dir):
+    cfg.experts.training.objective = "mined"
+    report = train_domain_expert(cfg, data_dir, "scifact", progress=False)
+    assert report["objective"] == "in_batch+mined" and report["hard_negatives_per_query"] == 2
+    assert load_pilots(cfg).domains == ["scifact"]
+
+
+def test_split_dev_is_deterministic_disjoint_and_skipped_when_small():
+    from serve.offline.ir import split_dev
+
+    examples = [(f"q{i}", "t", 0, {0}) for i in range(200)]
+    train, dev = split_dev(examples, 0.1)
+    assert len(dev) == 20 and len(train) == 180 and not {e[0] for e in dev} & {e[0] for e in train}
+    assert split_dev(list(reversed(examples)), 0.1)[1] == sorted(dev, key=lambda e: -int(e[0][1:]))
+    small_train, small_dev = split_dev(examples[:50], 0.1)  # 10 % is 5: raised to the minimum of 10
+    assert len(small_dev) == 10 and len(small_train) == 40
+    assert split_dev(examples[:29], 0.1) == (examples[:29], [])  # under 3 × 10 queries: no dev
+    assert split_dev(examples, 0.0) == (examples, [])
+
+
+def test_adapter_settings_scale_steps_and_patience_and_drop_patience_without_dev():
+    train = config_from_dict({"experts": {"training": {"steps": 600, "patience": 150, "rank": 4}}}).experts.training
+    one = adapter_settings(train)
+    assert (one.steps, one.patience, one.rank) == (600, 150, 4)
+    multi = adapter_settings(train, step_scale=5)
+    assert (multi.steps, multi.patience) == (3000, 750)
+    assert adapter_settings(train, has_dev=False).patience is None
+    assert adapter_settings(config_from_dict({}).experts.training).patience is None
