@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +28,20 @@ class Doc:
         return f"{self.title}. {self.text}" if self.title else self.text
 
 
+def check_dataset_name(name: str) -> str:
+    """A dataset name becomes a folder under the data dir: one plain path component, no
+    separators, not '.' or '..' (``--domain ../x`` or an absolute path never leaves the data dir)."""
+    if not DATASET_NAME.match(name or "") or name in (".", ".."):
+        raise DatasetError(f"invalid dataset name {name!r}: letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit (a folder under the data dir)")
+    return name
+
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
-    path = Path(data_dir) / name
+    path = Path(data_dir) / check_dataset_name(name)
     if not (path / "corpus.jsonl").is_file():
         raise DatasetError(
             f"dataset {name!r} not found: {path / 'corpus.jsonl'} does not exist "

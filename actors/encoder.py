@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -88,6 +89,11 @@ class EncoderEngine:
                 model.load_adapter(str(path), adapter_name=name)
             self._adapter_names = [name for name, _ in items]
         self.model = model.to(self.device).eval()
+        # One forward at a time per model: the base pass switches the adapters off model-wide
+        # (peft's disable_adapter()) and a mixed pass installs adapter_names hooks on shared
+        # modules, so two threads inside the model at once corrupt each other's rows. A forward
+        # already uses every intra-op thread, so serialising costs no throughput.
+        self._forward_lock = threading.Lock()
 
     @property
     def experts(self) -> list[str]:
@@ -145,6 +151,10 @@ class EncoderEngine:
             max_length=self.settings.max_seq_length,
             return_tensors="pt",
         ).to(self.device)
+        with self._forward_lock:
+            return self._forward_locked(enc, names)
+
+    def _forward_locked(self, enc, names: list[str]) -> np.ndarray:
         kwargs = {}
         if self._adapter_names:
             if all(name == _PEFT_BASE for name in names):
@@ -174,12 +184,13 @@ def mean_pool(hidden, mask):
 
 
 def adapter_dirs(root: str | os.PathLike) -> dict[str, Path]:
-    """Expert adapter folders under ``root`` (each holds adapter_config.json), by folder name."""
+    """Expert adapter folders under ``root`` (each holds adapter_config.json), by folder name.
+    Dot-folders are skipped: they are writes in progress or leftovers (staging, old copies)."""
     root = Path(root)
     if not root.is_dir():
         return {}
     found = {}
     for child in sorted(root.iterdir()):
-        if (child / "adapter_config.json").is_file():
+        if not child.name.startswith(".") and (child / "adapter_config.json").is_file():
             found[child.name] = child
     return found

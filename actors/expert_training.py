@@ -52,6 +52,7 @@ def train_query_adapter(
     dev: tuple[list[str], Callable[[np.ndarray], float]] | None = None,
     eval_every: int = 25,
     groups: Sequence[int] | None = None,
+    name: str | None = None,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
@@ -164,7 +165,7 @@ def train_query_adapter(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"train adapter {Path(out_dir).name}", unit="step")
+        steps = tqdm(steps, desc=f"train adapter {name or Path(out_dir).name}", unit="step")
     batches = group_batches(groups if groups is not None else [0] * len(queries), bs, rng)
     for _ in steps:
         idx = next(batches)

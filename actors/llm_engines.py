@@ -466,7 +466,9 @@ class RetrieverEngine:
             body["expert"] = self.expert
         r = await self.client.post("/v1/retrieve", json=body)
         if r.status_code >= 400:
-            raise RuntimeError(f"{self.model_id}: /v1/retrieve answered {r.status_code}: {r.text[:300]}")
+            # the status only: an upstream body never travels on to our clients
+            raise EngineError(f"{self.model_id}: /v1/retrieve answered {r.status_code}", status=r.status_code,
+                              retryable=r.status_code in (408, 409, 429) or r.status_code >= 500)
         hits = r.json()["hits"]
         passages = [f"[{i + 1}] {h['title']}: {(h.get('text') or '')[: self.max_chars]}".strip() for i, h in enumerate(hits)]
         text = "\n".join(passages)

@@ -88,6 +88,8 @@ class PilotSet:
             base_model=np.array(self.base_model, dtype=str),
             rule=np.array(self.rule, dtype=str),
         )
+        with open(tmp, "rb") as fh:  # on disk before it replaces the old file
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         return path
 

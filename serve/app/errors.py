@@ -81,6 +81,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         where = ".".join(loc) or "body"
         param = param or where
         msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")  # our validators' messages, as written
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "invalid request", param
 

@@ -49,12 +49,14 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
         "Router-R1 multi-round LLM routing.",
     )
     if api_keys is not None:
+        keys = [k.encode("utf-8") for k in api_keys]
 
         @app.middleware("http")
         async def _require_key(request: Request, call_next):
             if request.url.path != "/healthz":
                 scheme, _, key = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in api_keys):
+                sent = key.strip().encode("utf-8", "surrogateescape")  # bytes: any header value compares
+                if scheme.lower() != "bearer" or not any(hmac.compare_digest(sent, k) for k in keys):
                     count(request, 401, "api_key")
                     return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                           None, "authentication_error")

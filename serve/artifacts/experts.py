@@ -17,6 +17,8 @@ from actors.routing import PILOTS_FILE, PilotSet
 
 from serve.config import RouterServeConfig
 
+from .atomic import recover
+
 
 def adapters_root(cfg: RouterServeConfig) -> Path | None:
     return None if cfg.experts.dir is None else Path(cfg.experts.dir) / "adapters"
@@ -29,6 +31,8 @@ def pilots_path(cfg: RouterServeConfig) -> Path | None:
 def enabled_experts(cfg: RouterServeConfig) -> dict[str, Path]:
     """Adapter folders the service loads: every one found, or those in experts.enabled."""
     root = adapters_root(cfg)
+    if root is not None:
+        recover(root)  # a write a crash cut short: the old adapter back in place
     found = adapter_dirs(root) if root is not None else {}
     if cfg.experts.enabled is None:
         return found

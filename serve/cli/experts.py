@@ -23,6 +23,8 @@ def experts_train(
     data_dir: Optional[Path] = DataOpt,
 ):
     """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched)."""
+    from actors.beir import check_dataset_name
+    from serve.artifacts.experts import check_expert_name
     from serve.deploy.cluster import ensure_ray
     from serve.offline.training import train_domain_expert
 
@@ -30,6 +32,11 @@ def experts_train(
     if steps is not None:
         cfg.experts.training.steps = steps
     ddir = _data_dir(cfg, data_dir)
+    try:  # the domain names a folder of the data dir and of the expert store
+        check_expert_name(check_dataset_name(domain))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
     ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
     report = train_domain_expert(cfg, ddir, domain)
     console.print(
@@ -112,7 +119,7 @@ def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional
 
     try:
         remove_expert(_load(config, set_), name)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     console.print(f"removed expert {name}")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from actors.beir import check_dataset_name
 from actors.router_r1 import CANDIDATE_INSTRUCTION
 
 BASE_POLICIES = ("router", "router_alone", "random")
@@ -70,7 +71,7 @@ def token_f1(prediction: str | None, golden: Sequence[str]) -> float:
 
 
 def load_qa(data_dir: Path, name: str, limit: int | None) -> list[dict]:
-    path = Path(data_dir) / "qa" / f"{name}.jsonl"
+    path = Path(data_dir) / "qa" / f"{check_dataset_name(name)}.jsonl"
     if not path.is_file():
         raise ValueError(f"QA set {name!r} not found: {path} does not exist")
     rows = []

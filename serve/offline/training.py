@@ -27,6 +27,7 @@ from actors.expert_training import (
 )
 
 from serve.artifacts.experts import (
+    MULTITASK,
     adapters_root,
     check_expert_name,
     load_pilots,
@@ -34,6 +35,7 @@ from serve.artifacts.experts import (
     pilots_follow_config,
     pilots_path,
 )
+from serve.artifacts.atomic import staged_dir
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import ExpertTrainConfig, RouterServeConfig
 
@@ -79,6 +81,7 @@ def train_domain_expert(
     """
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
+    check_expert_name(domain)  # the domain names the expert's folder
     train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
     corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
@@ -97,35 +100,40 @@ def train_domain_expert(
             query_vecs, corpus.vectors, [rows for _, _, _, rows in examples], train.hard_negatives, train.skip_top
         )
         hard = corpus.vectors[neg_rows]
-    out_dir = adapters_root(cfg) / domain
-    report = train_query_adapter(
-        model_path,
-        settings,
-        texts,
-        positives,
-        out_dir,
-        adapter_settings(train, has_dev=bool(dev_examples)),
-        progress=progress,
-        hard_negatives=hard,
-        corpus=full,
-        dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
-        eval_every=train.eval_every,
-    )
-    report.update(
-        domain=domain,
-        dev_query_ids=[q for q, _, _, _ in dev_examples],
-        data_hash=hashlib.sha256(
-            json.dumps([(q, sorted(r)) for q, _, _, r in examples]).encode()
-            + file_sha256(dataset_dir(data_dir, domain) / "corpus.jsonl").encode()
-        ).hexdigest(),
-        query_ids_sha256=hashlib.sha256(",".join(q for q, _, _, _ in examples).encode()).hexdigest(),
-        skip_top=train.skip_top,
-    )
-    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
-    plot_losses(report["losses"], out_dir / "loss.png", f"expert {domain}: {len(examples)} queries")
+    with staged_dir(adapters_root(cfg) / domain) as out_dir:  # the old adapter stays until the new one is whole
+        report = train_query_adapter(
+            model_path,
+            settings,
+            texts,
+            positives,
+            out_dir,
+            adapter_settings(train, has_dev=bool(dev_examples)),
+            progress=progress,
+            hard_negatives=hard,
+            corpus=full,
+            dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
+            eval_every=train.eval_every,
+            name=domain,
+        )
+        _finish_report(out_dir, report, f"expert {domain}: {len(examples)} queries", dict(
+            domain=domain,
+            dev_query_ids=[q for q, _, _, _ in dev_examples],
+            data_hash=hashlib.sha256(
+                json.dumps([(q, sorted(r)) for q, _, _, r in examples]).encode()
+                + file_sha256(dataset_dir(data_dir, domain) / "corpus.jsonl").encode()
+            ).hexdigest(),
+            query_ids_sha256=hashlib.sha256(",".join(q for q, _, _, _ in examples).encode()).hexdigest(),
+            skip_top=train.skip_top,
+        ))
     if pilots:  # this domain's pilots, against every expert present now
         build_pilots(cfg, data_dir, [domain], progress)
     return report
+
+
+def _finish_report(out_dir: Path, report: dict, title: str, extra: dict) -> None:
+    report.update(extra)
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(report["losses"], out_dir / "loss.png", title)
 
 
 def _joint_dev(parts: list[tuple[list[str], object]]):
@@ -166,25 +174,24 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         if train.objective == "mined" and train.hard_negatives > 0:
             rows = mine_hard_negatives(base.encode(t), corpus.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
             hard.append(corpus.vectors[rows])
-    out_dir = multitask_dir(cfg)
-    report = train_query_adapter(
-        model_path,
-        encoder_settings(cfg),
-        texts,
-        np.concatenate(positives),
-        out_dir,
-        adapter_settings(train, step_scale=len(domains), has_dev=bool(dev_parts)),
-        progress=progress,
-        hard_negatives=np.concatenate(hard) if hard else None,
-        # full corpus: every domain's docs (other domains' docs are easy negatives)
-        corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
-        dev=_joint_dev(dev_parts) if dev_parts else None,
-        eval_every=train.eval_every,
-        groups=groups,
-    )
-    report.update(domain="+".join(domains))
-    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
-    plot_losses(report["losses"], out_dir / "loss.png", f"multi-task adapter: {len(texts)} queries")
+    with staged_dir(multitask_dir(cfg)) as out_dir:
+        report = train_query_adapter(
+            model_path,
+            encoder_settings(cfg),
+            texts,
+            np.concatenate(positives),
+            out_dir,
+            adapter_settings(train, step_scale=len(domains), has_dev=bool(dev_parts)),
+            progress=progress,
+            hard_negatives=np.concatenate(hard) if hard else None,
+            # full corpus: every domain's docs (other domains' docs are easy negatives)
+            corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
+            dev=_joint_dev(dev_parts) if dev_parts else None,
+            eval_every=train.eval_every,
+            groups=groups,
+            name=MULTITASK,
+        )
+        _finish_report(out_dir, report, f"multi-task adapter: {len(texts)} queries", {"domain": "+".join(domains)})
     return report
 
 
@@ -248,21 +255,27 @@ def add_expert(
         EncoderEngine(resolve_model(cfg.model.ref), {name: src}, encoder_settings(cfg)).encode(["probe"], name)
     except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
         raise ValueError(f"adapter {src} does not load onto base model {cfg.model.ref!r}: {exc}") from exc
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{name}.adding"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(staging, dest)
+    with staged_dir(dest) as staging:  # the old adapter (--replace) stays until the copy is whole
+        shutil.copytree(src, staging, dirs_exist_ok=True, symlinks=False)
     return build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
 
 
 def remove_expert(cfg: RouterServeConfig, name: str) -> None:
+    """Delete expert ``name``'s adapter folder and its pilots. ``name`` is checked like a new
+    expert's name (no '..', no separators, no absolute path); a symlink is unlinked, never
+    followed, so nothing outside the expert store is ever deleted."""
     root = adapters_root(cfg)
-    if root is None or not (root / name).is_dir():
+    check_expert_name(name)
+    path = None if root is None else root / name
+    if path is None or not (path.is_dir() or path.is_symlink()):
         raise FileNotFoundError(f"no expert {name!r} under {root}")
-    shutil.rmtree(root / name)
+    if path.is_symlink():
+        path.unlink()
+    else:
+        # renamed out of sight first, so a crash mid-delete leaves no half adapter to load
+        doomed = root / f".{name}.removing-{os.getpid()}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
     pilots = load_pilots(cfg)
     if pilots is not None:
         pilots.restrict([e for e in pilots.expert_names if e != name]).save(pilots_path(cfg))

@@ -86,3 +86,33 @@ def test_device_resolution():
         assert resolve_torch_device("auto") == "cpu"
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_torch_device("cuda:0")
+
+
+def test_concurrent_base_and_expert_encodes_equal_sequential_ones(engine):
+    """/v1/embeddings (base) and routed batches (experts) run in different threads of one replica:
+    the vectors must equal the same requests run one at a time (peft's disable_adapter() is
+    model-wide state, so an unguarded base pass switches the experts off for the other thread)."""
+    import threading
+
+    texts = [f"protein folding and gene expression, sample {i} " * 3 for i in range(16)]
+    want = {"base": engine.encode(texts, "base"), "alpha": engine.encode(texts, "alpha")}
+    mixed_names = ["alpha", "beta"] * 8
+    want["mixed"] = engine.encode(texts, mixed_names)
+    assert not np.allclose(want["base"], want["alpha"], atol=1e-3)
+    wrong, errors = [], []
+
+    def loop(kind):
+        try:
+            for _ in range(12):
+                got = engine.encode(texts, mixed_names if kind == "mixed" else kind, batch_size=4)
+                if not np.allclose(got, want[kind], atol=1e-5):
+                    wrong.append(kind)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in ("base", "alpha", "mixed")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []

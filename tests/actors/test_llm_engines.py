@@ -214,3 +214,13 @@ def test_openai_engine_health_check_names_the_endpoint_not_the_body():
         assert "remote" in str(info.value) and BASE in str(info.value) and expected in str(info.value)
         assert PROVIDER_SECRET not in str(info.value)
     assert len(seen) == 3  # a probe is not retried
+
+
+def test_retriever_engine_errors_carry_the_status_not_the_upstream_body():
+    from actors.llm_engines import RetrieverEngine
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(502, text=f"proxy trace: {PROVIDER_SECRET}"))
+    engine = RetrieverEngine("http://retrieval", model_id="search", transport=transport)
+    with pytest.raises(EngineError) as info:
+        asyncio.run(engine.chat([{"role": "user", "content": "q"}], max_tokens=8))
+    assert info.value.status == 502 and info.value.retryable and PROVIDER_SECRET not in str(info.value)

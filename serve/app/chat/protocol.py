@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..validation import LaxText
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -19,12 +21,12 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: LaxText
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: LaxText | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:
@@ -41,7 +43,7 @@ class ChatCompletionRequest(BaseModel):
     # OpenAI clients send fields we do not use (e.g. user, n=1); unknown ones are rejected by name
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, max_length=128)
+    model: LaxText = Field(..., min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)

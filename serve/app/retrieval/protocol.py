@@ -6,15 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from ..validation import Text
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class RetrieveRequest(_Request):
-    query: StrictStr = Field(..., description="the search query (non-empty)")
+    query: Text = Field(..., description="the search query (non-empty)")
     top_k: StrictInt = Field(10, description="number of hits, 1..limits.max_top_k")
-    expert: StrictStr | None = Field(None, description="force an expert by name, or 'base'; null = route")
+    expert: Text | None = Field(None, description="force an expert by name, or 'base'; null = route")
     include_text: StrictBool = Field(False, description="return each hit's text")
 
 
@@ -37,8 +39,8 @@ class RetrieveResponse(BaseModel):
 
 
 class EmbeddingRequest(_Request):
-    model: StrictStr = Field(..., description="'<served name>' (base) or '<served name>:<expert>'; 'base' works as the served name")
-    input: StrictStr | list[StrictStr] = Field(..., description="one text or a list of texts")
+    model: Text = Field(..., description="'<served name>' (base) or '<served name>:<expert>'; 'base' works as the served name")
+    input: Text | list[Text] = Field(..., description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None

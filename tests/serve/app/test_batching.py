@@ -47,20 +47,24 @@ def test_max_batch_size_with_a_size_function():
     assert all(sum(batch) <= 5 for batch in seen) and sum(map(len, seen)) == 6
 
 
-def test_errors_reach_every_caller_of_the_batch_and_the_batcher_survives():
+def test_a_poison_item_fails_alone_and_the_batcher_survives():
+    calls = []
+
     async def fn(items):
+        calls.append(list(items))
         if "bad" in items:
             raise ValueError("boom")
-        return items
+        return [i.upper() for i in items]
 
     async def main():
         b = GreedyBatcher(fn, max_batch_size=8, batch_wait_timeout_s=0.01)
-        results = await asyncio.gather(b("bad"), b("x"), return_exceptions=True)
+        results = await asyncio.gather(b("x"), b("bad"), b("y"), return_exceptions=True)
         after = await b("ok")
         return results, after
 
     results, after = asyncio.run(main())
-    assert all(isinstance(r, ValueError) for r in results) and after == "ok"
+    assert results[0] == "X" and isinstance(results[1], ValueError) and results[2] == "Y" and after == "OK"
+    assert calls[0] == ["x", "bad", "y"] and calls[1:4] == [["x"], ["bad"], ["y"]]  # the batch, then one by one
 
 
 def test_wrong_result_count_is_an_error_not_a_hang():

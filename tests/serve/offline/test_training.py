@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -244,3 +245,86 @@ def test_adapter_settings_scale_steps_and_patience_and_drop_patience_without_dev
     assert (multi.steps, multi.patience) == (3000, 750)
     assert adapter_settings(train, has_dev=False).patience is None
     assert adapter_settings(config_from_dict({}).experts.training).patience is None
+
+
+@pytest.fixture
+def plain_cfg(tmp_path):
+    """A config for tests that never reach Ray (they fail before, or mock the corpus)."""
+    return config_from_dict({"model": {"max_seq_length": 64}, "index": {"dir": str(tmp_path / "index")},
+                             "experts": {"dir": str(tmp_path / "experts"), "training": {"steps": 2, "max_queries": 8}}})
+
+
+def test_remove_never_leaves_the_expert_store(plain_cfg, tmp_path):
+    root = tmp_path / "experts" / "adapters"
+    (root / "keep").mkdir(parents=True)
+    (root / "keep" / "adapter_config.json").write_text("{}")
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{}")
+    for bad in ["..", "../precious", str(outside), "keep/../..", "base", ""]:
+        with pytest.raises(ValueError, match="invalid expert name"):
+            remove_expert(plain_cfg, bad)
+    (root / "evil").symlink_to(outside, target_is_directory=True)
+    remove_expert(plain_cfg, "evil")  # the link goes, never what it points to
+    assert not (root / "evil").exists() and (outside / "adapter_config.json").is_file()
+    assert sorted(os.listdir(root)) == ["keep"] and sorted(os.listdir(tmp_path / "experts")) == ["adapters"]
+
+
+def test_domain_names_cannot_leave_the_data_dir(plain_cfg, data_dir):
+    from actors.beir import DatasetError, load_queries
+
+    for bad in ["..", "../shared", "/etc", "scifact/../../x"]:
+        with pytest.raises(DatasetError, match="invalid dataset name"):
+            load_queries(data_dir, bad)
+        with pytest.raises(ValueError):
+            train_domain_expert(plain_cfg, data_dir, bad, progress=False)
+
+
+def test_a_training_crash_leaves_the_old_adapter(plain_cfg, data_dir, random_adapters, monkeypatch):
+    """Training writes into a staging folder: killed mid-save, the expert on disk is the old one
+    and no half-written folder is ever listed as an expert."""
+    import shutil
+
+    from actors.beir import iter_corpus
+    from serve.offline import training
+    from serve.offline.indexing import Corpus
+
+    root = plain_cfg.experts.dir / "adapters"
+    shutil.copytree(random_adapters["alpha"], root / "scifact")
+    before = _folder_hash(root / "scifact")
+    docs = list(iter_corpus(data_dir, "scifact"))
+    vectors = np.random.default_rng(0).normal(size=(len(docs), 384)).astype(np.float32)
+    monkeypatch.setattr(training, "load_corpus_vectors",
+                        lambda *a, **k: Corpus("scifact", [d.doc_id for d in docs], ["scifact"] * len(docs), vectors))
+
+    def dies_while_saving(model_path, settings, texts, positives, out_dir, *a, **k):
+        (out_dir / "adapter_config.json").write_text("{}")
+        (out_dir / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # truncated weights
+        assert enabled_experts(plain_cfg) == {"scifact": root / "scifact"}  # never listed meanwhile
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(training, "train_query_adapter", dies_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train_domain_expert(plain_cfg, data_dir, "scifact", progress=False)
+    assert _folder_hash(root / "scifact") == before and sorted(os.listdir(root)) == ["scifact"]
+
+
+def test_a_failed_replace_keeps_the_old_adapter(plain_cfg, data_dir, random_adapters, monkeypatch):
+    import shutil
+
+    from serve.offline import training
+
+    add_root = plain_cfg.experts.dir / "adapters"
+    shutil.copytree(random_adapters["alpha"], add_root / "nf-ext")
+    before = _folder_hash(add_root / "nf-ext")
+    real = shutil.copytree
+
+    def copy_then_die(src, dst, **kw):
+        real(src, dst, **kw)
+        (dst / "adapter_model.safetensors").write_bytes(b"\0")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(training.shutil, "copytree", copy_then_die)
+    with pytest.raises(OSError, match="no space"):
+        add_expert(plain_cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", replace=True, progress=False)
+    assert _folder_hash(add_root / "nf-ext") == before and sorted(os.listdir(add_root)) == ["nf-ext"]

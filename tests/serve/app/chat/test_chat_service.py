@@ -1,5 +1,5 @@
 """ChatService + the HTTP router for /v1/chat/completions and /v1/models, over scripted engines
-(the protocol logic; the real-model path is tests/serve/test_e2e_chat.py)."""
+(the protocol logic; the real-model path is tests/serve/app/test_e2e_chat.py)."""
 
 import json
 
@@ -119,10 +119,12 @@ def test_direct_candidate_call_is_priced(client):
         ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "temperature": -1}, 422, "temperature"),
         ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "tools": []}, 422, "tools"),
         ({"model": "router-r1", "messages": [{"role": "user", "content": "q"}], "budget": 0}, 422, "budget"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": "q \ud800"}]}, 422, "lone surrogate"),
+        ({"model": "router-r1", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, 422, "lone surrogate"),
     ],
 )
 def test_bad_requests_get_4xx_json_naming_the_problem(client, payload, status, needle):
-    r = client.post("/v1/chat/completions", json=payload)
+    r = client.post("/v1/chat/completions", content=json.dumps(payload), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
     assert client.get("/v1/models").status_code == 200  # still serving

@@ -1,5 +1,8 @@
 """RetrievalService + HTTP router in-process (no Ray): the same code the Serve ingress runs."""
 
+import asyncio
+import json
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -10,7 +13,10 @@ from actors.routed_encoder import RoutedEncoder
 from actors.search import ShardSearcher, build_flat_index, split_ranges
 from serve.config import LimitsConfig
 from serve.app.ingress import create_app
+from serve.app.retrieval.protocol import RetrieveRequest
 from serve.app.retrieval.service import LocalEncoderClient, LocalShardClient, RetrievalService
+
+JSON = {"content-type": "application/json"}  # bodies sent as json.dumps writes them (escaped surrogates too)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +74,12 @@ def test_forced_base_and_expert(stack):
         ({"top_k": 3}, 422, "query"),
         ({"query": "ok", "expert": "gamma"}, 404, "unknown expert 'gamma'"),
         ({"query": "ok", "colour": "red"}, 422, "unknown field"),
+        ({"query": "ok \ud800 then"}, 422, "query: not valid Unicode text (a lone surrogate at character 3)"),
+        ({"query": "ok", "expert": "\udfff"}, 422, "expert"),
     ],
 )
 def test_bad_retrieve_requests_are_4xx_json(stack, body, status, needle):
-    r = stack["client"].post("/v1/retrieve", json=body)
+    r = stack["client"].post("/v1/retrieve", content=json.dumps(body), headers=JSON)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["code"] == status
@@ -106,12 +114,13 @@ def test_embeddings_openai_shape_and_expert_selection(stack):
         ({"model": "mini", "input": []}, 422, "input must not be empty"),
         ({"model": "mini", "input": ["a"] * 5}, 413, "limit is 4"),
         ({"model": "mini", "input": ["a", ""]}, 422, "input[1]"),
+        ({"model": "mini", "input": ["a", "b\udc00"]}, 422, "lone surrogate"),
         ({"model": "mini", "input": "x", "dimensions": 7}, 422, "dimensions"),
         ({"model": "mini", "input": [1, 2]}, 422, "input"),
     ],
 )
 def test_bad_embedding_requests(stack, body, status, needle):
-    r = stack["client"].post("/v1/embeddings", json=body)
+    r = stack["client"].post("/v1/embeddings", content=json.dumps(body), headers=JSON)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
 
@@ -248,7 +257,8 @@ def test_api_keys_guard_every_endpoint_but_healthz(stack, monkeypatch):
     assert keys == {"key-one", "key-two"} and api_keys_from_env(None) is None
     client = TestClient(create_app(stack["service"], None, None, keys))
     body = {"query": "protein", "top_k": 2}
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"}):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"},
+                    {"Authorization": "Bearer clé-☃".encode()}, {"Authorization": b"Bearer \xff\xfe"}):  # not ASCII: 401, not 500
         r = client.post("/v1/retrieve", json=body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert client.post("/v1/retrieve", json=body, headers={"Authorization": "Bearer key-two"}).status_code == 200
@@ -257,3 +267,30 @@ def test_api_keys_guard_every_endpoint_but_healthz(stack, monkeypatch):
     monkeypatch.delenv("RS_KEYS")
     with pytest.raises(RuntimeError, match="http.api_keys_env: environment variable RS_KEYS"):
         api_keys_from_env("RS_KEYS")
+
+
+def test_a_poison_request_fails_alone_in_a_batch(stack):
+    """One request whose encoding raises (as a tokenizer does on bad text) fails on its own; the
+    requests batched with it are answered (the batch is retried item by item)."""
+    from serve.app.batching import GreedyBatcher
+
+    base, calls = stack["service"], []
+
+    class PoisonedEncoder(LocalEncoderClient):
+        async def route_and_encode(self, request):
+            calls.append(len(request["queries"]))
+            if any("POISON" in q for q in request["queries"]):
+                raise UnicodeEncodeError("utf-8", "POISON", 0, 1, "surrogates not allowed")
+            return await super().route_and_encode(request)
+
+    service = RetrievalService(PoisonedEncoder(base.encoder.encoder, "m"), base.shards, base.docs, base.limits, "mini")
+    service.enable_batching(lambda fn: GreedyBatcher(fn, 16, 1, 0.05))
+
+    async def main():
+        reqs = [RetrieveRequest(query=q, top_k=2) for q in ("protein", "POISON here", "insulin", "debate")]
+        return await asyncio.gather(*(service.retrieve(r) for r in reqs), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], UnicodeEncodeError)
+    assert [len(r.hits) for i, r in enumerate(results) if i != 1] == [2, 2, 2]
+    assert calls[0] == 4 and sorted(calls[1:]) == [1, 1, 1, 1]  # one batch of 4, then each alone
