@@ -184,25 +184,49 @@ class Price:
 
 
 def approx_tokens(text: str) -> int:
-    """A token count without a tokenizer: an over-estimate for English (≈3 characters per token),
-    used only to bound a call's cost before it is made."""
+    """A token count without a tokenizer (≈3 characters per token): an estimate, used where an
+    engine reports no usage. Never used to bound a cost: see ``conservative_prompt_tokens``."""
     return max(1, len(text) // 3)
+
+
+TEMPLATE_OVERHEAD_TOKENS = 64  # a chat template's special tokens and role headers, per prompt
+MESSAGE_OVERHEAD_TOKENS = 8  # … and per message
+
+
+def conservative_prompt_tokens(messages: Sequence[Mapping[str, str]]) -> int:
+    """An upper bound on a chat prompt's tokens when the engine's tokenizer is not at hand: text
+    never tokenises into more tokens than its UTF-8 bytes (byte-level BPE — GPT-2, Llama 3, Qwen —
+    and SentencePiece with byte fallback), plus the template's overhead. A template with a long
+    built-in system prompt is the case it can miss: give such an engine a local ``tokenizer``,
+    whose exact count is used instead."""
+    return TEMPLATE_OVERHEAD_TOKENS + sum(MESSAGE_OVERHEAD_TOKENS + len(m["content"].encode("utf-8")) for m in messages)
+
+
+def candidate_messages(query: str) -> list[dict[str, str]]:
+    """The one user message a candidate gets for a sub-query."""
+    return [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query=query)}]
 
 
 @dataclass
 class Candidate:
-    """A routable model as the loop sees it: its price, its call, and a token counter used to
-    bound a call's cost before it is made."""
+    """A routable model as the loop sees it: its price, its call (``candidate_messages(query)``
+    with at most ``max_tokens`` completion tokens), its deadline, and an upper bound on a call's
+    prompt tokens, so that a call's worst-case cost is known before it is made."""
 
     name: str
     price: Price
     call: Callable[[str], Awaitable[Completion]]  # sub-query → completion (the call wraps it)
     max_tokens: int = 512
-    count_tokens: Callable[[str], int] = approx_tokens
+    count_prompt: Callable[[list[dict[str, str]]], int] = conservative_prompt_tokens
+    timeout_s: float | None = None  # None: LoopSettings.call_timeout_s
+
+    def worst_case(self, query: str) -> Completion:
+        """The most this call can be billed for: its whole prompt and ``max_tokens`` completion tokens."""
+        return Completion("", self.count_prompt(candidate_messages(query)), self.max_tokens, "length")
 
     def worst_case_cost(self, query: str) -> float:
-        prompt = self.count_tokens(CANDIDATE_INSTRUCTION.format(query=query)) + 32  # chat-template overhead
-        return self.price.cost(prompt, self.max_tokens)
+        w = self.worst_case(query)
+        return self.price.cost(w.prompt_tokens, w.completion_tokens)
 
 
 @dataclass
@@ -259,7 +283,7 @@ class RouterR1Result:
     ledger: Ledger
     budget: float | None
     route_calls: int
-    stopped: str  # answer | no_answer | budget
+    stopped: str  # answer | no_answer | budget | router_failed (RouterFailed.result only)
     latency_s: float
 
     @property
@@ -270,6 +294,15 @@ class RouterR1Result:
         d = asdict(self)
         d["budget_left"] = self.budget_left
         return d
+
+
+class RouterFailed(Exception):
+    """The router's own generation failed; ``result`` holds what the request had already spent."""
+
+    def __init__(self, cause: Exception, result: RouterR1Result):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.result = result
 
 
 @dataclass
@@ -313,7 +346,10 @@ class RouterR1Loop:
         return self._by_lower.get(written.strip().lower())
 
     async def _call(self, cand: Candidate, query: str) -> Completion:
-        return await asyncio.wait_for(cand.call(query), self.settings.call_timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
+        # as the call completes, and a cancelled request (client gone) would go on making paid calls
+        async with asyncio.timeout(cand.timeout_s or self.settings.call_timeout_s):
+            return await cand.call(query)
 
     async def run(
         self, prompt: str, on_round: RoundEvent | None = None, budget: float | None = None,
@@ -336,7 +372,12 @@ class RouterR1Loop:
             # at the generation cap (so a constrained router still ends with an answer)
             last = not may_route or calls >= call_cap or index == s.max_generations - 1
             t0 = time.perf_counter()
-            out = await self.generate(prompt + generated, STOPS, s.max_new_tokens, s.temperature, not last)
+            try:
+                out = await self.generate(prompt + generated, STOPS, s.max_new_tokens, s.temperature, not last)
+            except Exception as exc:  # noqa: BLE001 - re-raised with what was already spent
+                partial = RouterR1Result(None, generated, prompt, rounds, ledger, budget, calls, "router_failed",
+                                         time.perf_counter() - t_start)
+                raise RouterFailed(exc, partial) from exc
             t1 = time.perf_counter()
             text, _ = cut_at_stop(out.text, STOPS)  # an engine that ran past its stop string is cut back
             generated += text
@@ -400,6 +441,12 @@ class RouterR1Loop:
             t0 = time.perf_counter()
             try:
                 completion = await self._call(c, action.query)
+            except TimeoutError:  # it may have run (and been billed) to the end: charged at its worst case
+                waited += time.perf_counter() - t0
+                full, _ = ledger.charge(which, c.price, c.worst_case(action.query))
+                rnd.cost += full
+                rnd.error = f"{which}: timed out after {c.timeout_s or self.settings.call_timeout_s:g} s (charged {full:.6f})"
+                continue
             except Exception as exc:  # noqa: BLE001 - a failed call is data for the router
                 waited += time.perf_counter() - t0
                 rnd.error = f"{which}: {type(exc).__name__}: {exc}"[:500]
@@ -410,7 +457,7 @@ class RouterR1Loop:
             rnd.status = "ok" if attempt == 0 else "fallback"
             rnd.candidate = which if attempt else name
             rnd.prompt_tokens, rnd.completion_tokens = completion.prompt_tokens, completion.completion_tokens
-            rnd.cost, rnd.cost_completion_only = full, upstream
+            rnd.cost, rnd.cost_completion_only = rnd.cost + full, upstream
             rnd.latency_s = waited
             return waited
         rnd.status, rnd.reply, rnd.latency_s = "failed", None, waited

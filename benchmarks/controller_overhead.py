@@ -52,7 +52,7 @@ def main(
     from serve.app.chat.protocol import ChatCompletionRequest
     from serve.app.chat.service import ChatService
     from serve.config import load_config
-    from serve.app.chat.llm_pool import chat_template, load_tokenizers, token_counters
+    from serve.app.chat.llm_pool import chat_template, load_tokenizers, prompt_counters
 
     console = Console()
     cfg = load_config(None, []).absolutized()
@@ -63,7 +63,7 @@ def main(
                              latency_s=(router_ms if name == router_engine else candidate_ms) / 1000, model_id=name)
         for name in cfg.llm.engines
     }
-    service = ChatService(cfg.llm, engines, chat_template(tokenizers[router_engine]), token_counters(tokenizers))
+    service = ChatService(cfg.llm, engines, chat_template(tokenizers[router_engine]), prompt_counters(tokenizers, cfg.llm))
     req = ChatCompletionRequest(model="router-r1", messages=[{"role": "user", "content": "What is the capital of France?"}])
 
     async def level(c: int) -> dict:

@@ -29,7 +29,7 @@ from actors.routing import PilotSet
 from actors.search import ShardSearcher
 
 from .batching import GreedyBatcher
-from .chat.llm_pool import chat_template, load_tokenizers, make_engine, token_counters
+from .chat.llm_pool import chat_template, load_tokenizers, make_engine, prompt_counters
 from .chat.protocol import ChatCompletionRequest
 from .chat.service import ChatService
 from .ingress import api_keys_from_env, create_app
@@ -209,7 +209,7 @@ class RouterR1ControllerDeployment:
             cfg,
             {name: _HandleEngineClient(h) for name, h in engines.items()},
             chat_template(router_tok, cfg.engines[cfg.router.engine].chat_template) if router_tok is not None else (lambda m: ""),
-            token_counters(tokenizers),
+            prompt_counters(tokenizers, cfg),
         )
         self.service.metrics = Metrics()
 

@@ -39,14 +39,15 @@ class ErrorResponse(BaseModel):
 class RequestError(Exception):
     """A client error (4xx) or an unavailable dependency (503), answered as JSON naming the problem."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, extra: dict | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.extra = extra  # more top-level keys of the error body (e.g. the routing spent so far)
 
-    def __reduce__(self):  # Exception pickles only ``args``; keep param and status across Ray hops
-        return type(self), (self.message, self.param, self.status)
+    def __reduce__(self):  # Exception pickles only ``args``; keep every field across Ray hops
+        return type(self), (self.message, self.param, self.status, self.extra)
 
     @property
     def kind(self) -> str:
@@ -56,21 +57,22 @@ class RequestError(Exception):
 class EngineUnavailable(RequestError):
     """An LLM engine (router, or a candidate called directly) failed or is down: 503."""
 
-    def __init__(self, message: str, param: str | None = "model", status: int = 503):
-        super().__init__(message, param, status)
+    def __init__(self, message: str, param: str | None = "model", status: int = 503, extra: dict | None = None):
+        super().__init__(message, param, status, extra)
 
 
 ERROR_RESPONSES = {r: {"model": ErrorResponse} for r in (404, 413, 422)}  # OpenAPI: the 4xx answers
 
 
-def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None,
+               extra: dict | None = None) -> dict:
     kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}, **(extra or {})}
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(status, message, param, kind), headers=headers)
+                   headers: dict[str, str] | None = None, extra: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param, kind, extra), headers=headers)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -92,7 +94,7 @@ def install_error_handlers(app: FastAPI, count: Callable[[Request, int, str], No
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         count(request, exc.status, exc.param or "request")
-        return error_response(exc.status, exc.message, exc.param, exc.kind)
+        return error_response(exc.status, exc.message, exc.param, exc.kind, extra=exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -89,6 +89,7 @@ class RouterConfig(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     budget: float | None = Field(None, gt=0, description="default hard budget per request (candidates' currency)")
     fallback: str | None = Field(None, description="candidate tried once when a call fails")
+    timeout_s: float = Field(120.0, gt=0, description="deadline of each router generation (a miss is a 503 with the ledger)")
 
 
 class LLMConfig(_Strict):

@@ -8,12 +8,14 @@ import pytest
 from actors.llm_engines import ScriptedEngine
 from actors.router_r1 import (
     BUDGET_EXHAUSTED,
+    CANDIDATE_INSTRUCTION,
     DEFAULT_ROUTER_PROMPT,
     STOPS,
     Candidate,
     Completion,
     LoopSettings,
     Price,
+    RouterFailed,
     RouterR1Loop,
     extract_answer,
     information_block,
@@ -43,7 +45,7 @@ def candidate(name, reply="reply", latency=0.0, price=(1.0, 2.0), fail=None, max
     async def call(query):
         return await engine.chat([{"role": "user", "content": query}], max_tokens=max_tokens)
 
-    return Candidate(name, Price(*price), call, max_tokens=max_tokens, count_tokens=engine.count_tokens), engine
+    return Candidate(name, Price(*price), call, max_tokens=max_tokens), engine
 
 
 def run(loop, prompt=PROMPT, **kw):
@@ -147,7 +149,7 @@ def test_failed_call_gives_none_and_the_fallback_is_tried():
         RouterR1Loop(gen, {"Broken": broken}, LoopSettings(fallback="Ghost"))
 
 
-def test_a_call_past_its_timeout_fails_and_is_cancelled():
+def test_a_call_past_its_timeout_fails_is_cancelled_and_is_charged_at_its_worst_case():
     gen, asked = router(["<search>Stuck:q</search>", "<answer>x</answer>"])
     events = []
 
@@ -159,9 +161,12 @@ def test_a_call_past_its_timeout_fails_and_is_cancelled():
             events.append("cancelled")
             raise
 
-    result = run(RouterR1Loop(gen, {"Stuck": Candidate("Stuck", Price(1.0, 2.0), stuck)}, LoopSettings(call_timeout_s=0.05)))
+    cand = Candidate("Stuck", Price(1.0, 2.0), stuck, timeout_s=0.05)  # its own deadline, not the loop's
+    result = run(RouterR1Loop(gen, {"Stuck": cand}, LoopSettings(call_timeout_s=3600)))
     assert events == ["called", "cancelled"]  # the loop gave up on the call and did not leave it running
-    assert result.rounds[0].status == "failed" and "TimeoutError" in result.rounds[0].error
+    assert result.rounds[0].status == "failed" and "timed out after 0.05 s" in result.rounds[0].error
+    # it may have run to the end upstream: the ledger holds its worst case, so budgets stay safe
+    assert result.ledger.cost == pytest.approx(cand.worst_case_cost("q")) == pytest.approx(result.rounds[0].cost)
     assert "<information>None</information>" in asked[1]["prompt"] and result.answer == "x"
 
 
@@ -262,3 +267,38 @@ def test_action_regex_allows_only_configured_names_and_answers_on_the_last_round
     assert rx.fullmatch("<answer>Paris</answer>") and not rx.fullmatch("<search>Gamma:q</search>")
     last = re.compile(router_action_regex(["Alpha"], may_route=False))
     assert last.fullmatch("<answer>x</answer>") and not last.fullmatch("<search>Alpha:q</search>")
+
+
+def test_the_budget_holds_against_text_that_tokenises_badly():
+    """Emoji-heavy sub-queries cost ~4 tokens a character on a byte-level tokenizer; the engine
+    here bills every UTF-8 byte and the full max_tokens. With the conservative bound the ledger
+    never passes the budget, however many calls the router asks for."""
+    query = "🦀🧪" * 40
+
+    async def bill_every_byte(q):
+        return Completion("r", len(CANDIDATE_INSTRUCTION.format(query=q).encode("utf-8")) + 30, 100)
+
+    gen, asked = router(lambda p: f"<search>Alpha:{query}</search>" if p.count("<information>") < 8 else "<answer>x</answer>")
+    cand = Candidate("Alpha", Price(1_000.0, 1_000.0), bill_every_byte, max_tokens=100)
+    budget = 2.5 * cand.worst_case_cost(query)
+    result = run(RouterR1Loop(gen, {"Alpha": cand}, LoopSettings(max_route_calls=8, max_generations=10)), budget=budget)
+    assert result.ledger.cost <= budget
+    assert [r.status for r in result.rounds if r.action == "search"][:3] == ["ok", "ok", "over_budget"]
+
+
+def test_a_router_failure_keeps_what_was_spent():
+    calls = []
+
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
+        calls.append(prompt)
+        if len(calls) == 1:
+            return Completion("<search>Alpha:q</search>", 5, 3)
+        raise ConnectionError("router engine down")
+
+    alpha, _ = candidate("Alpha", reply="a b", price=(1_000_000.0, 1_000_000.0))
+    with pytest.raises(RouterFailed) as info:
+        run(RouterR1Loop(generate, {"Alpha": alpha}))
+    spent = info.value.result
+    assert isinstance(info.value.cause, ConnectionError) and spent.stopped == "router_failed"
+    assert spent.ledger.calls == {"Alpha": 1} and spent.ledger.cost > 0 and spent.ledger.router_prompt_tokens == 5
+    assert [r.status for r in spent.rounds] == ["ok"]

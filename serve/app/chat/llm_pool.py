@@ -58,8 +58,14 @@ def load_tokenizers(llm: LLMConfig) -> dict[str, object]:
     return out
 
 
-def token_counters(tokenizers: dict[str, object]) -> dict[str, Callable[[str], int]]:
-    return {name: functools.partial(count_with, tok) for name, tok in tokenizers.items()}
+def prompt_counters(tokenizers: dict[str, object], llm: LLMConfig) -> dict[str, Callable[[list[dict]], int]]:
+    """Per engine with a local tokenizer: the exact prompt tokens of a message list (its chat
+    template applied, generation prompt added), to bound a call's cost before it is made."""
+    return {name: functools.partial(_count_messages, tok, llm.engines[name].chat_template) for name, tok in tokenizers.items()}
+
+
+def _count_messages(tokenizer, template: str | None, messages: list[dict]) -> int:
+    return count_with(tokenizer, render_chat(tokenizer, messages, template=template))
 
 
 def chat_template(tokenizer, template: str | None = None) -> Callable[[list[dict]], str]:

@@ -17,16 +17,17 @@ from dataclasses import asdict
 from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 from actors.router_r1 import (
-    CANDIDATE_INSTRUCTION,
     DEFAULT_ROUTER_PROMPT,
     Candidate,
     Completion,
     LoopSettings,
     Price,
+    RouterFailed,
     RouterR1Loop,
     RouterR1Result,
     Round,
-    approx_tokens,
+    candidate_messages,
+    conservative_prompt_tokens,
     render_router_prompt,
     router_action_regex,
 )
@@ -69,15 +70,17 @@ class ChatService:
         llm: LLMConfig,
         engines: Mapping[str, EngineClient],
         chat_prompt: Callable[[list[dict]], str],
-        count_tokens: Mapping[str, Callable[[str], int]] | None = None,
+        count_prompt: Mapping[str, Callable[[list[dict]], int]] | None = None,
         prompt_template: str | None = None,
     ) -> None:
         """``chat_prompt``: the router model's chat template (messages → text with the generation
-        prompt); ``count_tokens``: per engine name, a token counter used to bound a call's cost."""
+        prompt); ``count_prompt``: per engine name, the exact prompt-token count of a message list
+        (its tokenizer and chat template), used to bound a call's cost before it is made; engines
+        without one get ``conservative_prompt_tokens``."""
         self.cfg = llm
         self.engines = dict(engines)
         self.chat_prompt = chat_prompt
-        self.count_tokens = dict(count_tokens or {})
+        self.count_prompt = dict(count_prompt or {})
         self.template = prompt_template or load_prompt_template(llm.router.prompt_file if llm.router else None)
         self.created = int(time.time())
         self.metrics = None  # serve.app.metrics.Metrics inside a replica; None: not recorded
@@ -96,7 +99,7 @@ class ChatService:
                     max_generations=r.max_generations,
                     budget=r.budget,
                     fallback=self.by_lower[r.fallback.lower()].name if r.fallback else None,
-                    call_timeout_s=max((c.timeout_s for c in llm.candidates), default=60.0),
+                    # each candidate's own timeout_s is on its Candidate
                 ),
             )
 
@@ -110,23 +113,19 @@ class ChatService:
         engine = self.engines[c.engine]
 
         async def call(query: str) -> Completion:
-            messages = [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query=query)}]
-            return await engine.chat(messages, max_tokens=c.max_tokens, temperature=c.temperature)
+            return await engine.chat(candidate_messages(query), max_tokens=c.max_tokens, temperature=c.temperature)
 
-        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine))
+        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine), c.timeout_s)
 
-    def _counter(self, engine: str) -> Callable[[str], int]:
-        return self.count_tokens.get(engine) or approx_tokens
+    def _counter(self, engine: str) -> Callable[[list[dict]], int]:
+        return self.count_prompt.get(engine) or conservative_prompt_tokens
 
     async def _router_generate(self, prompt, stop, max_new_tokens, temperature, may_route) -> Completion:
         r = self.cfg.router
         regex = router_action_regex([c.name for c in self.cfg.candidates], may_route, r.structured_think) if r.structured_output else None
-        try:
+        async with asyncio.timeout(r.timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
             return await self.engines[r.engine].complete(
-                prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop, regex=regex
-            )
-        except Exception as exc:  # noqa: BLE001 - the router itself failing is a 503, not a 500
-            raise EngineUnavailable(f"router engine {r.engine!r} failed: {type(exc).__name__}: {exc}") from exc
+                prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop, regex=regex)
 
     def router_prompt(self, question: str) -> str:
         user = render_router_prompt(self.template, question, self.pool)
@@ -170,24 +169,16 @@ class ChatService:
         else:
             queue: asyncio.Queue = asyncio.Queue()
             task = asyncio.ensure_future(self._run_router(req, on_round=queue.put))
-            def round_chunk(rnd: Round) -> str:
-                return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                             "model": req.model, "choices": [], "routing_event": asdict(rnd)})
-
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield round_chunk(getter.result())
-                    continue
-                getter.cancel()
-                while not queue.empty():  # rounds that landed together with the end of the loop
-                    yield round_chunk(queue.get_nowait())
-                break
+            try:  # a client that goes away (the generator is closed) stops the loop: no more paid calls
+                async for chunk in self._stream_rounds(req, rid, queue, task):
+                    yield chunk
+            finally:
+                if not task.done():
+                    task.cancel()
             try:
                 response = self._router_response(req, task.result())
             except RequestError as exc:
-                yield _sse(error_body(exc.status, exc.message, exc.param, exc.kind))
+                yield _sse(error_body(exc.status, exc.message, exc.param, exc.kind, exc.extra))
                 yield "data: [DONE]\n\n"
                 return
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": response.created, "model": req.model,
@@ -199,16 +190,41 @@ class ChatService:
                         "choices": [], "usage": response.usage.model_dump()})
         yield "data: [DONE]\n\n"
 
+    @staticmethod
+    async def _stream_rounds(req, rid: str, queue: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[str]:
+        """One SSE chunk per round as the loop reports it, until the loop ends."""
+
+        def round_chunk(rnd: Round) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": req.model, "choices": [], "routing_event": asdict(rnd)})
+
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield round_chunk(getter.result())
+                continue
+            getter.cancel()
+            while not queue.empty():  # rounds that landed together with the end of the loop
+                yield round_chunk(queue.get_nowait())
+            return
+
     async def _run_router(self, req: ChatCompletionRequest, on_round=None) -> RouterR1Result:
         question = next(m.text() for m in reversed(req.messages) if m.role == "user" and m.text().strip())
         prompt = self.router_prompt(question)
-        return await self.loop.run(prompt, on_round=on_round, budget=req.budget, max_route_calls=req.max_route_calls)
+        try:
+            return await self.loop.run(prompt, on_round=on_round, budget=req.budget, max_route_calls=req.max_route_calls)
+        except RouterFailed as exc:  # a 503 that still says what the request spent before the router failed
+            spent = self._routing(exc.result)
+            if self.metrics is not None:
+                record_chat(self.metrics, self.cfg.router.served_name, spent.model_dump())
+            kind = "timed out" if isinstance(exc.cause, TimeoutError) else f"failed ({type(exc.cause).__name__})"
+            raise EngineUnavailable(f"router engine {self.cfg.router.engine!r} {kind}",
+                                    extra={"routing": spent.model_dump()}) from exc
 
-    def _router_response(self, req: ChatCompletionRequest, result: RouterR1Result) -> ChatCompletionResponse:
+    def _routing(self, result: RouterR1Result) -> RoutingInfo:
         led = result.ledger
-        prompt_tokens = led.router_prompt_tokens + led.prompt_tokens
-        completion_tokens = led.router_completion_tokens + led.completion_tokens
-        routing = RoutingInfo(
+        return RoutingInfo(
             router=self.cfg.router.served_name,
             rounds=[asdict(r) for r in result.rounds],
             route_calls=result.route_calls,
@@ -223,6 +239,11 @@ class ChatService:
             router_tokens={"prompt": led.router_prompt_tokens, "completion": led.router_completion_tokens},
             latency_s=result.latency_s,
         )
+
+    def _router_response(self, req: ChatCompletionRequest, result: RouterR1Result) -> ChatCompletionResponse:
+        led = result.ledger
+        prompt_tokens = led.router_prompt_tokens + led.prompt_tokens
+        completion_tokens = led.router_completion_tokens + led.completion_tokens
         return self._recorded(ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -231,7 +252,7 @@ class ChatService:
                             finish_reason="stop" if result.answer is not None else "length")],
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
-            routing=routing,
+            routing=self._routing(result),
         ))
 
     def _recorded(self, response: ChatCompletionResponse) -> ChatCompletionResponse:
@@ -245,17 +266,19 @@ class ChatService:
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
         price = self._price(cand)
         if req.budget is not None:
-            count = self._counter(cand.engine)
-            worst = price.cost(sum(count(m["content"]) for m in messages) + 32, limit)
+            worst = price.cost(self._counter(cand.engine)(messages), limit)
             if worst > req.budget:
                 raise RequestError(f"budget {req.budget} is below this call's worst-case cost {worst:.6f}", "budget", 422)
         t0 = time.perf_counter()
         try:
-            out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
-        except Exception as exc:  # noqa: BLE001
+            async with asyncio.timeout(cand.timeout_s):
+                out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
+        except Exception as exc:  # noqa: BLE001 - our message: the engine's type and status, never its body
             if self.metrics is not None:
                 self.metrics.inc("routerserve_route_calls", candidate=cand.name, outcome="failed")
-            raise EngineUnavailable(f"candidate {cand.name!r} failed: {type(exc).__name__}: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise EngineUnavailable(f"candidate {cand.name!r} timed out after {cand.timeout_s:g} s", status=504) from exc
+            raise EngineUnavailable(f"candidate {cand.name!r} failed: {type(exc).__name__}: {exc}"[:300]) from exc
         cost = price.cost(out.prompt_tokens, out.completion_tokens)
         return self._recorded(ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",

@@ -135,7 +135,9 @@ def test_engine_failure_is_503_not_500(parts):
     service = ChatService(llm_config(), {"small": router, "big": parts[2]}, router.chat_prompt)
     client = TestClient(create_app(None, LocalChatClient(service)))
     r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]})
-    assert r.status_code == 503 and "engine crashed" in r.json()["error"]["message"]
+    body = r.json()
+    assert r.status_code == 503 and body["error"]["message"] == "router engine 'small' failed (RuntimeError)"
+    assert body["routing"]["stopped"] == "router_failed" and body["routing"]["cost"] == 0.0
     r = client.post("/v1/chat/completions", json={"model": "Beta", "messages": [{"role": "user", "content": "q"}]})
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     health = client.get("/healthz")
@@ -184,3 +186,49 @@ def test_direct_call_over_budget_is_refused_before_calling(client, parts):
     assert r.status_code == 422 and "worst-case cost" in r.json()["error"]["message"] and big.calls == []
     r = client.post("/v1/chat/completions", json={"model": "Beta", "budget": 0.5, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["routing"]["budget_left"] == 0.5  # a free candidate fits any budget
+
+
+def test_a_client_that_disconnects_stops_the_paid_calls():
+    """Streaming router-r1: once the client goes away (the SSE generator is closed after the first
+    round), the loop is cancelled and no candidate is called again."""
+    import asyncio
+
+    router = ScriptedEngine(lambda p: "<search>Alpha:again</search>", model_id="small")
+    big = ScriptedEngine(lambda q: "more", model_id="big", latency_s=0.05)
+    service = ChatService(llm_config(max_route_calls=8, max_generations=10), {"small": router, "big": big}, router.chat_prompt)
+    from serve.app.chat.protocol import ChatCompletionRequest
+
+    async def main():
+        req = ChatCompletionRequest(model="router-r1", messages=[{"role": "user", "content": "q"}], stream=True)
+        events = service.stream(req)
+        first = await anext(events)
+        await events.aclose()  # the disconnect
+        at_close = len(big.calls)
+        await asyncio.sleep(0.5)  # ten candidate latencies: a loop still running would have called again
+        return first, at_close, len(big.calls)
+
+    first, at_close, later = asyncio.run(main())
+    assert "routing_event" in first and at_close == later <= 2
+
+
+def test_a_direct_call_past_the_candidates_deadline_is_a_504():
+    import asyncio
+
+    cfg = llm_config()
+    cfg.candidates[0].timeout_s = 0.05
+    slow = ScriptedEngine(lambda q: "late", model_id="big", latency_s=5)
+    router = ScriptedEngine(router_script, model_id="small")
+    client = TestClient(create_app(None, LocalChatClient(ChatService(cfg, {"small": router, "big": slow}, router.chat_prompt))))
+    r = client.post("/v1/chat/completions", json={"model": "Alpha", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 504 and r.json()["error"]["message"] == "candidate 'Alpha' timed out after 0.05 s"
+    assert asyncio.iscoroutinefunction(slow.chat)
+
+
+def test_router_generation_has_a_deadline_and_the_503_carries_the_ledger():
+    cfg = llm_config(timeout_s=0.05)
+    router = ScriptedEngine(router_script, model_id="small", latency_s=5)
+    big = ScriptedEngine(lambda q: "Paris", model_id="big")
+    client = TestClient(create_app(None, LocalChatClient(ChatService(cfg, {"small": router, "big": big}, router.chat_prompt))))
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 503 and r.json()["error"]["message"] == "router engine 'small' timed out"
+    assert r.json()["routing"]["stopped"] == "router_failed"
