@@ -20,6 +20,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class QueueFull(Exception):
+    """More callers are waiting than ``max_waiting``: refuse now instead of queueing without bound."""
+
+
 class GreedyBatcher(Generic[T, R]):
     def __init__(
         self,
@@ -28,6 +32,7 @@ class GreedyBatcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         batch_wait_timeout_s: float = 0.0,
         size_fn: Callable[[T], int] | None = None,
+        max_waiting: int | None = None,
     ):
         if max_batch_size < 1 or max_concurrent_batches < 1:
             raise ValueError("max_batch_size and max_concurrent_batches must be >= 1")
@@ -36,13 +41,18 @@ class GreedyBatcher(Generic[T, R]):
         self.max_concurrent_batches = max_concurrent_batches
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.size_fn = size_fn or (lambda _: 1)
+        self.max_waiting = max_waiting  # callers queued for a batch slot; None: unbounded
         self._queue: asyncio.Queue | None = None
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
+        self._carried = 0  # an item taken off the queue that did not fit the last batch: still waiting
         self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for metrics and tests
 
     async def __call__(self, item: T) -> R:
         self._ensure_started()
+        waiting = self._queue.qsize() + self._carried
+        if self.max_waiting is not None and waiting >= self.max_waiting:
+            raise QueueFull(f"{waiting} requests are already waiting for a batch")
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, fut))
         return await fut
@@ -59,7 +69,7 @@ class GreedyBatcher(Generic[T, R]):
         while True:
             await self._slots.acquire()
             first = carry if carry is not None else await self._queue.get()
-            carry = None
+            carry, self._carried = None, 0
             batch, size = [first], self.size_fn(first[0])
             if self.batch_wait_timeout_s > 0 and self._queue.empty():
                 await asyncio.sleep(self.batch_wait_timeout_s)
@@ -67,7 +77,7 @@ class GreedyBatcher(Generic[T, R]):
                 nxt = self._queue.get_nowait()
                 n = self.size_fn(nxt[0])
                 if size + n > self.max_batch_size:
-                    carry = nxt
+                    carry, self._carried = nxt, 1
                     break
                 batch.append(nxt)
                 size += n

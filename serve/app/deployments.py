@@ -39,8 +39,9 @@ from .settings import CONTROLLER, ENCODER, INGRESS
 from .settings import ControllerSettings, EncoderDeploymentSettings, EngineDeploymentSettings, IngressSettings, ShardDeploymentSettings
 
 
-def _batcher(fn, b, size_fn=None) -> GreedyBatcher:
-    return GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn)
+def _batcher(fn, b, size_fn=None, max_waiting=None) -> GreedyBatcher:
+    return GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn,
+                         max_waiting=max_waiting)
 
 
 @serve.deployment(name=ENCODER)
@@ -139,6 +140,7 @@ class RetrievalIngress:
     ):
         s = settings
         self.api_keys = api_keys_from_env(s.api_keys_env)  # fails the replica start when the variable is missing
+        self.max_body_bytes = s.limits.max_body_bytes
         self.service = RetrievalService(
             _HandleEncoderClient(encoder),
             [_HandleShardClient(h) for h in shards],
@@ -146,11 +148,11 @@ class RetrievalIngress:
             s.limits,
             s.served_name,
         )
-        self.service.enable_batching(lambda fn: _batcher(fn, s.batching))
+        self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting))
         self.chat = _HandleChatClient(chat) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, self.chat, Metrics(), self.api_keys)
+        return create_app(self.service, self.chat, Metrics(), self.api_keys, self.max_body_bytes)
 
 
 @serve.deployment(name="LLMEngine")

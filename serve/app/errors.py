@@ -14,12 +14,14 @@ original's) — no error dicts travel between deployments.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -39,19 +41,32 @@ class ErrorResponse(BaseModel):
 class RequestError(Exception):
     """A client error (4xx) or an unavailable dependency (503), answered as JSON naming the problem."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, extra: dict | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, extra: dict | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
         self.extra = extra  # more top-level keys of the error body (e.g. the routing spent so far)
+        self.headers = headers  # e.g. Retry-After on a 503 refusal
 
     def __reduce__(self):  # Exception pickles only ``args``; keep every field across Ray hops
-        return type(self), (self.message, self.param, self.status, self.extra)
+        return _rebuild, (type(self), self.message, self.param, self.status, self.extra, self.headers)
 
     @property
     def kind(self) -> str:
         return "server_error" if self.status >= 500 else "invalid_request_error"
+
+
+def _rebuild(cls, message, param, status, extra, headers):
+    exc = cls.__new__(cls)
+    RequestError.__init__(exc, message, param, status, extra, headers)
+    return exc
+
+
+def overloaded(message: str, retry_after_s: int) -> RequestError:
+    """503 + Retry-After: refused early, nothing queued."""
+    return RequestError(message, None, 503, headers={"Retry-After": str(retry_after_s)})
 
 
 class EngineUnavailable(RequestError):
@@ -94,7 +109,14 @@ def install_error_handlers(app: FastAPI, count: Callable[[Request, int, str], No
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         count(request, exc.status, exc.param or "request")
-        return error_response(exc.status, exc.message, exc.param, exc.kind, extra=exc.extra)
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers, exc.extra)
+
+    @app.exception_handler(BackPressureError)
+    async def _back_pressure(request: Request, exc: BackPressureError):  # a deployment behind us is full
+        count(request, 503, "backpressure")
+        retry = getattr(exc, "retry_after_s", None)
+        return error_response(503, "the service is at capacity; retry later", None, "server_error",
+                              {"Retry-After": str(math.ceil(retry or 1))})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -31,8 +31,41 @@ def api_keys_from_env(name: str | None) -> frozenset[str] | None:
     return keys
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413, refused before it is read
+    when Content-Length says so; a body without one (chunked) is read up to the limit first, then
+    handed on, or refused as soon as it passes the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body over {self.max_bytes} bytes (limits.max_body_bytes)"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit():
+            if int(length) > self.max_bytes:
+                return await error_response(413, message)(scope, receive, send)
+            return await self.app(scope, receive, send)  # the server stops at Content-Length
+        messages, seen = [], 0
+        while True:
+            msg = await receive()
+            messages.append(msg)
+            seen += len(msg.get("body", b"")) if msg["type"] == "http.request" else 0
+            if seen > self.max_bytes:
+                return await error_response(413, message)(scope, receive, send)
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
 def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None,
-               api_keys: frozenset[str] | None = None) -> FastAPI:
+               api_keys: frozenset[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """``metrics``: a serve.app.metrics.Metrics (inside the ingress replica) counting error answers
     by endpoint and reason; None records nothing. ``api_keys``: when given, every endpoint except
     /healthz (the probes') answers 401 without ``Authorization: Bearer <one of them>``."""
@@ -63,6 +96,7 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
             return await call_next(request)
 
     install_error_handlers(app, count)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if service is not None:
         app.include_router(retrieval_router(service))
     if chat is not None:

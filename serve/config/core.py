@@ -132,6 +132,10 @@ class LimitsConfig(_Strict):
     max_query_chars: int = Field(2048, ge=1)
     max_top_k: int = Field(100, ge=1, le=10000)
     max_embedding_inputs: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413) unread")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one retrieval/embedding request (504 past it)")
+    max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot in one ingress replica; more: 503 + Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of our own 503 refusals")
 
 
 class BatchConfig(_Strict):
@@ -147,7 +151,9 @@ class DeploymentsConfig(_Strict):
     """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
 
     ingress: dict[str, Any] = Field(
-        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64,
+                                 "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+                                 "ray_actor_options": {"num_cpus": 0.25}}
     )
     encoder: dict[str, Any] = Field(
         default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 1}}

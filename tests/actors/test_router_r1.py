@@ -6,23 +6,9 @@ import asyncio
 import pytest
 
 from actors.llm_engines import ScriptedEngine
-from actors.router_r1 import (
-    BUDGET_EXHAUSTED,
-    CANDIDATE_INSTRUCTION,
-    DEFAULT_ROUTER_PROMPT,
-    STOPS,
-    Candidate,
-    Completion,
-    LoopSettings,
-    Price,
-    RouterFailed,
-    RouterR1Loop,
-    extract_answer,
-    information_block,
-    parse_action,
-    render_router_prompt,
-    router_action_regex,
-)
+from actors.router_r1 import BUDGET_EXHAUSTED, CANDIDATE_INSTRUCTION, DEFAULT_ROUTER_PROMPT, STOPS
+from actors.router_r1 import Candidate, Completion, LoopSettings, Price, RouterFailed, RouterR1Loop
+from actors.router_r1 import extract_answer, information_block, parse_action, render_router_prompt, router_action_regex
 
 PROMPT = "<|user|>\nQuestion: q?\n<|assistant|>\n"
 

@@ -25,7 +25,8 @@ from actors.search import ShardSearcher, merge_topk
 
 from serve.config import LimitsConfig
 
-from ..errors import RequestError
+from ..batching import QueueFull
+from ..errors import RequestError, overloaded
 from .protocol import (
     EmbeddingData,
     EmbeddingRequest,
@@ -146,11 +147,23 @@ class RetrievalService:
         info = await self.encoder_info()
         self.check_expert(info, req.expert, f"unknown expert {req.expert!r}", "expert")
         item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
-        result = await self._submit(item)
+        result = await self._within_deadline(self._submit(item))
         if "error" in result:
             raise RequestError(result["error"], "expert", 404)
         result["timings_ms"]["total_ms"] = (time.perf_counter() - item.arrived) * 1e3
         return RetrieveResponse(query=query, policy=info["policy"], **result)
+
+    async def _within_deadline(self, awaitable):
+        """Every request answers within limits.request_timeout_s (504 past it) and is refused at
+        once (503 + Retry-After) when too many wait for a batch slot already."""
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return await awaitable
+        except TimeoutError:
+            raise RequestError(f"no answer within {self.limits.request_timeout_s:g} s (limits.request_timeout_s)",
+                               None, 504) from None
+        except QueueFull as exc:
+            raise overloaded(f"the service is at capacity ({exc}); retry later", self.limits.retry_after_s) from None
 
     async def retrieve_many(self, items: list[RetrieveItem]) -> list[dict]:
         """One encoder call and one call per shard for the whole batch."""
@@ -163,7 +176,11 @@ class RetrievalService:
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
-        parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards))
+        parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards), return_exceptions=True)
+        failed = [i for i, p in enumerate(parts) if isinstance(p, BaseException)]
+        if failed:  # never a silently partial result: the answer names the missing shards
+            raise overloaded(f"search shard(s) {failed} failed ({type(parts[failed[0]]).__name__}); "
+                             "no partial results are returned", self.limits.retry_after_s)
         scores, ids = merge_topk(list(parts), kmax)
         t2 = time.perf_counter()
         timings = {
@@ -213,7 +230,7 @@ class RetrievalService:
                 )
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
-        result = await self.encoder.embed(texts, expert or None)
+        result = await self._within_deadline(self.encoder.embed(texts, expert or None))
         vectors = np.asarray(result["embeddings"], dtype=np.float32)
         data = [
             EmbeddingData(

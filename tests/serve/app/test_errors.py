@@ -52,3 +52,17 @@ def test_unexpected_errors_and_routing_errors_are_json():
     assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["error"]["code"] == 405
     assert client.get("/nowhere").json()["error"]["code"] == 404
     assert [s for s, _ in client.seen] == [500, 405, 404]
+
+
+def test_a_full_deployment_behind_the_ingress_is_a_503_with_retry_after():
+    """A handle call to a deployment past its max_queued_requests raises Serve's BackPressureError:
+    answered 503 + Retry-After, not 500."""
+    from ray.serve.exceptions import BackPressureError
+
+    client = _app(BackPressureError(num_queued_requests=128, max_queued_requests=128, retry_after_s=2.5))
+    r = client.get("/boom")
+    assert r.status_code == 503 and r.headers["retry-after"] == "3" and "capacity" in r.json()["error"]["message"]
+    assert client.seen == [(503, "backpressure")]
+    client = _app(RequestError("busy", None, 503, headers={"Retry-After": "4"}))
+    r = client.get("/boom")
+    assert r.status_code == 503 and r.headers["retry-after"] == "4"

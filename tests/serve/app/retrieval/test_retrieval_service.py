@@ -294,3 +294,78 @@ def test_a_poison_request_fails_alone_in_a_batch(stack):
     assert isinstance(results[1], UnicodeEncodeError)
     assert [len(r.hits) for i, r in enumerate(results) if i != 1] == [2, 2, 2]
     assert calls[0] == 4 and sorted(calls[1:]) == [1, 1, 1, 1]  # one batch of 4, then each alone
+
+
+class _StuckShard(LocalShardClient):
+    async def search(self, queries, k):
+        await asyncio.Event().wait()  # never answers
+
+
+class _BrokenShard(LocalShardClient):
+    async def search(self, queries, k):
+        raise ConnectionError("replica died")
+
+
+def _service_with(stack, shard_cls, **limits):
+    base = stack["service"]
+    shards = list(base.shards)
+    shards[1] = shard_cls(shards[1].shard)
+    lim = LimitsConfig(**{**base.limits.model_dump(), **limits})
+    return RetrievalService(base.encoder, shards, base.docs, lim, "mini")
+
+
+def test_a_stuck_shard_answers_504_within_the_deadline(stack):
+    client = TestClient(create_app(_service_with(stack, _StuckShard, request_timeout_s=0.2)))
+    r = client.post("/v1/retrieve", json={"query": "protein", "top_k": 2})
+    assert r.status_code == 504 and r.json()["error"]["message"] == "no answer within 0.2 s (limits.request_timeout_s)"
+
+
+def test_a_failed_shard_is_a_503_naming_it_never_a_partial_result(stack):
+    client = TestClient(create_app(_service_with(stack, _BrokenShard)))
+    r = client.post("/v1/retrieve", json={"query": "protein", "top_k": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"].startswith("search shard(s) [1] failed (ConnectionError)")
+
+
+def test_requests_beyond_the_waiting_room_are_refused_at_once(stack):
+    """One request holds the only batch slot, one waits (max_waiting=1); the third is refused
+    with 503 + Retry-After instead of queueing."""
+    from serve.app.batching import GreedyBatcher
+    from serve.app.errors import RequestError
+
+    service = _service_with(stack, _StuckShard, request_timeout_s=30, retry_after_s=2)
+    batchers = []
+    service.enable_batching(lambda fn: batchers.append(GreedyBatcher(fn, 1, 1, 0.0, max_waiting=1)) or batchers[0])
+
+    async def main():
+        held = [asyncio.ensure_future(service.retrieve(RetrieveRequest(query="a")))]
+        while not batchers[0].batch_sizes:  # "a" holds the only slot (its shard never answers)
+            await asyncio.sleep(0.01)
+        held.append(asyncio.ensure_future(service.retrieve(RetrieveRequest(query="b"))))
+        while batchers[0]._queue.qsize() < 1:  # "b" waits
+            await asyncio.sleep(0.01)
+        try:
+            await service.retrieve(RetrieveRequest(query="c"))
+        except RequestError as exc:
+            return exc
+        finally:
+            for t in held:
+                t.cancel()
+
+    refused = asyncio.run(main())
+    assert refused.status == 503 and refused.headers == {"Retry-After": "2"} and "at capacity" in refused.message
+
+
+def test_bodies_over_the_limit_are_413_before_or_while_they_are_read(stack):
+    client = TestClient(create_app(stack["service"], max_body_bytes=2048))
+    big = json.dumps({"query": "x" * 4000})
+    r = client.post("/v1/retrieve", content=big, headers=JSON)
+    assert r.status_code == 413 and "limits.max_body_bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it streams
+        for i in range(0, len(big), 500):
+            yield big[i:i + 500].encode()
+
+    r = client.post("/v1/retrieve", content=chunks(), headers=JSON)
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+    assert client.post("/v1/retrieve", json={"query": "protein", "top_k": 1}).status_code == 200
