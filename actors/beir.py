@@ -28,16 +28,16 @@ class Doc:
         return f"{self.title}. {self.text}" if self.title else self.text
 
 
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one path component, never '.' or '..'
+
+
 def check_dataset_name(name: str) -> str:
     """A dataset name becomes a folder under the data dir: one plain path component, no
-    separators, not '.' or '..' (``--domain ../x`` or an absolute path never leaves the data dir)."""
-    if not DATASET_NAME.match(name or "") or name in (".", ".."):
+    separators (``--domain ../x`` or an absolute path never leaves the data dir)."""
+    if not DATASET_NAME.match(name or ""):
         raise DatasetError(f"invalid dataset name {name!r}: letters, digits, '.', '_' or '-', "
                            "starting with a letter or digit (a folder under the data dir)")
     return name
-
-
-DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:

@@ -316,6 +316,11 @@ class EngineError(RuntimeError):
         self.retryable = retryable
 
 
+def retryable(status: int) -> bool:
+    """A status worth retrying later (the ones the openai client retries itself)."""
+    return status in (408, 409, 429) or status >= 500
+
+
 def engine_error(exc: Exception, model_id: str, what: str) -> EngineError:
     """An ``openai`` client exception as an :class:`EngineError`: its kind and status only."""
     import openai
@@ -326,7 +331,7 @@ def engine_error(exc: Exception, model_id: str, what: str) -> EngineError:
         return EngineError(f"{model_id}: {what} unreachable", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         s = exc.status_code
-        return EngineError(f"{model_id}: {what} answered {s}", status=s, retryable=s in (408, 409, 429) or s >= 500)
+        return EngineError(f"{model_id}: {what} answered {s}", status=s, retryable=retryable(s))
     if isinstance(exc, openai.APIResponseValidationError):
         return EngineError(f"{model_id}: {what} returned an invalid response", status=exc.status_code)
     return EngineError(f"{model_id}: {what} failed ({type(exc).__name__})")
@@ -468,7 +473,7 @@ class RetrieverEngine:
         if r.status_code >= 400:
             # the status only: an upstream body never travels on to our clients
             raise EngineError(f"{self.model_id}: /v1/retrieve answered {r.status_code}", status=r.status_code,
-                              retryable=r.status_code in (408, 409, 429) or r.status_code >= 500)
+                              retryable=retryable(r.status_code))
         hits = r.json()["hits"]
         passages = [f"[{i + 1}] {h['title']}: {(h.get('text') or '')[: self.max_chars]}".strip() for i, h in enumerate(hits)]
         text = "\n".join(passages)

@@ -348,8 +348,11 @@ class RouterR1Loop:
     async def _call(self, cand: Candidate, query: str) -> Completion:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
         # as the call completes, and a cancelled request (client gone) would go on making paid calls
-        async with asyncio.timeout(cand.timeout_s or self.settings.call_timeout_s):
+        async with asyncio.timeout(self._timeout(cand)):
             return await cand.call(query)
+
+    def _timeout(self, cand: Candidate) -> float:
+        return cand.timeout_s or self.settings.call_timeout_s
 
     async def run(
         self, prompt: str, on_round: RoundEvent | None = None, budget: float | None = None,
@@ -445,7 +448,7 @@ class RouterR1Loop:
                 waited += time.perf_counter() - t0
                 full, _ = ledger.charge(which, c.price, c.worst_case(action.query))
                 rnd.cost += full
-                rnd.error = f"{which}: timed out after {c.timeout_s or self.settings.call_timeout_s:g} s (charged {full:.6f})"
+                rnd.error = f"{which}: timed out after {self._timeout(c):g} s (charged {full:.6f})"
                 continue
             except Exception as exc:  # noqa: BLE001 - a failed call is data for the router
                 waited += time.perf_counter() - t0

@@ -45,12 +45,12 @@ class GreedyBatcher(Generic[T, R]):
         self._queue: asyncio.Queue | None = None
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
-        self._carried = 0  # an item taken off the queue that did not fit the last batch: still waiting
+        self._carry = None  # an item taken off the queue that did not fit the last batch: still waiting
         self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for metrics and tests
 
     async def __call__(self, item: T) -> R:
         self._ensure_started()
-        waiting = self._queue.qsize() + self._carried
+        waiting = self._queue.qsize() + (self._carry is not None)
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are already waiting for a batch")
         fut = asyncio.get_running_loop().create_future()
@@ -65,11 +65,10 @@ class GreedyBatcher(Generic[T, R]):
 
     async def _form_batches(self) -> None:
         assert self._queue is not None and self._slots is not None
-        carry = None
         while True:
             await self._slots.acquire()
-            first = carry if carry is not None else await self._queue.get()
-            carry, self._carried = None, 0
+            first = self._carry if self._carry is not None else await self._queue.get()
+            self._carry = None
             batch, size = [first], self.size_fn(first[0])
             if self.batch_wait_timeout_s > 0 and self._queue.empty():
                 await asyncio.sleep(self.batch_wait_timeout_s)
@@ -77,7 +76,7 @@ class GreedyBatcher(Generic[T, R]):
                 nxt = self._queue.get_nowait()
                 n = self.size_fn(nxt[0])
                 if size + n > self.max_batch_size:
-                    carry, self._carried = nxt, 1
+                    self._carry = nxt
                     break
                 batch.append(nxt)
                 size += n

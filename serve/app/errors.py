@@ -51,17 +51,7 @@ class RequestError(Exception):
         self.headers = headers  # e.g. Retry-After on a 503 refusal
 
     def __reduce__(self):  # Exception pickles only ``args``; keep every field across Ray hops
-        return _rebuild, (type(self), self.message, self.param, self.status, self.extra, self.headers)
-
-    @property
-    def kind(self) -> str:
-        return "server_error" if self.status >= 500 else "invalid_request_error"
-
-
-def _rebuild(cls, message, param, status, extra, headers):
-    exc = cls.__new__(cls)
-    RequestError.__init__(exc, message, param, status, extra, headers)
-    return exc
+        return type(self), (self.message, self.param, self.status, self.extra, self.headers)
 
 
 def overloaded(message: str, retry_after_s: int) -> RequestError:
@@ -72,8 +62,9 @@ def overloaded(message: str, retry_after_s: int) -> RequestError:
 class EngineUnavailable(RequestError):
     """An LLM engine (router, or a candidate called directly) failed or is down: 503."""
 
-    def __init__(self, message: str, param: str | None = "model", status: int = 503, extra: dict | None = None):
-        super().__init__(message, param, status, extra)
+    def __init__(self, message: str, param: str | None = "model", status: int = 503, extra: dict | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, param, status, extra, headers)
 
 
 ERROR_RESPONSES = {r: {"model": ErrorResponse} for r in (404, 413, 422)}  # OpenAPI: the 4xx answers
@@ -109,14 +100,13 @@ def install_error_handlers(app: FastAPI, count: Callable[[Request, int, str], No
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         count(request, exc.status, exc.param or "request")
-        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers, exc.extra)
+        return error_response(exc.status, exc.message, exc.param, headers=exc.headers, extra=exc.extra)
 
     @app.exception_handler(BackPressureError)
     async def _back_pressure(request: Request, exc: BackPressureError):  # a deployment behind us is full
         count(request, 503, "backpressure")
-        retry = getattr(exc, "retry_after_s", None)
-        return error_response(503, "the service is at capacity; retry later", None, "server_error",
-                              {"Retry-After": str(math.ceil(retry or 1))})
+        refusal = overloaded("the service is at capacity; retry later", math.ceil(getattr(exc, "retry_after_s", None) or 1))
+        return error_response(refusal.status, refusal.message, headers=refusal.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

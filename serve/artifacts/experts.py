@@ -4,7 +4,8 @@
     <experts.dir>/pilots.npz           pilot embeddings with the expert and domain of each, and the rule
     <experts.dir>/multitask/           the multi-task baseline adapter (evaluation only)
 
-Read by the online builder and by the offline pipelines; writes nothing.
+Read by the online builder and by the offline pipelines; writes nothing but the crash recovery
+of serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
 """
 
 from __future__ import annotations

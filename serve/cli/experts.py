@@ -23,17 +23,15 @@ def experts_train(
     data_dir: Optional[Path] = DataOpt,
 ):
     """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched)."""
-    from actors.beir import check_dataset_name
-    from serve.artifacts.experts import check_expert_name
     from serve.deploy.cluster import ensure_ray
-    from serve.offline.training import train_domain_expert
+    from serve.offline.training import check_domain, train_domain_expert
 
     cfg = _load(config, set_)
     if steps is not None:
         cfg.experts.training.steps = steps
     ddir = _data_dir(cfg, data_dir)
-    try:  # the domain names a folder of the data dir and of the expert store
-        check_expert_name(check_dataset_name(domain))
+    try:  # before Ray starts
+        check_domain(domain)
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)

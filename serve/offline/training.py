@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.beir import dataset_dir, file_sha256
+from actors.beir import check_dataset_name, dataset_dir, file_sha256
 from actors.encoder import EncoderEngine
 from actors.expert_training import (
     AdapterTrainSettings,
@@ -44,6 +44,11 @@ from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_que
 from .pilots import build_pilots
 
 logger = logging.getLogger(__name__)
+
+
+def check_domain(domain: str) -> str:
+    """A domain names a dataset folder under the data dir and its expert's adapter folder."""
+    return check_expert_name(check_dataset_name(domain))
 
 
 def dev_scorer(domain: str, dev_examples: list, corpus):
@@ -81,7 +86,7 @@ def train_domain_expert(
     """
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
-    check_expert_name(domain)  # the domain names the expert's folder
+    check_domain(domain)
     train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
     corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)

@@ -178,7 +178,7 @@ class ChatService:
             try:
                 response = self._router_response(req, task.result())
             except RequestError as exc:
-                yield _sse(error_body(exc.status, exc.message, exc.param, exc.kind, exc.extra))
+                yield _sse(error_body(exc.status, exc.message, exc.param, extra=exc.extra))
                 yield "data: [DONE]\n\n"
                 return
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": response.created, "model": req.model,

@@ -149,7 +149,7 @@ class RetrievalService:
         item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
         result = await self._within_deadline(self._submit(item))
         if "error" in result:
-            raise RequestError(result["error"], "expert", 404)
+            raise result["error"]
         result["timings_ms"]["total_ms"] = (time.perf_counter() - item.arrived) * 1e3
         return RetrieveResponse(query=query, policy=info["policy"], **result)
 
@@ -166,21 +166,24 @@ class RetrievalService:
             raise overloaded(f"the service is at capacity ({exc}); retry later", self.limits.retry_after_s) from None
 
     async def retrieve_many(self, items: list[RetrieveItem]) -> list[dict]:
-        """One encoder call and one call per shard for the whole batch."""
+        """One encoder call and one call per shard for the whole batch. A failure that is not one
+        item's fault (a shard down) comes back as each item's ``error`` instead of raising, so the
+        batcher does not retry the batch item by item against the same outage."""
         t0 = time.perf_counter()
         routed = await self.encoder.route_and_encode(
             {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
         )
         if "error" in routed:
-            return [{"error": routed["error"]} for _ in items]
+            return [{"error": RequestError(routed["error"], "expert", 404)} for _ in items]
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
         parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards), return_exceptions=True)
         failed = [i for i, p in enumerate(parts) if isinstance(p, BaseException)]
         if failed:  # never a silently partial result: the answer names the missing shards
-            raise overloaded(f"search shard(s) {failed} failed ({type(parts[failed[0]]).__name__}); "
-                             "no partial results are returned", self.limits.retry_after_s)
+            error = overloaded(f"search shard(s) {failed} failed ({type(parts[failed[0]]).__name__}); "
+                               "no partial results are returned", self.limits.retry_after_s)
+            return [{"error": error} for _ in items]
         scores, ids = merge_topk(list(parts), kmax)
         t2 = time.perf_counter()
         timings = {
