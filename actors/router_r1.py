@@ -19,7 +19,10 @@ The released checkpoints were trained on this token stream, so the loop reproduc
 Beyond upstream: a hard per-request budget (a call whose worst-case cost would pass it is not
 made; the router is told so inside ``<information>`` and its next generation is the last), a
 fallback candidate for failed calls, a cap on generations (so invalid actions cannot loop
-forever), and a trace of every round. The loop is engine-agnostic: it takes a ``generate``
+forever), a trace of every round, and bounds on the whole request: a generation cut by the token
+cap inside an open ``<answer>`` ends the loop with that text (``stopped="answer_truncated"``), the
+request's ``max_tokens`` caps the router's tokens over all its generations, and a deadline
+(``LoopSettings.deadline_s``) cancels whatever is running and reports what was spent. The loop is engine-agnostic: it takes a ``generate``
 coroutine for the router and a ``call`` coroutine per candidate (Serve handles in deployment,
 plain engines in tests and the CLI).
 """
@@ -147,6 +150,14 @@ def parse_action(text: str) -> Action:
     return Action("search", content, model=model, query=query)
 
 
+def truncated_answer(text: str, finish_reason: str) -> str | None:
+    """The text after an ``<answer>`` that a generation opened and never closed because it hit
+    its token cap; None otherwise (a closed answer, or a generation that stopped on its own)."""
+    if finish_reason != "length" or "<answer>" not in text or ACTION_RE.search(text):
+        return None
+    return text.rsplit("<answer>", 1)[1].strip()
+
+
 def extract_answer(generated: str) -> str | None:
     """The LAST <answer>…</answer> of the generated part (never the prompt), stripped."""
     found = ANSWER_RE.findall(generated)
@@ -239,10 +250,11 @@ class Round:
     router_completion_tokens: int
     router_latency_s: float
     action: str  # search | answer | invalid | none
+    finish_reason: str = "stop"  # the router generation's: stop | length
     candidate: str | None = None  # resolved configured name (or the name as written if unknown)
     sub_query: str | None = None
     reply: str | None = None
-    status: str | None = None  # ok | fallback | failed | unknown_model | over_budget | not_executed
+    status: str | None = None  # ok | fallback | failed | unknown_model | over_budget | not_executed | cancelled
     prompt_tokens: int = 0  # candidate call
     completion_tokens: int = 0
     cost: float = 0.0
@@ -283,7 +295,7 @@ class RouterR1Result:
     ledger: Ledger
     budget: float | None
     route_calls: int
-    stopped: str  # answer | no_answer | budget | router_failed (RouterFailed.result only)
+    stopped: str  # answer | answer_truncated | no_answer | budget | max_tokens; in RouterFailed.result: router_failed | deadline
     latency_s: float
 
     @property
@@ -314,6 +326,14 @@ class LoopSettings:
     budget: float | None = None  # per request, in the candidates' currency (full cost)
     fallback: str | None = None  # candidate tried once when a call fails
     call_timeout_s: float = 60.0
+    deadline_s: float | None = None  # the whole loop of one request; past it RouterFailed(TimeoutError)
+
+
+async def _report(on_round: "RoundEvent | None", rnd: Round) -> None:
+    if on_round is not None:
+        maybe = on_round(rnd)
+        if asyncio.iscoroutine(maybe):
+            await maybe
 
 
 RouterGenerate = Callable[[str, Sequence[str], int, float, bool], Awaitable[Completion]]
@@ -356,39 +376,72 @@ class RouterR1Loop:
 
     async def run(
         self, prompt: str, on_round: RoundEvent | None = None, budget: float | None = None,
-        max_route_calls: int | None = None,
+        max_route_calls: int | None = None, max_tokens: int | None = None,
     ) -> RouterR1Result:
         """``prompt``: the templated router prompt (chat template applied, generation prompt added).
-        ``budget`` / ``max_route_calls``: this request's own limits (the call cap can only lower
-        the configured one)."""
+        ``budget`` / ``max_route_calls`` / ``max_tokens``: this request's own limits (the call cap
+        can only lower the configured one; ``max_tokens`` caps the router's completion tokens over
+        all its generations). Raises ``RouterFailed`` (with what was spent) when the router's
+        generation fails or the loop passes ``settings.deadline_s``."""
         s = self.settings
-        budget = s.budget if budget is None else budget
+        state = RouterR1Result(
+            None, "", prompt, [], Ledger(currency=next(iter(self.candidates.values())).price.currency if self.candidates else "USD"),
+            s.budget if budget is None else budget, 0, "no_answer", 0.0,
+        )
         call_cap = s.max_route_calls if max_route_calls is None else min(max_route_calls, s.max_route_calls)
         t_start = time.perf_counter()
-        generated = ""
-        rounds: list[Round] = []
-        ledger = Ledger(currency=next(iter(self.candidates.values())).price.currency if self.candidates else "USD")
-        calls = 0
+        deadline = asyncio.timeout(s.deadline_s)
+        try:
+            async with deadline:
+                await self._rounds(state, on_round, call_cap, max_tokens)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            state.stopped, state.latency_s = "deadline", time.perf_counter() - t_start
+            raise RouterFailed(TimeoutError(f"the loop passed its deadline of {s.deadline_s:g} s"), state) from exc
+        except RouterFailed as exc:
+            exc.result.latency_s = time.perf_counter() - t_start
+            raise
+        state.latency_s = time.perf_counter() - t_start
+        return state
+
+    async def _rounds(self, state: RouterR1Result, on_round: RoundEvent | None, call_cap: int,
+                      max_tokens: int | None) -> None:
+        """The generations of one request; fills ``state`` as it goes (so a deadline or a router
+        failure still reports every round and every charge made so far)."""
+        s = self.settings
+        prompt, rounds, ledger, budget = state.prompt, state.rounds, state.ledger, state.budget
         may_route = True
         for index in range(s.max_generations):
             # the last generation may not route: after max_route_calls, after a budget refusal, and
             # at the generation cap (so a constrained router still ends with an answer)
-            last = not may_route or calls >= call_cap or index == s.max_generations - 1
+            last = not may_route or state.route_calls >= call_cap or index == s.max_generations - 1
+            room = s.max_new_tokens
+            if max_tokens is not None:
+                room = min(room, max_tokens - ledger.router_completion_tokens)
+                if room <= 0:
+                    state.stopped = "max_tokens"
+                    return
             t0 = time.perf_counter()
             try:
-                out = await self.generate(prompt + generated, STOPS, s.max_new_tokens, s.temperature, not last)
+                out = await self.generate(prompt + state.generated, STOPS, room, s.temperature, not last)
             except Exception as exc:  # noqa: BLE001 - re-raised with what was already spent
-                partial = RouterR1Result(None, generated, prompt, rounds, ledger, budget, calls, "router_failed",
-                                         time.perf_counter() - t_start)
-                raise RouterFailed(exc, partial) from exc
+                state.stopped = "router_failed"
+                raise RouterFailed(exc, state) from exc
             t1 = time.perf_counter()
             text, _ = cut_at_stop(out.text, STOPS)  # an engine that ran past its stop string is cut back
-            generated += text
+            state.generated += text
             ledger.router_prompt_tokens += out.prompt_tokens
             ledger.router_completion_tokens += out.completion_tokens
             action = parse_action(text)
-            rnd = Round(index, text, out.prompt_tokens, out.completion_tokens, t1 - t0, action.kind)
+            rnd = Round(index, text, out.prompt_tokens, out.completion_tokens, t1 - t0, action.kind, out.finish_reason)
             rounds.append(rnd)
+            cut = truncated_answer(text, out.finish_reason)
+            if cut is not None:  # the answer ran into the token cap: end here with what it wrote
+                rnd.action, rnd.error = "answer", "answer cut at the token cap"
+                state.answer, state.stopped = cut, "answer_truncated"
+                await _report(on_round, rnd)
+                return
             if action.kind == "answer":
                 pass
             elif action.kind == "invalid":
@@ -398,29 +451,21 @@ class RouterR1Loop:
             else:
                 t_call = await self._route(action, rnd, ledger, budget)
                 if rnd.status != "over_budget":
-                    calls += 1
+                    state.route_calls += 1
                 else:
                     may_route = False
-                generated += information_block(BUDGET_EXHAUSTED if rnd.status == "over_budget" else rnd.reply)
+                state.generated += information_block(BUDGET_EXHAUSTED if rnd.status == "over_budget" else rnd.reply)
                 rnd.controller_s = (time.perf_counter() - t1) - t_call
             if rnd.controller_s == 0.0:
                 rnd.controller_s = time.perf_counter() - t1
-            if on_round is not None:
-                maybe = on_round(rnd)
-                if asyncio.iscoroutine(maybe):
-                    await maybe
+            await _report(on_round, rnd)
             if action.kind == "answer" or last:
                 break
-        answer = extract_answer(generated)
-        if answer is not None:
-            stopped = "answer"
+        state.answer = extract_answer(state.generated)
+        if state.answer is not None:
+            state.stopped = "answer"
         elif not may_route:
-            stopped = "budget"
-        else:
-            stopped = "no_answer"
-        return RouterR1Result(
-            answer, generated, prompt, rounds, ledger, budget, calls, stopped, time.perf_counter() - t_start
-        )
+            state.stopped = "budget"
 
     async def _route(self, action: Action, rnd: Round, ledger: Ledger, budget: float | None) -> float:
         """Make (or refuse) one route call; fills ``rnd``; returns seconds spent waiting on calls."""
@@ -444,6 +489,11 @@ class RouterR1Loop:
             t0 = time.perf_counter()
             try:
                 completion = await self._call(c, action.query)
+            except asyncio.CancelledError:  # the request's deadline or its client gone, mid-call:
+                full, _ = ledger.charge(which, c.price, c.worst_case(action.query))  # it may still be billed
+                rnd.cost, rnd.status, rnd.latency_s = rnd.cost + full, "cancelled", waited + time.perf_counter() - t0
+                rnd.error = f"{which}: cancelled mid-call (charged {full:.6f})"
+                raise
             except TimeoutError:  # it may have run (and been billed) to the end: charged at its worst case
                 waited += time.perf_counter() - t0
                 full, _ = ledger.charge(which, c.price, c.worst_case(action.query))

@@ -45,6 +45,10 @@ from .settings import (
 )
 
 
+def chat_model_names(llm) -> list[str]:
+    return ([llm.router.served_name] if llm.router else []) + [c.name for c in llm.candidates]
+
+
 def build_chat(cfg: RouterServeConfig, options: dict[str, dict]):
     """The Router-R1 half: one deployment per LLM engine and the controller over them."""
     llm = cfg.llm
@@ -86,6 +90,7 @@ def build_app(args: dict[str, Any]) -> Application:
             policy=cfg.experts.policy,
             base_model_ref=cfg.model.ref,
             batching=d.encoder_batching,
+            stuck_after_s=cfg.limits.stuck_after_s,
         )
     )
     shards = [
@@ -93,6 +98,7 @@ def build_app(args: dict[str, Any]) -> Application:
             settings=ShardDeploymentSettings(
                 index_path=str(folder / entry.file), offset=entry.offset,
                 use_gpu=cfg.search.use_gpu, num_threads=cfg.search.num_threads,
+                stuck_after_s=cfg.limits.stuck_after_s,
             )
         )
         for i, entry in enumerate(manifest.shards)
@@ -102,8 +108,10 @@ def build_app(args: dict[str, Any]) -> Application:
             docs_path=str(Path(folder).parent / DOCS_FILE),
             limits=cfg.limits,
             served_name=cfg.model.served_name,
+            dim=manifest.dim,
             batching=d.ingress_batching,
             api_keys_env=cfg.http.api_keys_env,
+            chat_models=chat_model_names(cfg.llm) if cfg.llm.enabled else [],
         ),
         encoder=encoder,
         shards=shards,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from actors.encoder import EncoderEngine
@@ -32,6 +33,8 @@ from .batching import GreedyBatcher
 from .chat.llm_pool import chat_template, load_tokenizers, make_engine, prompt_counters
 from .chat.protocol import ChatCompletionRequest
 from .chat.service import ChatService
+from .errors import overloaded
+from .health import InFlight
 from .ingress import api_keys_from_env, create_app
 from .metrics import Metrics, record_routing
 from .retrieval.service import RetrievalService
@@ -57,10 +60,13 @@ class ExpertEncoderDeployment:
         self.base_model_ref = s.base_model_ref
         self._batched = _batcher(self._run_batch, s.batching, size_fn=lambda request: len(request["queries"]))
         self.metrics = Metrics()
+        self.in_flight = InFlight()
+        self.stuck_after_s = s.stuck_after_s
 
     async def _run_batch(self, requests: list[dict]) -> list[dict]:
         # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
-        results = await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+        with self.in_flight.track():
+            results = await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
         queries = sum(len(r["queries"]) for r in requests)
         self.metrics.observe("routerserve_encoder_batch_size", queries, stage="route")
         for result in results:
@@ -72,9 +78,14 @@ class ExpertEncoderDeployment:
         return await self._batched(request)
 
     async def embed(self, texts: list[str], expert: str | None) -> dict:
-        vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
+        with self.in_flight.track():
+            vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
         self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
         return {"embeddings": vectors, "tokens": tokens}
+
+    def check_health(self) -> None:
+        """Serve's health check: fails when a torch call has been running past limits.stuck_after_s."""
+        self.in_flight.check(ENCODER, self.stuck_after_s)
 
     def info(self) -> dict:
         return encoder_info(self.encoder, self.base_model_ref)
@@ -89,40 +100,57 @@ class SearchShardDeployment:
         self.shard = ShardSearcher(s.index_path, s.offset, use_gpu=s.use_gpu, num_threads=s.num_threads)
         self.label = Path(s.index_path).stem
         self.metrics = Metrics()
+        self.in_flight = InFlight()
+        self.stuck_after_s = s.stuck_after_s
 
     async def search(self, queries: np.ndarray, k: int):
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.shard.search, queries, k)
+        with self.in_flight.track():
+            out = await asyncio.to_thread(self.shard.search, queries, k)
         self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label)
         return out
+
+    def check_health(self) -> None:
+        """Serve's health check: fails when a FAISS search has been running past limits.stuck_after_s."""
+        self.in_flight.check(f"search shard {self.label}", self.stuck_after_s)
 
     def info(self) -> dict:
         return self.shard.info()
 
 
-class _HandleEncoderClient:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+class _ReplicaCalls:
+    """Calls to a deployment through its handle. A replica that dies or is unreachable while it
+    holds the call (Ray's RayActorError: killed, crashed, node lost) is a 503 + Retry-After naming
+    the deployment — Serve is replacing it, a retry will find another — never a 500."""
 
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int):
+        self.handle, self.retry_after_s = handle, retry_after_s
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayActorError as exc:
+            raise overloaded(f"a {self.handle.deployment_name} replica was lost during the call ({type(exc).__name__}); "
+                             "retry", self.retry_after_s) from None
+
+
+class _HandleEncoderClient(_ReplicaCalls):
     async def route_and_encode(self, request: dict) -> dict:
-        return await self.handle.route_and_encode.remote(request)
+        return await self._call("route_and_encode", request)
 
     async def embed(self, texts, expert):
-        return await self.handle.embed.remote(texts, expert)
+        return await self._call("embed", texts, expert)
 
     async def info(self) -> dict:
-        return await self.handle.info.remote()
+        return await self._call("info")
 
 
-class _HandleShardClient:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
-
+class _HandleShardClient(_ReplicaCalls):
     async def search(self, queries, k):
-        return await self.handle.search.remote(queries, k)
+        return await self._call("search", queries, k)
 
     async def info(self) -> dict:
-        return await self.handle.info.remote()
+        return await self._call("info")
 
 
 @serve.deployment(name=INGRESS)
@@ -142,14 +170,15 @@ class RetrievalIngress:
         self.api_keys = api_keys_from_env(s.api_keys_env)  # fails the replica start when the variable is missing
         self.max_body_bytes = s.limits.max_body_bytes
         self.service = RetrievalService(
-            _HandleEncoderClient(encoder),
-            [_HandleShardClient(h) for h in shards],
+            _HandleEncoderClient(encoder, s.limits.retry_after_s),
+            [_HandleShardClient(h, s.limits.retry_after_s) for h in shards],
             DocStore(s.docs_path),
             s.limits,
             s.served_name,
+            s.dim,
         )
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting))
-        self.chat = _HandleChatClient(chat) if chat is not None else None
+        self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, self.chat, Metrics(), self.api_keys, self.max_body_bytes)
@@ -230,8 +259,8 @@ class RouterR1ControllerDeployment:
 
 
 class _HandleChatClient:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, model_names: list[str]):
+        self.handle, self.model_names = handle, model_names
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         return await self.handle.chat.remote(req.model_dump())

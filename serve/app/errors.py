@@ -67,7 +67,26 @@ class EngineUnavailable(RequestError):
         super().__init__(message, param, status, extra, headers)
 
 
-ERROR_RESPONSES = {r: {"model": ErrorResponse} for r in (404, 413, 422)}  # OpenAPI: the 4xx answers
+_ERROR_MEANINGS = {
+    401: "missing or invalid API key (only when http.api_keys_env is set)",
+    404: "unknown model or expert",
+    413: "request body over limits.max_body_bytes",
+    422: "the request does not match this schema (the field is named in error.param)",
+    503: "overloaded, or a replica behind the ingress failed: retry after Retry-After seconds",
+    504: "no answer within the deadline (limits.request_timeout_s; llm.router.request_timeout_s for Router-R1)",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` for the error answers an endpoint gives: each the JSON error body;
+    a 503 also declares its Retry-After header."""
+    out: dict[int, dict] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]}
+        if status == 503:
+            out[status]["headers"] = RETRY_AFTER
+    return out
 
 
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None,
@@ -85,10 +104,14 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """'field: problem; …' and the first offending field, from FastAPI's validation errors."""
     parts, param = [], None
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc) or "body"
+        where = ""
+        for p in err.get("loc", ()):
+            if p != "body" and (where or not isinstance(p, int)):  # ("body", 0): the body itself
+                where += f"[{p}]" if isinstance(p, int) else f".{p}" if where else str(p)
+        where = where or "body"
         param = param or where
-        msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        msg = {"extra_forbidden": "unknown field", "string_pattern_mismatch": "must not be blank"}.get(
+            err.get("type"), err.get("msg", "invalid"))
         msg = msg.removeprefix("Value error, ")  # our validators' messages, as written
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "invalid request", param
@@ -116,6 +139,9 @@ def install_error_handlers(app: FastAPI, count: Callable[[Request, int, str], No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body: the same answer as malformed JSON
+            count(request, 422, "validation")
+            return error_response(422, "body: not valid JSON (it must be UTF-8 text)", "body")
         count(request, exc.status_code, "http")
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hmac
 import os
 
+from typing import Literal
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 from .chat.router import ChatClient, chat_router
 from .errors import error_response, install_error_handlers
@@ -64,6 +67,32 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class HealthStatus(BaseModel):
+    """/healthz: ``ok`` (200) when every part answers, else ``unavailable`` (503) with the reason;
+    the other keys describe the parts (documents, experts, shards, LLM engines)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok", "unavailable"]
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """With API keys on, the OpenAPI spec says so: a bearer scheme on every path but /healthz."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = build()
+            spec.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            for path, ops in spec.get("paths", {}).items():
+                if path != "/healthz":
+                    for op in ops.values():
+                        op["security"] = [{"apiKey": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None,
                api_keys: frozenset[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """``metrics``: a serve.app.metrics.Metrics (inside the ingress replica) counting error answers
@@ -95,6 +124,8 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
                                           None, "authentication_error")
             return await call_next(request)
 
+        _declare_bearer_auth(app)
+
     install_error_handlers(app, count)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if service is not None:
@@ -102,7 +133,7 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
     if chat is not None:
         app.include_router(chat_router(chat))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=HealthStatus, responses={503: {"model": HealthStatus, "description": "not ready"}})
     async def healthz():
         ok, detail = True, {}
         if service is not None:

@@ -65,6 +65,7 @@ class EncoderDeploymentSettings(_Settings):
     policy: str
     base_model_ref: str
     batching: BatchConfig
+    stuck_after_s: float  # limits.stuck_after_s: the health check fails past it (serve.app.health)
 
 
 class ShardDeploymentSettings(_Settings):
@@ -74,6 +75,7 @@ class ShardDeploymentSettings(_Settings):
     offset: int
     use_gpu: str
     num_threads: int | None
+    stuck_after_s: float  # limits.stuck_after_s
 
 
 class IngressSettings(_Settings):
@@ -82,8 +84,10 @@ class IngressSettings(_Settings):
     docs_path: str
     limits: LimitsConfig
     served_name: str
+    dim: int  # the index's embedding size, declared in the API's request models
     batching: BatchConfig
     api_keys_env: str | None = None
+    chat_models: list[str] = []  # the served chat model names (router, candidates): the spec's examples
 
 
 class EngineDeploymentSettings(_Settings):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, StrictStr
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, StrictInt, StrictStr, StringConstraints, Tag
 
 
 def utf8_text(value: str) -> str:
@@ -17,5 +17,40 @@ def utf8_text(value: str) -> str:
     return value
 
 
-Text = Annotated[StrictStr, AfterValidator(utf8_text)]  # strict: a number is not text
+# "not blank": a character other than space, tab, CR, LF. Explicit, so that the JSON Schema
+# regex (ECMA-262), pydantic's engine and the fuzzers' generators all mean the same thing.
+NOT_BLANK = r"[^ \t\r\n]"
+Text = Annotated[StrictStr, AfterValidator(utf8_text)]
+
+
+def _whole_float_to_int(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's "integer": 11 and 11.0 are the same number; "11" (a string) and true are not integers
+Integer = Annotated[StrictInt, BeforeValidator(_whole_float_to_int)]
+
+
+def integer(**bounds):
+    """``Integer`` with bounds (``ge``, ``le``) that show in the JSON Schema also inside a union."""
+    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_whole_float_to_int)]  # strict: a number is not text
 LaxText = Annotated[str, AfterValidator(utf8_text)]
+
+
+def _utf8_if_text(value):
+    return utf8_text(value) if isinstance(value, str) else value
+
+
+def query_text(max_chars: int | None = None):
+    """Text that is not blank and at most ``max_chars`` characters: declared in the JSON Schema
+    (minLength, maxLength, pattern) and enforced by the same constraints."""
+    return Annotated[StrictStr, StringConstraints(min_length=1, max_length=max_chars, pattern=NOT_BLANK),
+                     BeforeValidator(_utf8_if_text)]  # before: the pattern engine cannot read a surrogate
+
+
+def one_or_many(item, max_items: int | None = None):
+    """``item`` or a non-empty list of at most ``max_items`` of them (OpenAI's ``input``): oneOf in
+    the JSON Schema; a validation error names the branch the value took ("text" or "texts")."""
+    many = Annotated[list[item], Field(min_length=1, max_length=max_items)]
+    return Annotated[Annotated[item, Tag("text")] | Annotated[many, Tag("texts")],
+                     Discriminator(lambda v: "texts" if isinstance(v, list) else "text")]

@@ -136,6 +136,9 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one retrieval/embedding request (504 past it)")
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot in one ingress replica; more: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of our own 503 refusals")
+    stuck_after_s: float = Field(
+        60.0, gt=0, description="an encoder or shard replica whose oldest batch/search has run longer fails its "
+        "Serve health check and is replaced (a wedged torch/FAISS call never ends on its own)")
 
 
 class BatchConfig(_Strict):

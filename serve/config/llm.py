@@ -90,6 +90,8 @@ class RouterConfig(_Strict):
     budget: float | None = Field(None, gt=0, description="default hard budget per request (candidates' currency)")
     fallback: str | None = Field(None, description="candidate tried once when a call fails")
     timeout_s: float = Field(120.0, gt=0, description="deadline of each router generation (a miss is a 503 with the ledger)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="deadline of one request's whole Router-R1 loop (a miss cancels what runs: 504 with the ledger)")
 
 
 class LLMConfig(_Strict):

@@ -288,3 +288,67 @@ def test_a_router_failure_keeps_what_was_spent():
     assert isinstance(info.value.cause, ConnectionError) and spent.stopped == "router_failed"
     assert spent.ledger.calls == {"Alpha": 1} and spent.ledger.cost > 0 and spent.ledger.router_prompt_tokens == 5
     assert [r.status for r in spent.rounds] == ["ok"]
+
+
+def test_an_answer_cut_by_the_token_cap_ends_the_loop_with_what_it_wrote():
+    """The finding: the router opened <answer>, hit its token cap, and the loop generated the same
+    truncated text again, 10 times. Now that generation ends the request with its text, and the
+    round says it was cut. Before: 10 generations and no answer."""
+    gen, asked = router(lambda p: "<think>short</think> <answer>The Seine river flows through Paris and also")
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=6, max_generations=10)))
+    assert len(asked) == 1
+    assert result.stopped == "answer_truncated" and result.answer == "The Seine river flows through"
+    assert result.rounds[0].finish_reason == "length" and result.rounds[0].error == "answer cut at the token cap"
+    # a generation that closes its answer, or stops on its own with one open, is not "cut"
+    gen, asked = router(lambda p: "<answer>open but stopped")
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=50, max_generations=3)))
+    assert len(asked) == 3 and result.stopped == "no_answer" and result.rounds[0].finish_reason == "stop"
+
+
+def test_a_search_cut_by_the_token_cap_is_an_invalid_action_and_the_loop_goes_on():
+    gen, asked = router(["<search>Alpha:a very long sub query that", "<answer>x</answer>"])
+    alpha, engine = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_new_tokens=4)))
+    assert engine.calls == [] and result.rounds[0].action == "invalid" and result.rounds[0].finish_reason == "length"
+    assert result.answer == "x" and result.stopped == "answer"
+
+
+def test_the_requests_max_tokens_bounds_the_routers_tokens_over_all_generations():
+    gen, asked = router(lambda p: "one two three four five six seven eight nine ten")  # never acts
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=4, max_generations=10)), max_tokens=10)
+    assert [a["max"] for a in asked] == [4, 4, 2]  # the last generation gets only what is left
+    assert result.ledger.router_completion_tokens == 10 and result.stopped == "max_tokens"
+    assert result.answer is None
+
+
+def test_the_loop_deadline_cancels_the_call_in_flight_and_reports_what_was_spent():
+    """Past LoopSettings.deadline_s the running candidate call is cancelled (no call outlives the
+    request), charged at its worst case, and RouterFailed carries every round so far."""
+    gen, asked = router(lambda p: "<search>Slow:q</search>")
+    events = []
+
+    async def slow(query):
+        events.append("called")
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    cand = Candidate("Slow", Price(1.0, 2.0), slow, max_tokens=10, timeout_s=3600)
+    with pytest.raises(RouterFailed) as info:
+        run(RouterR1Loop(gen, {"Slow": cand}, LoopSettings(deadline_s=0.2)))
+    spent = info.value.result
+    assert isinstance(info.value.cause, TimeoutError) and spent.stopped == "deadline"
+    assert events == ["called", "cancelled"] and len(asked) == 1
+    assert spent.rounds[0].status == "cancelled" and spent.ledger.cost == pytest.approx(cand.worst_case_cost("q"))
+    assert 0.2 <= spent.latency_s < 2
+
+
+def test_the_deadline_also_cuts_a_router_generation_that_never_ends():
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
+        await asyncio.sleep(3600)
+
+    with pytest.raises(RouterFailed) as info:
+        run(RouterR1Loop(generate, {}, LoopSettings(deadline_s=0.1)))
+    assert info.value.result.stopped == "deadline" and info.value.result.rounds == []

@@ -8,11 +8,25 @@ left) in the response and in streamed chunks.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import re
 
-from ..validation import LaxText
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, field_validator
+
+from ..validation import NOT_BLANK, LaxText, integer
+
+# "at least one user message with text that is not blank", as JSON Schema (``contains``) and as code
+_NOT_BLANK_TEXT = {"type": "string", "pattern": NOT_BLANK}
+HAS_USER_TEXT = {
+    "type": "object",
+    "properties": {
+        "role": {"const": "user"},
+        "content": {"anyOf": [_NOT_BLANK_TEXT, {"type": "array", "contains": {
+            "type": "object", "properties": {"text": _NOT_BLANK_TEXT}, "required": ["text"]}}]},
+    },
+    "required": ["role", "content"],
+}
 
 
 class _Strict(BaseModel):
@@ -35,8 +49,13 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
+def has_user_text(m: ChatMessage) -> bool:
+    parts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content]
+    return any(re.search(NOT_BLANK, p) for p in parts)
+
+
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -44,24 +63,26 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: LaxText = Field(..., min_length=1, max_length=128)
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0, le=2)
-    stream: bool = False
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256, json_schema_extra={"contains": HAS_USER_TEXT},
+                                        description="at least one user message whose text is not blank")
+    # strict types: JSON's types as the schema states them (true is not 1, "5" is not 5)
+    max_tokens: integer(ge=1, le=32768) | None = None
+    max_completion_tokens: integer(ge=1, le=32768) | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = Field(None, max_length=256)
-    budget: float | None = Field(None, gt=0, description="routerserve: hard cost cap for this request")
-    max_route_calls: int | None = Field(
-        None, ge=0, le=32, description="routerserve: at most this many route calls (≤ the server's cap); 0 = the router answers alone"
+    n: integer(ge=1, le=1) = 1
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None
+    budget: Annotated[StrictFloat, Field(gt=0)] | None = Field(None, description="routerserve: hard cost cap for this request")
+    max_route_calls: integer(ge=0, le=32) | None = Field(
+        None, description="routerserve: at most this many route calls (≤ the server's cap); 0 = the router answers alone"
     )
 
     @field_validator("messages")
     @classmethod
     def _has_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.role == "user" and m.text().strip() for m in value):
-            raise ValueError("needs at least one non-empty user message")
+        if not any(m.role == "user" and has_user_text(m) for m in value):
+            raise ValueError("needs at least one user message whose text is not blank")
         return value
 
     def token_limit(self) -> int | None:
@@ -97,7 +118,7 @@ class RoutingInfo(BaseModel):
     currency: str = "USD"
     budget: float | None = None
     budget_left: float | None = None
-    stopped: str = "answer"
+    stopped: str = "answer"  # answer | answer_truncated | no_answer | budget | max_tokens (errors: router_failed | deadline)
     candidate_tokens: dict[str, int] = Field(default_factory=dict)
     router_tokens: dict[str, int] = Field(default_factory=dict)
     latency_s: float = 0.0

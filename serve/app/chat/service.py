@@ -45,6 +45,7 @@ from .protocol import (
     ResponseMessage,
     RoutingInfo,
     Usage,
+    has_user_text,
 )
 
 
@@ -99,6 +100,7 @@ class ChatService:
                     max_generations=r.max_generations,
                     budget=r.budget,
                     fallback=self.by_lower[r.fallback.lower()].name if r.fallback else None,
+                    deadline_s=r.request_timeout_s,
                     # each candidate's own timeout_s is on its Candidate
                 ),
             )
@@ -210,14 +212,19 @@ class ChatService:
             return
 
     async def _run_router(self, req: ChatCompletionRequest, on_round=None) -> RouterR1Result:
-        question = next(m.text() for m in reversed(req.messages) if m.role == "user" and m.text().strip())
+        question = next(m.text() for m in reversed(req.messages) if m.role == "user" and has_user_text(m))
         prompt = self.router_prompt(question)
         try:
-            return await self.loop.run(prompt, on_round=on_round, budget=req.budget, max_route_calls=req.max_route_calls)
-        except RouterFailed as exc:  # a 503 that still says what the request spent before the router failed
+            return await self.loop.run(prompt, on_round=on_round, budget=req.budget, max_route_calls=req.max_route_calls,
+                                       max_tokens=req.token_limit())
+        except RouterFailed as exc:  # a 503/504 that still says what the request spent before it failed
             spent = self._routing(exc.result)
             if self.metrics is not None:
                 record_chat(self.metrics, self.cfg.router.served_name, spent.model_dump())
+            if exc.result.stopped == "deadline":
+                raise EngineUnavailable(f"no answer within {self.cfg.router.request_timeout_s:g} s "
+                                        "(llm.router.request_timeout_s)", None, 504,
+                                        extra={"routing": spent.model_dump()}) from exc
             kind = "timed out" if isinstance(exc.cause, TimeoutError) else f"failed ({type(exc.cause).__name__})"
             raise EngineUnavailable(f"router engine {self.cfg.router.engine!r} {kind}",
                                     extra={"routing": spent.model_dump()}) from exc
@@ -249,7 +256,7 @@ class ChatService:
             created=int(time.time()),
             model=self.cfg.router.served_name,
             choices=[Choice(message=ResponseMessage(content=result.answer or ""),
-                            finish_reason="stop" if result.answer is not None else "length")],
+                            finish_reason="stop" if result.stopped == "answer" else "length")],
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
             routing=self._routing(result),
@@ -320,6 +327,7 @@ class LocalChatClient:
 
     def __init__(self, service: ChatService):
         self.service = service
+        self.model_names = [card.id for card in service.models().data]
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         return (await self.service.chat(req)).model_dump()

@@ -1,22 +1,33 @@
-"""Request and response models of the HTTP API (pydantic; FastAPI renders them into OpenAPI)."""
+"""Request and response models of the HTTP API (pydantic; FastAPI renders them into OpenAPI).
+
+The request models here carry the constraints that hold everywhere (non-blank text, top_k >= 1);
+``limited_request_models`` derives the served ones, which also declare this deployment's limits
+(query length, top_k, number of inputs, the embedding size), so the published OpenAPI spec says
+exactly what the service accepts and a request outside it is a 422 naming the field.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model
 
-from ..validation import Text
+from serve.config import LimitsConfig
+
+from ..validation import Integer, Text, integer, one_or_many, query_text
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+QueryText = query_text()
+
+
 class RetrieveRequest(_Request):
-    query: Text = Field(..., description="the search query (non-empty)")
-    top_k: StrictInt = Field(10, description="number of hits, 1..limits.max_top_k")
-    expert: Text | None = Field(None, description="force an expert by name, or 'base'; null = route")
+    query: QueryText = Field(..., description="the search query (not blank)")
+    top_k: Integer = Field(10, ge=1, description="number of hits, 1..limits.max_top_k")
+    expert: Text | None = Field(None, description="force an expert by name, or 'base'; null or '' = route")
     include_text: StrictBool = Field(False, description="return each hit's text")
 
 
@@ -40,10 +51,34 @@ class RetrieveResponse(BaseModel):
 
 class EmbeddingRequest(_Request):
     model: Text = Field(..., description="'<served name>' (base) or '<served name>:<expert>'; 'base' works as the served name")
-    input: Text | list[Text] = Field(..., description="one text or a list of texts")
+    input: one_or_many(QueryText) = Field(..., description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = None
+    dimensions: Integer | None = Field(None, description="the model's embedding size, or null")
     user: StrictStr | None = None
+
+
+def limited_request_models(limits: LimitsConfig, dim: int | None, served_name: str | None = None,
+                           ) -> tuple[type[RetrieveRequest], type[EmbeddingRequest]]:
+    """RetrieveRequest and EmbeddingRequest with this deployment's limits declared (and enforced
+    by validation); ``dim``: the embedding size, when known; ``served_name``: the model name,
+    given as the example of ``model``."""
+    text = query_text(limits.max_query_chars)
+    retrieve = create_model(
+        "RetrieveRequest", __base__=RetrieveRequest, __doc__=RetrieveRequest.__doc__,
+        query=(text, Field(..., description=f"the search query (not blank, at most {limits.max_query_chars} characters)")),
+        top_k=(Integer, Field(10, ge=1, le=limits.max_top_k, description=f"number of hits, 1..{limits.max_top_k}")),
+    )
+    size = integer(ge=dim, le=dim) if dim else Integer
+    size_doc = f"must be {dim} (this model's size) or null" if dim else "the model's embedding size, or null"
+    embedding = create_model(
+        "EmbeddingRequest", __base__=EmbeddingRequest, __doc__=EmbeddingRequest.__doc__,
+        input=(one_or_many(text, limits.max_embedding_inputs),
+               Field(..., description=f"one text or 1..{limits.max_embedding_inputs} texts")),
+        dimensions=(size | None, Field(None, description=size_doc)),
+        model=(Text, Field(..., description=EmbeddingRequest.model_fields["model"].description,
+                           examples=[served_name] if served_name else None)),
+    )
+    return retrieve, embedding
 
 
 class EmbeddingData(BaseModel):

@@ -1,26 +1,33 @@
-"""The retrieval endpoints: POST /v1/retrieve, POST /v1/embeddings, GET /v1/experts."""
+"""The retrieval endpoints: POST /v1/retrieve, POST /v1/embeddings, GET /v1/experts.
 
-from __future__ import annotations
+The request bodies are the service's limited models (serve.app.retrieval.protocol), so the
+OpenAPI spec declares this deployment's limits; ``responses`` lists every status each endpoint
+can answer besides 200 (401 only matters when API keys are on).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the body types (local classes) at run time
 
 from fastapi import APIRouter
 
-from ..errors import ERROR_RESPONSES as ERRORS
-from .protocol import EmbeddingRequest, EmbeddingResponse, ExpertsResponse, RetrieveRequest, RetrieveResponse
+from ..errors import error_responses
+from .protocol import EmbeddingResponse, ExpertsResponse, RetrieveResponse
 from .service import RetrievalService
 
 
 def retrieval_router(service: RetrievalService) -> APIRouter:
     router = APIRouter()
+    RetrieveBody, EmbeddingBody = service.retrieve_model, service.embedding_model
+    answers = error_responses(401, 404, 413, 422, 503, 504)
 
-    @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS)
-    async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
+    @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=answers)
+    async def retrieve(req: RetrieveBody) -> RetrieveResponse:
         return await service.retrieve(req)
 
-    @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
-    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
+    @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=answers)
+    async def embeddings(req: EmbeddingBody) -> EmbeddingResponse:
         return await service.embeddings(req)
 
-    @router.get("/v1/experts", response_model=ExpertsResponse)
+    @router.get("/v1/experts", response_model=ExpertsResponse, responses=error_responses(401, 503, 504))
     async def experts() -> ExpertsResponse:
         return await service.experts()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
@@ -27,6 +28,7 @@ from serve.config import LimitsConfig
 
 from ..batching import QueueFull
 from ..errors import RequestError, overloaded
+from ..validation import NOT_BLANK
 from .protocol import (
     EmbeddingData,
     EmbeddingRequest,
@@ -37,6 +39,7 @@ from .protocol import (
     RetrieveRequest,
     RetrieveResponse,
     Usage,
+    limited_request_models,
 )
 
 
@@ -97,7 +100,9 @@ class RetrievalService:
         docs: DocStore,
         limits: LimitsConfig,
         served_name: str,
+        dim: int | None = None,
     ):
+        """``dim``: the embedding size (the index's), declared in the API's request models."""
         if not shards:
             raise ValueError("at least one shard is required")
         self.encoder = encoder
@@ -105,6 +110,8 @@ class RetrievalService:
         self.docs = docs
         self.limits = limits
         self.served_name = served_name
+        # the request models the HTTP API validates with: this deployment's limits declared
+        self.retrieve_model, self.embedding_model = limited_request_models(limits, dim, served_name)
         # Alone each request is its own batch; Serve's ingress calls enable_batching(GreedyBatcher).
         self._submit: Callable[[RetrieveItem], Awaitable[dict]] = self._single
         self._info: dict | None = None
@@ -121,7 +128,7 @@ class RetrievalService:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = await self.encoder.info()
+                    self._info = await self._within_deadline(self.encoder.info())
         return self._info
 
     @staticmethod
@@ -135,13 +142,10 @@ class RetrievalService:
     # -- /v1/retrieve ------------------------------------------------------------------------
 
     async def retrieve(self, req: RetrieveRequest) -> RetrieveResponse:
+        """``req`` is validated by ``self.retrieve_model`` over HTTP; the limits are checked here
+        again (the same rules, the same 422s) for callers that build requests themselves."""
+        _check_text(req.query, self.limits.max_query_chars, "query")
         query = req.query.strip()
-        if not query:
-            raise RequestError("query must not be empty", "query", 422)
-        if len(req.query) > self.limits.max_query_chars:
-            raise RequestError(
-                f"query is {len(req.query)} characters; the limit is {self.limits.max_query_chars}", "query", 413
-            )
         if not 1 <= req.top_k <= self.limits.max_top_k:
             raise RequestError(f"top_k must be between 1 and {self.limits.max_top_k}", "top_k", 422)
         info = await self.encoder_info()
@@ -160,15 +164,26 @@ class RetrievalService:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 return await awaitable
         except TimeoutError:
-            raise RequestError(f"no answer within {self.limits.request_timeout_s:g} s (limits.request_timeout_s)",
-                               None, 504) from None
+            raise self._deadline_error() from None
         except QueueFull as exc:
             raise overloaded(f"the service is at capacity ({exc}); retry later", self.limits.retry_after_s) from None
 
     async def retrieve_many(self, items: list[RetrieveItem]) -> list[dict]:
         """One encoder call and one call per shard for the whole batch. A failure that is not one
-        item's fault (a shard down) comes back as each item's ``error`` instead of raising, so the
-        batcher does not retry the batch item by item against the same outage."""
+        item's fault (a shard down, the deadline passed) comes back as each item's ``error``
+        instead of raising, so the batcher does not retry the batch item by item against the same
+        outage. The batch has the request deadline too: a stuck downstream call is cancelled and
+        frees the batch slot, instead of holding it for every later request."""
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return await self._retrieve_batch(items)
+        except TimeoutError:
+            return [{"error": self._deadline_error()} for _ in items]
+
+    def _deadline_error(self) -> RequestError:
+        return RequestError(f"no answer within {self.limits.request_timeout_s:g} s (limits.request_timeout_s)", None, 504)
+
+    async def _retrieve_batch(self, items: list[RetrieveItem]) -> list[dict]:
         t0 = time.perf_counter()
         routed = await self.encoder.route_and_encode(
             {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
@@ -181,8 +196,10 @@ class RetrievalService:
         parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards), return_exceptions=True)
         failed = [i for i, p in enumerate(parts) if isinstance(p, BaseException)]
         if failed:  # never a silently partial result: the answer names the missing shards
-            error = overloaded(f"search shard(s) {failed} failed ({type(parts[failed[0]]).__name__}); "
-                               "no partial results are returned", self.limits.retry_after_s)
+            cause = parts[failed[0]]
+            why = cause.message if isinstance(cause, RequestError) else type(cause).__name__
+            error = overloaded(f"search shard(s) {failed} failed ({why}); no partial results are returned",
+                               self.limits.retry_after_s)
             return [{"error": error} for _ in items]
         scores, ids = merge_topk(list(parts), kmax)
         t2 = time.perf_counter()
@@ -222,15 +239,10 @@ class RetrievalService:
             raise RequestError("input must not be empty", "input", 422)
         if len(texts) > self.limits.max_embedding_inputs:
             raise RequestError(
-                f"input has {len(texts)} texts; the limit is {self.limits.max_embedding_inputs}", "input", 413
+                f"input has {len(texts)} texts; the limit is {self.limits.max_embedding_inputs}", "input", 422
             )
         for i, t in enumerate(texts):
-            if not t.strip():
-                raise RequestError(f"input[{i}] must not be empty", "input", 422)
-            if len(t) > self.limits.max_query_chars:
-                raise RequestError(
-                    f"input[{i}] is {len(t)} characters; the limit is {self.limits.max_query_chars}", "input", 413
-                )
+            _check_text(t, self.limits.max_query_chars, f"input[{i}]")
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
         result = await self._within_deadline(self.encoder.embed(texts, expert or None))
@@ -273,3 +285,10 @@ class RetrievalService:
         if total != len(self.docs):
             return False, {**detail, "error": f"shards hold {total} vectors for {len(self.docs)} documents"}
         return True, detail
+
+
+def _check_text(text: str, max_chars: int, name: str) -> None:
+    if not re.search(NOT_BLANK, text):
+        raise RequestError(f"{name} must not be blank", name.partition("[")[0], 422)
+    if len(text) > max_chars:
+        raise RequestError(f"{name} is {len(text)} characters; the limit is {max_chars}", name.partition("[")[0], 422)

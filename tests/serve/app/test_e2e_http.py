@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -124,7 +125,8 @@ def test_concurrent_requests_batch_and_mix_experts(served):
         ({"json": {"query": "", "top_k": 3}}, 422),
         ({"json": {"query": "x", "top_k": 0}}, 422),
         ({"json": {"query": "x", "top_k": 10_000}}, 422),
-        ({"json": {"query": "x" * 5000}}, 413),
+        ({"json": {"query": "x" * 5000}}, 422),  # over limits.max_query_chars: declared in the spec
+        ({"json": {"query": "x" * 2_000_000}}, 413),  # over limits.max_body_bytes
         ({"json": {"query": "x", "expert": "physics"}}, 404),
         ({"json": {"query": ["not", "a", "string"]}}, 422),
         ({"content": b"{broken", "headers": {"content-type": "application/json"}}, 422),
@@ -219,3 +221,68 @@ def test_metrics_contract_from_a_real_scrape(served):
     routed = [s for s in series["ray_routerserve_expert_selected_total"] if s.get("how") == "routed"]
     assert {s["expert"] for s in routed} <= {"scifact", "nfcorpus", "base"}
     assert all({"application", "replica"} <= set(s) for s in routed)
+
+
+def test_schemathesis_all_checks_pass_on_the_retrieval_endpoints_through_serve(served, schemathesis_cli, tmp_path):
+    """The OpenAPI contract through the real Serve proxy and ingress (schemathesis --checks all)."""
+    done = schemathesis_cli(served["url"], tmp_path, "--max-examples", "25",
+                            "--include-path-regex", "^/v1/(retrieve|embeddings|experts)$")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    generated = int(next(line.split()[0] for line in done.stdout.splitlines() if " generated, " in line))
+    assert generated >= 100, done.stdout[-2000:]
+
+
+def test_overload_is_refused_at_once_with_503_and_retry_after(served):
+    """400 requests at once against the default admission limits (ingress: 64 ongoing + 64
+    queued): the excess is refused by Serve's proxy with 503 + Retry-After instead of queueing;
+    every request gets an answer (no 500, no client timeout) and the service stays healthy.
+    Before: no max_queued_requests, every request queued until its client gave up."""
+    url = served["url"]
+
+    async def flood():
+        limits = httpx.Limits(max_connections=500, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(
+                client.post(f"{url}/v1/retrieve", json={"query": f"overload probe {i}", "top_k": 3})
+                for i in range(400)
+            ))
+
+    responses = asyncio.run(flood())
+    by_status = {}
+    for r in responses:
+        by_status.setdefault(r.status_code, []).append(r)
+    assert set(by_status) <= {200, 503}, {s: rs[0].text[:200] for s, rs in by_status.items()}
+    assert len(by_status.get(503, [])) >= 100 and len(by_status.get(200, [])) >= 64
+    assert all(int(r.headers["retry-after"]) >= 1 for r in by_status[503])
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    assert httpx.post(f"{url}/v1/retrieve", json={"query": "insulin", "top_k": 1}, timeout=60).status_code == 200
+
+
+def test_a_killed_shard_replica_is_a_503_naming_it_then_recovers(served):
+    """ray.kill on SearchShard1's replica: while Serve replaces it, requests answer 200 or 503 +
+    Retry-After (never a 500 or a partial result); then the service is whole again.
+    Before: a request holding the dead replica got 500 "internal error (ActorDiedError)"."""
+    import ray
+
+    url = served["url"]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and "#SearchShard1#" in a["name"]]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    statuses, refusals = [], []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{url}/v1/retrieve", json={"query": "blood pressure", "top_k": 5}, timeout=60)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            refusals.append(r)
+        if r.status_code == 200 and len(statuses) > 3:
+            body = r.json()
+            if len(body["hits"]) == 5:
+                break
+        time.sleep(0.2)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[-1] == 200
+    for r in refusals:
+        assert "retry-after" in r.headers and r.json()["error"]["code"] == 503
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"

@@ -232,3 +232,34 @@ def test_router_generation_has_a_deadline_and_the_503_carries_the_ledger():
     r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]})
     assert r.status_code == 503 and r.json()["error"]["message"] == "router engine 'small' timed out"
     assert r.json()["routing"]["stopped"] == "router_failed"
+
+
+def test_the_whole_loop_has_a_deadline_and_the_504_carries_the_ledger():
+    """Each generation and call is within its own timeout, but together they pass
+    llm.router.request_timeout_s: 504 with what was spent, never an unbounded request."""
+    cfg = llm_config(timeout_s=10, request_timeout_s=0.3)
+    cfg.candidates[0].timeout_s = 10
+    router = ScriptedEngine(lambda p: "<search>Alpha:q</search>", model_id="small")  # routes forever
+    big = ScriptedEngine(lambda q: "maybe", model_id="big", latency_s=0.1)
+    client = TestClient(create_app(None, LocalChatClient(ChatService(cfg, {"small": router, "big": big}, router.chat_prompt))))
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 504, r.text
+    body = r.json()
+    assert body["error"]["message"] == "no answer within 0.3 s (llm.router.request_timeout_s)"
+    assert body["routing"]["stopped"] == "deadline" and body["routing"]["calls"].get("Alpha", 0) >= 1
+    assert body["routing"]["rounds"][-1]["status"] in ("ok", "cancelled")
+
+
+def test_a_truncated_answer_is_returned_with_finish_reason_length_and_max_tokens_bounds_the_loop(parts):
+    service, _, _ = parts
+    router = ScriptedEngine(lambda p: "<answer>Paris is the capital of France and", model_id="small")
+    service.engines["small"] = router
+    client = TestClient(create_app(None, LocalChatClient(service)))
+    r = client.post("/v1/chat/completions", json={"model": "router-r1", "max_tokens": 3,
+                                                  "messages": [{"role": "user", "content": "capital of France"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Paris is the"  # 3 scripted tokens: "<answer>Paris is the"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["routing"]["stopped"] == "answer_truncated" and len(body["routing"]["rounds"]) == 1
+    assert body["usage"]["completion_tokens"] == 3 and len(router.calls) == 1
