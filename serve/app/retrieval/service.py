@@ -83,6 +83,9 @@ class LocalShardClient:
         return self.shard.info()
 
 
+SHARD_SHARE = 0.9  # of limits.request_timeout_s, counted from the batch's start: the shards' deadline
+
+
 @dataclass
 class RetrieveItem:
     query: str
@@ -193,11 +196,22 @@ class RetrievalService:
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
-        parts = await asyncio.gather(*(s.search(matrix, kmax) for s in self.shards), return_exceptions=True)
+        # the shards get what is left of the batch's deadline, less a margin for the answer: a shard
+        # that does not answer in time is named in a 503, not hidden behind a 504 for the request
+        budget = max(0.01, SHARD_SHARE * self.limits.request_timeout_s - (time.perf_counter() - t0))
+        tasks = [asyncio.ensure_future(s.search(matrix, kmax)) for s in self.shards]
+        try:
+            _, late = await asyncio.wait(tasks, timeout=budget)
+        finally:  # late shards, or all of them when this batch is cancelled
+            for task in tasks:
+                task.cancel()
+        parts = [TimeoutError(f"no answer within {budget:.2g} s") if t in late else t.exception() or t.result()
+                 for t in tasks]
         failed = [i for i, p in enumerate(parts) if isinstance(p, BaseException)]
         if failed:  # never a silently partial result: the answer names the missing shards
             cause = parts[failed[0]]
-            why = cause.message if isinstance(cause, RequestError) else type(cause).__name__
+            why = (cause.message if isinstance(cause, RequestError)
+                   else f"TimeoutError: {cause}" if isinstance(cause, TimeoutError) else type(cause).__name__)
             error = overloaded(f"search shard(s) {failed} failed ({why}); no partial results are returned",
                                self.limits.retry_after_s)
             return [{"error": error} for _ in items]

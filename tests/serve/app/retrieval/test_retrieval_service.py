@@ -294,9 +294,32 @@ def _service_with(stack, shard_cls, **limits):
     return RetrievalService(base.encoder, shards, base.docs, lim, "mini")
 
 
-def test_a_stuck_shard_answers_504_within_the_deadline(stack):
-    client = TestClient(create_app(_service_with(stack, _StuckShard, request_timeout_s=0.2)))
+def test_a_stuck_shard_answers_503_naming_it_within_the_deadline(stack):
+    """A shard that never answers: a 503 + Retry-After naming it before the request's deadline
+    (before: a 504 for the request that did not say which part was stuck)."""
+    import time
+
+    client = TestClient(create_app(_service_with(stack, _StuckShard, request_timeout_s=0.5)))
+    t0 = time.perf_counter()
     r = client.post("/v1/retrieve", json={"query": "protein", "top_k": 2})
+    assert time.perf_counter() - t0 < 0.5
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"].startswith("search shard(s) [1] failed (TimeoutError: no answer within 0.")
+
+
+def test_a_request_that_runs_out_of_time_elsewhere_is_a_504(stack):
+    """The encoder never answers: the request's own deadline answers 504."""
+    from serve.app.retrieval.service import LocalEncoderClient
+
+    class StuckEncoder(LocalEncoderClient):
+        async def route_and_encode(self, request):
+            await asyncio.Event().wait()
+
+    base = stack["service"]
+    service = _service_with(stack, LocalShardClient, request_timeout_s=0.2)
+    service.encoder = StuckEncoder(base.encoder.encoder, "test-model")
+    service._info = asyncio.run(base.encoder_info())
+    r = TestClient(create_app(service)).post("/v1/retrieve", json={"query": "protein", "top_k": 2})
     assert r.status_code == 504 and r.json()["error"]["message"] == "no answer within 0.2 s (limits.request_timeout_s)"
 
 
@@ -352,22 +375,26 @@ def test_bodies_over_the_limit_are_413_before_or_while_they_are_read(stack):
 
 
 def test_a_batch_past_the_deadline_frees_its_slot_for_the_next_request(stack):
-    """The first batch's shard call never returns. The batch itself is cancelled at the deadline,
-    so the next request gets the (only) batch slot and its answer. Before: the slot stayed held
-    and every later request waited behind it until its own deadline."""
+    """The first batch's encoder call never returns. The batch itself is cancelled at the
+    deadline, so the next request gets the (only) batch slot and its answer. Before: the slot
+    stayed held and every later request waited behind it until its own deadline."""
     from serve.app.batching import GreedyBatcher
     from serve.app.errors import RequestError
+    from serve.app.retrieval.service import LocalEncoderClient
 
-    class StuckOnce(LocalShardClient):
+    class StuckOnce(LocalEncoderClient):
         calls = 0
 
-        async def search(self, queries, k):
+        async def route_and_encode(self, request):
             StuckOnce.calls += 1
             if StuckOnce.calls == 1:
                 await asyncio.Event().wait()
-            return await super().search(queries, k)
+            return await super().route_and_encode(request)
 
-    service = _service_with(stack, StuckOnce, request_timeout_s=0.5)
+    base = stack["service"]
+    service = _service_with(stack, LocalShardClient, request_timeout_s=0.5)
+    service.encoder = StuckOnce(base.encoder.encoder, "test-model")
+    service._info = asyncio.run(base.encoder_info())
     service.enable_batching(lambda fn: GreedyBatcher(fn, 1, 1, 0.0))
 
     async def main():
