@@ -1,0 +1,334 @@
+"""What the reliability benchmarks share (benchmarks/fuzz.py, faults.py, overload.py):
+
+* ``LiveService``: a real ``routerserve up`` in a subprocess (its own local Ray cluster), waited
+  for over HTTP, stopped with Ctrl-C as a user would; its Serve replicas found by process title
+  (``ray::ServeReplica:<app>:<Deployment>``) to crash one (SIGKILL: the process dies as an OOM
+  kill would; Serve replaces it) and to sample the service's memory (RSS of every Ray process).
+* load generators that record every request: closed loop (N clients, each sends the next request
+  when its answer arrives) and open loop (a fixed arrival rate, whatever the service does).
+* ``save_section``: each benchmark writes its section of benchmarks/results/reliability.json;
+  the markdown table and the PNG are re-rendered from the whole file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line, git_commit, machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = RESULTS / "reliability"
+# The retrieval half alone: the LLM engines are not under test here and would take the CPUs.
+RETRIEVAL_ONLY = ["llm.enabled=false"]
+
+
+def queries(n: int = 512) -> list[str]:
+    """Real queries (the configured datasets' test queries) from the data directory."""
+    from retrieval_load import _queries
+
+    from serve.config import load_config
+
+    cfg = load_config(None, None).absolutized()
+    return _queries(cfg.resolve_data_dir(None), cfg.corpus.datasets, n)
+
+
+class LiveService:
+    """``routerserve up`` with ``--set`` overrides, in its own process group; a context manager."""
+
+    def __init__(self, sets: list[str], log: Path, port: int = 8000, app: str = "routerserve", start_timeout_s: float = 900):
+        self.sets, self.log, self.port, self.app = sets, log, port, app
+        self.url = f"http://127.0.0.1:{port}"
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LiveService":
+        args = [str(REPO / ".venv/bin/routerserve"), "up", "--set", f"http.port={self.port}"]
+        for s in self.sets:
+            args += ["--set", s]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log.open("w")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        print(f"[service] {' '.join(args[1:])}  (log: {self.log})", flush=True)
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.start_timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"routerserve up exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200 and "serving" in self.log.read_text():
+                    print(f"[service] healthy after {time.monotonic() - t0:.0f} s", flush=True)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"routerserve up not healthy within {self.start_timeout_s:.0f} s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import psutil
+
+        family = self._descendants()
+        os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C: `up` shuts Serve down, the local cluster ends
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        time.sleep(3)
+        for p in family:  # anything of this cluster that outlived its driver (GCS, raylet, workers)
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def _descendants(self) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def ray_processes(self) -> list:
+        """This service's Ray processes (GCS, raylet, workers, replicas): the `up` process's descendants."""
+        import psutil
+
+        out = []
+        for p in self._descendants():
+            try:
+                p.title = " ".join(p.cmdline())
+                out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    def replicas(self, deployment: str) -> list:
+        title = f"ray::ServeReplica:{self.app}:{deployment}"
+        # idle: the title; running a method: "<title>.<method>" (Ray's process title per task)
+        return [p for p in self.ray_processes() if p.title.strip() == title or p.title.startswith(title + ".")]
+
+    def crash_replica(self, deployment: str) -> int:
+        """SIGKILL one replica process of ``deployment``; its pid."""
+        victims = self.replicas(deployment)
+        if not victims:
+            raise RuntimeError(f"no running replica of {deployment}")
+        victims[0].send_signal(signal.SIGKILL)
+        return victims[0].pid
+
+    def rss_mib(self) -> float:
+        """Resident memory of the whole service: every Ray process of this cluster plus `up` itself."""
+        import psutil
+
+        total = 0
+        for p in [*self.ray_processes(), psutil.Process(self.proc.pid)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total / 2**20
+
+
+@dataclass
+class Record:
+    start_s: float  # since the load began
+    latency_s: float
+    status: int  # 0: no answer (client timeout / connection error)
+    retry_after: bool
+    json_error: bool  # an error answer whose body is our JSON error
+
+
+async def _send(client: httpx.AsyncClient, url: str, query: str, t_begin: float) -> Record:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(f"{url}/v1/retrieve", json={"query": query, "top_k": 10})
+        status, retry, body = r.status_code, "retry-after" in r.headers, r.content
+    except httpx.HTTPError:
+        status, retry, body = 0, False, b""
+    t1 = time.perf_counter()
+    json_error = False
+    if status >= 400:
+        try:
+            json_error = bool(json.loads(body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return Record(t0 - t_begin, t1 - t0, status, retry, json_error)
+
+
+async def closed_loop(url: str, qs: list[str], concurrency: int, duration_s: float, events=(), timeout_s: float = 60) -> list[Record]:
+    """``concurrency`` clients for ``duration_s``; ``events``: (at_s, callable) run at those times."""
+    records: list[Record] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t_begin = time.perf_counter()
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() - t_begin < duration_s:
+                records.append(await _send(client, url, qs[i % len(qs)], t_begin))
+                i += concurrency
+
+        async def scheduler() -> None:
+            for at_s, action in sorted(events, key=lambda e: e[0]):
+                await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t_begin)))
+                try:
+                    await asyncio.to_thread(action)
+                except Exception as exc:  # noqa: BLE001 - a failed fault injection is reported, the load goes on
+                    print(f"[load] event at {at_s:g} s failed: {type(exc).__name__}: {exc}", flush=True)
+
+        await asyncio.gather(scheduler(), *(worker(w) for w in range(concurrency)))
+    return records
+
+
+async def open_loop(url: str, qs: list[str], rate: float, duration_s: float, timeout_s: float = 60) -> list[Record]:
+    """Requests arrive at ``rate`` per second for ``duration_s`` whatever the service does."""
+    limits = httpx.Limits(max_connections=4000, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t_begin = time.perf_counter()
+        tasks = []
+        n = int(rate * duration_s)
+        for i in range(n):
+            await asyncio.sleep(max(0.0, i / rate - (time.perf_counter() - t_begin)))
+            tasks.append(asyncio.ensure_future(_send(client, url, qs[i % len(qs)], t_begin)))
+        return list(await asyncio.gather(*tasks))
+
+
+def percentile_ms(values, q: float) -> float | None:
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if len(values) else None
+
+
+def per_second(records: list[Record], duration_s: float) -> dict:
+    """Per second of the run (by request start): successes, failures, median and max latency."""
+    secs = int(np.ceil(duration_s))
+    ok, bad = [0] * secs, [0] * secs
+    lat: list[list[float]] = [[] for _ in range(secs)]
+    for r in records:
+        s = min(int(r.start_s), secs - 1)
+        (ok if r.status == 200 else bad)[s] += 1
+        lat[s].append(r.latency_s)
+    return {"ok": ok, "failed": bad,
+            "p50_s": [float(np.median(x)) if x else None for x in lat], "max_s": [max(x) if x else None for x in lat]}
+
+
+def records_json(records: list[Record]) -> list[dict]:
+    return [asdict(r) for r in records]
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def save_section(section: str, data: dict) -> Path:
+    path = OUT.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc[section] = {**data, "command": command_line(), "commit": git_commit(), "machine": machine(),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    render(doc)
+    return path
+
+
+def _fmt(x, spec=".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def render(doc: dict) -> None:
+    m = next(iter(doc.values()))["machine"]
+    lines = ["# Reliability, measured against a real `routerserve up`", "",
+             f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, GPU: {m['gpu']}. "
+             "The load generator runs on the same machine. Goals from issue 13; a missed goal is reported with why.", ""]
+    if "fuzz" in doc:
+        f = doc["fuzz"]
+        lines += ["## Fuzz (schemathesis, `--checks all`, against the served /openapi.json)", "",
+                  f"Command: `{f['command']}` (commit {f['commit']}, {f['date']}); operations: {', '.join(f['operations'])}.", "",
+                  "| cases | server errors (5xx) | 4xx not a JSON error | schemathesis failures | goal |", "|---|---|---|---|---|",
+                  f"| {f['cases']} | {f['server_errors']} | {f['non_json_4xx']} | {f['check_failures']} | ≥ 1,000 cases, 0 server errors, every 4xx JSON |", ""]
+    if "faults" in doc:
+        f = doc["faults"]
+        lines += ["## Faults (closed loop, replica processes SIGKILLed during the run)", "",
+                  f"Command: `{f['command']}` (commit {f['commit']}, {f['date']}); {f['setup']}.", "",
+                  "| replicas per deployment | requests | success | max latency s | past the deadline | 503 with Retry-After / failures | recovery s (shard / encoder) | replaced after s (shard / encoder) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for run in f["runs"]:
+            lines.append(f"| {run['replicas']} | {run['requests']} | {run['success_rate']:.2%} | {run['max_latency_s']:.1f} | "
+                         f"{run['over_deadline']} | {run['refused_with_retry_after']} / {run['failures']} | "
+                         f"{_fmt(run['recovery_s']['shard'])} / {_fmt(run['recovery_s']['encoder'])} | "
+                         f"{_fmt(run['replaced_s']['shard'])} / {_fmt(run['replaced_s']['encoder'])} |")
+        lines += ["", f"Goals: ≥ 99 % success with 2 replicas, no request past its deadline ({f['deadline_s']:g} s), "
+                  "recovery ≤ 30 s. Recovery: from the kill until 10 requests in a row succeeded; replaced: until "
+                  "Serve's new replica process was up. Per-second success and latency: reliability.png.", ""]
+    if "overload" in doc:
+        o = doc["overload"]
+        lines += ["## Overload (open loop at 3× the measured capacity)", "",
+                  f"Command: `{o['command']}` (commit {o['commit']}, {o['date']}); {o['setup']}.", "",
+                  "| capacity rps | offered rps | rejected | … 503 + Retry-After | … and in ≤ 100 ms | rejection p50 / p99 ms | admitted p50 / p99 ms | unloaded p99 ms | goodput rps | no answer |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {o['capacity_rps']:.1f} | {o['offered_rps']:.1f} | {o['rejected_share']:.1%} | {o['rejected_with_retry_after_share']:.1%} | "
+                  f"{o['rejected_fast_with_retry_after_share']:.1%} | {_fmt(o['rejection_p50_ms'], '.0f')} / {_fmt(o['rejection_p99_ms'], '.0f')} | "
+                  f"{_fmt(o['admitted_p50_ms'], '.0f')} / {_fmt(o['admitted_p99_ms'], '.0f')} | {_fmt(o['unloaded_p99_ms'], '.0f')} | "
+                  f"{o['goodput_rps']:.1f} | {o['no_answer']} |",
+                  "", "Goals: ≥ 90 % of rejected requests are 503 + Retry-After answered in ≤ 100 ms; admitted p99 ≤ 3× unloaded p99.", ""]
+        ratio = (o["admitted_p99_ms"] or 0) / (o["unloaded_p99_ms"] or 1)
+        if ratio > 3:
+            lines += [f"Missed: admitted p99 is {ratio:.0f}× the unloaded p99. Why: on 2 cores the service reaches its "
+                      "capacity only with large batches (the ingress forms batches of up to 32 from its 64 ongoing "
+                      "requests; 32 queries at ≈ 20 per second: ≈ 1.6 s a batch), so an admitted "
+                      "request waits for the batches ahead of it: the latency at capacity is set by the batch, not by "
+                      "the queue. Queueing less (ingress max_ongoing 16 or 32) shrank the batches and cut goodput to "
+                      "8–12 answers/s in the same test (commit 7359969's message has the figures). A latency target "
+                      "on this host means smaller batches and a lower capacity; on the cluster the encoder has a GPU.", ""]
+    if "soak" in doc:
+        s = doc["soak"]
+        lines += ["## Soak (open loop at the measured capacity)", "",
+                  f"Command: `{s['command']}` (commit {s['commit']}, {s['date']}); {s['setup']}.", "",
+                  "| minutes | rate rps | requests | success | RSS start MiB | RSS end MiB | growth | goal |", "|---|---|---|---|---|---|---|---|",
+                  f"| {s['minutes']:g} | {s['rate_rps']:.1f} | {s['requests']} | {s['success_rate']:.2%} | {s['rss_start_mib']:.0f} | "
+                  f"{s['rss_end_mib']:.0f} | {s['rss_end_mib'] / s['rss_start_mib'] - 1:+.1%} | ≤ 10 % |", ""]
+    OUT.with_suffix(".md").write_text("\n".join(lines))
+    if "faults" in doc:
+        _plot_faults(doc["faults"], OUT.with_suffix(".png"))
+
+
+def _plot_faults(f: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = f["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        ps = run["per_second"]
+        x = np.arange(len(ps["ok"]))
+        ax.bar(x, ps["ok"], color="#55a868", label="200 per second")
+        ax.bar(x, ps["failed"], bottom=ps["ok"], color="#c44e52", label="not 200 per second")
+        ax.set_ylabel("requests / s")
+        ax2 = ax.twinx()
+        ax2.plot(x, [v if v is not None else np.nan for v in ps["p50_s"]], color="#4c72b0", label="p50 latency")
+        ax2.plot(x, [v if v is not None else np.nan for v in ps["max_s"]], color="#8172b2", ls="--", label="max latency")
+        ax2.set_ylabel("latency s")
+        for name, at in run["kills_at_s"].items():
+            ax.axvline(at, color="black", ls=":")
+            ax.text(at + 0.3, ax.get_ylim()[1] * 0.9, f"kill {name}", fontsize=8)
+        ax.set_title(f"{run['replicas']} replica(s) per deployment: {run['success_rate']:.2%} success", fontsize=9)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+    axes[-1, 0].set_xlabel("seconds since the load began")
+    fig.suptitle("routerserve /v1/retrieve under replica crashes (closed loop)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
