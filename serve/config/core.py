@@ -154,7 +154,7 @@ class DeploymentsConfig(_Strict):
     """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
 
     ingress: dict[str, Any] = Field(
-        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 8,
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64,
                                  "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                                  "ray_actor_options": {"num_cpus": 0.25}}
     )

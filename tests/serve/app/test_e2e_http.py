@@ -233,7 +233,7 @@ def test_schemathesis_all_checks_pass_on_the_retrieval_endpoints_through_serve(s
 
 
 def test_overload_is_refused_at_once_with_503_and_retry_after(served):
-    """400 requests at once against the default admission limits (ingress: 64 ongoing + 8
+    """400 requests at once against the default admission limits (ingress: 64 ongoing + 64
     queued): the excess is refused by Serve's proxy with 503 + Retry-After instead of queueing;
     every request gets an answer (no 500, no client timeout) and the service stays healthy.
     Before: no max_queued_requests, every request queued until its client gave up."""
