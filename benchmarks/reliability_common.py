@@ -275,22 +275,37 @@ def render(doc: dict) -> None:
         o = doc["overload"]
         lines += ["## Overload (open loop at 3× the measured capacity)", "",
                   f"Command: `{o['command']}` (commit {o['commit']}, {o['date']}); {o['setup']}.", "",
-                  "| capacity rps | offered rps | rejected | … 503 + Retry-After | … and in ≤ 100 ms | rejection p50 / p99 ms | admitted p50 / p99 ms | unloaded p99 ms | goodput rps | no answer |",
-                  "|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {o['capacity_rps']:.1f} | {o['offered_rps']:.1f} | {o['rejected_share']:.1%} | {o['rejected_with_retry_after_share']:.1%} | "
-                  f"{o['rejected_fast_with_retry_after_share']:.1%} | {_fmt(o['rejection_p50_ms'], '.0f')} / {_fmt(o['rejection_p99_ms'], '.0f')} | "
-                  f"{_fmt(o['admitted_p50_ms'], '.0f')} / {_fmt(o['admitted_p99_ms'], '.0f')} | {_fmt(o['unloaded_p99_ms'], '.0f')} | "
-                  f"{o['goodput_rps']:.1f} | {o['no_answer']} |",
-                  "", "Goals: ≥ 90 % of rejected requests are 503 + Retry-After answered in ≤ 100 ms; admitted p99 ≤ 3× unloaded p99.", ""]
+                  "| admission | capacity rps | offered rps | rejected | … 503 + Retry-After | … and in ≤ 100 ms | rejection p50 / p99 ms | admitted p50 / p99 ms | unloaded p99 ms | goodput rps |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in [{**o, "label": "**default**: ingress max_ongoing 64 + max_queued 64"}, *doc.get("overload_alternatives", [])]:
+            lines.append(
+                f"| {row['label']} | {row['capacity_rps']:.1f} | {row['offered_rps']:.1f} | {row['rejected_share']:.1%} | "
+                f"{row['rejected_with_retry_after_share']:.1%} | {row['rejected_fast_with_retry_after_share']:.1%} | "
+                f"{_fmt(row['rejection_p50_ms'], '.0f')} / {_fmt(row['rejection_p99_ms'], '.0f')} | "
+                f"{_fmt(row['admitted_p50_ms'], '.0f')} / {_fmt(row['admitted_p99_ms'], '.0f')} | "
+                f"{_fmt(row['unloaded_p99_ms'], '.0f')} | {row['goodput_rps']:.1f} |")
+        lines += ["", "Goals: ≥ 90 % of rejected requests are 503 + Retry-After answered in ≤ 100 ms; admitted p99 ≤ 3× "
+                  "unloaded p99. Every refusal was a 503 with Retry-After and no request went unanswered in every row; "
+                  "the other rows ran with `--soak-minutes 0 --set deployments.ingress.…` (commands in the JSON).", ""]
+        if (o["rejected_fast_with_retry_after_share"] or 0) < 0.9:
+            lines += [f"Missed with the default: {o['rejected_fast_with_retry_after_share']:.0%} of the refusals came within "
+                      "100 ms. Serve's proxy refuses without touching a replica, but on 2 cores it waits for CPU behind "
+                      "the encoder, the shards and the load generator, and every request queued in it (up to 64) costs "
+                      "it work while Serve's router retries the assignment. A queue of 8 made 94 % of refusals fast, "
+                      "but Serve counts a burst's requests as queued while it assigns them, so 8 refused 24 concurrent "
+                      "requests on an idle service; the default stays at 64.", ""]
         ratio = (o["admitted_p99_ms"] or 0) / (o["unloaded_p99_ms"] or 1)
         if ratio > 3:
             lines += [f"Missed: admitted p99 is {ratio:.0f}× the unloaded p99. Why: on 2 cores the service reaches its "
                       "capacity only with large batches (the ingress forms batches of up to 32 from its 64 ongoing "
-                      "requests; 32 queries at ≈ 20 per second: ≈ 1.6 s a batch), so an admitted "
-                      "request waits for the batches ahead of it: the latency at capacity is set by the batch, not by "
-                      "the queue. Queueing less (ingress max_ongoing 16 or 32) shrank the batches and cut goodput to "
-                      "8–12 answers/s in the same test (commit 7359969's message has the figures). A latency target "
-                      "on this host means smaller batches and a lower capacity; on the cluster the encoder has a GPU.", ""]
+                      "requests; 32 queries at ≈ 20 per second: ≈ 1.6 s a batch), so an admitted request waits for the "
+                      "batches ahead of it and for the queue in front of the ingress. Fewer ongoing requests (16, 32) "
+                      "shrank the batches and cut goodput to 8–12 answers/s. A latency target on this host means "
+                      "smaller batches and a lower capacity; on the cluster the encoder has a GPU.", ""]
+        if (o["admitted_p99_ms"] or 0) > 1e3 * 30:
+            lines += ["An admitted request can take longer than limits.request_timeout_s end to end: that deadline "
+                      "starts in the ingress, and the time spent in the proxy's queue before it is not counted (Serve's "
+                      "`http_options.request_timeout_s` would bound the whole path; not set).", ""]
     if "soak" in doc:
         s = doc["soak"]
         lines += ["## Soak (open loop at the measured capacity)", "",
@@ -298,6 +313,10 @@ def render(doc: dict) -> None:
                   "| minutes | rate rps | requests | success | RSS start MiB | RSS end MiB | growth | goal |", "|---|---|---|---|---|---|---|---|",
                   f"| {s['minutes']:g} | {s['rate_rps']:.1f} | {s['requests']} | {s['success_rate']:.2%} | {s['rss_start_mib']:.0f} | "
                   f"{s['rss_end_mib']:.0f} | {s['rss_end_mib'] / s['rss_start_mib'] - 1:+.1%} | ≤ 10 % |", ""]
+        if s["success_rate"] < 1:
+            lines += [f"{1 - s['success_rate']:.1%} of the soak's requests were not answered 200 (the soak records "
+                      "success only): arrivals at exactly the closed-loop capacity, open loop, queue up now and then "
+                      "past the admission limit.", ""]
     OUT.with_suffix(".md").write_text("\n".join(lines))
     if "faults" in doc:
         _plot_faults(doc["faults"], OUT.with_suffix(".png"))

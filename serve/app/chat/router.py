@@ -5,8 +5,8 @@
 from typing import AsyncIterator, Protocol, Sequence
 
 from fastapi import APIRouter
-from pydantic import Field, create_model
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field, create_model
 
 from ..errors import error_responses
 from ..validation import LaxText
