@@ -13,13 +13,14 @@ The released checkpoints were trained on this token stream, so the loop reproduc
   "</information>\\n\\n"``; a failed call or an unknown model gives the reply ``None``, rendered
   as the text "None" as upstream does; an invalid action (no tag, placeholder text, no colon, empty
   sub-query) appends nothing and the loop goes on;
-* at most ``max_route_calls`` (4) executed calls, then one last generation whose searches are not
-  executed; the answer is the LAST ``<answer>…</answer>`` of the generated part.
+* every generation is a turn, whatever its action: at most ``max_turns`` (4) generations that may
+  route, then one final generation whose searches are not executed (5 generations at most); the
+  answer is the LAST ``<answer>…</answer>`` of the generated part.
 
 Beyond upstream: a hard per-request budget (a call whose worst-case cost would pass it is not
 made; the router is told so inside ``<information>`` and its next generation is the last), a
-fallback candidate for failed calls, a cap on generations (so invalid actions cannot loop
-forever), a trace of every round, and bounds on the whole request: a generation cut by the token
+fallback candidate for failed calls, a cap on executed calls below the turns (``max_route_calls``;
+a request may lower it, 0: the router answers alone), a trace of every round, and bounds on the whole request: a generation cut by the token
 cap inside an open ``<answer>`` ends the loop with that text (``stopped="answer_truncated"``), the
 request's ``max_tokens`` caps the router's tokens over all its generations, and a deadline
 (``LoopSettings.deadline_s``) cancels whatever is running and reports what was spent. The loop is engine-agnostic: it takes a ``generate``
@@ -319,10 +320,10 @@ class RouterFailed(Exception):
 
 @dataclass
 class LoopSettings:
-    max_route_calls: int = 4
+    max_turns: int = 4  # generations that may route (each counts, invalid ones too); then one final one
+    max_route_calls: int = 4  # executed calls; reaching it makes the next generation the final one
     max_new_tokens: int = 1024
     temperature: float = 0.0
-    max_generations: int = 10  # invalid actions continue; this bounds them
     budget: float | None = None  # per request, in the candidates' currency (full cost)
     fallback: str | None = None  # candidate tried once when a call fails
     call_timeout_s: float = 60.0
@@ -412,10 +413,10 @@ class RouterR1Loop:
         s = self.settings
         prompt, rounds, ledger, budget = state.prompt, state.rounds, state.ledger, state.budget
         may_route = True
-        for index in range(s.max_generations):
-            # the last generation may not route: after max_route_calls, after a budget refusal, and
-            # at the generation cap (so a constrained router still ends with an answer)
-            last = not may_route or state.route_calls >= call_cap or index == s.max_generations - 1
+        for index in range(s.max_turns + 1):
+            # the final generation may not route: after max_turns turns, after max_route_calls calls,
+            # after a budget refusal (so a constrained router ends with an answer)
+            last = not may_route or state.route_calls >= call_cap or index == s.max_turns
             room = s.max_new_tokens
             if max_tokens is not None:
                 room = min(room, max_tokens - ledger.router_completion_tokens)

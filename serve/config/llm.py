@@ -83,9 +83,10 @@ class RouterConfig(_Strict):
     prompt_file: Path | None = Field(None, description="router prompt template ($question, $candidates); null = routerserve's own")
     structured_output: bool = Field(True, description="constrain each generation to one valid action (vLLM structured outputs)")
     structured_think: bool = Field(False, description="structured output: allow a one-line <think> before the action")
-    max_route_calls: int = Field(4, ge=0, le=32)
+    max_turns: int = Field(4, ge=0, le=32, description="generations that may route, invalid ones included (every "
+                           "generation is a turn, as Router-R1 was trained); then one final generation")
+    max_route_calls: int = Field(4, ge=0, le=32, description="executed calls (<= max_turns to matter); a request may lower it")
     max_new_tokens: int = Field(1024, ge=1, le=32768)
-    max_generations: int = Field(10, ge=1, le=64, description="cap on generations, invalid actions included")
     temperature: float = Field(0.0, ge=0, le=2)
     budget: float | None = Field(None, gt=0, description="default hard budget per request (candidates' currency)")
     fallback: str | None = Field(None, description="candidate tried once when a call fails")

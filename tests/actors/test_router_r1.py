@@ -184,15 +184,25 @@ def test_budget_refuses_a_call_that_could_exceed_it_and_tells_the_router():
     assert result.rounds[0].status == "ok" and 0 < result.ledger.cost <= 1.0
 
 
-def test_generations_are_capped_when_the_router_never_acts():
+def test_every_generation_is_a_turn_invalid_ones_included():
+    """Router-R1's loop: max_turns (4) generations that may route, then one final generation; a
+    generation that acts on nothing still uses its turn. Before: invalid generations were free up
+    to a cap of 10 (the truncated-answer request ran 10 generations)."""
     gen, asked = router(lambda p: "rambling without tags")
-    result = run(RouterR1Loop(gen, {}, LoopSettings(max_generations=3)))
-    assert len(asked) == 3 and result.stopped == "no_answer" and result.answer is None
-    assert [a["may_route"] for a in asked] == [True, True, False]  # the cap's generation may not route
-    gen, asked = router(lambda p: "<search>Alpha:q</search>")  # a search at the cap is not executed
+    result = run(RouterR1Loop(gen, {}))
+    assert len(asked) == 5 and result.stopped == "no_answer" and result.answer is None
+    assert [a["may_route"] for a in asked] == [True, True, True, True, False]  # the final one may not route
+    gen, asked = router(["no tag", "<search>Alpha:q1</search>", "still no tag", "<search>Alpha:q2</search>",
+                         "<search>Alpha:q3</search>"])  # two invalid turns, two calls, a search in the final turn
     alpha, engine = candidate("Alpha")
-    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_generations=2, max_route_calls=4)))
-    assert len(engine.calls) == 1 and result.rounds[-1].status == "not_executed"
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}))
+    assert engine.calls == ["q1", "q2"] and result.route_calls == 2 and len(asked) == 5
+    assert [r.action for r in result.rounds] == ["invalid", "search", "invalid", "search", "search"]
+    assert result.rounds[-1].status == "not_executed"
+    gen, asked = router(lambda p: "<search>Alpha:q</search>")  # fewer turns configured
+    alpha, engine = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_turns=1)))
+    assert len(engine.calls) == 1 and len(asked) == 2 and result.rounds[-1].status == "not_executed"
 
 
 def test_concurrent_requests_do_not_serialize():
@@ -267,7 +277,7 @@ def test_the_budget_holds_against_text_that_tokenises_badly():
     gen, asked = router(lambda p: f"<search>Alpha:{query}</search>" if p.count("<information>") < 8 else "<answer>x</answer>")
     cand = Candidate("Alpha", Price(1_000.0, 1_000.0), bill_every_byte, max_tokens=100)
     budget = 2.5 * cand.worst_case_cost(query)
-    result = run(RouterR1Loop(gen, {"Alpha": cand}, LoopSettings(max_route_calls=8, max_generations=10)), budget=budget)
+    result = run(RouterR1Loop(gen, {"Alpha": cand}, LoopSettings(max_turns=8, max_route_calls=8)), budget=budget)
     assert result.ledger.cost <= budget
     assert [r.status for r in result.rounds if r.action == "search"][:3] == ["ok", "ok", "over_budget"]
 
@@ -295,13 +305,13 @@ def test_an_answer_cut_by_the_token_cap_ends_the_loop_with_what_it_wrote():
     truncated text again, 10 times. Now that generation ends the request with its text, and the
     round says it was cut. Before: 10 generations and no answer."""
     gen, asked = router(lambda p: "<think>short</think> <answer>The Seine river flows through Paris and also")
-    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=6, max_generations=10)))
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=6)))
     assert len(asked) == 1
     assert result.stopped == "answer_truncated" and result.answer == "The Seine river flows through"
     assert result.rounds[0].finish_reason == "length" and result.rounds[0].error == "answer cut at the token cap"
     # a generation that closes its answer, or stops on its own with one open, is not "cut"
     gen, asked = router(lambda p: "<answer>open but stopped")
-    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=50, max_generations=3)))
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=50, max_turns=2)))
     assert len(asked) == 3 and result.stopped == "no_answer" and result.rounds[0].finish_reason == "stop"
 
 
@@ -315,7 +325,7 @@ def test_a_search_cut_by_the_token_cap_is_an_invalid_action_and_the_loop_goes_on
 
 def test_the_requests_max_tokens_bounds_the_routers_tokens_over_all_generations():
     gen, asked = router(lambda p: "one two three four five six seven eight nine ten")  # never acts
-    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=4, max_generations=10)), max_tokens=10)
+    result = run(RouterR1Loop(gen, {}, LoopSettings(max_new_tokens=4)), max_tokens=10)
     assert [a["max"] for a in asked] == [4, 4, 2]  # the last generation gets only what is left
     assert result.ledger.router_completion_tokens == 10 and result.stopped == "max_tokens"
     assert result.answer is None

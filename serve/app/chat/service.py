@@ -49,6 +49,9 @@ from .protocol import (
 )
 
 
+LENGTH_STOPS = ("answer_truncated", "max_tokens")  # a token cap cut the output: finish_reason "length"
+
+
 class EngineClient(Protocol):
     async def complete(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
                        stop: Sequence[str] = (), regex: str | None = None) -> Completion: ...
@@ -97,7 +100,7 @@ class ChatService:
                     max_route_calls=r.max_route_calls,
                     max_new_tokens=r.max_new_tokens,
                     temperature=r.temperature,
-                    max_generations=r.max_generations,
+                    max_turns=r.max_turns,
                     budget=r.budget,
                     fallback=self.by_lower[r.fallback.lower()].name if r.fallback else None,
                     deadline_s=r.request_timeout_s,
@@ -256,7 +259,7 @@ class ChatService:
             created=int(time.time()),
             model=self.cfg.router.served_name,
             choices=[Choice(message=ResponseMessage(content=result.answer or ""),
-                            finish_reason="stop" if result.stopped == "answer" else "length")],
+                            finish_reason="length" if result.stopped in LENGTH_STOPS else "stop")],
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
             routing=self._routing(result),

@@ -55,8 +55,8 @@ def chat_app(tmp_path_factory, data_dir, ray_session, http_port):
                     "search": {"kind": "retriever", "model": "auto", "base_url": url, "engine_kwargs": {"top_k": 2, "max_chars_per_passage": 100},
                                "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
                 },
-                # bounded so the module stays quick on 2 cores: ≤ 2 calls, ≤ 4 generations of ≤ 128 tokens
-                "router": {"engine": "smollm2", "max_new_tokens": 128, "max_route_calls": 2, "max_generations": 4,
+                # bounded so the module stays quick on 2 cores: ≤ 2 calls, ≤ 3 + 1 generations of ≤ 128 tokens
+                "router": {"engine": "smollm2", "max_new_tokens": 128, "max_route_calls": 2, "max_turns": 3,
                            "fallback": "SmolLM2-135M"},
                 "candidates": [
                     {"name": "SmolLM2-135M", "description": "small general model", "engine": "smollm2",

@@ -195,7 +195,7 @@ def test_a_client_that_disconnects_stops_the_paid_calls():
 
     router = ScriptedEngine(lambda p: "<search>Alpha:again</search>", model_id="small")
     big = ScriptedEngine(lambda q: "more", model_id="big", latency_s=0.05)
-    service = ChatService(llm_config(max_route_calls=8, max_generations=10), {"small": router, "big": big}, router.chat_prompt)
+    service = ChatService(llm_config(max_turns=8, max_route_calls=8), {"small": router, "big": big}, router.chat_prompt)
     from serve.app.chat.protocol import ChatCompletionRequest
 
     async def main():
@@ -263,3 +263,16 @@ def test_a_truncated_answer_is_returned_with_finish_reason_length_and_max_tokens
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["routing"]["stopped"] == "answer_truncated" and len(body["routing"]["rounds"]) == 1
     assert body["usage"]["completion_tokens"] == 3 and len(router.calls) == 1
+
+
+def test_finish_reason_is_length_only_when_a_token_cap_cut_the_output(parts):
+    service, _, _ = parts
+    service.engines["small"] = ScriptedEngine(lambda p: "thinking about it", model_id="small")  # never acts
+    client = TestClient(create_app(None, LocalChatClient(service)))
+    ask = {"model": "router-r1", "messages": [{"role": "user", "content": "capital of France"}]}
+    body = client.post("/v1/chat/completions", json=ask).json()
+    assert body["routing"]["stopped"] == "no_answer" and len(body["routing"]["rounds"]) == 5  # 4 turns + the final one
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["message"]["content"] == ""
+    body = client.post("/v1/chat/completions", json={**ask, "max_tokens": 4}).json()
+    assert body["routing"]["stopped"] == "max_tokens" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 4
