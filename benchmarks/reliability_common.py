@@ -246,6 +246,11 @@ def _fmt(x, spec=".1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _head(title: str, section: dict, what: str) -> list[str]:
+    """A section's title and the line saying how it was produced."""
+    return [f"## {title}", "", f"Command: `{section['command']}` (commit {section['commit']}, {section['date']}); {what}.", ""]
+
+
 def render(doc: dict) -> None:
     m = next(iter(doc.values()))["machine"]
     lines = ["# Reliability, measured against a real `routerserve up`", "",
@@ -253,14 +258,13 @@ def render(doc: dict) -> None:
              "The load generator runs on the same machine. Goals from issue 13; a missed goal is reported with why.", ""]
     if "fuzz" in doc:
         f = doc["fuzz"]
-        lines += ["## Fuzz (schemathesis, `--checks all`, against the served /openapi.json)", "",
-                  f"Command: `{f['command']}` (commit {f['commit']}, {f['date']}); operations: {', '.join(f['operations'])}.", "",
+        lines += _head("Fuzz (schemathesis, `--checks all`, against the served /openapi.json)", f,
+                       f"operations: {', '.join(f['operations'])}") + [
                   "| cases | server errors (5xx) | 4xx not a JSON error | schemathesis failures | goal |", "|---|---|---|---|---|",
                   f"| {f['cases']} | {f['server_errors']} | {f['non_json_4xx']} | {f['check_failures']} | ≥ 1,000 cases, 0 server errors, every 4xx JSON |", ""]
     if "faults" in doc:
         f = doc["faults"]
-        lines += ["## Faults (closed loop, replica processes SIGKILLed during the run)", "",
-                  f"Command: `{f['command']}` (commit {f['commit']}, {f['date']}); {f['setup']}.", "",
+        lines += _head("Faults (closed loop, replica processes SIGKILLed during the run)", f, f["setup"]) + [
                   "| replicas per deployment | requests | success | max latency s | past the deadline | 503 with Retry-After / failures | recovery s (shard / encoder) | replaced after s (shard / encoder) |",
                   "|---|---|---|---|---|---|---|---|"]
         for run in f["runs"]:
@@ -273,8 +277,7 @@ def render(doc: dict) -> None:
                   "Serve's new replica process was up. Per-second success and latency: reliability.png.", ""]
     if "overload" in doc:
         o = doc["overload"]
-        lines += ["## Overload (open loop at 3× the measured capacity)", "",
-                  f"Command: `{o['command']}` (commit {o['commit']}, {o['date']}); {o['setup']}.", "",
+        lines += _head("Overload (open loop at 3× the measured capacity)", o, o["setup"]) + [
                   "| admission | capacity rps | offered rps | rejected | … 503 + Retry-After | … and in ≤ 100 ms | rejection p50 / p99 ms | admitted p50 / p99 ms | unloaded p99 ms | goodput rps |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in [{**o, "label": "**default**: ingress max_ongoing 64 + max_queued 64"}, *doc.get("overload_alternatives", [])]:
@@ -308,8 +311,7 @@ def render(doc: dict) -> None:
                       "`http_options.request_timeout_s` would bound the whole path; not set).", ""]
     if "soak" in doc:
         s = doc["soak"]
-        lines += ["## Soak (open loop at the measured capacity)", "",
-                  f"Command: `{s['command']}` (commit {s['commit']}, {s['date']}); {s['setup']}.", "",
+        lines += _head("Soak (open loop at the measured capacity)", s, s["setup"]) + [
                   "| minutes | rate rps | requests | success | RSS start MiB | RSS end MiB | growth | goal |", "|---|---|---|---|---|---|---|---|",
                   f"| {s['minutes']:g} | {s['rate_rps']:.1f} | {s['requests']} | {s['success_rate']:.2%} | {s['rss_start_mib']:.0f} | "
                   f"{s['rss_end_mib']:.0f} | {s['rss_end_mib'] / s['rss_start_mib'] - 1:+.1%} | ≤ 10 % |", ""]

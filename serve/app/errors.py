@@ -89,6 +89,9 @@ def error_responses(*statuses: int) -> dict[int, dict]:
     return out
 
 
+REQUEST_ERRORS = error_responses(401, 404, 413, 422, 503, 504)  # an endpoint that takes a body and calls replicas
+
+
 def error_body(status: int, message: str, param: str | None = None, kind: str | None = None,
                extra: dict | None = None) -> dict:
     kind = kind or ("server_error" if status >= 500 else "invalid_request_error")

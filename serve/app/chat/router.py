@@ -8,11 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, create_model
 
-from ..errors import error_responses
+from ..errors import REQUEST_ERRORS, error_responses
 from ..validation import LaxText
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ModelList
 
-ERRORS = error_responses(401, 404, 413, 422, 503, 504)
 SSE_EVENT = {  # with stream: true, each server-sent event (OpenAPI 3.1: the schema describes one event)
     "type": "object",
     "properties": {"data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"},
@@ -44,7 +43,7 @@ def chat_router(chat: ChatClient) -> APIRouter:
     )
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-                 responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}})
+                 responses={**REQUEST_ERRORS, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}})
     async def chat_completions(req: ChatBody):
         if not req.stream:
             return JSONResponse(await chat.chat(req))

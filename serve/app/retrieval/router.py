@@ -9,7 +9,7 @@ can answer besides 200 (401 only matters when API keys are on).
 
 from fastapi import APIRouter
 
-from ..errors import error_responses
+from ..errors import REQUEST_ERRORS, error_responses
 from .protocol import EmbeddingResponse, ExpertsResponse, RetrieveResponse
 from .service import RetrievalService
 
@@ -17,13 +17,12 @@ from .service import RetrievalService
 def retrieval_router(service: RetrievalService) -> APIRouter:
     router = APIRouter()
     RetrieveBody, EmbeddingBody = service.retrieve_model, service.embedding_model
-    answers = error_responses(401, 404, 413, 422, 503, 504)
 
-    @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=answers)
+    @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=REQUEST_ERRORS)
     async def retrieve(req: RetrieveBody) -> RetrieveResponse:
         return await service.retrieve(req)
 
-    @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=answers)
+    @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=REQUEST_ERRORS)
     async def embeddings(req: EmbeddingBody) -> EmbeddingResponse:
         return await service.embeddings(req)
 

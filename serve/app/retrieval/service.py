@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
@@ -28,7 +27,6 @@ from serve.config import LimitsConfig
 
 from ..batching import QueueFull
 from ..errors import RequestError, overloaded
-from ..validation import NOT_BLANK
 from .protocol import (
     EmbeddingData,
     EmbeddingRequest,
@@ -145,12 +143,9 @@ class RetrievalService:
     # -- /v1/retrieve ------------------------------------------------------------------------
 
     async def retrieve(self, req: RetrieveRequest) -> RetrieveResponse:
-        """``req`` is validated by ``self.retrieve_model`` over HTTP; the limits are checked here
-        again (the same rules, the same 422s) for callers that build requests themselves."""
-        _check_text(req.query, self.limits.max_query_chars, "query")
+        """``req`` has passed ``self.retrieve_model`` (the limits, declared in the spec); what
+        needs the encoder (the expert's name) is checked here."""
         query = req.query.strip()
-        if not 1 <= req.top_k <= self.limits.max_top_k:
-            raise RequestError(f"top_k must be between 1 and {self.limits.max_top_k}", "top_k", 422)
         info = await self.encoder_info()
         self.check_expert(info, req.expert, f"unknown expert {req.expert!r}", "expert")
         item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
@@ -248,15 +243,7 @@ class RetrievalService:
         model, _, expert = req.model.partition(":")
         self.check_expert(info, expert or None, f"unknown model {req.model!r} (use {self.served_name!r} or "
                           f"'{self.served_name}:<expert>')", "model", ok=model in (self.served_name, BASE))
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts:
-            raise RequestError("input must not be empty", "input", 422)
-        if len(texts) > self.limits.max_embedding_inputs:
-            raise RequestError(
-                f"input has {len(texts)} texts; the limit is {self.limits.max_embedding_inputs}", "input", 422
-            )
-        for i, t in enumerate(texts):
-            _check_text(t, self.limits.max_query_chars, f"input[{i}]")
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)  # validated: 1..max texts
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
         result = await self._within_deadline(self.encoder.embed(texts, expert or None))
@@ -300,9 +287,3 @@ class RetrievalService:
             return False, {**detail, "error": f"shards hold {total} vectors for {len(self.docs)} documents"}
         return True, detail
 
-
-def _check_text(text: str, max_chars: int, name: str) -> None:
-    if not re.search(NOT_BLANK, text):
-        raise RequestError(f"{name} must not be blank", name.partition("[")[0], 422)
-    if len(text) > max_chars:
-        raise RequestError(f"{name} is {len(text)} characters; the limit is {max_chars}", name.partition("[")[0], 422)

@@ -48,7 +48,6 @@ def schemathesis_cli():
     project's config (benchmarks/schemathesis.toml) and ``--checks all``; JUnit report in out_dir."""
 
     def run(url: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-        """The schemathesis CLI, as a user runs it, with the project's config; the JUnit report in ``out``."""
         cmd = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run",
                f"{url}/openapi.json", "--checks", "all", "--workers", "1", "--request-timeout", "60",
                "--report", "junit", "--report-dir", str(out), "--seed", "1", *args]
