@@ -44,12 +44,16 @@ class LLMEngine(Protocol):
         temperature: float = 0.0,
         stop: Sequence[str] = (),
         regex: str | None = None,
+        seed: int | None = None,
     ) -> Completion:
         """Continue ``prompt`` (raw text, no template). Output ends WITH the stop string that
-        ended it. ``regex``: constrain the output (structured outputs) where the engine can."""
+        ended it. ``regex``: constrain the output (structured outputs) where the engine can;
+        ``seed``: the sampling seed where the engine takes one."""
         ...
 
-    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0) -> Completion: ...
+    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Completion:
+        """One reply to ``messages``; ``seed``: the sampling seed where the engine takes one."""
+        ...
 
     def chat_prompt(self, messages: Messages) -> str:
         """``messages`` through the model's chat template, generation prompt added."""
@@ -71,6 +75,19 @@ def count_with(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+class TokenizerTokens:
+    """A Hugging Face tokenizer as the Router-R1 loop's RouterTokens (no special tokens added)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def count(self, text: str) -> int:
+        return count_with(self.tokenizer, text)
+
+    def head(self, text: str, n: int) -> str:
+        return self.tokenizer.decode(self.tokenizer(text, add_special_tokens=False)["input_ids"][:n])
+
+
 class _TokenizerMixin:
     """Chat template and token counts from the model's tokenizer. ``chat_template`` (Jinja)
     overrides or supplies the template (base models ship none); ``chat_stop`` ends chat replies
@@ -85,9 +102,10 @@ class _TokenizerMixin:
             raise RuntimeError(f"{self.model_id}: the model has no chat template; set the engine's chat_template")
         return render_chat(self.tokenizer, messages, self.chat_template)
 
-    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0) -> Completion:
+    async def chat(self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Completion:
         await self.start()
-        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature, stop=self.chat_stop)
+        out = await self.complete(self.chat_prompt(messages), max_tokens=max_tokens, temperature=temperature,
+                                  stop=self.chat_stop, seed=seed)
         for s in self.chat_stop:  # the stop string is not part of a chat reply
             if out.text.endswith(s):
                 out.text = out.text[: -len(s)]
@@ -114,6 +132,7 @@ class ScriptedEngine:
         self.latency_s = latency_s
         self.fail_with = fail_with
         self.calls: list[str] = []
+        self.seeds: list[int | None] = []  # the seed of each call, as asked
         if callable(reply):
             self._reply = reply
         else:
@@ -123,8 +142,9 @@ class ScriptedEngine:
     async def start(self) -> None:
         return None
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         self.calls.append(prompt)
+        self.seeds.append(seed)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if self.fail_with is not None:
@@ -135,8 +155,8 @@ class ScriptedEngine:
         n = len(text.split())
         return Completion(text, self.count_tokens(prompt), n, "length" if n >= max_tokens and which is None else "stop", which)
 
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
-        return await self.complete(messages[-1]["content"], max_tokens=max_tokens, temperature=temperature)
+    async def chat(self, messages, *, max_tokens, temperature=0.0, seed=None) -> Completion:
+        return await self.complete(messages[-1]["content"], max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     def chat_prompt(self, messages: Messages) -> str:
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
@@ -176,14 +196,16 @@ class TransformersEngine(_TokenizerMixin):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype)).eval()
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         await self.start()
-        return await asyncio.to_thread(self._generate, prompt, max_tokens, temperature, list(stop))
+        return await asyncio.to_thread(self._generate, prompt, max_tokens, temperature, list(stop), seed)
 
-    def _generate(self, prompt: str, max_tokens: int, temperature: float, stop: list[str]) -> Completion:
+    def _generate(self, prompt: str, max_tokens: int, temperature: float, stop: list[str], seed: int | None = None) -> Completion:
         import torch
 
         with self._lock:
+            if seed is not None and temperature > 0:  # sampling from a known state (calls are serialised)
+                torch.manual_seed(seed)
             enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             n_prompt = enc["input_ids"].shape[1]
             kwargs = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, pad_token_id=self.tokenizer.eos_token_id)
@@ -231,7 +253,7 @@ class VLLMEngine(_TokenizerMixin):
         args = AsyncEngineArgs(model=self.model_path, served_model_name=self.model_id, **self.engine_kwargs)
         self.engine = AsyncLLM.from_engine_args(args)
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         from vllm import SamplingParams
 
         await self.start()
@@ -241,7 +263,7 @@ class VLLMEngine(_TokenizerMixin):
 
             extra["structured_outputs"] = StructuredOutputsParams(regex=regex)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, stop=list(stop) or None,
+            max_tokens=max_tokens, temperature=temperature, stop=list(stop) or None, seed=seed,
             include_stop_str_in_output=True, **extra,
         )
         # We tokenize (no special tokens added: a templated prompt already holds them), so a
@@ -391,8 +413,10 @@ class OpenAIEngine:
         except openai.OpenAIError as exc:
             raise engine_error(exc, self.model_id, what) from None  # no chained provider body
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         extra = {"stop": list(stop)} if stop else {}
+        if seed is not None:
+            extra["seed"] = seed
         r = await self._call("/completions", lambda: self.client.completions.create(
             model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, **extra))
         choice = r.choices[0]
@@ -405,9 +429,10 @@ class OpenAIEngine:
                 text += which  # the protocol keeps the stop string
         return Completion(text, *_usage(r), finish, which)
 
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+    async def chat(self, messages, *, max_tokens, temperature=0.0, seed=None) -> Completion:
+        extra = {"seed": seed} if seed is not None else {}
         r = await self._call("/chat/completions", lambda: self.client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature))
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, **extra))
         choice = r.choices[0]
         return Completion(choice.message.content or "", *_usage(r), choice.finish_reason or "stop")
 
@@ -463,7 +488,7 @@ class RetrieverEngine:
             text = text[: -len(self._instruction_suffix)]
         return text.strip()
 
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
+    async def chat(self, messages, *, max_tokens, temperature=0.0, seed=None) -> Completion:
         await self.start()
         query = self.query_of(messages)
         body = {"query": query, "top_k": self.top_k, "include_text": True}
@@ -482,7 +507,7 @@ class RetrieverEngine:
             text, finish = text[: max_tokens * 3], "length"
         return Completion(text, approx_tokens(query), approx_tokens(text) if text else 0, finish)
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         raise NotImplementedError(f"{self.model_id}: a retriever answers chat calls only; it cannot be the router")
 
     def count_tokens(self, text: str) -> int:

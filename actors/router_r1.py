@@ -35,16 +35,23 @@ import re
 import string
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Awaitable, Callable, Literal, Mapping, Sequence
+from typing import Awaitable, Callable, Literal, Mapping, Protocol, Sequence
 
 SEARCH_STOP = "</search>"
 ANSWER_STOP = "</answer>"
 STOPS = (SEARCH_STOP, ANSWER_STOP)
 ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-# text a small router copies from the prompt instead of filling in: treated as no action
-PLACEHOLDERS = {"model-name:sub-query", "model-name:sub-question", "model name:sub-query", "llm-name:query", "..."}
-BUDGET_EXHAUSTED = "Budget exhausted: no further model calls can be made. Answer now inside <answer> and </answer>."
+# text a router copies from a prompt instead of filling it in (any case): an invalid action, not a
+# call. Upstream's rule (a search containing "llm-name" or "your-query"), and a model name that is
+# a prompt's placeholder (ours says "Model-Name:sub-question").
+PLACEHOLDER_MARKS = ("llm-name", "your-query")
+PLACEHOLDER_MODELS = {"model-name", "model name", "llm-name", "llm name", "model", "name", "..."}
+# no tag pair in it: the answer is read from the router's own text, but a literal "<answer> and
+# </answer>" here once became the answer ("and") of a router that did not answer
+BUDGET_EXHAUSTED = "Budget exhausted: no further model calls can be made. Give your final answer now."
+# what a candidate gets for a sub-query (str.format, {query}); a candidate may have its own
+# (llm.candidates.*.instruction_file), e.g. the agent instruction upstream's candidates got
 CANDIDATE_INSTRUCTION = (
     "{query}\n\nAnswer concisely, in a few words. If you cannot answer, say which other model should be asked."
 )
@@ -52,7 +59,11 @@ CANDIDATE_INSTRUCTION = (
 
 # routerserve's own router prompt (the upstream text is not ours to copy): same tags, same rules.
 # A deployment may load another template from a file (e.g. the text the released checkpoints were
-# trained on); placeholders: $question and $candidates (string.Template, so braces are literal).
+# trained on). Two syntaxes (``PromptSyntax``): "template" — string.Template, placeholders
+# $question and $candidates, braces literal (this one); "format" — Python str.format with
+# {question} (and optionally {candidates}), braces doubled for literals: how upstream's
+# data_process/prompt_pool.py defines its prompts, rendered as upstream does (format_map), so a
+# checkpoint's own template gives it a byte-identical prompt.
 DEFAULT_ROUTER_PROMPT = """You answer a question by consulting other language models, all inside this one reply.
 Rules:
 - Reason step by step inside <think> and </think> whenever you need to.
@@ -65,6 +76,9 @@ $candidates
 
 Question: $question"""
 
+PromptSyntax = Literal["template", "format"]
+PROMPT_FIELDS = ("question", "candidates")
+
 
 def render_candidates(pool: Sequence[tuple[str, str, "Price"]]) -> str:
     lines = []
@@ -76,32 +90,86 @@ def render_candidates(pool: Sequence[tuple[str, str, "Price"]]) -> str:
     return "\n".join(lines)
 
 
-def render_router_prompt(template: str, question: str, pool: Sequence[tuple[str, str, "Price"]]) -> str:
-    """The user message of the router: the template with the (normalised) question and the pool."""
+def check_router_prompt(template: str, syntax: PromptSyntax = "template") -> None:
+    """Raise ValueError (saying what is wrong and how to write it) unless ``template`` renders in
+    ``syntax`` with a question placeholder and no other placeholder than the candidates."""
+    if syntax == "format":
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc} (str.format syntax: placeholders {{question}} and {{candidates}}; "
+                             "write {{ and }} for literal braces)") from None
+        unknown = sorted({f for f in fields if f not in PROMPT_FIELDS})
+        if unknown or "question" not in fields:
+            raise ValueError(f"str.format placeholders must be {{question}} (required) and {{candidates}}; found "
+                             f"{sorted(set(fields))} (write {{{{ and }}}} for literal braces)")
+        return
     try:
-        return string.Template(template).substitute(question=normalize_question(question), candidates=render_candidates(pool))
+        fields = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(template)
+                  if m.group("invalid") is None} - {None}
+        string.Template(template).substitute(question="", candidates="")
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{exc!r}: placeholders are $question and $candidates; write $$ for $") from None
+    if "question" not in fields:
+        raise ValueError("no $question placeholder (string.Template syntax; prompt_syntax: format takes {question})")
+
+
+def render_router_prompt(template: str, question: str, pool: Sequence[tuple[str, str, "Price"]],
+                         syntax: PromptSyntax = "template") -> str:
+    """The user message of the router: the template with the (normalised) question and the pool."""
+    values = {"question": normalize_question(question), "candidates": render_candidates(pool)}
+    if syntax == "format":
+        return template.format_map(values)  # as upstream: str.format_map, nothing else touched
+    try:
+        return string.Template(template).substitute(values)
     except (KeyError, ValueError) as exc:
         raise ValueError(f"router prompt template: {exc!r} (placeholders are $question and $candidates; write $$ for $)") from None
 
 
 def router_action_regex(candidate_names: Sequence[str], may_route: bool = True, think: bool = False) -> str:
-    """A regex for one router generation (vLLM structured outputs), so a small router always emits
-    a parseable action: a search naming a configured candidate, or an answer (with ``think``, an
-    optional one-line <think> first). No counted repeats: ``{0,200}``-style bounds made xgrammar's
-    compilation time out (vLLM gives up after 5 s) on a busy 2-core host, while these compile in
-    milliseconds; the generation's token limit bounds the length. Thinking is off by default: a
-    135M router "thinks" until its token limit (measured: 96-token rambles, every round invalid)."""
-    prefix = r"(<think>[^<\n]*</think>\s?)?" if think else ""
-    answer = r"<answer>[^<\n]+</answer>"
+    """A regex for one router generation that starts an action (vLLM structured outputs), so a
+    router always emits a parseable one: a search naming a configured candidate, or an answer;
+    spaces around the name allowed. ``think=False`` (a small router): the action at once, no
+    <think>, tag contents on one line — a 135M router otherwise rambles until its token limit
+    (measured: 96-token thinks, answers cut at the cap). ``think=True``: the trained format — a
+    <think>…</think> first, newlines inside every tag. Never applied to a continuation of a
+    generation cut by its token cap (it may be inside any tag). No counted repeats: ``{0,200}``-
+    style bounds made xgrammar's compilation time out (vLLM gives up after 5 s) on a busy 2-core
+    host, while these compile in milliseconds; the generation's token limit bounds the length."""
+    text = r"[^<]" if think else r"[^<\n]"
+    prefix = rf"\s*(<think>{text}*</think>\s*)?" if think else ""
+    answer = rf"<answer>{text}+</answer>"
     if not may_route or not candidate_names:
         return prefix + answer
     names = "|".join(re.escape(n) for n in candidate_names)
-    return prefix + rf"(<search>({names}):[^<\n]+</search>|{answer})"
+    return prefix + rf"(<search>[ \t]*({names})[ \t]*:{text}+</search>|{answer})"
 
 
 def information_block(reply: str | None) -> str:
     """What the loop appends after a search: the reply, or "None" for a failed call."""
     return "\n\n<information>" + str(reply).strip() + "</information>\n\n"
+
+
+class RouterTokens(Protocol):
+    """The router model's tokens, for the observation cut and the context window."""
+
+    def count(self, text: str) -> int: ...
+
+    def head(self, text: str, n: int) -> str:
+        """The first ``n`` tokens of ``text``, as text."""
+        ...
+
+
+class WordTokens:
+    """Whitespace-separated words as tokens (the scripted engines' unit; tests)."""
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+    def head(self, text: str, n: int) -> str:
+        """``text`` up to the end of its n-th word."""
+        m = re.match(r"(\s*\S+){%d}" % n, text) if n > 0 else None
+        return m.group(0) if m else (text if n > 0 else "")
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
@@ -139,16 +207,66 @@ def parse_action(text: str) -> Action:
     kind, content = m.group(1), m.group(2).strip()
     if kind == "answer":
         return Action("answer", content)
-    if content.lower() in PLACEHOLDERS or not content:
+    if not content or content == "..." or any(mark in content.lower() for mark in PLACEHOLDER_MARKS):
         return Action("invalid", content, reason="placeholder or empty search")
     if ":" not in content:
         return Action("invalid", content, reason="search without 'Model-Name:' prefix")
     model, query = (part.strip() for part in content.split(":", 1))
+    if model.lower() in PLACEHOLDER_MODELS:
+        return Action("invalid", content, model=model, reason="placeholder model name")
     if not model:
         return Action("invalid", content, reason="empty model name")
     if not query:
         return Action("invalid", content, model=model, reason="empty sub-query")
     return Action("search", content, model=model, query=query)
+
+
+NameRule = tuple[tuple[str, ...], "str | None"]
+"""(substrings, target): a written name that contains every substring (lowercase) goes to target
+(a candidate's name or alias), or to no candidate when target is None."""
+
+# Upstream's route_service.py resolves the names its checkpoints write with ordered substring
+# rules onto these model ids (first match wins; a "llama" name matching none of its sizes is no
+# model). As a preset, a rule reaches the candidate that has the target id as its name or alias;
+# a target that no candidate has is an unknown model, as upstream's "LLM Name Error".
+UPSTREAM_NAME_RULES: tuple[NameRule, ...] = (
+    (("qwen",), "qwen/qwen2.5-7b-instruct"),
+    (("palmyra",), "writer/palmyra-creative-122b"),
+    (("creative",), "writer/palmyra-creative-122b"),
+    (("llama", "70b"), "meta/llama-3.1-70b-instruct"),
+    (("llama", "51b"), "nvidia/llama-3.1-nemotron-51b-instruct"),
+    (("llama", "49b"), "nvidia/llama-3.3-nemotron-super-49b-v1"),
+    (("llama", "8b", "chatqa"), "nvidia/llama3-chatqa-1.5-8b"),
+    (("llama", "8b"), "meta/llama-3.1-8b-instruct"),
+    (("llama",), None),
+    (("mistral",), "mistralai/mistral-7b-instruct-v0.3"),
+    (("mixtral",), "mistralai/mixtral-8x22b-instruct-v0.1"),
+    (("granite",), "ibm/granite-3.0-8b-instruct"),
+    (("gemma",), "google/gemma-2-27b-it"),
+)
+
+
+class NameResolver:
+    """The configured candidate a written model name reaches: its name or one of its aliases
+    (case-insensitive, surrounding space ignored) first, then the ordered substring ``rules``
+    (first match wins); None: an unknown model."""
+
+    def __init__(self, names: Mapping[str, Sequence[str]], rules: Sequence[NameRule] = ()):
+        """``names``: candidate name → its aliases."""
+        self._exact = {}
+        for name, aliases in names.items():
+            for written in (name, *aliases):
+                self._exact.setdefault(written.strip().lower(), name)
+        self._rules = [(tuple(part.lower() for part in parts), target) for parts, target in rules]
+
+    def __call__(self, written: str) -> str | None:
+        low = written.strip().lower()
+        if low in self._exact:
+            return self._exact[low]
+        for parts, target in self._rules:
+            if all(part in low for part in parts):
+                return None if target is None else self._exact.get(target.strip().lower())
+        return None
 
 
 def truncated_answer(text: str, finish_reason: str) -> str | None:
@@ -160,7 +278,8 @@ def truncated_answer(text: str, finish_reason: str) -> str | None:
 
 
 def extract_answer(generated: str) -> str | None:
-    """The LAST <answer>…</answer> of the generated part (never the prompt), stripped."""
+    """The LAST <answer>…</answer> of ``generated`` (the router's own text: never the prompt,
+    never an observation, where a candidate's reply could plant one), stripped."""
     found = ANSWER_RE.findall(generated)
     return found[-1].strip() if found else None
 
@@ -190,9 +309,11 @@ class Price:
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.prompt_per_1m + completion_tokens * self.completion_per_1m) / 1e6
 
-    def completion_cost(self, completion_tokens: int) -> float:
-        """Upstream Router-R1's figure: completion tokens only."""
-        return completion_tokens * self.completion_per_1m / 1e6
+    def upstream_cost(self, completion_tokens: int) -> float:
+        """Upstream Router-R1's own figure, in its own unit: completion tokens × price per 1M
+        tokens, NOT divided by 1e6 and without the prompt (route_service.py; its reward's input).
+        Not money: ``cost`` is the bill."""
+        return completion_tokens * self.completion_per_1m
 
 
 def approx_tokens(text: str) -> int:
@@ -214,15 +335,25 @@ def conservative_prompt_tokens(messages: Sequence[Mapping[str, str]]) -> int:
     return TEMPLATE_OVERHEAD_TOKENS + sum(MESSAGE_OVERHEAD_TOKENS + len(m["content"].encode("utf-8")) for m in messages)
 
 
-def candidate_messages(query: str) -> list[dict[str, str]]:
-    """The one user message a candidate gets for a sub-query."""
-    return [{"role": "user", "content": CANDIDATE_INSTRUCTION.format(query=query)}]
+def check_candidate_instruction(template: str) -> None:
+    """Raise ValueError unless ``template`` is a str.format template whose only placeholder is {query}."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    if fields != {"query"}:
+        raise ValueError(f"the only placeholder must be {{query}}; found {sorted(fields)} (write {{{{ and }}}} for braces)")
+
+
+def candidate_messages(query: str, instruction: str = CANDIDATE_INSTRUCTION) -> list[dict[str, str]]:
+    """The one user message a candidate gets for a sub-query (no system message, as upstream)."""
+    return [{"role": "user", "content": instruction.format_map({"query": query})}]
 
 
 @dataclass
 class Candidate:
-    """A routable model as the loop sees it: its price, its call (``candidate_messages(query)``
-    with at most ``max_tokens`` completion tokens), its deadline, and an upper bound on a call's
+    """A routable model as the loop sees it: its price, its call (``candidate_messages(query,
+    instruction)`` with at most ``max_tokens`` completion tokens), its deadline, and an upper bound on a call's
     prompt tokens, so that a call's worst-case cost is known before it is made."""
 
     name: str
@@ -231,10 +362,11 @@ class Candidate:
     max_tokens: int = 512
     count_prompt: Callable[[list[dict[str, str]]], int] = conservative_prompt_tokens
     timeout_s: float | None = None  # None: LoopSettings.call_timeout_s
+    instruction: str = CANDIDATE_INSTRUCTION  # what ``call`` wraps the sub-query in (candidate_messages)
 
     def worst_case(self, query: str) -> Completion:
         """The most this call can be billed for: its whole prompt and ``max_tokens`` completion tokens."""
-        return Completion("", self.count_prompt(candidate_messages(query)), self.max_tokens, "length")
+        return Completion("", self.count_prompt(candidate_messages(query, self.instruction)), self.max_tokens, "length")
 
     def worst_case_cost(self, query: str) -> float:
         w = self.worst_case(query)
@@ -258,10 +390,11 @@ class Round:
     status: str | None = None  # ok | fallback | failed | unknown_model | over_budget | not_executed | cancelled
     prompt_tokens: int = 0  # candidate call
     completion_tokens: int = 0
-    cost: float = 0.0
-    cost_completion_only: float = 0.0
+    cost: float = 0.0  # the bill: (prompt + completion tokens) × price / 1M
+    upstream_cost: float = 0.0  # Router-R1's figure: completion tokens × price per 1M, unnormalised (not money)
     latency_s: float = 0.0
     controller_s: float = 0.0  # time spent in the controller itself (parsing, bookkeeping)
+    observation_cut: bool = False  # the <information> block was cut to max_observation_tokens
     error: str | None = None
 
 
@@ -271,19 +404,19 @@ class Ledger:
     calls: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost: float = 0.0
-    cost_completion_only: float = 0.0
-    router_prompt_tokens: int = 0
+    cost: float = 0.0  # the bill, in ``currency``
+    upstream_cost: float = 0.0  # Router-R1's figure (Price.upstream_cost): a reward unit, not money
+    router_prompt_tokens: int = 0  # the router's own tokens, never in cost
     router_completion_tokens: int = 0
 
     def charge(self, candidate: str, price: Price, completion: Completion) -> tuple[float, float]:
         full = price.cost(completion.prompt_tokens, completion.completion_tokens)
-        upstream = price.completion_cost(completion.completion_tokens)
+        upstream = price.upstream_cost(completion.completion_tokens)
         self.calls[candidate] = self.calls.get(candidate, 0) + 1
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
         self.cost += full
-        self.cost_completion_only += upstream
+        self.upstream_cost += upstream
         return full, upstream
 
 
@@ -296,7 +429,7 @@ class RouterR1Result:
     ledger: Ledger
     budget: float | None
     route_calls: int
-    stopped: str  # answer | answer_truncated | no_answer | budget | max_tokens; in RouterFailed.result: router_failed | deadline
+    stopped: str  # answer | answer_truncated | no_answer | budget | max_tokens | context; in RouterFailed.result: router_failed | deadline
     latency_s: float
 
     @property
@@ -328,6 +461,14 @@ class LoopSettings:
     fallback: str | None = None  # candidate tried once when a call fails
     call_timeout_s: float = 60.0
     deadline_s: float | None = None  # the whole loop of one request; past it RouterFailed(TimeoutError)
+    max_observation_tokens: int | None = 600  # each <information> block cut to its first N router tokens (upstream)
+    context_window: int | None = None  # the router's window (prompt + trace + the generation); None: unchecked
+    min_generation_tokens: int = 16  # fewer left in the window: stop ("context") instead of overflowing it
+
+
+def _router_text(rounds: Sequence["Round"]) -> str:
+    """What the router itself wrote, without the inserted observations."""
+    return "".join(r.router_text for r in rounds)
 
 
 async def _report(on_round: "RoundEvent | None", rnd: Round) -> None:
@@ -337,10 +478,11 @@ async def _report(on_round: "RoundEvent | None", rnd: Round) -> None:
             await maybe
 
 
-RouterGenerate = Callable[[str, Sequence[str], int, float, bool], Awaitable[Completion]]
-"""(prompt so far, stop strings, max new tokens, temperature, may_route) → completion.
-``may_route=False`` on the last generation: an engine with structured outputs may then restrict
-the router to an answer."""
+RouterGenerate = Callable[..., Awaitable[Completion]]
+"""(prompt so far, stop strings, max new tokens, temperature, may_route, *, continuation) →
+completion. ``may_route=False`` on the last generation: an engine with structured outputs may then
+restrict the router to an answer. ``continuation=True`` when the previous generation was cut by its
+token cap, so this one continues it (possibly inside a tag): it must not be constrained."""
 
 RoundEvent = Callable[[Round], Awaitable[None] | None]
 
@@ -354,17 +496,19 @@ class RouterR1Loop:
         generate: RouterGenerate,
         candidates: Mapping[str, Candidate],
         settings: LoopSettings | None = None,
+        resolve: Callable[[str], str | None] | None = None,
+        tokens: RouterTokens | None = None,
     ) -> None:
+        """``resolve``: written model name → candidate name or None (default: the names,
+        case-insensitive; a NameResolver adds aliases and substring rules). ``tokens``: the
+        router's tokenizer, for the observation cut and the context window (None: neither)."""
+        self.tokens = tokens
         self.generate = generate
         self.candidates = dict(candidates)
         self.settings = settings or LoopSettings()
-        self._by_lower = {name.lower(): name for name in self.candidates}
+        self.resolve = resolve or NameResolver({name: () for name in self.candidates})
         if self.settings.fallback is not None and self.settings.fallback not in self.candidates:
             raise ValueError(f"fallback candidate {self.settings.fallback!r} is not in the pool {sorted(self.candidates)}")
-
-    def resolve(self, written: str) -> str | None:
-        """Configured candidate name for the name the router wrote (case-insensitive)."""
-        return self._by_lower.get(written.strip().lower())
 
     async def _call(self, cand: Candidate, query: str) -> Completion:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
@@ -412,7 +556,7 @@ class RouterR1Loop:
         failure still reports every round and every charge made so far)."""
         s = self.settings
         prompt, rounds, ledger, budget = state.prompt, state.rounds, state.ledger, state.budget
-        may_route = True
+        may_route, continuation = True, False
         for index in range(s.max_turns + 1):
             # the final generation may not route: after max_turns turns, after max_route_calls calls,
             # after a budget refusal (so a constrained router ends with an answer)
@@ -423,9 +567,17 @@ class RouterR1Loop:
                 if room <= 0:
                     state.stopped = "max_tokens"
                     return
+            if self.tokens is not None and s.context_window is not None:
+                # the generation fits the window, or the request ends here with what it has:
+                # never a prompt the engine would refuse
+                room = min(room, s.context_window - self.tokens.count(prompt + state.generated))
+                if room < s.min_generation_tokens:
+                    state.answer, state.stopped = extract_answer(_router_text(rounds)), "context"
+                    return
             t0 = time.perf_counter()
             try:
-                out = await self.generate(prompt + state.generated, STOPS, room, s.temperature, not last)
+                out = await self.generate(prompt + state.generated, STOPS, room, s.temperature, not last,
+                                          continuation=continuation)
             except Exception as exc:  # noqa: BLE001 - re-raised with what was already spent
                 state.stopped = "router_failed"
                 raise RouterFailed(exc, state) from exc
@@ -434,6 +586,7 @@ class RouterR1Loop:
             state.generated += text
             ledger.router_prompt_tokens += out.prompt_tokens
             ledger.router_completion_tokens += out.completion_tokens
+            continuation = out.finish_reason == "length"
             action = parse_action(text)
             rnd = Round(index, text, out.prompt_tokens, out.completion_tokens, t1 - t0, action.kind, out.finish_reason)
             rounds.append(rnd)
@@ -455,18 +608,26 @@ class RouterR1Loop:
                     state.route_calls += 1
                 else:
                     may_route = False
-                state.generated += information_block(BUDGET_EXHAUSTED if rnd.status == "over_budget" else rnd.reply)
+                state.generated += self._observation(BUDGET_EXHAUSTED if rnd.status == "over_budget" else rnd.reply, rnd)
                 rnd.controller_s = (time.perf_counter() - t1) - t_call
             if rnd.controller_s == 0.0:
                 rnd.controller_s = time.perf_counter() - t1
             await _report(on_round, rnd)
             if action.kind == "answer" or last:
                 break
-        state.answer = extract_answer(state.generated)
+        state.answer = extract_answer(_router_text(rounds))
         if state.answer is not None:
             state.stopped = "answer"
         elif not may_route:
             state.stopped = "budget"
+
+    def _observation(self, reply: str | None, rnd: Round) -> str:
+        """The <information> block, cut to its first max_observation_tokens router tokens as
+        upstream's training loop cut it (the whole block: a long one loses its closing tag)."""
+        block, n = information_block(reply), self.settings.max_observation_tokens
+        if self.tokens is not None and n is not None and self.tokens.count(block) > n:
+            block, rnd.observation_cut = self.tokens.head(block, n), True
+        return block
 
     async def _route(self, action: Action, rnd: Round, ledger: Ledger, budget: float | None) -> float:
         """Make (or refuse) one route call; fills ``rnd``; returns seconds spent waiting on calls."""
@@ -511,7 +672,7 @@ class RouterR1Loop:
             rnd.status = "ok" if attempt == 0 else "fallback"
             rnd.candidate = which if attempt else name
             rnd.prompt_tokens, rnd.completion_tokens = completion.prompt_tokens, completion.completion_tokens
-            rnd.cost, rnd.cost_completion_only = rnd.cost + full, upstream
+            rnd.cost, rnd.upstream_cost = rnd.cost + full, upstream
             rnd.latency_s = waited
             return waited
         rnd.status, rnd.reply, rnd.latency_s = "failed", None, waited

@@ -1,6 +1,8 @@
 """Overload and soak: open-loop /v1/retrieve load beyond and at capacity, against `routerserve up`.
 
     .venv/bin/python benchmarks/overload.py [--factor 3] [--duration 60] [--soak-minutes 10]
+    .venv/bin/python benchmarks/overload.py --alternative "LABEL" --set limits.max_queue_wait_s=0.25
+
 
 One service (the default config, LLM half off). First measured on it: the unloaded p99 (one
 client, closed loop) and the capacity (16 clients, closed loop: answers per second). Then
@@ -9,7 +11,9 @@ loop): how many are refused, whether refusals are 503 + Retry-After and fast, an
 admitted requests' latency is. Then the soak: arrivals at the capacity for --soak-minutes, with
 the resident memory of every process of the service sampled (start: after the first minute).
 
-Writes the "overload" and "soak" sections of benchmarks/results/reliability.{json,md}.
+Writes the "overload" and "soak" sections of benchmarks/results/reliability.{json,md}; with
+--alternative, a row of "overload_alternatives" under that label instead (no soak), so other
+admission settings are compared in the same table.
 """
 
 from __future__ import annotations
@@ -24,17 +28,25 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reliability_common import (  # noqa: E402
-    OUT, RETRIEVAL_ONLY, LiveService, closed_loop, open_loop, percentile_ms, queries, save_section,
+    OUT, RETRIEVAL_ONLY, LiveService, closed_loop, open_loop, percentile_ms, queries, save_alternative, save_section,
 )
 
 app = typer.Typer(add_completion=False)
 
 
+def _short_admission(cfg) -> str:
+    d, wait = cfg.deployments, cfg.limits.max_queue_wait_s
+    return (f"ingress {d.ingress.get('max_ongoing_requests')} ongoing + {d.ingress.get('max_queued_requests')} queued, "
+            f"max_queue_wait_s {'off' if wait is None else f'{wait:g}'}")
+
+
 def _admission(cfg) -> str:
     d = cfg.deployments
+    wait = cfg.limits.max_queue_wait_s
     return (f"ingress max_ongoing {d.ingress.get('max_ongoing_requests')} + max_queued {d.ingress.get('max_queued_requests')}, "
+            f"limits.max_queue_wait_s {'off' if wait is None else f'{wait:g} s'}, limits.max_waiting {cfg.limits.max_waiting}, "
             f"encoder max_ongoing {d.encoder.get('max_ongoing_requests')} + max_queued {d.encoder.get('max_queued_requests')}, "
-            f"limits.max_waiting {cfg.limits.max_waiting}, request_timeout_s {cfg.limits.request_timeout_s:g}")
+            f"request_timeout_s {cfg.limits.request_timeout_s:g} (proxy {cfg.proxy_timeout_s():g})")
 
 
 @app.command()
@@ -43,6 +55,7 @@ def main(
     duration: float = typer.Option(60.0, help="seconds of overload"),
     soak_minutes: float = typer.Option(10.0, help="minutes at capacity (0: no soak)"),
     set_: list[str] = typer.Option([], "--set", help="config overrides for the service (repeatable)"),
+    alternative: str = typer.Option("", help="save as a labelled row of overload_alternatives (no soak)"),
 ):
     from serve.config import load_config
 
@@ -72,13 +85,23 @@ def main(
             "rejection_p99_ms": percentile_ms([r.latency_s for r in refusals], 99),
             "admitted_p50_ms": percentile_ms([r.latency_s for r in admitted], 50),
             "admitted_p99_ms": percentile_ms([r.latency_s for r in admitted], 99),
+            # the admitted requests' time inside the ingress (queue + batch): the rest is before it
+            "admitted_in_ingress_p50_ms": percentile_ms([r.server_s for r in admitted if r.server_s is not None], 50),
+            "admitted_in_ingress_p99_ms": percentile_ms([r.server_s for r in admitted if r.server_s is not None], 99),
             "unloaded_p99_ms": unloaded_p99,
             "goodput_rps": len(admitted) / duration,
             "no_answer": sum(r.status == 0 for r in records),
+            # answered (or given up on) after the request deadline, as the client saw it
+            "over_deadline": sum(r.latency_s > cfg.limits.request_timeout_s for r in records),
+            "deadline_s": cfg.limits.request_timeout_s,
             "statuses": {str(s): sum(r.status == s for r in records) for s in sorted({r.status for r in records})},
-            "setup": f"open loop at {factor:g}× the capacity for {duration:g} s; default config, LLM half off; admission: {_admission(cfg)}",
+            "admission": _short_admission(cfg),
+            "setup": f"open loop at {factor:g}× the capacity for {duration:g} s; config: default{''.join(' --set ' + x for x in set_)}, LLM half off; admission: {_admission(cfg)}",
         }
         print(f"[overload] {overload}", flush=True)
+        if alternative:
+            save_alternative("overload_alternatives", alternative, overload)
+            return
         save_section("overload", overload)
         if soak_minutes <= 0:
             return

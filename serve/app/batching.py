@@ -9,11 +9,19 @@ sends a lone request at once (no fixed wait). Works in any asyncio loop (Serve r
 
 A batch whose function raises is retried item by item, so one poison item (say, a text the
 tokenizer rejects) fails only its own caller, not everyone batched with it.
+
+Admission: a caller is refused at once (QueueFull, a 503 + Retry-After upstream) when
+``max_waiting`` callers wait already, or when the oldest waiting caller has waited longer than
+``max_queue_wait_s`` (its sojourn time, as CoDel measures a queue): past that, a newcomer would
+wait at least as long, so under overload the queue stays short and the admitted stay fast,
+while a burst on an idle service is taken whole (nothing has waited yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -21,7 +29,8 @@ R = TypeVar("R")
 
 
 class QueueFull(Exception):
-    """More callers are waiting than ``max_waiting``: refuse now instead of queueing without bound."""
+    """The waiting room is full or too slow (max_waiting, max_queue_wait_s): refuse now instead of
+    queueing without bound."""
 
 
 class GreedyBatcher(Generic[T, R]):
@@ -33,6 +42,7 @@ class GreedyBatcher(Generic[T, R]):
         batch_wait_timeout_s: float = 0.0,
         size_fn: Callable[[T], int] | None = None,
         max_waiting: int | None = None,
+        max_queue_wait_s: float | None = None,
     ):
         if max_batch_size < 1 or max_concurrent_batches < 1:
             raise ValueError("max_batch_size and max_concurrent_batches must be >= 1")
@@ -42,46 +52,67 @@ class GreedyBatcher(Generic[T, R]):
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.size_fn = size_fn or (lambda _: 1)
         self.max_waiting = max_waiting  # callers queued for a batch slot; None: unbounded
-        self._queue: asyncio.Queue | None = None
+        self.max_queue_wait_s = max_queue_wait_s  # the oldest caller's wait past which newcomers are refused
+        self._waiting: deque[tuple[float, T, asyncio.Future]] = deque()  # (arrival, item, caller's future)
+        self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
-        self._carry = None  # an item taken off the queue that did not fit the last batch: still waiting
         self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for metrics and tests
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a batch slot (those that gave up are dropped as they reach the head)."""
+        return len(self._waiting)
 
     async def __call__(self, item: T) -> R:
         self._ensure_started()
-        waiting = self._queue.qsize() + (self._carry is not None)
-        if self.max_waiting is not None and waiting >= self.max_waiting:
-            raise QueueFull(f"{waiting} requests are already waiting for a batch")
+        self.admit()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, fut))
+        self._waiting.append((time.monotonic(), item, fut))
+        self._arrived.set()
         return await fut
+
+    def admit(self) -> None:
+        """Raise QueueFull when a newcomer should be refused now."""
+        while self._waiting and self._waiting[0][2].done():  # callers that gave up wait for nothing
+            self._waiting.popleft()
+        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting for a batch")
+        if self.max_queue_wait_s is not None and self._waiting:
+            waited = time.monotonic() - self._waiting[0][0]
+            if waited > self.max_queue_wait_s:
+                raise QueueFull(f"the oldest waiting request has waited {waited:.2f} s for a batch "
+                                f"(over {self.max_queue_wait_s:g} s)")
 
     def _ensure_started(self) -> None:
         if self._worker is None or self._worker.done():
-            self._queue = self._queue or asyncio.Queue()
+            self._arrived = asyncio.Event()
             self._slots = asyncio.Semaphore(self.max_concurrent_batches)
             self._worker = asyncio.get_running_loop().create_task(self._form_batches())
 
+    async def _next(self) -> tuple[T, asyncio.Future]:
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        _, item, fut = self._waiting.popleft()
+        return item, fut
+
     async def _form_batches(self) -> None:
-        assert self._queue is not None and self._slots is not None
+        assert self._arrived is not None and self._slots is not None
         while True:
             await self._slots.acquire()
-            first = self._carry if self._carry is not None else await self._queue.get()
-            self._carry = None
+            first = await self._next()
             batch, size = [first], self.size_fn(first[0])
-            if self.batch_wait_timeout_s > 0 and self._queue.empty():
+            if self.batch_wait_timeout_s > 0 and not self._waiting:
                 await asyncio.sleep(self.batch_wait_timeout_s)
-            while not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                n = self.size_fn(nxt[0])
+            while self._waiting:  # the head that does not fit waits for the next batch, still first
+                n = self.size_fn(self._waiting[0][1])
                 if size + n > self.max_batch_size:
-                    self._carry = nxt
                     break
-                batch.append(nxt)
+                _, item, fut = self._waiting.popleft()
+                batch.append((item, fut))
                 size += n
             asyncio.get_running_loop().create_task(self._run(batch, size))
-
     async def _run(self, batch: list, size: int) -> None:
         try:
             self.batch_sizes.append(size)

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.encoder import EncoderEngine
 from actors.index_store import DocStore
-from actors.llm_engines import OpenAIEngine, RetrieverEngine
+from actors.llm_engines import OpenAIEngine, RetrieverEngine, TokenizerTokens
 from actors.router_r1 import Completion
 from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
 from actors.routing import PilotSet
@@ -42,9 +42,9 @@ from .settings import CONTROLLER, ENCODER, INGRESS
 from .settings import ControllerSettings, EncoderDeploymentSettings, EngineDeploymentSettings, IngressSettings, ShardDeploymentSettings
 
 
-def _batcher(fn, b, size_fn=None, max_waiting=None) -> GreedyBatcher:
+def _batcher(fn, b, size_fn=None, max_waiting=None, max_queue_wait_s=None) -> GreedyBatcher:
     return GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn,
-                         max_waiting=max_waiting)
+                         max_waiting=max_waiting, max_queue_wait_s=max_queue_wait_s)
 
 
 @serve.deployment(name=ENCODER)
@@ -177,7 +177,8 @@ class RetrievalIngress:
             s.served_name,
             s.dim,
         )
-        self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting))
+        self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting,
+                                                         max_queue_wait_s=s.limits.max_queue_wait_s))
         self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
 
     def __serve_build_asgi_app__(self):
@@ -197,8 +198,8 @@ class LLMEngineDeployment:
         out = await self.engine.complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop, regex=regex)
         return asdict(out)
 
-    async def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> dict:
-        return asdict(await self.engine.chat(messages, max_tokens=max_tokens, temperature=temperature))
+    async def chat(self, messages: list[dict], max_tokens: int, temperature: float, seed: int | None = None) -> dict:
+        return asdict(await self.engine.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed))
 
     async def check_health(self) -> None:
         """Serve's replica health check: a local engine that died restarts the replica; a remote
@@ -217,8 +218,8 @@ class _HandleEngineClient:
     async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None) -> Completion:
         return Completion(**await self.handle.complete.remote(prompt, max_tokens, temperature, list(stop), regex))
 
-    async def chat(self, messages, *, max_tokens, temperature=0.0) -> Completion:
-        return Completion(**await self.handle.chat.remote(messages, max_tokens, temperature))
+    async def chat(self, messages, *, max_tokens, temperature=0.0, seed=None) -> Completion:
+        return Completion(**await self.handle.chat.remote(messages, max_tokens, temperature, seed))
 
     async def check_health(self) -> None:
         await self.handle.probe.remote()
@@ -241,6 +242,7 @@ class RouterR1ControllerDeployment:
             {name: _HandleEngineClient(h) for name, h in engines.items()},
             chat_template(router_tok, cfg.engines[cfg.router.engine].chat_template) if router_tok is not None else (lambda m: ""),
             prompt_counters(tokenizers, cfg),
+            router_tokens=TokenizerTokens(router_tok) if router_tok is not None else None,
         )
         self.service.metrics = Metrics()
 

@@ -90,6 +90,7 @@ def up(
 
     from serve.app.builders import build_app
     from serve.deploy.cluster import ensure_ray
+    from serve.deploy.serve_config import http_options
 
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
@@ -105,7 +106,7 @@ def up(
             trained = train_default_experts(cfg, ddir)
             console.print(f"experts trained now: {trained or 'none (all present)'}")
     console.rule("serve")
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     url = f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"

@@ -119,6 +119,9 @@ class ExpertsConfig(_Strict):
         return value
 
 
+PROXY_GRACE_S = 5.0  # the proxy's deadline is the longest endpoint's plus this
+
+
 class HTTPConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -135,6 +138,9 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413) unread")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one retrieval/embedding request (504 past it)")
     max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot in one ingress replica; more: 503 + Retry-After")
+    max_queue_wait_s: float | None = Field(
+        1.0, gt=0, description="latency-aware admission: while the oldest request waiting for a batch slot in an "
+        "ingress replica has waited longer, newcomers are refused at once (503 + Retry-After); null: off")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of our own 503 refusals")
     stuck_after_s: float = Field(
         60.0, gt=0, description="an encoder or shard replica whose oldest batch/search has run longer fails its "
@@ -199,6 +205,18 @@ class RouterServeConfig(_Strict):
         if self.experts.training.default_domains and self.experts.dir is None:
             raise ValueError("experts.training.default_domains needs experts.dir to write adapters to")
         return self
+
+    def proxy_timeout_s(self) -> float:
+        """Serve's HTTP proxy deadline (``http_options.request_timeout_s``): the backstop past which
+        the proxy answers 408 whatever happens behind it (a wedged ingress, a request stuck in the
+        proxy's own queue). It is the longest deadline of any endpoint plus PROXY_GRACE_S, so the
+        endpoints' own JSON 504s come first."""
+        deadlines = [self.limits.request_timeout_s]
+        if self.llm.enabled:
+            deadlines += [c.timeout_s for c in self.llm.candidates]
+            if self.llm.router is not None:
+                deadlines.append(self.llm.router.request_timeout_s)
+        return max(deadlines) + PROXY_GRACE_S
 
     # -- paths ---------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from actors.router_r1 import UPSTREAM_NAME_RULES, NameRule, check_candidate_instruction, check_router_prompt
+
 from .common import _Strict, _validate_deployment_options
 
 
@@ -65,9 +67,25 @@ class CandidateConfig(_Strict):
     description: str = Field(..., min_length=1, description="shown to the router")
     engine: str = Field(..., description="a key of llm.engines")
     price: PriceConfig | None = Field(None, validate_default=True, description="required: every call has a price")
-    max_tokens: int = Field(512, ge=1, le=32768)
+    max_tokens: int = Field(512, ge=1, le=32768, description="completion cap of each call (upstream's: 512)")
     temperature: float = Field(0.0, ge=0, le=2)
+    seed: int | None = Field(None, description="sampling seed of each call (upstream's candidates: 42); null: the engine's")
+    instruction_file: Path | None = Field(None, description="what a sub-query is wrapped in (one user message): a "
+                                          "str.format template with {query}; null = routerserve's own")
     timeout_s: float = Field(60.0, gt=0)
+    aliases: list[str] = Field(default_factory=list, description="other names the router may write for this candidate "
+                               "(case-insensitive), e.g. a checkpoint's names or the model ids router.name_rules target")
+
+    @field_validator("instruction_file")
+    @classmethod
+    def _instruction(cls, value: Path | None) -> Path | None:
+        """Checked here when the file is at hand (else where it is served)."""
+        if value is not None and Path(value).is_file():
+            try:
+                check_candidate_instruction(Path(value).read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{value}: {exc}") from None
+        return value
 
     @field_validator("price")
     @classmethod
@@ -77,22 +95,66 @@ class CandidateConfig(_Strict):
         return value
 
 
+class NameRuleConfig(_Strict):
+    """A written model name containing every one of ``contains`` (case-insensitive) goes to
+    ``candidate`` (a candidate's name or alias), or to no candidate when it is null."""
+
+    contains: list[str] = Field(..., min_length=1)
+    candidate: str | None
+
+
 class RouterConfig(_Strict):
     engine: str = Field(..., description="a key of llm.engines: the router LLM")
     served_name: str = Field("router-r1", description="the 'model' of /v1/chat/completions that runs the router")
-    prompt_file: Path | None = Field(None, description="router prompt template ($question, $candidates); null = routerserve's own")
-    structured_output: bool = Field(True, description="constrain each generation to one valid action (vLLM structured outputs)")
-    structured_think: bool = Field(False, description="structured output: allow a one-line <think> before the action")
+    prompt_file: Path | None = Field(None, description="router prompt template file (see prompt_syntax); null = routerserve's own")
+    prompt_syntax: Literal["template", "format"] = Field(
+        "template", description="template: string.Template ($question, $candidates); format: Python str.format "
+        "({question}, optional {candidates}, {{ }} for braces) — a released checkpoint's own prompt, rendered byte for byte")
+    structured_output: bool = Field(True, description="constrain each generation that starts an action to one valid "
+                                    "action (vLLM structured outputs); a continuation of a cut generation is never constrained")
+    structured_think: bool = Field(False, description="structured output in the trained format: a <think>…</think> "
+                                   "before the action, newlines inside tags (off: no think, one-line tag contents, "
+                                   "which keeps a small router from rambling)")
+    name_rules: list[NameRuleConfig] | Literal["upstream"] = Field(
+        default_factory=list, description="ordered substring rules for names that are no candidate's name or alias "
+        "(first match wins; unmatched: an unknown model); 'upstream': Router-R1's own rules, which target its model ids "
+        "(give candidates those ids as aliases)")
     max_turns: int = Field(4, ge=0, le=32, description="generations that may route, invalid ones included (every "
                            "generation is a turn, as Router-R1 was trained); then one final generation")
     max_route_calls: int = Field(4, ge=0, le=32, description="executed calls (<= max_turns to matter); a request may lower it")
     max_new_tokens: int = Field(1024, ge=1, le=32768)
+    max_observation_tokens: int | None = Field(600, ge=1, description="each <information> block cut to its first N "
+                                               "router tokens, as Router-R1 was trained; null: uncut")
+    context_window: int | None = Field(None, ge=64, description="the router's window (prompt + trace + generation); "
+                                       "null: the router engine's engine_kwargs.max_model_len, else unchecked. A trace "
+                                       "that fills it ends the request (stopped: context), never a 503")
     temperature: float = Field(0.0, ge=0, le=2)
     budget: float | None = Field(None, gt=0, description="default hard budget per request (candidates' currency)")
     fallback: str | None = Field(None, description="candidate tried once when a call fails")
     timeout_s: float = Field(120.0, gt=0, description="deadline of each router generation (a miss is a 503 with the ledger)")
     request_timeout_s: float = Field(
         300.0, gt=0, description="deadline of one request's whole Router-R1 loop (a miss cancels what runs: 504 with the ledger)")
+
+    @model_validator(mode="after")
+    def _prompt(self) -> "RouterConfig":
+        """The prompt file renders in its syntax, and structured output can express what it asks for.
+        A file that is not here is checked where it is served (it may live only in the image)."""
+        if self.prompt_file is None:
+            if self.prompt_syntax != "template":
+                raise ValueError("prompt_syntax: 'format' is for a prompt_file (routerserve's own prompt is a string.Template)")
+            return self
+        if not Path(self.prompt_file).is_file():
+            return self
+        text = Path(self.prompt_file).read_text(encoding="utf-8")
+        try:
+            check_router_prompt(text, self.prompt_syntax)
+        except ValueError as exc:
+            raise ValueError(f"prompt_file: {self.prompt_file}: {exc}") from None
+        if self.structured_output and not self.structured_think and "<think>" in text:
+            raise ValueError("structured_think: the prompt_file asks for <think>…</think>, which structured output "
+                             "forbids without structured_think (set structured_think: true, or structured_output: "
+                             "false for a checkpoint trained on this prompt)")
+        return self
 
 
 class LLMConfig(_Strict):
@@ -106,6 +168,22 @@ class LLMConfig(_Strict):
     controller: dict[str, Any] = Field(
         default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
     )
+
+    def router_context_window(self) -> int | None:
+        """llm.router.context_window, else the router engine's max_model_len when configured."""
+        if self.router is None:
+            return None
+        if self.router.context_window is not None:
+            return self.router.context_window
+        window = self.engines[self.router.engine].engine_kwargs.get("max_model_len")
+        return int(window) if isinstance(window, int) else None
+
+    def name_rules(self) -> list[NameRule]:
+        """The router's name rules as the loop takes them (the preset expanded)."""
+        rules = self.router.name_rules if self.router is not None else []
+        if rules == "upstream":
+            return list(UPSTREAM_NAME_RULES)
+        return [(tuple(r.contains), r.candidate) for r in rules]
 
     @field_validator("controller")
     @classmethod
@@ -123,10 +201,16 @@ class LLMConfig(_Strict):
         for i, cand in enumerate(self.candidates):
             if cand.engine not in self.engines:
                 raise ValueError(f"candidates.{i}.engine: {cand.engine!r} is not a key of llm.engines {sorted(self.engines)}")
-            low = cand.name.lower()
-            if low in seen:
-                raise ValueError(f"candidates.{i}.name: {cand.name!r} repeats candidate {seen[low]} (names are case-insensitive)")
-            seen[low] = i
+            if cand.instruction_file is not None and self.engines[cand.engine].kind == "retriever":
+                raise ValueError(f"candidates.{i}.instruction_file: a retriever candidate searches the sub-query itself")
+            for key, written in [("name", cand.name), *((f"aliases.{j}", a) for j, a in enumerate(cand.aliases))]:
+                low = written.strip().lower()
+                if not low:
+                    raise ValueError(f"candidates.{i}.{key}: empty")
+                if seen.get(low, i) != i:
+                    raise ValueError(f"candidates.{i}.{key}: {written!r} repeats candidate {seen[low]}'s name or alias "
+                                     "(names are case-insensitive)")
+                seen[low] = i
         if self.router is not None:
             if self.router.engine not in self.engines:
                 raise ValueError(f"router.engine: {self.router.engine!r} is not a key of llm.engines {sorted(self.engines)}")
@@ -136,6 +220,10 @@ class LLMConfig(_Strict):
                 raise ValueError(f"router.served_name: {self.router.served_name!r} is also a candidate name")
             if self.router.fallback is not None and self.router.fallback.lower() not in seen:
                 raise ValueError(f"router.fallback: {self.router.fallback!r} is not a candidate name")
+            if isinstance(self.router.name_rules, list):
+                for i, rule in enumerate(self.router.name_rules):
+                    if rule.candidate is not None and rule.candidate.strip().lower() not in seen:
+                        raise ValueError(f"router.name_rules.{i}.candidate: {rule.candidate!r} is no candidate's name or alias")
             if not self.candidates:
                 raise ValueError("candidates: the router needs at least one candidate")
         return self

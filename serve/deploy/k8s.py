@@ -112,8 +112,10 @@ def _check_paths_on_volume(ccfg: RouterServeConfig, root: str) -> None:
     paths.update({f"llm.engines.{n}.model": e.model for n, e in ccfg.llm.engines.items() if e.kind in ("vllm", "transformers")})
     if ccfg.llm.router is not None and ccfg.llm.router.prompt_file is not None:
         paths["llm.router.prompt_file"] = str(ccfg.llm.router.prompt_file)
+    paths.update({f"llm.candidates.{i}.instruction_file": str(c.instruction_file)
+                  for i, c in enumerate(ccfg.llm.candidates) if c.instruction_file is not None})
     for key, ref in paths.items():
-        if key.endswith("prompt_file") or not _looks_like_ref(ref):
+        if key.endswith(("prompt_file", "instruction_file")) or not _looks_like_ref(ref):
             if not (ref == root or ref.startswith(root + "/")):
                 raise ConfigError(f"{key}: {ref} is a local path; put it under {root} (the artifacts volume) "
                                   f"and set it in k8s.overrides")

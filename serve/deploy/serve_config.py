@@ -11,6 +11,11 @@ from serve.config import RouterServeConfig
 IMPORT_PATH = "serve.app.builders:build_app"
 
 
+def http_options(cfg: RouterServeConfig, host: str | None = None) -> dict[str, Any]:
+    """Serve's HTTP proxy options: where it listens and its backstop deadline (cfg.proxy_timeout_s)."""
+    return {"host": host or cfg.http.host, "port": cfg.http.port, "request_timeout_s": cfg.proxy_timeout_s()}
+
+
 def serve_config(cfg: RouterServeConfig, data_dir: Path | None = None, host: str | None = None) -> dict[str, Any]:
     """A ServeDeploySchema-valid dict; validated with Ray Serve's own schema before it is returned."""
     from ray.serve.schema import ServeDeploySchema
@@ -22,7 +27,7 @@ def serve_config(cfg: RouterServeConfig, data_dir: Path | None = None, host: str
         args["data_dir"] = str(data_dir)
     doc = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host or cfg.http.host, "port": cfg.http.port},
+        "http_options": http_options(cfg, host),
         "applications": [
             {
                 "name": cfg.app_name,

@@ -121,7 +121,7 @@ async def _run_policy(client, url: str, policy: str, rows: list[dict], router: s
             "id": row.get("id"), "prediction": pred, "model": body["model"],
             "em": exact_match(pred, row["golden_answers"]), "f1": token_f1(pred, row["golden_answers"]),
             "calls": sum(routing["calls"].values()), "cost": routing["cost"],
-            "cost_completion_only": routing["cost_completion_only"], "latency_s": latency,
+            "upstream_cost": routing["upstream_cost"], "latency_s": latency,
             "stopped": routing["stopped"],
         }
 
@@ -135,7 +135,7 @@ def summarize(items: list[dict]) -> dict:
         "f1": sum(i["f1"] for i in items) / n,
         "calls_per_question": sum(i["calls"] for i in items) / n,
         "cost_per_question": sum(i["cost"] for i in items) / n,
-        "cost_completion_only_per_question": sum(i.get("cost_completion_only", 0.0) for i in items) / n,
+        "upstream_cost_per_question": sum(i.get("upstream_cost", 0.0) for i in items) / n,
         "latency_p50_s": statistics.median(i["latency_s"] for i in items),
         "errors": sum(1 for i in items if "error" in i),
         "n": n,

@@ -18,8 +18,9 @@ def router(script, **kw):
     engine = ScriptedEngine(script, **kw)
     asked = []
 
-    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
-        asked.append({"prompt": prompt, "stop": tuple(stop), "max": max_new_tokens, "temp": temperature, "may_route": may_route})
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route, continuation=False):
+        asked.append({"prompt": prompt, "stop": tuple(stop), "max": max_new_tokens, "temp": temperature, "may_route": may_route,
+                      "continuation": continuation})
         return await engine.complete(prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop)
 
     return generate, asked
@@ -53,7 +54,7 @@ def test_search_reply_is_inserted_exactly_and_the_turn_continues():
 
 
 def test_generation_is_cut_at_the_first_stop_string_and_keeps_it():
-    async def gen(prompt, stop, n, t, may_route):  # an engine that ran past its stop string
+    async def gen(prompt, stop, n, t, may_route, continuation=False):  # an engine that ran past its stop string
         return Completion("<answer>A</answer> trailing <answer>B</answer>", 5, 9)
 
     result = run(RouterR1Loop(gen, {}))
@@ -88,6 +89,10 @@ def test_answer_is_the_last_answer_of_the_generated_part_only():
     [
         ("I think the answer is Paris.", "no <search>"),
         ("<search>Model-Name:sub-query</search>", "placeholder"),
+        ("<search>LLM-Name:Your-Query</search>", "placeholder"),  # upstream's placeholder, any case
+        ("<search>llm-name:who wrote Hamlet?</search>", "placeholder"),
+        ("<search>Alpha:YOUR-QUERY</search>", "placeholder"),
+        ("<search> model name : who?</search>", "placeholder model name"),
         ("<search>no colon here</search>", "without 'Model-Name:'"),
         ("<search>Alpha:   </search>", "empty sub-query"),
         ("<search>:question</search>", "empty model name"),
@@ -107,6 +112,40 @@ def test_parse_action_takes_the_first_tag_and_splits_on_the_first_colon():
     a = parse_action("<search>gpt-X: ratio 3:2 in degrees?</search><answer>no</answer>")
     assert (a.kind, a.model, a.query) == ("search", "gpt-X", "ratio 3:2 in degrees?")
     assert parse_action("<answer>\n 42 \n</answer>").content == "42"
+
+
+def test_a_real_query_mentioning_sub_queries_is_a_call():
+    a = parse_action("<search>Alpha:what is a sub-query in SQL?</search>")
+    assert (a.kind, a.model, a.query) == ("search", "Alpha", "what is a sub-query in SQL?")
+
+
+def test_names_resolve_by_name_alias_then_ordered_substring_rules():
+    from actors.router_r1 import UPSTREAM_NAME_RULES, NameResolver
+
+    resolve = NameResolver({"Qwen2.5-7B-Instruct": ["qwen/qwen2.5-7b-instruct"],
+                            "LLaMA-3.1-70B-Instruct": ["meta/llama-3.1-70b-instruct", "big-llama"],
+                            "Llama-3.1-8B": ["meta/llama-3.1-8b-instruct"]}, UPSTREAM_NAME_RULES)
+    assert resolve(" big-LLAMA ") == "LLaMA-3.1-70B-Instruct"  # an alias, any case
+    assert resolve("Qwen2.5-7B") == "Qwen2.5-7B-Instruct"  # rule: qwen
+    assert resolve("LLaMA-3.1-70B") == "LLaMA-3.1-70B-Instruct"  # rule: llama + 70b
+    assert resolve("LLaMA-3.1-8B-Instruct") == "Llama-3.1-8B"  # rule: llama + 8b
+    assert resolve("Llama3-ChatQA-1.5-8B") is None  # its rule comes first; its target is not in the pool
+    assert resolve("LLaMA-2-13B") is None  # a llama of no listed size: no model, never another rule
+    assert resolve("Mistral-7B-Instruct") is None and resolve("GPT-4o") is None
+    own = NameResolver({"Alpha": []}, [(("gpt",), "Alpha"), (("gpt", "mini"), None)])
+    assert own("GPT-4o-mini") == "Alpha"  # first match wins
+
+
+def test_an_aliased_name_reaches_its_candidate_and_an_unmatched_one_stays_unknown():
+    from actors.router_r1 import NameResolver
+
+    gen, asked = router(["<search>LLaMA-3.1-70B:q1</search>", "<search>Gemma-2-27B:q2</search>", "<answer>x</answer>"])
+    big, engine = candidate("Big", reply="r1")
+    resolve = NameResolver({"Big": ["meta/llama-3.1-70b-instruct"]}, [(("llama", "70b"), "meta/llama-3.1-70b-instruct")])
+    result = run(RouterR1Loop(gen, {"Big": big}, resolve=resolve))
+    assert result.rounds[0].candidate == "Big" and result.rounds[0].status == "ok" and engine.calls == ["q1"]
+    assert result.rounds[1].status == "unknown_model" and "Gemma-2-27B" in result.rounds[1].error
+    assert "<information>r1</information>" in asked[1]["prompt"] and "<information>None</information>" in asked[2]["prompt"]
 
 
 def test_unknown_model_gets_none_and_names_match_case_insensitively():
@@ -165,8 +204,10 @@ def test_ledger_counts_prompt_and_completion_tokens_and_both_costs():
     # scripted token counts: prompt = words of the sub-query, completion = words of the reply
     assert (ledger.prompt_tokens, ledger.completion_tokens) == (3 + 1, 4 + 1)
     assert ledger.cost == pytest.approx(3 * 1 + 4 * 2 + 1 * 10)
-    assert ledger.cost_completion_only == pytest.approx(4 * 2 + 1 * 10)
+    # Router-R1's own figure: completion tokens × price per 1M, not divided by 1e6, prompt ignored
+    assert ledger.upstream_cost == pytest.approx(4 * 2_000_000 + 1 * 10_000_000)
     assert [r.cost for r in result.rounds[:2]] == pytest.approx([11.0, 10.0])
+    assert [r.upstream_cost for r in result.rounds[:2]] == pytest.approx([8_000_000, 10_000_000])
     assert ledger.router_completion_tokens == sum(r.router_completion_tokens for r in result.rounds)
 
 
@@ -263,6 +304,22 @@ def test_action_regex_allows_only_configured_names_and_answers_on_the_last_round
     assert rx.fullmatch("<answer>Paris</answer>") and not rx.fullmatch("<search>Gamma:q</search>")
     last = re.compile(router_action_regex(["Alpha"], may_route=False))
     assert last.fullmatch("<answer>x</answer>") and not last.fullmatch("<search>Alpha:q</search>")
+    # think=True is the trained format: a leading newline, a multi-line <think>, spaces around the
+    # name, newlines inside tags; think=False keeps a small router's tag contents on one line
+    assert rx.fullmatch("\n<think>first\nthen</think>\n<search> Alpha : who\nwrote it?</search>")
+    assert rx.fullmatch("<answer>line one\nline two</answer>")
+    compact = re.compile(router_action_regex(["Alpha"]))
+    assert compact.fullmatch("<search> Alpha :who?</search>") and not compact.fullmatch("<answer>one\ntwo</answer>")
+
+
+def test_only_a_generation_that_starts_an_action_is_marked_constrainable():
+    """The generation after one cut by its token cap continues it (continuation=True: an engine
+    must not constrain it); the one after a complete action does not."""
+    gen, asked = router(["<think>a b c d e f", "g</think><search>Alpha:q</search>", "<answer>x</answer>"])
+    alpha, _ = candidate("Alpha")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_new_tokens=3)))
+    assert [a["continuation"] for a in asked] == [False, True, False]
+    assert [r.finish_reason for r in result.rounds] == ["length", "stop", "stop"] and result.answer == "x"
 
 
 def test_the_budget_holds_against_text_that_tokenises_badly():
@@ -285,7 +342,7 @@ def test_the_budget_holds_against_text_that_tokenises_badly():
 def test_a_router_failure_keeps_what_was_spent():
     calls = []
 
-    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route, continuation=False):
         calls.append(prompt)
         if len(calls) == 1:
             return Completion("<search>Alpha:q</search>", 5, 3)
@@ -356,9 +413,44 @@ def test_the_loop_deadline_cancels_the_call_in_flight_and_reports_what_was_spent
 
 
 def test_the_deadline_also_cuts_a_router_generation_that_never_ends():
-    async def generate(prompt, stop, max_new_tokens, temperature, may_route):
+    async def generate(prompt, stop, max_new_tokens, temperature, may_route, continuation=False):
         await asyncio.sleep(3600)
 
     with pytest.raises(RouterFailed) as info:
         run(RouterR1Loop(generate, {}, LoopSettings(deadline_s=0.1)))
     assert info.value.result.stopped == "deadline" and info.value.result.rounds == []
+
+
+def test_observations_are_cut_to_the_router_token_limit_as_upstream_did():
+    """The whole <information> block is cut to its first max_observation_tokens router tokens
+    (a long one loses its closing tag, as in Router-R1's training loop); short ones are untouched."""
+    from actors.router_r1 import WordTokens
+
+    gen, asked = router(["<search>Alpha:long</search>", "<search>Alpha:short</search>", "<answer>x</answer>"])
+    words = " ".join(f"w{i}" for i in range(1000))
+    alpha, _ = candidate("Alpha", reply=lambda q: words if q == "long" else "brief reply")
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, LoopSettings(max_observation_tokens=20), tokens=WordTokens()))
+    first = asked[1]["prompt"][len(PROMPT) + len(result.rounds[0].router_text):]
+    assert first == WordTokens().head(information_block(words), 20) and "</information>" not in first
+    assert result.rounds[0].observation_cut and not result.rounds[1].observation_cut
+    assert asked[2]["prompt"].endswith(information_block("brief reply"))
+
+
+def test_a_trace_that_fills_the_context_window_stops_with_context_never_an_overflow():
+    """Each generation gets at most what is left of the window; when fewer than
+    min_generation_tokens are left the request ends (stopped: context) without calling the
+    engine with a prompt it would refuse."""
+    from actors.router_r1 import WordTokens
+
+    gen, asked = router(["<search>Alpha:q</search>", "<answer>never</answer>"])
+    alpha, _ = candidate("Alpha", reply=" ".join(["word"] * 60))
+    window = WordTokens().count(PROMPT) + 70
+    settings = LoopSettings(max_new_tokens=64, context_window=window, max_observation_tokens=None, min_generation_tokens=16)
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, settings, tokens=WordTokens()))
+    assert asked[0]["max"] == 64  # room for a whole generation
+    assert len(asked) == 1 and result.stopped == "context" and result.answer is None  # 70 - 59 < 16 left
+    roomy = LoopSettings(max_new_tokens=64, context_window=window + 30, max_observation_tokens=None, min_generation_tokens=16)
+    gen, asked = router(["<search>Alpha:q</search>", "<answer>fits</answer>"])
+    result = run(RouterR1Loop(gen, {"Alpha": alpha}, roomy, tokens=WordTokens()))
+    used = WordTokens().count(asked[1]["prompt"])
+    assert asked[1]["max"] == window + 30 - used < 64 and result.answer == "fits"  # capped at what is left

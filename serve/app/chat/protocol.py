@@ -113,12 +113,14 @@ class RoutingInfo(BaseModel):
     rounds: list[dict[str, Any]] = Field(default_factory=list)
     route_calls: int = 0
     calls: dict[str, int] = Field(default_factory=dict)
-    cost: float = 0.0
-    cost_completion_only: float = 0.0  # upstream Router-R1's figure
+    cost: float = 0.0  # the bill: candidates' prompt + completion tokens × their prices, in `currency`
+    # Router-R1's own training-time figure, in its own unit: completion tokens × price per 1M,
+    # not divided by 1e6, prompt ignored. Not money; the router's tokens are in router_tokens.
+    upstream_cost: float = 0.0
     currency: str = "USD"
     budget: float | None = None
     budget_left: float | None = None
-    stopped: str = "answer"  # answer | answer_truncated | no_answer | budget | max_tokens (errors: router_failed | deadline)
+    stopped: str = "answer"  # answer | answer_truncated | no_answer | budget | max_tokens | context (errors: router_failed | deadline)
     candidate_tokens: dict[str, int] = Field(default_factory=dict)
     router_tokens: dict[str, int] = Field(default_factory=dict)
     latency_s: float = 0.0

@@ -17,16 +17,21 @@ from dataclasses import asdict
 from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 from actors.router_r1 import (
+    CANDIDATE_INSTRUCTION,
     DEFAULT_ROUTER_PROMPT,
     Candidate,
     Completion,
     LoopSettings,
+    NameResolver,
     Price,
     RouterFailed,
     RouterR1Loop,
     RouterR1Result,
+    RouterTokens,
     Round,
     candidate_messages,
+    check_candidate_instruction,
+    check_router_prompt,
     conservative_prompt_tokens,
     render_router_prompt,
     router_action_regex,
@@ -49,22 +54,38 @@ from .protocol import (
 )
 
 
-LENGTH_STOPS = ("answer_truncated", "max_tokens")  # a token cap cut the output: finish_reason "length"
+LENGTH_STOPS = ("answer_truncated", "max_tokens", "context")  # a token cap cut the output: finish_reason "length"
 
 
 class EngineClient(Protocol):
     async def complete(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
                        stop: Sequence[str] = (), regex: str | None = None) -> Completion: ...
-    async def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0) -> Completion: ...
+    async def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0,
+                   seed: int | None = None) -> Completion: ...
     async def check_health(self) -> None: ...
 
 
-def load_prompt_template(path) -> str:
+def load_prompt_template(path, syntax: str = "template") -> str:
+    """The router prompt template: routerserve's own, or ``path`` checked for ``syntax``."""
     if path is None:
         return DEFAULT_ROUTER_PROMPT
     text = open(path, encoding="utf-8").read()
-    if "$question" not in text and "${question}" not in text:
-        raise ValueError(f"llm.router.prompt_file: {path} has no $question placeholder")
+    try:
+        check_router_prompt(text, syntax)
+    except ValueError as exc:
+        raise ValueError(f"llm.router.prompt_file: {path}: {exc}") from None
+    return text
+
+
+def load_candidate_instruction(c: CandidateConfig) -> str:
+    """What the candidate wraps a sub-query in: routerserve's own, or its instruction_file checked."""
+    if c.instruction_file is None:
+        return CANDIDATE_INSTRUCTION
+    text = open(c.instruction_file, encoding="utf-8").read()
+    try:
+        check_candidate_instruction(text)
+    except ValueError as exc:
+        raise ValueError(f"llm.candidates ({c.name}).instruction_file: {c.instruction_file}: {exc}") from None
     return text
 
 
@@ -76,19 +97,23 @@ class ChatService:
         chat_prompt: Callable[[list[dict]], str],
         count_prompt: Mapping[str, Callable[[list[dict]], int]] | None = None,
         prompt_template: str | None = None,
+        router_tokens: RouterTokens | None = None,
     ) -> None:
         """``chat_prompt``: the router model's chat template (messages → text with the generation
         prompt); ``count_prompt``: per engine name, the exact prompt-token count of a message list
         (its tokenizer and chat template), used to bound a call's cost before it is made; engines
-        without one get ``conservative_prompt_tokens``."""
+        without one get ``conservative_prompt_tokens``; ``router_tokens``: the router's tokenizer
+        (the observation cut and the context window; None: neither)."""
         self.cfg = llm
         self.engines = dict(engines)
         self.chat_prompt = chat_prompt
         self.count_prompt = dict(count_prompt or {})
-        self.template = prompt_template or load_prompt_template(llm.router.prompt_file if llm.router else None)
+        self.syntax = llm.router.prompt_syntax if llm.router else "template"
+        self.template = prompt_template or load_prompt_template(llm.router.prompt_file if llm.router else None, self.syntax)
         self.created = int(time.time())
         self.metrics = None  # serve.app.metrics.Metrics inside a replica; None: not recorded
-        self.by_lower = {c.name.lower(): c for c in llm.candidates}
+        # a candidate by any of its names (its aliases too), case-insensitive: direct calls, the fallback
+        self.by_lower = {n.strip().lower(): c for c in llm.candidates for n in (c.name, *c.aliases)}
         self.pool = [(c.name, c.description, self._price(c)) for c in llm.candidates]
         self.loop = None
         if llm.router is not None:
@@ -105,7 +130,11 @@ class ChatService:
                     fallback=self.by_lower[r.fallback.lower()].name if r.fallback else None,
                     deadline_s=r.request_timeout_s,
                     # each candidate's own timeout_s is on its Candidate
+                    max_observation_tokens=r.max_observation_tokens,
+                    context_window=llm.router_context_window(),
                 ),
+                resolve=NameResolver({c.name: c.aliases for c in llm.candidates}, llm.name_rules()),
+                tokens=router_tokens,
             )
 
     # -- building blocks ---------------------------------------------------------------------
@@ -116,24 +145,29 @@ class ChatService:
 
     def _candidate(self, c: CandidateConfig) -> Candidate:
         engine = self.engines[c.engine]
+        instruction = load_candidate_instruction(c)
 
         async def call(query: str) -> Completion:
-            return await engine.chat(candidate_messages(query), max_tokens=c.max_tokens, temperature=c.temperature)
+            return await engine.chat(candidate_messages(query, instruction), max_tokens=c.max_tokens,
+                                     temperature=c.temperature, seed=c.seed)
 
-        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine), c.timeout_s)
+        return Candidate(c.name, self._price(c), call, c.max_tokens, self._counter(c.engine), c.timeout_s, instruction)
 
     def _counter(self, engine: str) -> Callable[[list[dict]], int]:
         return self.count_prompt.get(engine) or conservative_prompt_tokens
 
-    async def _router_generate(self, prompt, stop, max_new_tokens, temperature, may_route) -> Completion:
+    async def _router_generate(self, prompt, stop, max_new_tokens, temperature, may_route, continuation=False) -> Completion:
         r = self.cfg.router
-        regex = router_action_regex([c.name for c in self.cfg.candidates], may_route, r.structured_think) if r.structured_output else None
+        regex = None  # a continuation of a cut generation may be inside any tag: never constrained
+        if r.structured_output and not continuation:
+            names = [n for c in self.cfg.candidates for n in (c.name, *c.aliases)]
+            regex = router_action_regex(names, may_route, r.structured_think)
         async with asyncio.timeout(r.timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
             return await self.engines[r.engine].complete(
                 prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop, regex=regex)
 
     def router_prompt(self, question: str) -> str:
-        user = render_router_prompt(self.template, question, self.pool)
+        user = render_router_prompt(self.template, question, self.pool, self.syntax)
         return self.chat_prompt([{"role": "user", "content": user}])
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -240,7 +274,7 @@ class ChatService:
             route_calls=result.route_calls,
             calls=dict(led.calls),
             cost=led.cost,
-            cost_completion_only=led.cost_completion_only,
+            upstream_cost=led.upstream_cost,
             currency=led.currency,
             budget=result.budget,
             budget_left=result.budget_left,
@@ -298,7 +332,7 @@ class ChatService:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                         total_tokens=out.prompt_tokens + out.completion_tokens),
             routing=RoutingInfo(
-                calls={cand.name: 1}, cost=cost, cost_completion_only=price.completion_cost(out.completion_tokens),
+                calls={cand.name: 1}, cost=cost, upstream_cost=price.upstream_cost(out.completion_tokens),
                 currency=price.currency, budget=req.budget,
                 budget_left=None if req.budget is None else max(0.0, req.budget - cost),
                 candidate_tokens={"prompt": out.prompt_tokens, "completion": out.completion_tokens},

@@ -100,3 +100,71 @@ def test_concurrent_slots_pipeline_batches():
 def test_invalid_settings():
     with pytest.raises(ValueError):
         GreedyBatcher(lambda x: x, max_batch_size=0)
+
+
+def test_newcomers_are_refused_while_the_oldest_waiting_caller_has_waited_too_long():
+    """Latency-aware admission: a caller is admitted while the head of the queue is younger than
+    max_queue_wait_s, refused (QueueFull) once it is older, and admitted again once the head has
+    been taken into a batch."""
+    from serve.app.batching import QueueFull
+
+    release = None
+
+    async def fn(items):
+        if items == [0]:
+            await release.wait()  # the only slot is held: everyone else waits
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        b = GreedyBatcher(fn, max_batch_size=32, max_concurrent_batches=1, max_queue_wait_s=0.2)
+        held = asyncio.ensure_future(b(0))
+        await asyncio.sleep(0.01)
+        young = asyncio.ensure_future(b(1))  # waits; nothing had waited before it
+        await asyncio.sleep(0.05)
+        still_young = asyncio.ensure_future(b(2))  # the head has waited 0.05 s < 0.2 s: admitted
+        await asyncio.sleep(0.25)  # the head has now waited 0.3 s
+        with pytest.raises(QueueFull, match=r"oldest waiting request has waited 0\.\d+ s .*over 0\.2 s"):
+            await b(3)
+        release.set()
+        done = await asyncio.gather(held, young, still_young)
+        return done, await b(4)  # the queue drained: admitted again
+
+    done, after = asyncio.run(main())
+    assert done == [0, 1, 2] and after == 4
+
+
+def test_a_burst_on_an_idle_batcher_is_taken_whole_and_callers_that_gave_up_do_not_count():
+    from serve.app.batching import QueueFull
+
+    async def fn(items):
+        await asyncio.sleep(0.05)
+        return items
+
+    async def main():
+        b = GreedyBatcher(fn, max_batch_size=4, max_concurrent_batches=1, max_queue_wait_s=0.01, max_waiting=30)
+        burst = await asyncio.gather(*(b(i) for i in range(24)))  # six batches, one after another
+        # a caller that gave up at the head of the queue is not "the oldest waiting"
+        release = asyncio.Event()
+
+        async def slow(items):
+            await release.wait()
+            return items
+
+        b2 = GreedyBatcher(slow, max_batch_size=1, max_concurrent_batches=1, max_queue_wait_s=0.05)
+        held = asyncio.ensure_future(b2("held"))
+        await asyncio.sleep(0.01)
+        gave_up = asyncio.ensure_future(b2("gave up"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(QueueFull):
+            await b2("refused")
+        gave_up.cancel()
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(b2("late"))  # the cancelled head is dropped: admitted
+        await asyncio.sleep(0.01)
+        release.set()
+        return burst, await held, await late
+
+    burst, held, late = asyncio.run(main())
+    assert burst == list(range(24)) and held == "held" and late == "late"

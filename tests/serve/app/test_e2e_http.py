@@ -26,6 +26,7 @@ def served(tmp_path_factory, data_dir, ray_session, http_port):
 
     from serve.app.builders import build_app
     from serve.artifacts.experts import enabled_experts, pilots_path
+    from serve.deploy.serve_config import http_options
     from serve.offline.training import train_domain_expert
     from serve.offline.indexing import build_index
 
@@ -46,7 +47,7 @@ def served(tmp_path_factory, data_dir, ray_session, http_port):
     folder = build_index(cfg, data_dir, progress=False)
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(cfg))  # as `routerserve up` does: the proxy's backstop deadline too
     serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, 120)
@@ -233,10 +234,11 @@ def test_schemathesis_all_checks_pass_on_the_retrieval_endpoints_through_serve(s
 
 
 def test_overload_is_refused_at_once_with_503_and_retry_after(served):
-    """400 requests at once against the default admission limits (ingress: 64 ongoing + 64
-    queued): the excess is refused by Serve's proxy with 503 + Retry-After instead of queueing;
-    every request gets an answer (no 500, no client timeout) and the service stays healthy.
-    Before: no max_queued_requests, every request queued until its client gave up."""
+    """400 requests at once against the default admission (ingress: 64 ongoing + 64 queued, and
+    limits.max_queue_wait_s): the excess is refused with 503 + Retry-After instead of queueing —
+    by Serve's proxy past the queue, by the ingress once the oldest waiting request has waited
+    too long; every request gets an answer (no 500, no client timeout) and the service stays
+    healthy. Before: no max_queued_requests, every request queued until its client gave up."""
     url = served["url"]
 
     async def flood():
@@ -252,7 +254,9 @@ def test_overload_is_refused_at_once_with_503_and_retry_after(served):
     for r in responses:
         by_status.setdefault(r.status_code, []).append(r)
     assert set(by_status) <= {200, 503}, {s: rs[0].text[:200] for s, rs in by_status.items()}
-    assert len(by_status.get(503, [])) >= 100 and len(by_status.get(200, [])) >= 64
+    # at least one batch's worth answered (how many of the first 64 the queue-wait limit lets
+    # through depends on the host's speed), and the flood refused
+    assert len(by_status.get(503, [])) >= 100 and len(by_status.get(200, [])) >= 32
     assert all(int(r.headers["retry-after"]) >= 1 for r in by_status[503])
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert httpx.post(f"{url}/v1/retrieve", json={"query": "insulin", "top_k": 1}, timeout=60).status_code == 200

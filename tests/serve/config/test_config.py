@@ -139,3 +139,18 @@ def test_retriever_engine_config_is_checked():
     with pytest.raises(ValueError, match="engine_kwargs.dtype: not a retriever setting"):
         LLMConfig.model_validate({**base, "engines": {**base["engines"], "ret": {
             "kind": "retriever", "model": "auto", "base_url": "http://x", "engine_kwargs": {"dtype": "float32"}}}})
+
+
+def test_candidate_aliases_and_name_rules_are_checked_naming_the_key():
+    data = _llm()
+    data["llm"]["candidates"][0]["aliases"] = ["meta/llama-3.1-70b-instruct"]
+    data["llm"]["candidates"].append({**data["llm"]["candidates"][0], "name": "Other", "aliases": ["META/Llama-3.1-70B-Instruct"]})
+    with pytest.raises(ConfigError, match=r"llm.candidates.1.aliases.0: 'META/Llama-3.1-70B-Instruct' repeats candidate 0"):
+        config_from_dict(data)
+    data = _llm()
+    data["llm"]["router"]["name_rules"] = [{"contains": ["llama"], "candidate": "ghost"}]
+    with pytest.raises(ConfigError, match=r"llm.router.name_rules.0.candidate: 'ghost' is no candidate's name or alias"):
+        config_from_dict(data)
+    data["llm"]["router"]["name_rules"] = "upstream"  # the preset: its targets need not all be in the pool
+    cfg = config_from_dict(data)
+    assert cfg.llm.name_rules()[0] == (("qwen",), "qwen/qwen2.5-7b-instruct")

@@ -264,3 +264,28 @@ def test_rendered_app_builds_against_local_artifacts(cfg, data_dir, ray_session,
     renamed["applications"][0]["deployments"][0]["name"] = "Ingress"
     errors = validate_serve_config(renamed, build=True, path_map=mapping)
     assert len(errors) == 1 and "'Ingress' is not a deployment of the app" in errors[0]
+
+
+def test_the_released_checkpoint_example_validates_and_renders_like_the_default(tmp_path):
+    """configs/router-r1-checkpoint.yaml (vLLM router on a GPU, upstream's names and prompt
+    syntax, prompt files left to the user) loads, renders and passes every offline validation."""
+    from serve.deploy.k8s import write_rendered
+
+    path = REPO / "configs" / "router-r1-checkpoint.yaml"
+    cfg = load_config(path)
+    r = cfg.llm.router
+    assert (r.prompt_syntax, r.structured_output, r.name_rules, r.max_observation_tokens) == ("format", False, "upstream", 600)
+    assert cfg.llm.router_context_window() == 5120 and {c.seed for c in cfg.llm.candidates} == {42}
+    write_rendered(cfg, tmp_path)
+    objects = load_objects(tmp_path)
+    report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+    serve_doc = yaml.safe_load(next(o for o in objects if o["kind"] == "RayService")["spec"]["serveConfigV2"])
+    deployments = {d["name"]: d for d in serve_doc["applications"][0]["deployments"]}
+    assert deployments["LLM-router"]["ray_actor_options"]["num_gpus"] == 1 and "RouterR1Controller" in deployments
+    assert serve_doc["http_options"]["request_timeout_s"] == r.request_timeout_s + 5
+    # a prompt file that is not on the artifacts volume is refused, naming the key
+    local = load_config(path, ["k8s.overrides={}", "k8s.secret_env.NVIDIA_API_KEY.secret=s",
+                               "k8s.secret_env.NVIDIA_API_KEY.key=k"])
+    with pytest.raises(ConfigError, match=r"llm.router.prompt_file: \S*prompts/router_r1_qwen.txt is a local path"):
+        write_rendered(local, tmp_path / "again")

@@ -23,3 +23,18 @@ def test_serve_yaml_is_valid_for_serve_and_points_to_the_builder(tmp_path):
     # the embedded config round-trips into the same config
     again = config_from_dict(app["args"]["config"])
     assert again.index.num_shards == 3 and Path(again.index.dir).is_absolute()
+
+
+def test_the_proxy_has_a_backstop_deadline_past_every_endpoints_own():
+    """Serve's proxy answers 408 past http_options.request_timeout_s whatever happens behind it
+    (a request stuck in its queue, a wedged ingress); it must come after the endpoints' own JSON
+    504s: the longest deadline (retrieval, the Router-R1 loop, a direct candidate call) + grace."""
+    from serve.config.core import PROXY_GRACE_S
+    from serve.deploy.serve_config import http_options, serve_config
+
+    cfg = load_config(DEFAULT_CONFIG, [])
+    assert serve_config(cfg)["http_options"]["request_timeout_s"] == cfg.llm.router.request_timeout_s + PROXY_GRACE_S
+    retrieval_only = load_config(DEFAULT_CONFIG, ["llm.enabled=false", "limits.request_timeout_s=12"])
+    assert http_options(retrieval_only) == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 12 + PROXY_GRACE_S}
+    slow_candidate = load_config(DEFAULT_CONFIG, ["llm.candidates.0.timeout_s=900"])
+    assert http_options(slow_candidate)["request_timeout_s"] == 900 + PROXY_GRACE_S

@@ -32,7 +32,7 @@ def llm_config():
 class ConstrainedScript(ScriptedEngine):
     """Like a router under structured outputs: when the regex forbids searching, it answers."""
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None):
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None):
         if regex is not None and "<search>" not in regex:
             return await ScriptedEngine(["<answer>Paris</answer>"]).complete(prompt, max_tokens=max_tokens, stop=stop)
         return await super().complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop)

@@ -19,9 +19,9 @@ class RecordingEngine(ScriptedEngine):
         super().__init__(*a, **kw)
         self.regexes = []
 
-    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None):
+    async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None):
         self.regexes.append(regex)
-        return await super().complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop)
+        return await super().complete(prompt, max_tokens=max_tokens, temperature=temperature, stop=stop, seed=seed)
 
 
 def llm_config(**router):
@@ -78,7 +78,7 @@ def test_router_request_runs_the_loop_and_reports_routing_and_usage(client, part
     cand_prompt = routing["candidate_tokens"]["prompt"]
     assert routing["candidate_tokens"]["completion"] == 4
     assert routing["cost"] == pytest.approx(cand_prompt * 1 + 4 * 2) and routing["currency"] == "EUR"
-    assert routing["cost_completion_only"] == pytest.approx(8)
+    assert routing["upstream_cost"] == pytest.approx(4 * 2_000_000)  # completion × price per 1M, unnormalised
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert usage["prompt_tokens"] == routing["router_tokens"]["prompt"] + cand_prompt
@@ -276,3 +276,103 @@ def test_finish_reason_is_length_only_when_a_token_cap_cut_the_output(parts):
     body = client.post("/v1/chat/completions", json={**ask, "max_tokens": 4}).json()
     assert body["routing"]["stopped"] == "max_tokens" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 4
+
+
+# A template written here with the structure of upstream's prompt_pool (str.format, one
+# {question}, lines joined by backslashes, a leading newline, an em dash, "Question: {question}\n"
+# and a blank line at the end); the text itself is ours.
+CHECKPOINT_STYLE_TEMPLATE = (
+    "\nThink inside <think> and </think> before every action. \
+To ask a model, write <search> LLM-Name:Your-Query </search> \u2014 its reply comes back inside \
+<information> and </information>.\nModels: Alpha (capitals), Beta (cheap).\n\
+Answer inside <answer> and </answer>. Question: {question}\n\n"
+)
+
+
+def test_a_checkpoints_str_format_prompt_reaches_the_router_byte_for_byte(tmp_path):
+    """prompt_syntax: format renders the file as upstream does (str.format_map with the
+    normalised question), through the router's chat template as one user message."""
+    path = tmp_path / "checkpoint_prompt.txt"
+    path.write_text(CHECKPOINT_STYLE_TEMPLATE, encoding="utf-8")
+    router = RecordingEngine(router_script, model_id="small")
+    cfg = llm_config(prompt_file=str(path), prompt_syntax="format", structured_output=False)
+    service = ChatService(cfg, {"small": router, "big": ScriptedEngine(lambda q: "Paris", model_id="big")}, router.chat_prompt)
+    TestClient(create_app(None, LocalChatClient(service))).post(
+        "/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "  capital of France "}]})
+    expected = router.chat_prompt([{"role": "user", "content": CHECKPOINT_STYLE_TEMPLATE.format_map({"question": "capital of France?"})}])
+    assert router.calls[0] == expected
+    assert "Question: capital of France?\n\n" in router.calls[0] and "\u2014" in router.calls[0]
+
+
+def test_prompt_files_that_cannot_render_are_refused_at_config_load_naming_the_key(tmp_path):
+    from pydantic import ValidationError
+
+    def refused(text, **router):
+        path = tmp_path / "p.txt"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValidationError) as err:
+            llm_config(prompt_file=str(path), **router)
+        return str(err.value)
+
+    assert "prompt_file" in refused('Question: {question} as JSON {"a": 1}', prompt_syntax="format", structured_output=False)
+    assert "{question} (required)" in refused("Question: {query}", prompt_syntax="format", structured_output=False)
+    assert "no $question" in refused("Question: {question}")  # a str.format file read as a string.Template
+    # structured output that cannot express a prompt asking for <think>: refused, naming the switch
+    assert "structured_think" in refused(CHECKPOINT_STYLE_TEMPLATE, prompt_syntax="format")
+    assert "prompt_syntax" in str(pytest.raises(ValidationError, llm_config, prompt_syntax="format").value)
+    ok = tmp_path / "ok.txt"
+    ok.write_text(CHECKPOINT_STYLE_TEMPLATE, encoding="utf-8")
+    llm_config(prompt_file=str(ok), prompt_syntax="format", structured_think=True)  # can express it
+    llm_config(prompt_file=str(tmp_path / "in-the-image.txt"), prompt_syntax="format")  # checked where served
+
+
+def test_a_continuation_of_a_cut_generation_is_never_constrained():
+    """The router's first generation hits its token cap inside <think>; the next one continues it
+    (inside the tag) and must run unconstrained; a generation that starts an action again is
+    constrained."""
+    # the scripted engine's tokens are words: the first generation is cut after 4 of its 6
+    router = RecordingEngine(["<think>the capital of France is Paris", "Paris</think><search>Alpha:capital-of-France?</search>",
+                              "<answer>Paris</answer>"], model_id="small")
+    cfg = llm_config(structured_think=True, max_new_tokens=4)
+    service = ChatService(cfg, {"small": router, "big": ScriptedEngine(lambda q: "Paris", model_id="big")}, router.chat_prompt)
+    body = TestClient(create_app(None, LocalChatClient(service))).post(
+        "/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "capital of France"}]}).json()
+    rounds = body["routing"]["rounds"]
+    assert [r["finish_reason"] for r in rounds][:1] == ["length"]
+    assert router.regexes[0] is not None and router.regexes[1] is None and router.regexes[2] is not None
+    assert body["choices"][0]["message"]["content"] == "Paris"
+
+
+def test_a_candidate_gets_its_own_instruction_cap_seed_and_temperature(tmp_path):
+    """llm.candidates.*: instruction_file (str.format, {query}), max_tokens, seed and temperature
+    reach the candidate's engine on every routed call; the budget's worst case counts that text."""
+    path = tmp_path / "agent.txt"
+    path.write_text("You are a helpful agent; explain briefly.\n\nThe task: {query}\n\n", encoding="utf-8")
+    cfg = llm_config()
+    alpha = cfg.candidates[0].model_copy(update={"instruction_file": path, "seed": 42, "temperature": 0.2, "max_tokens": 9})
+    cfg = cfg.model_copy(update={"candidates": [alpha, cfg.candidates[1]]})
+    router = RecordingEngine(router_script, model_id="small")
+    big = ScriptedEngine(lambda q: "Paris is the capital of France and a big city", model_id="big")
+    service = ChatService(cfg, {"small": router, "big": big}, router.chat_prompt)
+    body = TestClient(create_app(None, LocalChatClient(service))).post(
+        "/v1/chat/completions", json={"model": "router-r1", "messages": [{"role": "user", "content": "capital of France"}]}).json()
+    assert big.calls == ["You are a helpful agent; explain briefly.\n\nThe task: capital of France?\n\n"]
+    assert big.seeds == [42] and body["routing"]["rounds"][0]["completion_tokens"] == 9  # capped at its max_tokens
+    worst = service.loop.candidates["Alpha"].worst_case("capital of France?")
+    assert worst.prompt_tokens >= len(big.calls[0].encode()) and worst.completion_tokens == 9
+
+
+def test_candidate_instruction_files_are_checked_naming_the_key(tmp_path):
+    from pydantic import ValidationError
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Answer {question}", encoding="utf-8")
+    data = llm_config().model_dump()
+    data["candidates"][0]["instruction_file"] = str(bad)
+    with pytest.raises(ValidationError, match=r"candidates\.0\.instruction_file[\s\S]*only placeholder must be \{query\}"):
+        LLMConfig.model_validate(data)
+    data["candidates"][0]["instruction_file"] = None
+    data["engines"]["big"] = {"kind": "retriever", "model": "auto", "base_url": "http://127.0.0.1:1"}
+    data["candidates"][0]["instruction_file"] = str(tmp_path / "any.txt")
+    with pytest.raises(ValidationError, match="retriever candidate searches the sub-query itself"):
+        LLMConfig.model_validate(data)

@@ -345,7 +345,7 @@ def test_requests_beyond_the_waiting_room_are_refused_at_once(stack):
         while not batchers[0].batch_sizes:  # "a" holds the only slot (its shard never answers)
             await asyncio.sleep(0.01)
         held.append(asyncio.ensure_future(service.retrieve(RetrieveRequest(query="b"))))
-        while batchers[0]._queue.qsize() < 1:  # "b" waits
+        while batchers[0].waiting < 1:  # "b" waits
             await asyncio.sleep(0.01)
         try:
             await service.retrieve(RetrieveRequest(query="c"))
