@@ -123,6 +123,7 @@ def main(
             "rate_rps": capacity,
             "requests": len(soak),
             "success_rate": sum(r.status == 200 for r in soak) / len(soak),
+            "statuses": {str(s): sum(r.status == s for r in soak) for s in sorted({r.status for r in soak})},
             "p99_ms": percentile_ms([r.latency_s for r in soak if r.status == 200], 99),
             "rss_start_mib": warm[0],
             "rss_end_mib": samples[-1][1],

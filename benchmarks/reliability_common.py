@@ -335,14 +335,29 @@ def render(doc: dict) -> None:
                 f"{_fmt(row['unloaded_p99_ms'], '.0f')} | {row.get('over_deadline', '–')} | {row['goodput_rps']:.1f} |")
         lines += ["", "Goals: ≥ 90 % of rejected requests are 503 + Retry-After answered in ≤ 100 ms; admitted p99 ≤ 3× "
                   "unloaded p99; no request answered past its deadline (limits.request_timeout_s, as the client saw it). "
-                  "The other rows ran with `--alternative LABEL --set …` (commands and commits in the JSON).", ""]
+                  "The other rows ran with `--alternative LABEL --set …` (commands, commits and dates in the JSON); "
+                  "the rows measured on another day found a lower capacity on the same kind of host (19–25 vs "
+                  "41–46 answers/s): compare rows by their own capacity and unloaded p99.", ""]
         lines += _overload_notes(o)
+        base = next((r for r in doc.get("overload_alternatives", []) if r["label"].startswith("count only")), None)
+        if base is not None and base.get("admitted_in_ingress_p99_ms") is not None:
+            lines += [f"Against count-only admission (measured {base['date']}): refusals within 100 ms "
+                      f"{base['rejected_fast_with_retry_after_share']:.0%} vs {o['rejected_fast_with_retry_after_share']:.0%}, "
+                      f"admitted p99 {base['admitted_p99_ms'] / 1e3:.1f} s vs {o['admitted_p99_ms'] / 1e3:.1f} s, goodput "
+                      f"{base['goodput_rps']:.1f} vs {o['goodput_rps']:.1f} answers/s; in the ingress p99 "
+                      f"{base['admitted_in_ingress_p99_ms'] / 1e3:.1f} s vs {o['admitted_in_ingress_p99_ms'] / 1e3:.1f} s. "
+                      "On this host the ingress already holds at most 64 requests (≈ two batches), so the queue-wait "
+                      "limit rarely binds and runs differ by their noise (two runs of the default gave 50 % and 74 % "
+                      "fast refusals); it bounds the ingress's queue where max_ongoing_requests is large against the "
+                      "batch speed (the cluster's ingress takes 128).", ""]
     if "soak" in doc:
         s = doc["soak"]
         lines += _head("Soak (open loop at the measured capacity)", s, s["setup"]) + [
                   "| minutes | rate rps | requests | success | RSS start MiB | RSS end MiB | growth | goal |", "|---|---|---|---|---|---|---|---|",
                   f"| {s['minutes']:g} | {s['rate_rps']:.1f} | {s['requests']} | {s['success_rate']:.2%} | {s['rss_start_mib']:.0f} | "
                   f"{s['rss_end_mib']:.0f} | {s['rss_end_mib'] / s['rss_start_mib'] - 1:+.1%} | ≤ 10 % |", ""]
+        if s.get("note"):
+            lines += [f"Note: {s['note']}.", ""]
         if s["success_rate"] < 1:
             lines += [f"{1 - s['success_rate']:.1%} of the soak's requests were not answered 200 (the soak records "
                       "success only): arrivals at exactly the closed-loop capacity, open loop, queue up now and then "
