@@ -90,12 +90,23 @@ def render_candidates(pool: Sequence[tuple[str, str, "Price"]]) -> str:
     return "\n".join(lines)
 
 
+def _format_fields(template: str) -> list[str]:
+    """Every field a str.format template names, those nested in format specs too."""
+    fields = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            fields.append(name)
+        if spec and "{" in spec:
+            fields += _format_fields(spec)
+    return fields
+
+
 def check_router_prompt(template: str, syntax: PromptSyntax = "template") -> None:
     """Raise ValueError (saying what is wrong and how to write it) unless ``template`` renders in
     ``syntax`` with a question placeholder and no other placeholder than the candidates."""
     if syntax == "format":
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            fields = _format_fields(template)
         except ValueError as exc:
             raise ValueError(f"{exc} (str.format syntax: placeholders {{question}} and {{candidates}}; "
                              "write {{ and }} for literal braces)") from None
@@ -338,7 +349,7 @@ def conservative_prompt_tokens(messages: Sequence[Mapping[str, str]]) -> int:
 def check_candidate_instruction(template: str) -> None:
     """Raise ValueError unless ``template`` is a str.format template whose only placeholder is {query}."""
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        fields = set(_format_fields(template))
     except ValueError as exc:
         raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
     if fields != {"query"}:
@@ -409,9 +420,11 @@ class Ledger:
     router_prompt_tokens: int = 0  # the router's own tokens, never in cost
     router_completion_tokens: int = 0
 
-    def charge(self, candidate: str, price: Price, completion: Completion) -> tuple[float, float]:
+    def charge(self, candidate: str, price: Price, completion: Completion, answered: bool = True) -> tuple[float, float]:
+        """Bill one call. ``answered=False``: a call that timed out or was cancelled, charged at its
+        worst case; upstream's figure counts nothing for a call that did not answer."""
         full = price.cost(completion.prompt_tokens, completion.completion_tokens)
-        upstream = price.upstream_cost(completion.completion_tokens)
+        upstream = price.upstream_cost(completion.completion_tokens) if answered else 0.0
         self.calls[candidate] = self.calls.get(candidate, 0) + 1
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
@@ -652,13 +665,13 @@ class RouterR1Loop:
             try:
                 completion = await self._call(c, action.query)
             except asyncio.CancelledError:  # the request's deadline or its client gone, mid-call:
-                full, _ = ledger.charge(which, c.price, c.worst_case(action.query))  # it may still be billed
+                full, _ = ledger.charge(which, c.price, c.worst_case(action.query), answered=False)  # it may still be billed
                 rnd.cost, rnd.status, rnd.latency_s = rnd.cost + full, "cancelled", waited + time.perf_counter() - t0
                 rnd.error = f"{which}: cancelled mid-call (charged {full:.6f})"
                 raise
             except TimeoutError:  # it may have run (and been billed) to the end: charged at its worst case
                 waited += time.perf_counter() - t0
-                full, _ = ledger.charge(which, c.price, c.worst_case(action.query))
+                full, _ = ledger.charge(which, c.price, c.worst_case(action.query), answered=False)
                 rnd.cost += full
                 rnd.error = f"{which}: timed out after {self._timeout(c):g} s (charged {full:.6f})"
                 continue
@@ -672,7 +685,7 @@ class RouterR1Loop:
             rnd.status = "ok" if attempt == 0 else "fallback"
             rnd.candidate = which if attempt else name
             rnd.prompt_tokens, rnd.completion_tokens = completion.prompt_tokens, completion.completion_tokens
-            rnd.cost, rnd.upstream_cost = rnd.cost + full, upstream
+            rnd.cost, rnd.upstream_cost = rnd.cost + full, rnd.upstream_cost + upstream
             rnd.latency_s = waited
             return waited
         rnd.status, rnd.reply, rnd.latency_s = "failed", None, waited

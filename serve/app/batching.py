@@ -106,6 +106,9 @@ class GreedyBatcher(Generic[T, R]):
             if self.batch_wait_timeout_s > 0 and not self._waiting:
                 await asyncio.sleep(self.batch_wait_timeout_s)
             while self._waiting:  # the head that does not fit waits for the next batch, still first
+                if self._waiting[0][2].done():  # a caller that gave up takes no room
+                    self._waiting.popleft()
+                    continue
                 n = self.size_fn(self._waiting[0][1])
                 if size + n > self.max_batch_size:
                     break

@@ -234,6 +234,8 @@ class RouterServeConfig(_Strict):
         data["llm"]["model_cache_dir"] = fix(data["llm"]["model_cache_dir"])
         if data["llm"]["router"] is not None:
             data["llm"]["router"]["prompt_file"] = fix(data["llm"]["router"]["prompt_file"])
+        for cand in data["llm"]["candidates"]:
+            cand["instruction_file"] = fix(cand["instruction_file"])
         for engine in data["llm"]["engines"].values():
             if engine["kind"] in ("vllm", "transformers") and not _looks_like_ref(engine["model"]) and not Path(engine["model"]).is_absolute():
                 engine["model"] = str((base / engine["model"]).resolve())

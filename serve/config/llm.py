@@ -3,12 +3,13 @@ priced candidate pool."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from actors.router_r1 import UPSTREAM_NAME_RULES, NameRule, check_candidate_instruction, check_router_prompt
+from actors.router_r1 import PLACEHOLDER_MODELS, UPSTREAM_NAME_RULES, NameRule, check_candidate_instruction, check_router_prompt
 
 from .common import _Strict, _validate_deployment_options
 
@@ -75,6 +76,14 @@ class CandidateConfig(_Strict):
     timeout_s: float = Field(60.0, gt=0)
     aliases: list[str] = Field(default_factory=list, description="other names the router may write for this candidate "
                                "(case-insensitive), e.g. a checkpoint's names or the model ids router.name_rules target")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, value: list[str]) -> list[str]:
+        for i, alias in enumerate(value):  # the name's own rules: a colon would split the search
+            if not re.fullmatch(r"[^:<>\s]{1,128}", alias):
+                raise ValueError(f"{i}: {alias!r} must be 1-128 characters without ':', '<', '>' or spaces")
+        return value
 
     @field_validator("instruction_file")
     @classmethod
@@ -205,8 +214,9 @@ class LLMConfig(_Strict):
                 raise ValueError(f"candidates.{i}.instruction_file: a retriever candidate searches the sub-query itself")
             for key, written in [("name", cand.name), *((f"aliases.{j}", a) for j, a in enumerate(cand.aliases))]:
                 low = written.strip().lower()
-                if not low:
-                    raise ValueError(f"candidates.{i}.{key}: empty")
+                if low in PLACEHOLDER_MODELS:  # the loop reads such a search as a copied placeholder
+                    raise ValueError(f"candidates.{i}.{key}: {written!r} is a placeholder name the router may copy "
+                                     "from a prompt; searches naming it are invalid")
                 if seen.get(low, i) != i:
                     raise ValueError(f"candidates.{i}.{key}: {written!r} repeats candidate {seen[low]}'s name or alias "
                                      "(names are case-insensitive)")

@@ -192,6 +192,7 @@ def test_a_call_past_its_timeout_fails_is_cancelled_and_is_charged_at_its_worst_
     assert result.rounds[0].status == "failed" and "timed out after 0.05 s" in result.rounds[0].error
     # it may have run to the end upstream: the ledger holds its worst case, so budgets stay safe
     assert result.ledger.cost == pytest.approx(cand.worst_case_cost("q")) == pytest.approx(result.rounds[0].cost)
+    assert result.ledger.upstream_cost == 0 == result.rounds[0].upstream_cost  # upstream counts no unanswered call
     assert "<information>None</information>" in asked[1]["prompt"] and result.answer == "x"
 
 

@@ -316,7 +316,7 @@ class ChatService:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(cand.timeout_s):
-                out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature)
+                out = await self.engines[cand.engine].chat(messages, max_tokens=limit, temperature=temperature, seed=cand.seed)
         except Exception as exc:  # noqa: BLE001 - our message: the engine's type and status, never its body
             if self.metrics is not None:
                 self.metrics.inc("routerserve_route_calls", candidate=cand.name, outcome="failed")

@@ -168,3 +168,30 @@ def test_a_burst_on_an_idle_batcher_is_taken_whole_and_callers_that_gave_up_do_n
 
     burst, held, late = asyncio.run(main())
     assert burst == list(range(24)) and held == "held" and late == "late"
+
+
+def test_a_caller_that_gave_up_takes_no_room_in_a_batch():
+    seen, release = [], None
+
+    async def fn(items):
+        seen.append(list(items))
+        if items == ["held"]:
+            await release.wait()
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        b = GreedyBatcher(fn, max_batch_size=2, max_concurrent_batches=1)
+        held = asyncio.ensure_future(b("held"))
+        await asyncio.sleep(0.01)
+        first = asyncio.ensure_future(b("a"))
+        gone = asyncio.ensure_future(b("gone"))
+        last = asyncio.ensure_future(b("b"))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        release.set()
+        return await asyncio.gather(held, first, last)
+
+    assert asyncio.run(main()) == ["held", "a", "b"]
+    assert seen == [["held"], ["a", "b"]]  # the cancelled caller did not take the second seat

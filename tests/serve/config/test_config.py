@@ -154,3 +154,17 @@ def test_candidate_aliases_and_name_rules_are_checked_naming_the_key():
     data["llm"]["router"]["name_rules"] = "upstream"  # the preset: its targets need not all be in the pool
     cfg = config_from_dict(data)
     assert cfg.llm.name_rules()[0] == (("qwen",), "qwen/qwen2.5-7b-instruct")
+
+
+def test_aliases_follow_the_name_rules_and_placeholders_are_no_names(tmp_path):
+    data = _llm()
+    data["llm"]["candidates"][0]["aliases"] = ["qwen2.5:7b"]  # a colon would split the router's search
+    with pytest.raises(ConfigError, match=r"llm.candidates.0.aliases.*'qwen2.5:7b' must be"):
+        config_from_dict(data)
+    data["llm"]["candidates"][0]["aliases"] = ["Model-Name"]  # what a router copies from a prompt
+    with pytest.raises(ConfigError, match=r"llm.candidates.0.aliases.0: 'Model-Name' is a placeholder name"):
+        config_from_dict(data)
+    data["llm"]["candidates"][0]["aliases"] = []
+    data["llm"]["candidates"][0]["instruction_file"] = "prompts/agent.txt"  # relative: resolved like the other paths
+    cfg = config_from_dict(data).absolutized(tmp_path)
+    assert cfg.llm.candidates[0].instruction_file == (tmp_path / "prompts/agent.txt").resolve()
