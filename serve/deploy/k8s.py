@@ -30,6 +30,7 @@ from serve.config import ConfigError, RouterServeConfig, config_from_dict
 from serve.config.common import _looks_like_ref
 from serve.config.loading import _set_dotted
 
+from .k8s_capacity import CPU_POOL, CPU_POOL_PER_POD, ray_resources_param
 from .serve_config import serve_config
 
 METRICS_PORT = 8080
@@ -82,9 +83,23 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
         ccfg = config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"k8s.overrides (the cluster config): {exc}") from None
+    placed = ccfg.model_dump(mode="json")  # validated first: every deployment has its options now
+    _place_cpu_only_on_the_cpu_group(placed)
+    ccfg = config_from_dict(placed)
     _check_paths_on_volume(ccfg, root)
     _check_secrets_and_gpus(cfg, ccfg)
     return ccfg
+
+
+def _place_cpu_only_on_the_cpu_group(data: dict[str, Any]) -> None:
+    """Every deployment that asks for no GPU also asks for one unit of CPU_POOL, which only the
+    CPU group's pods advertise: GPU pods run GPU work only (and can scale down when it is gone)."""
+    options = [data["deployments"][role] for role in ("ingress", "encoder", "shard")]
+    options += [data["llm"]["controller"], *(e["deployment"] for e in data["llm"]["engines"].values())]
+    for opts in options:
+        actor = opts.setdefault("ray_actor_options", {})
+        if not actor.get("num_gpus"):
+            actor.setdefault("resources", {})[CPU_POOL] = 1
 
 
 def _check_secrets_and_gpus(cfg: RouterServeConfig, ccfg: RouterServeConfig) -> None:
@@ -188,12 +203,15 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
 
 def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
     container = _container(cfg, "ray-worker", group.cpu, group.memory, group.gpus, WORKER_PORTS)
+    params = {"metrics-export-port": str(METRICS_PORT)}
+    if name == "cpu":  # the only pods CPU-only deployments may use (_place_cpu_only_on_the_cpu_group)
+        params["resources"] = ray_resources_param({CPU_POOL: CPU_POOL_PER_POD})
     return {
         "groupName": name,
         "replicas": group.min_replicas,
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
-        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+        "rayStartParams": params,
         "template": _pod_template(cfg, container, name, group.tolerations, group.node_selector),
     }
 

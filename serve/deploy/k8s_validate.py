@@ -9,7 +9,9 @@
 3. the embedded ``serveConfigV2`` with Ray Serve's own ``ServeDeploySchema``, then every
    ``import_path`` imported and called with its args, and the deployment names in the config
    checked against the built application (Serve rejects unknown names at deploy time);
-4. the KubeRay controller's rules that the CRD does not encode (``validation.go``).
+4. the KubeRay controller's rules that the CRD does not encode (``validation.go``);
+5. capacity: every Serve deployment's replicas fit the worker groups' pods, at minimum and at
+   maximum scale (``serve.deploy.k8s_capacity``).
 
 Each check returns a list of messages ("where: what"); empty means valid.
 """
@@ -25,6 +27,8 @@ from typing import Any, Iterable
 import yaml
 
 from serve.config import REPO_ROOT
+
+from .k8s_capacity import capacity
 
 CRD_DIR_ENV = "ROUTERSERVE_KUBERAY_CRDS"
 UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
@@ -254,7 +258,7 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
                      ray_version: str | None = None) -> dict[str, list[str]]:
     """All four checks (and the consistency one) over the rendered objects; check name → errors."""
     schemas = load_crd_schemas(crd_dir or default_crd_dir())
-    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
     for obj in objects:
         group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
         if obj.get("kind") == "RayService":
@@ -262,6 +266,7 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
             report["core"] += validate_pod_templates(obj, kubernetes_version)
             report["serve"] += validate_serve_config(obj["spec"]["serveConfigV2"], build=build, path_map=path_map)
             report["kuberay"] += kuberay_rules(obj)
+            report["capacity"] += capacity(obj)
         elif group.endswith("monitoring.coreos.com"):
             continue  # the Prometheus operator's CRD is not vendored; checked by consistency()
         else:

@@ -56,7 +56,7 @@ def test_committed_manifests_are_a_fresh_render(cfg):
 def test_committed_manifests_pass_every_validation(objects):
     assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap"}
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
 
 
 def test_rayservice_shape(rayservice):
@@ -279,7 +279,7 @@ def test_the_released_checkpoint_example_validates_and_renders_like_the_default(
     write_rendered(cfg, tmp_path)
     objects = load_objects(tmp_path)
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
     serve_doc = yaml.safe_load(next(o for o in objects if o["kind"] == "RayService")["spec"]["serveConfigV2"])
     deployments = {d["name"]: d for d in serve_doc["applications"][0]["deployments"]}
     assert deployments["LLM-router"]["ray_actor_options"]["num_gpus"] == 1 and "RouterR1Controller" in deployments
@@ -289,3 +289,51 @@ def test_the_released_checkpoint_example_validates_and_renders_like_the_default(
                                "k8s.secret_env.NVIDIA_API_KEY.key=k"])
     with pytest.raises(ConfigError, match=r"llm.router.prompt_file: \S*prompts/router_r1_qwen.txt is a local path"):
         write_rendered(local, tmp_path / "again")
+
+
+def test_capacity_packs_every_deployment_onto_its_groups_at_min_and_max(cfg):
+    """The GPU demand of the config this check was written against (two vLLM engines at one GPU
+    each + a quarter-GPU encoder, one GPU pod at minimum, four at most) does not fit: the error
+    names the deployment and the config key to raise; the shipped config fits."""
+    from serve.deploy.k8s_capacity import capacity
+
+    def rayservice(c):
+        return yaml.safe_load(render_all(c)["rayservice.yaml"])
+
+    assert capacity(rayservice(cfg)) == []
+    overrides = dict(cfg.k8s.overrides)
+    for engine in ("smollm2", "gemma3"):
+        overrides[f"llm.engines.{engine}.deployment"] = {
+            **overrides[f"llm.engines.{engine}.deployment"], "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}}
+    errors = capacity(rayservice(_with_k8s(cfg, overrides=overrides)))
+    assert any(e.startswith("capacity: LLM-gemma3: 1 of its 1 replicas at minimum") and "raise k8s.gpu_workers.min_replicas" in e
+               for e in errors), errors
+    assert any(e.startswith("capacity: ExpertEncoder: 8 of its 8 replicas at maximum") and "k8s.gpu_workers.max_replicas" in e
+               for e in errors), errors
+    # the CPU group: 1 pod of 8 CPUs at minimum, 4 at most; shards at 4 CPUs each need 8 at minimum
+    # (+ ingress and controller) and 2 × 4 × 4 = 32 at most: what is left over is named, largest first
+    shard = {**overrides["deployments.shard"], "ray_actor_options": {"num_cpus": 4}}
+    errors = capacity(rayservice(_with_k8s(cfg, overrides={**cfg.k8s.overrides, "deployments.shard": shard})))
+    assert any("at minimum" in e and "raise k8s.cpu_workers.min_replicas" in e for e in errors), errors
+    assert any("at maximum" in e and "raise k8s.cpu_workers.max_replicas" in e for e in errors), errors
+    assert not any("gpu_workers" in e for e in errors)  # CPU-only work never counts on the GPU group
+
+
+def test_cpu_only_deployments_are_placed_on_the_cpu_group_only(rayservice):
+    """Every deployment without a GPU asks for routerserve_cpu_pool, which only the CPU group's
+    pods advertise, so GPU pods run GPU work only; the packing honours it."""
+    from serve.deploy.k8s_capacity import CPU_POOL, Demand, GroupShape, pack, parse_ray_resources_param
+
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert parse_ray_resources_param(groups["cpu"]["rayStartParams"]["resources"]) == {CPU_POOL: 1000}
+    assert "resources" not in groups["gpu"]["rayStartParams"]
+    doc = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    for d in doc["applications"][0]["deployments"]:
+        opts = d["ray_actor_options"]
+        assert (opts.get("resources", {}).get(CPU_POOL) == 1) == (not opts.get("num_gpus")), d["name"]
+    config = doc["applications"][0]["args"]["config"]  # the app's own copy says the same
+    assert config["deployments"]["ingress"]["ray_actor_options"]["resources"] == {CPU_POOL: 1}
+    gpu_pod = GroupShape("gpu", 1, 1, cpu=64, gpu=8, memory=2**40)
+    cpu_only = Demand("Ingress", 1, 1, cpu=1, gpu=0, memory=0, custom={CPU_POOL: 1})
+    assert pack([cpu_only], [gpu_pod], "min") == ["Ingress: no worker group can hold its replicas (1 CPU, 0 GPU, "
+                                                  f"{CPU_POOL} 1 each)"]

@@ -1,0 +1,158 @@
+"""Does the Serve application fit its KubeRay worker groups?
+
+Read from a rendered RayService: each worker group's pod shape (Ray's CPUs, GPUs and memory from
+the container limits or ``rayStartParams``, and its custom Ray resources) and pod count bounds;
+each Serve deployment's replica bounds (``num_replicas`` or ``autoscaling_config``) and replica
+resources (``ray_actor_options``: ``num_cpus`` — Serve's default 1 —, ``num_gpus``, ``memory``,
+``resources``). Replicas are packed onto pods first-fit, largest first (GPU, then CPU): at the
+deployments' minimum replicas into the groups' ``minReplicas`` pods, at their maximum into
+``maxReplicas`` pods. A replica needing a GPU goes to a pod with GPUs; one needing a custom
+resource only to pods that advertise it (``CPU_POOL`` keeps CPU-only work off GPU pods).
+A replica that fits nowhere is an error naming the deployment and the groups it could use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+CPU_POOL = "routerserve_cpu_pool"  # a custom Ray resource only the CPU worker group's pods advertise
+CPU_POOL_PER_POD = 1000  # integer capacity (KubeRay takes integers); one unit per CPU-only replica
+CONFIG_KEYS = {"cpu": "k8s.cpu_workers", "gpu": "k8s.gpu_workers"}  # group name → the config section
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes quantity ("500m", "8", "32Gi") as a number."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value).strip())
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def ray_resources_param(resources: dict[str, int]) -> str:
+    """``rayStartParams.resources`` in the format KubeRay passes through its shell: a quoted JSON
+    object with escaped quotes, e.g. ``"{\\"Custom1\\": 1}"``."""
+    return '"' + json.dumps(resources).replace('"', '\\"') + '"'
+
+
+def parse_ray_resources_param(value: str | None) -> dict[str, float]:
+    if not value:
+        return {}
+    return {k: float(v) for k, v in json.loads(value.strip().strip('"').replace('\\"', '"')).items()}
+
+
+@dataclass
+class GroupShape:
+    name: str
+    min_pods: int
+    max_pods: int
+    cpu: float
+    gpu: float
+    memory: float
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        custom = f", {', '.join(f'{k} {v:g}' for k, v in self.custom.items())}" if self.custom else ""
+        return f"pods of {self.cpu:g} CPU, {self.gpu:g} GPU, {self.memory / 2**30:g} GiB{custom}"
+
+
+@dataclass
+class Demand:
+    name: str
+    min_replicas: int
+    max_replicas: int
+    cpu: float
+    gpu: float
+    memory: float
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        custom = "".join(f", {k} {v:g}" for k, v in self.custom.items())
+        return f"{self.cpu:g} CPU, {self.gpu:g} GPU{custom} each"
+
+
+def worker_groups(rayservice: dict[str, Any]) -> list[GroupShape]:
+    groups = []
+    for g in rayservice["spec"]["rayClusterConfig"].get("workerGroupSpecs", []):
+        params = g.get("rayStartParams") or {}
+        limits = g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        groups.append(GroupShape(
+            name=g["groupName"], min_pods=int(g.get("minReplicas", 0)), max_pods=int(g.get("maxReplicas", 0)),
+            cpu=quantity(params.get("num-cpus", limits.get("cpu", 0))),
+            gpu=quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+            memory=quantity(params["memory"]) if "memory" in params else quantity(limits.get("memory", 0)),
+            custom=parse_ray_resources_param(params.get("resources")),
+        ))
+    return groups
+
+
+def serve_demands(serve_doc: dict[str, Any] | str) -> list[Demand]:
+    doc = yaml.safe_load(serve_doc) if isinstance(serve_doc, str) else serve_doc
+    out = []
+    for app in doc.get("applications", []):
+        for d in app.get("deployments", []):
+            auto = d.get("autoscaling_config")
+            if auto:
+                lo, hi = int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+            elif d.get("num_replicas") == "auto":
+                lo, hi = 1, 100  # Serve's defaults for num_replicas: auto
+            else:
+                lo = hi = int(d.get("num_replicas", 1))
+            opts = d.get("ray_actor_options") or {}
+            cpu = opts.get("num_cpus")
+            out.append(Demand(d["name"], lo, hi, 1.0 if cpu is None else float(cpu), float(opts.get("num_gpus") or 0),
+                              float(opts.get("memory") or 0), {k: float(v) for k, v in (opts.get("resources") or {}).items()}))
+    return out
+
+
+def _eligible(d: Demand, g: GroupShape) -> bool:
+    return (d.gpu == 0 or g.gpu > 0) and all(g.custom.get(k, 0) >= v for k, v in d.custom.items())
+
+
+def pack(demands: list[Demand], groups: list[GroupShape], at: str) -> list[str]:
+    """Errors for the replicas that do not fit (``at``: "min" or "max")."""
+    pods = [(g, {"cpu": g.cpu, "gpu": g.gpu, "memory": g.memory, **g.custom})
+            for g in groups for _ in range(g.min_pods if at == "min" else g.max_pods)]
+    replicas = [d for d in demands for _ in range(d.min_replicas if at == "min" else d.max_replicas)]
+    replicas.sort(key=lambda d: (d.gpu, d.cpu, d.memory), reverse=True)
+    eps = 1e-9
+    unplaced: dict[str, int] = {}
+    for d in replicas:
+        need = {"cpu": d.cpu, "gpu": d.gpu, "memory": d.memory, **d.custom}
+        for g, free in pods:
+            if _eligible(d, g) and all(free.get(k, 0) + eps >= v for k, v in need.items()):
+                for k, v in need.items():
+                    free[k] = free.get(k, 0) - v
+                break
+        else:
+            unplaced[d.name] = unplaced.get(d.name, 0) + 1
+    errors = []
+    for d in demands:
+        if d.name not in unplaced:
+            continue
+        total = d.min_replicas if at == "min" else d.max_replicas
+        usable = [g for g in groups if _eligible(d, g)]
+        if not usable:
+            errors.append(f"{d.name}: no worker group can hold its replicas ({d.describe()})")
+            continue
+        where = "; ".join(f"{CONFIG_KEYS.get(g.name, g.name)}: {g.min_pods if at == 'min' else g.max_pods} "
+                          f"{g.describe()}" for g in usable)
+        keys = " or ".join(f"{CONFIG_KEYS.get(g.name, g.name)}.{at}_replicas" for g in usable)
+        errors.append(f"{d.name}: {unplaced[d.name]} of its {total} replicas at {at}imum ({d.describe()}) do not fit "
+                      f"the pods its worker groups have at {at}imum ({where}); raise {keys}, or give the "
+                      f"deployment fewer or smaller replicas")
+    return errors
+
+
+def capacity(rayservice: dict[str, Any]) -> list[str]:
+    """Every deployment's replicas fit the worker groups, at minimum and at maximum scale."""
+    if rayservice.get("kind") != "RayService":
+        return []
+    demands = serve_demands(rayservice["spec"]["serveConfigV2"])
+    groups = worker_groups(rayservice)
+    return [f"capacity: {e}" for at in ("min", "max") for e in pack(demands, groups, at)]
