@@ -68,6 +68,24 @@ class K8sSecretRef(_Strict):
     key: str = Field(min_length=1)
 
 
+class K8sSecurityConfig(_Strict):
+    """The control plane locked down: Ray token auth, a NetworkPolicy, restricted pod security,
+    the service's API keys required. Each opt-out is explicit (dev clusters)."""
+
+    ray_auth: Literal["token", "disabled"] = Field(
+        "token", description="KubeRay authOptions: token = the operator makes a secret and every Ray "
+        "container authenticates GCS, dashboard/Jobs API and client calls with it")
+    network_policy: bool = Field(True, description="render a NetworkPolicy for the Ray pods")
+    operator_namespace: str = Field("kuberay-system", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                    description="where the KubeRay operator runs (it reaches the dashboard and GCS)")
+    serve_from_namespaces: list[str] = Field(
+        default_factory=lambda: ["ingress-nginx"],
+        description="namespaces (besides this one) allowed to reach the Serve HTTP port 8000")
+    monitoring_namespace: str = Field("monitoring", description="the namespace allowed to scrape metrics (8080)")
+    allow_anonymous_api: bool = Field(False, description="allow http.api_keys_env: null on the cluster (dev only)")
+    run_as_user: int = Field(1000, ge=1, description="the image's non-root user (rayproject/ray: ray, 1000)")
+
+
 class K8sMonitoringConfig(_Strict):
     pod_monitor: bool = True
     scrape_interval: str = Field("15s", pattern=r"^[0-9]+(s|m)$")
@@ -100,6 +118,7 @@ class K8sConfig(_Strict):
     artifacts: K8sArtifactsConfig = Field(default_factory=K8sArtifactsConfig)
     secret_env: dict[str, K8sSecretRef] = Field(default_factory=dict, description="env var → secretKeyRef on every pod")
     monitoring: K8sMonitoringConfig = Field(default_factory=K8sMonitoringConfig)
+    security: K8sSecurityConfig = Field(default_factory=K8sSecurityConfig)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key → value, applied for the cluster")
 
     @field_validator("overrides")

@@ -35,7 +35,8 @@ from .serve_config import serve_config
 
 METRICS_PORT = 8080
 SERVE_PORT = 8000
-HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": SERVE_PORT, "metrics": METRICS_PORT}
+CONTROL_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}  # Ray's control plane, on the head
+HEAD_PORTS = {**CONTROL_PORTS, "serve": SERVE_PORT, "metrics": METRICS_PORT}
 WORKER_PORTS = {"serve": SERVE_PORT, "metrics": METRICS_PORT}
 ARTIFACT_VOLUME = "artifacts"
 class _Dumper(yaml.SafeDumper):
@@ -88,6 +89,9 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
     ccfg = config_from_dict(placed)
     _check_paths_on_volume(ccfg, root)
     _check_secrets_and_gpus(cfg, ccfg)
+    if ccfg.http.api_keys_env is None and not k.security.allow_anonymous_api:
+        raise ConfigError("http.api_keys_env: the cluster would serve without API keys; set it in k8s.overrides "
+                          "(and map the variable in k8s.secret_env), or k8s.security.allow_anonymous_api: true (dev)")
     return ccfg
 
 
@@ -151,7 +155,25 @@ def _env(cfg: RouterServeConfig) -> list[dict[str, Any]]:
     ]
 
 
-def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int]) -> dict:
+OPT_OUTS_ANNOTATION = "routerserve.io/security-opt-outs"  # what k8s.security switched off, for the validator
+
+
+def container_security(cfg: RouterServeConfig) -> dict[str, Any]:
+    """Pod Security "restricted" for one container: non-root, no privilege escalation, no
+    capabilities, the runtime's default seccomp profile."""
+    return {"runAsNonRoot": True, "runAsUser": cfg.k8s.security.run_as_user, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def security_opt_outs(cfg: RouterServeConfig) -> list[str]:
+    sec = cfg.k8s.security
+    return [name for name, off in (("ray_auth", sec.ray_auth == "disabled"), ("network_policy", not sec.network_policy),
+                                   ("anonymous_api", sec.allow_anonymous_api)) if off]
+
+
+def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int],
+               secrets: bool = False) -> dict:
+    """``secrets``: the secret env (k8s.secret_env) — only on the group whose replicas read it."""
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
@@ -166,8 +188,9 @@ def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: i
             {"name": "ray-logs", "mountPath": "/tmp/ray"},
         ],
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+        "securityContext": container_security(cfg),
     }
-    env = _env(cfg)
+    env = _env(cfg) if secrets else []
     if env:
         container["env"] = env
     return container
@@ -183,6 +206,7 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
         "containers": [container],
         "volumes": [volume, {"name": "ray-logs", "emptyDir": {}}],
         "restartPolicy": "Never",  # autoscaler v2: a Ray node is never restarted in place
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     if a.fetch is not None:
         spec["initContainers"] = [{
@@ -191,6 +215,7 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
             "command": list(a.fetch.command),
             "env": [{"name": "ARTIFACTS_DIR", "value": a.mount_path}] + _env(cfg),
             "volumeMounts": [{"name": ARTIFACT_VOLUME, "mountPath": a.mount_path}],
+            "securityContext": container_security(cfg),
         }]
     if tolerations:
         spec["tolerations"] = [dict(t) for t in tolerations]
@@ -202,7 +227,8 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
 
 
 def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
-    container = _container(cfg, "ray-worker", group.cpu, group.memory, group.gpus, WORKER_PORTS)
+    # the CPU group runs every deployment that reads a secret (the ingress: API keys; remote engines)
+    container = _container(cfg, "ray-worker", group.cpu, group.memory, group.gpus, WORKER_PORTS, secrets=name == "cpu")
     params = {"metrics-export-port": str(METRICS_PORT)}
     if name == "cpu":  # the only pods CPU-only deployments may use (_place_cpu_only_on_the_cpu_group)
         params["resources"] = ray_resources_param({CPU_POOL: CPU_POOL_PER_POD})
@@ -223,22 +249,29 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
     workers = [_worker_group(cfg, "cpu", k.cpu_workers)]
     if k.gpu_workers is not None:
         workers.append(_worker_group(cfg, "gpu", k.gpu_workers))
+    metadata: dict[str, Any] = {"name": k.name, "namespace": k.namespace, "labels": _labels(cfg)}
+    if security_opt_outs(cfg):
+        metadata["annotations"] = {OPT_OUTS_ANNOTATION: ",".join(security_opt_outs(cfg))}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": k.name, "namespace": k.namespace, "labels": _labels(cfg)},
+        "metadata": metadata,
         "spec": {
             "upgradeStrategy": {"type": k.upgrade_strategy},
             "serveConfigV2": dump_yaml(serve_doc),
             "rayClusterConfig": {
                 "rayVersion": k.ray_version,
                 "enableInTreeAutoscaling": True,
+                # token: the operator creates the secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every
+                # Ray container (KubeRay >= 1.5.1, Ray >= 2.52)
+                "authOptions": {"mode": k.security.ray_auth},
                 "autoscalerOptions": {
                     "version": "v2",
                     "upscalingMode": "Default",
                     "idleTimeoutSeconds": k.idle_timeout_s,
                     "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                                   "limits": {"cpu": "500m", "memory": "512Mi"}},
+                    "securityContext": container_security(cfg),
                 },
                 "headGroupSpec": {
                     # no Serve replicas or tasks on the head: it keeps the GCS, the Serve
@@ -249,6 +282,38 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
                 },
                 "workerGroupSpecs": workers,
             },
+        },
+    }
+
+
+def render_network_policy(cfg: RouterServeConfig) -> dict[str, Any] | None:
+    """Ingress to the Ray pods: anything between this cluster's own pods; the Ray control plane
+    (GCS, dashboard/Jobs API, client) also from the KubeRay operator; Serve (8000) from this
+    namespace and k8s.security.serve_from_namespaces; metrics from the monitoring namespace."""
+    k, sec = cfg.k8s, cfg.k8s.security
+    if not sec.network_policy:
+        return None
+
+    def namespace(name: str) -> dict[str, Any]:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+    def ports(*numbers: int) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": n} for n in numbers]
+
+    own_pods = {"podSelector": {"matchLabels": _labels(cfg)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{k.name}-ray", "namespace": k.namespace, "labels": _labels(cfg)},
+        "spec": {
+            "podSelector": {"matchLabels": _labels(cfg)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own_pods]},
+                {"from": [namespace(sec.operator_namespace)], "ports": ports(*CONTROL_PORTS.values(), SERVE_PORT)},
+                {"from": [{"podSelector": {}}, *(namespace(n) for n in sec.serve_from_namespaces)], "ports": ports(SERVE_PORT)},
+                {"from": [namespace(sec.monitoring_namespace)], "ports": ports(METRICS_PORT)},
+            ],
         },
     }
 
@@ -316,6 +381,9 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     pvc = render_pvc(cfg)
     if pvc is not None:
         files["artifacts-pvc.yaml"] = HEADER + dump_yaml(pvc)
+    policy = render_network_policy(cfg)
+    if policy is not None:
+        files["networkpolicy.yaml"] = HEADER + dump_yaml(policy)
     monitor = render_podmonitor(cfg)
     if monitor is not None:
         files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)

@@ -11,7 +11,10 @@
    checked against the built application (Serve rejects unknown names at deploy time);
 4. the KubeRay controller's rules that the CRD does not encode (``validation.go``);
 5. capacity: every Serve deployment's replicas fit the worker groups' pods, at minimum and at
-   maximum scale (``serve.deploy.k8s_capacity``).
+   maximum scale (``serve.deploy.k8s_capacity``);
+6. security: Ray token auth, a NetworkPolicy that keeps the control plane off the open pod network,
+   Pod Security "restricted" fields on every container, the service's API keys on — each unless
+   the RayService's ``routerserve.io/security-opt-outs`` annotation names it.
 
 Each check returns a list of messages ("where: what"); empty means valid.
 """
@@ -28,6 +31,7 @@ import yaml
 
 from serve.config import REPO_ROOT
 
+from .k8s import CONTROL_PORTS, OPT_OUTS_ANNOTATION
 from .k8s_capacity import capacity
 
 CRD_DIR_ENV = "ROUTERSERVE_KUBERAY_CRDS"
@@ -226,6 +230,74 @@ def kuberay_rules(obj: dict[str, Any]) -> list[str]:
 # -- cross-object checks of our own -------------------------------------------------------------
 
 
+
+def _restricted(context: dict[str, Any], pod: dict[str, Any]) -> list[str]:
+    """What a container's securityContext (with its pod's) lacks of Pod Security "restricted"."""
+    missing = []
+    if context.get("allowPrivilegeEscalation") is not False:
+        missing.append("allowPrivilegeEscalation: false")
+    if "ALL" not in ((context.get("capabilities") or {}).get("drop") or []):
+        missing.append("capabilities.drop: [ALL]")
+    if not context.get("runAsNonRoot", pod.get("runAsNonRoot")):
+        missing.append("runAsNonRoot: true")
+    seccomp = (context.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        missing.append("seccompProfile.type: RuntimeDefault")
+    return missing
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def security(objects: list[dict[str, Any]]) -> list[str]:
+    """The production profile, unless the RayService's opt-out annotation names the item."""
+    errors = []
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+    for svc in (o for o in objects if o.get("kind") == "RayService"):
+        opted = set(filter(None, ((svc.get("metadata") or {}).get("annotations") or {}).get(OPT_OUTS_ANNOTATION, "").split(",")))
+        rc = svc["spec"]["rayClusterConfig"]
+        if "ray_auth" not in opted and (rc.get("authOptions") or {}).get("mode") != "token":
+            errors.append("RayService.spec.rayClusterConfig.authOptions.mode: not 'token' — GCS (6379), the "
+                          "dashboard/Jobs API (8265) and the Ray client (10001) run code for anyone who reaches them")
+        for where, template in pod_templates(svc):
+            pod = template.get("spec", {})
+            for kind in ("initContainers", "containers"):
+                for c in pod.get(kind, []):
+                    missing = _restricted(c.get("securityContext") or {}, pod.get("securityContext") or {})
+                    if missing:
+                        errors.append(f"RayService.{where}.{kind}[{c.get('name')}].securityContext: needs {', '.join(missing)}")
+        autoscaler = rc.get("autoscalerOptions") or {}
+        if rc.get("enableInTreeAutoscaling"):
+            missing = _restricted(autoscaler.get("securityContext") or {}, {})
+            if missing:
+                errors.append(f"RayService.spec.rayClusterConfig.autoscalerOptions.securityContext: needs {', '.join(missing)}")
+        config = (yaml.safe_load(svc["spec"]["serveConfigV2"]).get("applications") or [{}])[0].get("args", {}).get("config", {})
+        if "anonymous_api" not in opted and not (config.get("http") or {}).get("api_keys_env"):
+            errors.append("serveConfigV2: http.api_keys_env is not set — the API answers anyone who reaches port 8000")
+        if "network_policy" in opted:
+            continue
+        for where, template in pod_templates(svc):
+            labels = template.get("metadata", {}).get("labels", {})
+            covering = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                        and _selects(p["spec"].get("podSelector") or {}, labels)]
+            if not covering:
+                errors.append(f"RayService.{where}: no NetworkPolicy selects these pods (labels {labels})")
+            for p in covering:
+                for i, rule in enumerate(p["spec"].get("ingress") or []):
+                    open_to_all = not rule.get("from") or any(
+                        peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
+                        or (peer.get("namespaceSelector") == {} and not (peer.get("podSelector") or {}).get("matchLabels"))
+                        for peer in rule.get("from", []))
+                    numbers = {port.get("port") for port in rule.get("ports") or []}
+                    control = set(CONTROL_PORTS.values())
+                    exposed = sorted(control) if not rule.get("ports") else sorted(numbers & control)
+                    if open_to_all and exposed:
+                        errors.append(f"NetworkPolicy/{p['metadata']['name']}.spec.ingress[{i}]: opens the Ray control "
+                                      f"plane {exposed} to every source")
+    return errors
+
+
 def consistency(objects: list[dict[str, Any]], ray_version: str | None = None) -> list[str]:
     """PodMonitor selects the Ray pods and their metrics port; rayVersion matches the image tag."""
     errors = []
@@ -258,7 +330,8 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
                      ray_version: str | None = None) -> dict[str, list[str]]:
     """All four checks (and the consistency one) over the rendered objects; check name → errors."""
     schemas = load_crd_schemas(crd_dir or default_crd_dir())
-    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
+    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [],
+                                    "consistency": []}
     for obj in objects:
         group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
         if obj.get("kind") == "RayService":
@@ -271,5 +344,6 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
             continue  # the Prometheus operator's CRD is not vendored; checked by consistency()
         else:
             report["core"] += validate_core_object(obj, kubernetes_version)
+    report["security"] += security(objects)
     report["consistency"] += consistency(objects, ray_version)
     return report

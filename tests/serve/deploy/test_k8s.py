@@ -54,9 +54,9 @@ def test_committed_manifests_are_a_fresh_render(cfg):
 
 
 def test_committed_manifests_pass_every_validation(objects):
-    assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap"}
+    assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap", "NetworkPolicy"}
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [], "consistency": []}
 
 
 def test_rayservice_shape(rayservice):
@@ -201,7 +201,11 @@ def test_podmonitor_must_select_the_ray_pods(objects):
 
 
 def _with_k8s(cfg, **k8s):
+    """``cfg`` with k8s fields replaced; ``overrides`` and ``secret_env`` are merged into the config's."""
     data = cfg.model_dump(mode="json")
+    for key in ("overrides", "secret_env"):
+        if key in k8s:
+            k8s[key] = {**data["k8s"][key], **k8s[key]}
     data["k8s"].update(k8s)
     return config_from_dict(data)
 
@@ -279,7 +283,7 @@ def test_the_released_checkpoint_example_validates_and_renders_like_the_default(
     write_rendered(cfg, tmp_path)
     objects = load_objects(tmp_path)
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [], "consistency": []}
     serve_doc = yaml.safe_load(next(o for o in objects if o["kind"] == "RayService")["spec"]["serveConfigV2"])
     deployments = {d["name"]: d for d in serve_doc["applications"][0]["deployments"]}
     assert deployments["LLM-router"]["ray_actor_options"]["num_gpus"] == 1 and "RouterR1Controller" in deployments
@@ -337,3 +341,74 @@ def test_cpu_only_deployments_are_placed_on_the_cpu_group_only(rayservice):
     cpu_only = Demand("Ingress", 1, 1, cpu=1, gpu=0, memory=0, custom={CPU_POOL: 1})
     assert pack([cpu_only], [gpu_pod], "min") == ["Ingress: no worker group can hold its replicas (1 CPU, 0 GPU, "
                                                   f"{CPU_POOL} 1 each)"]
+
+
+def test_security_each_item_broken_in_a_manifest_is_named(objects):
+    """The production profile, checked on the manifests: token auth, restricted containers (the
+    autoscaler's too), API keys, a NetworkPolicy keeping the control plane off the pod network."""
+    from serve.deploy.k8s_validate import security
+
+    assert security(objects) == []
+
+    def broken(change):
+        objs = copy.deepcopy(objects)
+        change(objs)
+        return security(objs)
+
+    def rayservice_of(objs):
+        return next(o for o in objs if o["kind"] == "RayService")
+
+    def worker(objs, group):
+        return next(g for g in rayservice_of(objs)["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == group)
+
+    errors = broken(lambda objs: rayservice_of(objs)["spec"]["rayClusterConfig"].pop("authOptions"))
+    assert errors and errors[0].startswith("RayService.spec.rayClusterConfig.authOptions.mode: not 'token'")
+    errors = broken(lambda objs: worker(objs, "gpu")["template"]["spec"]["containers"][0]["securityContext"].pop("capabilities"))
+    assert errors == ["RayService.workerGroupSpecs.1(gpu).template.containers[ray-worker].securityContext: "
+                      "needs capabilities.drop: [ALL]"]
+
+    def root(objs):
+        head = rayservice_of(objs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+        head["securityContext"].pop("runAsNonRoot")
+        head["containers"][0]["securityContext"].pop("runAsNonRoot")
+    assert any("runAsNonRoot: true" in e for e in broken(root))
+    errors = broken(lambda objs: rayservice_of(objs)["spec"]["rayClusterConfig"]["autoscalerOptions"].pop("securityContext"))
+    assert any(e.startswith("RayService.spec.rayClusterConfig.autoscalerOptions.securityContext: needs") for e in errors)
+
+    def anonymous(objs):
+        svc = rayservice_of(objs)
+        doc = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        doc["applications"][0]["args"]["config"]["http"]["api_keys_env"] = None
+        svc["spec"]["serveConfigV2"] = yaml.safe_dump(doc)
+    assert any(e.startswith("serveConfigV2: http.api_keys_env is not set") for e in broken(anonymous))
+    errors = broken(lambda objs: objs.remove(next(o for o in objs if o["kind"] == "NetworkPolicy")))
+    assert any("no NetworkPolicy selects these pods" in e for e in errors)
+
+    def open_dashboard(objs):
+        policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+        policy["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
+    assert any("opens the Ray control plane [8265] to every source" in e for e in broken(open_dashboard))
+
+
+def test_security_opt_outs_are_explicit_and_the_api_keys_are_required(cfg, tmp_path):
+    from serve.deploy.k8s import write_rendered
+    from serve.deploy.k8s_validate import security
+
+    with pytest.raises(ConfigError, match=r"^http\.api_keys_env: the cluster would serve without API keys"):
+        cluster_config(_with_k8s(cfg, overrides={"http.api_keys_env": None}))
+    dev = _with_k8s(cfg, overrides={"http.api_keys_env": None},
+                    security={"ray_auth": "disabled", "network_policy": False, "allow_anonymous_api": True})
+    write_rendered(dev, tmp_path)
+    objs = load_objects(tmp_path)
+    assert "NetworkPolicy" not in {o["kind"] for o in objs} and security(objs) == []
+    svc = next(o for o in objs if o["kind"] == "RayService")
+    assert svc["metadata"]["annotations"]["routerserve.io/security-opt-outs"] == "ray_auth,network_policy,anonymous_api"
+
+
+def test_secrets_reach_only_the_cpu_group(rayservice):
+    """The ingress (API keys) and remote engines (provider keys) run on the CPU group; the head
+    and the GPU pods get no secret."""
+    rc = rayservice["spec"]["rayClusterConfig"]
+    envs = {g["groupName"]: g["template"]["spec"]["containers"][0].get("env", []) for g in rc["workerGroupSpecs"]}
+    envs["head"] = rc["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])
+    assert [e["name"] for e in envs["cpu"]] == ["ROUTERSERVE_API_KEYS"] and envs["gpu"] == [] and envs["head"] == []
