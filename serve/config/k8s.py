@@ -83,7 +83,24 @@ class K8sSecurityConfig(_Strict):
         description="namespaces (besides this one) allowed to reach the Serve HTTP port 8000")
     monitoring_namespace: str = Field("monitoring", description="the namespace allowed to scrape metrics (8080)")
     allow_anonymous_api: bool = Field(False, description="allow http.api_keys_env: null on the cluster (dev only)")
+    allow_mutable_image: bool = Field(False, description="allow an image without k8s.image_digest (a tag can move)")
     run_as_user: int = Field(1000, ge=1, description="the image's non-root user (rayproject/ray: ray, 1000)")
+
+
+class K8sIncrementalUpgradeConfig(_Strict):
+    """KubeRay's clusterUpgradeOptions (upgrade_strategy NewClusterWithIncrementalUpgrade; the
+    operator's RayServiceIncrementalUpgrade feature gate and a Gateway API implementation needed)."""
+
+    gateway_class_name: str = Field(..., min_length=1)
+    interval_seconds: int = Field(30, ge=1)
+    step_size_percent: int = Field(10, ge=0, le=100)
+    max_surge_percent: int = Field(100, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _step_le_surge(self) -> "K8sIncrementalUpgradeConfig":
+        if self.step_size_percent > self.max_surge_percent:
+            raise ValueError(f"step_size_percent: {self.step_size_percent} is above max_surge_percent {self.max_surge_percent}")
+        return self
 
 
 class K8sMonitoringConfig(_Strict):
@@ -101,6 +118,8 @@ class K8sConfig(_Strict):
     name: str = Field("routerserve", pattern=_DNS_LABEL)
     namespace: str = Field("routerserve", pattern=_DNS_LABEL)
     image: str = Field("ghcr.io/routerserve/routerserve:0.1.0-ray2.60.0", description="k8s/Dockerfile, built and pushed")
+    image_digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$", description="the pushed image's digest: "
+                                     "the pods run image@digest (a tag can move; a digest cannot)")
     image_pull_secrets: list[str] = Field(default_factory=list)
     ray_version: str = Field("2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
     kubernetes_version: str = Field("1.33", pattern=r"^[0-9]+\.[0-9]+$", description="for validating core objects")
@@ -115,11 +134,20 @@ class K8sConfig(_Strict):
     )
     idle_timeout_s: int = Field(120, ge=0, description="autoscaler: idle worker pods go after this")
     upgrade_strategy: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] = "NewCluster"
+    incremental_upgrade: K8sIncrementalUpgradeConfig | None = Field(
+        None, description="required with upgrade_strategy NewClusterWithIncrementalUpgrade")
     artifacts: K8sArtifactsConfig = Field(default_factory=K8sArtifactsConfig)
     secret_env: dict[str, K8sSecretRef] = Field(default_factory=dict, description="env var → secretKeyRef on every pod")
     monitoring: K8sMonitoringConfig = Field(default_factory=K8sMonitoringConfig)
     security: K8sSecurityConfig = Field(default_factory=K8sSecurityConfig)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key → value, applied for the cluster")
+
+    @model_validator(mode="after")
+    def _upgrade_options(self) -> "K8sConfig":
+        if self.upgrade_strategy == "NewClusterWithIncrementalUpgrade" and self.incremental_upgrade is None:
+            raise ValueError("incremental_upgrade: NewClusterWithIncrementalUpgrade needs its options (gateway_class_name, "
+                             "interval_seconds, step_size_percent, max_surge_percent)")
+        return self
 
     @field_validator("overrides")
     @classmethod

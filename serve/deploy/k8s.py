@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,35 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
         raise ConfigError(f"k8s.overrides (the cluster config): {exc}") from None
     placed = ccfg.model_dump(mode="json")  # validated first: every deployment has its options now
     _place_cpu_only_on_the_cpu_group(placed)
+    _drain_on_shutdown(placed, math.ceil(ccfg.proxy_timeout_s()))
     ccfg = config_from_dict(placed)
     _check_paths_on_volume(ccfg, root)
     _check_secrets_and_gpus(cfg, ccfg)
+    if k.image_digest is None and not k.security.allow_mutable_image:
+        raise ConfigError("k8s.image_digest: the pods would run a tag that can move; set the pushed image's digest "
+                          "(sha256:…), or k8s.security.allow_mutable_image: true")
     if ccfg.http.api_keys_env is None and not k.security.allow_anonymous_api:
         raise ConfigError("http.api_keys_env: the cluster would serve without API keys; set it in k8s.overrides "
                           "(and map the variable in k8s.secret_env), or k8s.security.allow_anonymous_api: true (dev)")
     return ccfg
 
 
+def _deployment_option_dicts(data: dict[str, Any]) -> list[dict[str, Any]]:
+    options = [data["deployments"][role] for role in ("ingress", "encoder", "shard")]
+    return options + [data["llm"]["controller"], *(e["deployment"] for e in data["llm"]["engines"].values())]
+
+
+def _drain_on_shutdown(data: dict[str, Any], seconds: int) -> None:
+    """A replica that is stopped (downscale, upgrade) finishes its requests first: Serve's
+    graceful_shutdown_timeout_s (default 20 s) raised to the longest request deadline."""
+    for opts in _deployment_option_dicts(data):
+        opts["graceful_shutdown_timeout_s"] = max(seconds, opts.get("graceful_shutdown_timeout_s") or 0)
+
+
 def _place_cpu_only_on_the_cpu_group(data: dict[str, Any]) -> None:
     """Every deployment that asks for no GPU also asks for one unit of CPU_POOL, which only the
     CPU group's pods advertise: GPU pods run GPU work only (and can scale down when it is gone)."""
-    options = [data["deployments"][role] for role in ("ingress", "encoder", "shard")]
-    options += [data["llm"]["controller"], *(e["deployment"] for e in data["llm"]["engines"].values())]
-    for opts in options:
+    for opts in _deployment_option_dicts(data):
         actor = opts.setdefault("ray_actor_options", {})
         if not actor.get("num_gpus"):
             actor.setdefault("resources", {})[CPU_POOL] = 1
@@ -168,7 +183,19 @@ def container_security(cfg: RouterServeConfig) -> dict[str, Any]:
 def security_opt_outs(cfg: RouterServeConfig) -> list[str]:
     sec = cfg.k8s.security
     return [name for name, off in (("ray_auth", sec.ray_auth == "disabled"), ("network_policy", not sec.network_policy),
-                                   ("anonymous_api", sec.allow_anonymous_api)) if off]
+                                   ("anonymous_api", sec.allow_anonymous_api),
+                                   ("mutable_image", cfg.k8s.image_digest is None)) if off]
+
+
+def image_ref(cfg: RouterServeConfig) -> str:
+    """The image the Ray pods run: pinned by digest when k8s.image_digest is set."""
+    return f"{cfg.k8s.image}@{cfg.k8s.image_digest}" if cfg.k8s.image_digest else cfg.k8s.image
+
+
+def drain_s(cfg: RouterServeConfig) -> int:
+    """How long a replica, a pod or an old cluster is given to finish its requests: the longest
+    request deadline (the proxy's backstop, RouterServeConfig.proxy_timeout_s)."""
+    return math.ceil(cfg.proxy_timeout_s())
 
 
 def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int],
@@ -179,7 +206,7 @@ def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: i
         limits["nvidia.com/gpu"] = str(gpus)
     container: dict[str, Any] = {
         "name": name,
-        "image": cfg.k8s.image,
+        "image": image_ref(cfg),
         "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
@@ -207,6 +234,7 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
         "volumes": [volume, {"name": "ray-logs", "emptyDir": {}}],
         "restartPolicy": "Never",  # autoscaler v2: a Ray node is never restarted in place
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationGracePeriodSeconds": drain_s(cfg),  # a pod scaled down finishes its requests
     }
     if a.fetch is not None:
         spec["initContainers"] = [{
@@ -257,7 +285,9 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
         "kind": "RayService",
         "metadata": metadata,
         "spec": {
-            "upgradeStrategy": {"type": k.upgrade_strategy},
+            "upgradeStrategy": _upgrade_strategy(cfg),
+            # the old cluster outlives the switch by the longest request's deadline
+            "rayClusterDeletionDelaySeconds": drain_s(cfg),
             "serveConfigV2": dump_yaml(serve_doc),
             "rayClusterConfig": {
                 "rayVersion": k.ray_version,
@@ -284,6 +314,16 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
             },
         },
     }
+
+
+def _upgrade_strategy(cfg: RouterServeConfig) -> dict[str, Any]:
+    k = cfg.k8s
+    strategy: dict[str, Any] = {"type": k.upgrade_strategy}
+    if k.upgrade_strategy == "NewClusterWithIncrementalUpgrade":
+        u = k.incremental_upgrade
+        strategy["clusterUpgradeOptions"] = {"gatewayClassName": u.gateway_class_name, "intervalSeconds": u.interval_seconds,
+                                             "stepSizePercent": u.step_size_percent, "maxSurgePercent": u.max_surge_percent}
+    return strategy
 
 
 def render_network_policy(cfg: RouterServeConfig) -> dict[str, Any] | None:

@@ -12,9 +12,13 @@
 4. the KubeRay controller's rules that the CRD does not encode (``validation.go``);
 5. capacity: every Serve deployment's replicas fit the worker groups' pods, at minimum and at
    maximum scale (``serve.deploy.k8s_capacity``);
-6. security: Ray token auth, a NetworkPolicy that keeps the control plane off the open pod network,
-   Pod Security "restricted" fields on every container, the service's API keys on — each unless
-   the RayService's ``routerserve.io/security-opt-outs`` annotation names it.
+6. lifecycle: the old cluster after an upgrade (``rayClusterDeletionDelaySeconds``), a stopped
+   replica (``graceful_shutdown_timeout_s``) and a pod scaled down (``terminationGracePeriodSeconds``)
+   each get at least the longest request deadline (``http_options.request_timeout_s``);
+7. security: Ray token auth, a NetworkPolicy that keeps the control plane off the open pod network,
+   Pod Security "restricted" fields on every container, the service's API keys on, the image
+   pinned by digest — each unless the RayService's ``routerserve.io/security-opt-outs``
+   annotation names it.
 
 Each check returns a list of messages ("where: what"); empty means valid.
 """
@@ -250,6 +254,33 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
+def lifecycle(obj: dict[str, Any]) -> list[str]:
+    """Nothing in flight is cut: the old cluster after an upgrade, a stopped replica and a pod
+    scaled down each get at least the longest request deadline (the proxy's request_timeout_s)."""
+    if obj.get("kind") != "RayService":
+        return []
+    doc = yaml.safe_load(obj["spec"]["serveConfigV2"])
+    deadline = (doc.get("http_options") or {}).get("request_timeout_s")
+    if not deadline:
+        return ["serveConfigV2.http_options.request_timeout_s: not set — no request has an end-to-end deadline"]
+    errors = []
+    delay = obj["spec"].get("rayClusterDeletionDelaySeconds", 60)  # KubeRay's default
+    if delay < deadline:
+        errors.append(f"RayService.spec.rayClusterDeletionDelaySeconds: {delay} s, below the longest request deadline "
+                      f"({deadline:g} s): an upgrade would cut requests on the old cluster")
+    for d in (doc.get("applications") or [{}])[0].get("deployments", []):
+        grace = d.get("graceful_shutdown_timeout_s", 20)  # Serve's default
+        if grace < deadline:
+            errors.append(f"serveConfigV2.deployments[{d['name']}].graceful_shutdown_timeout_s: {grace:g} s, below the "
+                          f"longest request deadline ({deadline:g} s)")
+    for where, template in pod_templates(obj):
+        grace = template.get("spec", {}).get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        if grace < deadline:
+            errors.append(f"RayService.{where}.terminationGracePeriodSeconds: {grace} s, below the longest request "
+                          f"deadline ({deadline:g} s)")
+    return errors
+
+
 def security(objects: list[dict[str, Any]]) -> list[str]:
     """The production profile, unless the RayService's opt-out annotation names the item."""
     errors = []
@@ -272,6 +303,12 @@ def security(objects: list[dict[str, Any]]) -> list[str]:
             missing = _restricted(autoscaler.get("securityContext") or {}, {})
             if missing:
                 errors.append(f"RayService.spec.rayClusterConfig.autoscalerOptions.securityContext: needs {', '.join(missing)}")
+        if "mutable_image" not in opted:
+            for where, template in pod_templates(svc):
+                for c in template.get("spec", {}).get("containers", []):
+                    if "@sha256:" not in c.get("image", ""):
+                        errors.append(f"RayService.{where}.containers[{c.get('name')}].image: {c.get('image')} is a tag "
+                                      "that can move; pin it by digest (k8s.image_digest)")
         config = (yaml.safe_load(svc["spec"]["serveConfigV2"]).get("applications") or [{}])[0].get("args", {}).get("config", {})
         if "anonymous_api" not in opted and not (config.get("http") or {}).get("api_keys_env"):
             errors.append("serveConfigV2: http.api_keys_env is not set — the API answers anyone who reaches port 8000")
@@ -330,8 +367,8 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
                      ray_version: str | None = None) -> dict[str, list[str]]:
     """All four checks (and the consistency one) over the rendered objects; check name → errors."""
     schemas = load_crd_schemas(crd_dir or default_crd_dir())
-    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [],
-                                    "consistency": []}
+    report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [],
+                                    "security": [], "consistency": []}
     for obj in objects:
         group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
         if obj.get("kind") == "RayService":
@@ -340,6 +377,7 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
             report["serve"] += validate_serve_config(obj["spec"]["serveConfigV2"], build=build, path_map=path_map)
             report["kuberay"] += kuberay_rules(obj)
             report["capacity"] += capacity(obj)
+            report["lifecycle"] += lifecycle(obj)
         elif group.endswith("monitoring.coreos.com"):
             continue  # the Prometheus operator's CRD is not vendored; checked by consistency()
         else:

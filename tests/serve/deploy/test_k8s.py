@@ -17,6 +17,7 @@ from serve.deploy.k8s_validate import (
     consistency,
     kuberay_rules,
     load_crd_schemas,
+    pod_templates,
     validate_core_object,
     validate_custom_resource,
     validate_objects,
@@ -56,7 +57,8 @@ def test_committed_manifests_are_a_fresh_render(cfg):
 def test_committed_manifests_pass_every_validation(objects):
     assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap", "NetworkPolicy"}
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "security": [],
+                      "consistency": []}
 
 
 def test_rayservice_shape(rayservice):
@@ -101,8 +103,17 @@ def test_embedded_serve_config_places_roles_and_autoscales_each(rayservice):
 def test_versions_agree_with_the_pinned_ray(rayservice):
     pin = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == pin == ray.__version__
-    base = re.search(r"^FROM rayproject/ray:([0-9.]+)-", (K8S / "Dockerfile").read_text(), re.M).group(1)
-    assert base == pin
+    dockerfile = (K8S / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_VERSION=([0-9.]+)$", dockerfile, re.M).group(1)
+    assert base == pin and re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-", dockerfile, re.M)
+    # the image's build fails when the Ray it installed is not the manifests' (pip could move it)
+    check = re.search(r'^RUN python -c "(.*)"$', dockerfile, re.M).group(1)
+    assert "ray.__version__" in check and "${RAY_VERSION}" in check
+    for installed, ok in ((pin, True), ("2.9.0", False)):
+        code = check.replace("${RAY_VERSION}", pin).replace("ray.__version__", repr(installed)).replace("import ray, sys", "import sys")
+        with pytest.raises(SystemExit) as done:
+            exec(code, {})
+        assert (done.value.code in (0, None)) is ok
     assert consistency([rayservice], ray_version=ray.__version__) == []
     other = copy.deepcopy(rayservice)
     other["spec"]["rayClusterConfig"]["rayVersion"] = "2.9.0"
@@ -283,7 +294,8 @@ def test_the_released_checkpoint_example_validates_and_renders_like_the_default(
     write_rendered(cfg, tmp_path)
     objects = load_objects(tmp_path)
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "security": [], "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "security": [],
+                      "consistency": []}
     serve_doc = yaml.safe_load(next(o for o in objects if o["kind"] == "RayService")["spec"]["serveConfigV2"])
     deployments = {d["name"]: d for d in serve_doc["applications"][0]["deployments"]}
     assert deployments["LLM-router"]["ray_actor_options"]["num_gpus"] == 1 and "RouterR1Controller" in deployments
@@ -397,12 +409,13 @@ def test_security_opt_outs_are_explicit_and_the_api_keys_are_required(cfg, tmp_p
     with pytest.raises(ConfigError, match=r"^http\.api_keys_env: the cluster would serve without API keys"):
         cluster_config(_with_k8s(cfg, overrides={"http.api_keys_env": None}))
     dev = _with_k8s(cfg, overrides={"http.api_keys_env": None},
-                    security={"ray_auth": "disabled", "network_policy": False, "allow_anonymous_api": True})
+                    security={"ray_auth": "disabled", "network_policy": False, "allow_anonymous_api": True,
+                              "allow_mutable_image": True})
     write_rendered(dev, tmp_path)
     objs = load_objects(tmp_path)
     assert "NetworkPolicy" not in {o["kind"] for o in objs} and security(objs) == []
     svc = next(o for o in objs if o["kind"] == "RayService")
-    assert svc["metadata"]["annotations"]["routerserve.io/security-opt-outs"] == "ray_auth,network_policy,anonymous_api"
+    assert svc["metadata"]["annotations"]["routerserve.io/security-opt-outs"] == "ray_auth,network_policy,anonymous_api,mutable_image"
 
 
 def test_secrets_reach_only_the_cpu_group(rayservice):
@@ -412,3 +425,51 @@ def test_secrets_reach_only_the_cpu_group(rayservice):
     envs = {g["groupName"]: g["template"]["spec"]["containers"][0].get("env", []) for g in rc["workerGroupSpecs"]}
     envs["head"] = rc["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])
     assert [e["name"] for e in envs["cpu"]] == ["ROUTERSERVE_API_KEYS"] and envs["gpu"] == [] and envs["head"] == []
+
+
+def test_lifecycle_gives_every_request_its_deadline_on_upgrade_downscale_and_shutdown(objects, rayservice):
+    from serve.deploy.k8s_validate import lifecycle
+
+    assert lifecycle(rayservice) == []
+    doc = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    deadline = doc["http_options"]["request_timeout_s"]
+    assert rayservice["spec"]["rayClusterDeletionDelaySeconds"] >= deadline
+    assert all(d["graceful_shutdown_timeout_s"] >= deadline for d in doc["applications"][0]["deployments"])
+    short = copy.deepcopy(rayservice)
+    short["spec"]["rayClusterDeletionDelaySeconds"] = 60
+    worker = short["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker["terminationGracePeriodSeconds"] = 30
+    doc["applications"][0]["deployments"][0]["graceful_shutdown_timeout_s"] = 20
+    short["spec"]["serveConfigV2"] = yaml.safe_dump(doc)
+    errors = lifecycle(short)
+    assert errors[0].startswith("RayService.spec.rayClusterDeletionDelaySeconds: 60 s, below the longest request deadline")
+    assert any("deployments[RetrievalIngress].graceful_shutdown_timeout_s: 20 s" in e for e in errors)
+    assert any("workerGroupSpecs.0(cpu).template.terminationGracePeriodSeconds: 30 s" in e for e in errors)
+
+
+def test_the_image_is_pinned_by_digest_unless_opted_out(cfg, rayservice):
+    from serve.deploy.k8s_validate import security
+
+    digest = "sha256:" + "ab" * 32
+    with pytest.raises(ConfigError, match=r"^k8s\.image_digest: the pods would run a tag that can move"):
+        cluster_config(_with_k8s(cfg, security={**cfg.k8s.security.model_dump(), "allow_mutable_image": False}))
+    pinned = yaml.safe_load(render_all(_with_k8s(cfg, image_digest=digest,
+                            security={**cfg.k8s.security.model_dump(), "allow_mutable_image": False}))["rayservice.yaml"])
+    images = {c["image"] for _, t in pod_templates(pinned) for c in t["spec"]["containers"]}
+    assert images == {f"{cfg.k8s.image}@{digest}"} and "annotations" not in pinned["metadata"]
+    assert not any("image" in e for e in security([pinned]))  # (no NetworkPolicy object here: that is another check)
+    assert "mutable_image" in rayservice["metadata"]["annotations"]["routerserve.io/security-opt-outs"]  # the shipped one
+    tag_only = copy.deepcopy(pinned)
+    tag_only["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = cfg.k8s.image
+    assert any("is a tag that can move; pin it by digest" in e for e in security([tag_only]))
+
+
+def test_incremental_upgrades_render_their_options_or_are_refused(cfg, schemas):
+    with pytest.raises(ConfigError, match=r"k8s\.incremental_upgrade: NewClusterWithIncrementalUpgrade needs its options"):
+        _with_k8s(cfg, upgrade_strategy="NewClusterWithIncrementalUpgrade")
+    inc = _with_k8s(cfg, upgrade_strategy="NewClusterWithIncrementalUpgrade",
+                    incremental_upgrade={"gateway_class_name": "istio", "interval_seconds": 30, "step_size_percent": 10})
+    svc = yaml.safe_load(render_all(inc)["rayservice.yaml"])
+    assert svc["spec"]["upgradeStrategy"]["clusterUpgradeOptions"] == {
+        "gatewayClassName": "istio", "intervalSeconds": 30, "stepSizePercent": 10, "maxSurgePercent": 100}
+    assert kuberay_rules(svc) == [] and validate_custom_resource(svc, schemas) == []
