@@ -103,6 +103,21 @@ class K8sIncrementalUpgradeConfig(_Strict):
         return self
 
 
+class K8sHAConfig(_Strict):
+    """No single point of failure: GCS fault tolerance (the head's state in an external Redis, so a
+    lost head pod restarts without taking Serve down), the head out of the Serve service, and the
+    request path's deployments replicated across pods."""
+
+    enabled: bool = Field(True, description="false: a dev cluster (recorded in the manifest's opt-out annotation)")
+    redis_address: str = Field("redis-master.routerserve.svc.cluster.local:6379", min_length=1,
+                               description="host:port of the external Redis that keeps the GCS state")
+    redis_password: K8sSecretRef | None = Field(
+        default_factory=lambda: K8sSecretRef(secret="routerserve-redis", key="password"),
+        description="the Redis password's secret key (null: no password)")
+    min_replicas: int = Field(2, ge=2, description="at least this many replicas, one per pod, for the ingress, every "
+                              "shard searcher and the Router-R1 controller")
+
+
 class K8sMonitoringConfig(_Strict):
     pod_monitor: bool = True
     scrape_interval: str = Field("15s", pattern=r"^[0-9]+(s|m)$")
@@ -140,6 +155,7 @@ class K8sConfig(_Strict):
     secret_env: dict[str, K8sSecretRef] = Field(default_factory=dict, description="env var → secretKeyRef on every pod")
     monitoring: K8sMonitoringConfig = Field(default_factory=K8sMonitoringConfig)
     security: K8sSecurityConfig = Field(default_factory=K8sSecurityConfig)
+    ha: K8sHAConfig = Field(default_factory=K8sHAConfig)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key → value, applied for the cluster")
 
     @model_validator(mode="after")

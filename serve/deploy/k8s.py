@@ -31,7 +31,7 @@ from serve.config import ConfigError, RouterServeConfig, config_from_dict
 from serve.config.common import _looks_like_ref
 from serve.config.loading import _set_dotted
 
-from .k8s_capacity import CPU_POOL, CPU_POOL_PER_POD, ray_resources_param
+from .k8s_capacity import CPU_POOL, CPU_POOL_PER_POD, ray_resources_param, replica_bounds
 from .serve_config import serve_config
 
 METRICS_PORT = 8080
@@ -91,6 +91,8 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
     ccfg = config_from_dict(placed)
     _check_paths_on_volume(ccfg, root)
     _check_secrets_and_gpus(cfg, ccfg)
+    if k.ha.enabled:
+        _check_replicated(ccfg, k.ha.min_replicas)
     if k.image_digest is None and not k.security.allow_mutable_image:
         raise ConfigError("k8s.image_digest: the pods would run a tag that can move; set the pushed image's digest "
                           "(sha256:…), or k8s.security.allow_mutable_image: true")
@@ -119,6 +121,23 @@ def _place_cpu_only_on_the_cpu_group(data: dict[str, Any]) -> None:
         actor = opts.setdefault("ray_actor_options", {})
         if not actor.get("num_gpus"):
             actor.setdefault("resources", {})[CPU_POOL] = 1
+
+
+HA_ROLES = {"ingress": "deployments.ingress", "shard": "deployments.shard", "controller": "llm.controller"}
+
+
+def _check_replicated(ccfg: RouterServeConfig, least: int) -> None:
+    """HA: the request path's deployments keep at least ``least`` replicas, one per pod."""
+    options = {"ingress": ccfg.deployments.ingress, "shard": ccfg.deployments.shard}
+    if ccfg.llm.enabled and ccfg.llm.router is not None:
+        options["controller"] = ccfg.llm.controller
+    for role, opts in options.items():
+        lo, _ = replica_bounds(opts)
+        if lo < least or opts.get("max_replicas_per_node") != 1:
+            raise ConfigError(f"k8s.overrides.{HA_ROLES[role]}: k8s.ha needs at least {least} replicas "
+                              f"(min_replicas / num_replicas, now {lo}) and max_replicas_per_node: 1 (now "
+                              f"{opts.get('max_replicas_per_node')}), so that losing one pod keeps it serving; or "
+                              "k8s.ha.enabled: false")
 
 
 def _check_secrets_and_gpus(cfg: RouterServeConfig, ccfg: RouterServeConfig) -> None:
@@ -184,7 +203,8 @@ def security_opt_outs(cfg: RouterServeConfig) -> list[str]:
     sec = cfg.k8s.security
     return [name for name, off in (("ray_auth", sec.ray_auth == "disabled"), ("network_policy", not sec.network_policy),
                                    ("anonymous_api", sec.allow_anonymous_api),
-                                   ("mutable_image", cfg.k8s.image_digest is None)) if off]
+                                   ("mutable_image", cfg.k8s.image_digest is None),
+                                   ("ha", not cfg.k8s.ha.enabled)) if off]
 
 
 def image_ref(cfg: RouterServeConfig) -> str:
@@ -251,7 +271,16 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
         spec["nodeSelector"] = dict(node_selector)
     if cfg.k8s.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": s} for s in cfg.k8s.image_pull_secrets]
-    return {"metadata": {"labels": {**_labels(cfg), "routerserve/group": group}}, "spec": spec}
+    if group != "head" and cfg.k8s.ha.enabled:  # a group's pods on different nodes where the cluster allows
+        spec["topologySpreadConstraints"] = [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": _group_labels(cfg, group)},
+        }]
+    return {"metadata": {"labels": _group_labels(cfg, group)}, "spec": spec}
+
+
+def _group_labels(cfg: RouterServeConfig, group: str) -> dict[str, str]:
+    return {**_labels(cfg), "routerserve/group": group}
 
 
 def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
@@ -286,6 +315,8 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
         "metadata": metadata,
         "spec": {
             "upgradeStrategy": _upgrade_strategy(cfg),
+            # the head also runs a Serve proxy; out of the serve service, a head restart drops no traffic
+            **({"excludeHeadPodFromServeSvc": True} if k.ha.enabled else {}),
             # the old cluster outlives the switch by the longest request's deadline
             "rayClusterDeletionDelaySeconds": drain_s(cfg),
             "serveConfigV2": dump_yaml(serve_doc),
@@ -295,6 +326,7 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
                 # token: the operator creates the secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every
                 # Ray container (KubeRay >= 1.5.1, Ray >= 2.52)
                 "authOptions": {"mode": k.security.ray_auth},
+                **({"gcsFaultToleranceOptions": _gcs_fault_tolerance(cfg)} if k.ha.enabled else {}),
                 "autoscalerOptions": {
                     "version": "v2",
                     "upscalingMode": "Default",
@@ -314,6 +346,30 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
             },
         },
     }
+
+
+def _gcs_fault_tolerance(cfg: RouterServeConfig) -> dict[str, Any]:
+    """The GCS keeps its state in the external Redis: a lost head pod comes back with the cluster's
+    actors, Serve applications and placement, and the workers reconnect."""
+    ha = cfg.k8s.ha
+    options: dict[str, Any] = {"redisAddress": ha.redis_address}
+    if ha.redis_password is not None:
+        options["redisPassword"] = {"valueFrom": {"secretKeyRef": {"name": ha.redis_password.secret,
+                                                                    "key": ha.redis_password.key}}}
+    return options
+
+
+def render_disruption_budgets(cfg: RouterServeConfig) -> list[dict[str, Any]]:
+    """One PodDisruptionBudget per worker group: a node drain takes one pod of a group at a time."""
+    if not cfg.k8s.ha.enabled:
+        return []
+    groups = ["cpu"] + (["gpu"] if cfg.k8s.gpu_workers is not None else [])
+    return [{
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": f"{cfg.k8s.name}-{group}", "namespace": cfg.k8s.namespace, "labels": _labels(cfg)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _group_labels(cfg, group)}},
+    } for group in groups]
 
 
 def _upgrade_strategy(cfg: RouterServeConfig) -> dict[str, Any]:
@@ -424,6 +480,9 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     policy = render_network_policy(cfg)
     if policy is not None:
         files["networkpolicy.yaml"] = HEADER + dump_yaml(policy)
+    budgets = render_disruption_budgets(cfg)
+    if budgets:
+        files["disruption-budgets.yaml"] = HEADER + "---\n".join(dump_yaml(b) for b in budgets)
     monitor = render_podmonitor(cfg)
     if monitor is not None:
         files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)

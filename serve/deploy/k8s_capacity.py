@@ -4,7 +4,7 @@ Read from a rendered RayService: each worker group's pod shape (Ray's CPUs, GPUs
 the container limits or ``rayStartParams``, and its custom Ray resources) and pod count bounds;
 each Serve deployment's replica bounds (``num_replicas`` or ``autoscaling_config``) and replica
 resources (``ray_actor_options``: ``num_cpus`` — Serve's default 1 —, ``num_gpus``, ``memory``,
-``resources``). Replicas are packed onto pods first-fit, largest first (GPU, then CPU): at the
+``resources``) and ``max_replicas_per_node``. Replicas are packed onto pods first-fit, largest first (GPU, then CPU): at the
 deployments' minimum replicas into the groups' ``minReplicas`` pods, at their maximum into
 ``maxReplicas`` pods. A replica needing a GPU goes to a pod with GPUs; one needing a custom
 resource only to pods that advertise it (``CPU_POOL`` keeps CPU-only work off GPU pods).
@@ -70,6 +70,7 @@ class Demand:
     gpu: float
     memory: float
     custom: dict[str, float] = field(default_factory=dict)
+    per_pod: int | None = None  # Serve's max_replicas_per_node
 
     def describe(self) -> str:
         custom = "".join(f", {k} {v:g}" for k, v in self.custom.items())
@@ -91,22 +92,27 @@ def worker_groups(rayservice: dict[str, Any]) -> list[GroupShape]:
     return groups
 
 
+def replica_bounds(opts: dict[str, Any]) -> tuple[int, int]:
+    """A deployment's (min, max) replicas from its Serve options (``num_replicas: auto``: Serve's
+    defaults, 1 to 100)."""
+    auto = opts.get("autoscaling_config")
+    if auto:
+        return int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+    n = opts.get("num_replicas", 1)
+    return (1, 100) if n == "auto" else (int(n), int(n))
+
+
 def serve_demands(serve_doc: dict[str, Any] | str) -> list[Demand]:
     doc = yaml.safe_load(serve_doc) if isinstance(serve_doc, str) else serve_doc
     out = []
     for app in doc.get("applications", []):
         for d in app.get("deployments", []):
-            auto = d.get("autoscaling_config")
-            if auto:
-                lo, hi = int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
-            elif d.get("num_replicas") == "auto":
-                lo, hi = 1, 100  # Serve's defaults for num_replicas: auto
-            else:
-                lo = hi = int(d.get("num_replicas", 1))
+            lo, hi = replica_bounds(d)
             opts = d.get("ray_actor_options") or {}
             cpu = opts.get("num_cpus")
             out.append(Demand(d["name"], lo, hi, 1.0 if cpu is None else float(cpu), float(opts.get("num_gpus") or 0),
-                              float(opts.get("memory") or 0), {k: float(v) for k, v in (opts.get("resources") or {}).items()}))
+                              float(opts.get("memory") or 0), {k: float(v) for k, v in (opts.get("resources") or {}).items()},
+                              d.get("max_replicas_per_node")))
     return out
 
 
@@ -116,7 +122,7 @@ def _eligible(d: Demand, g: GroupShape) -> bool:
 
 def pack(demands: list[Demand], groups: list[GroupShape], at: str) -> list[str]:
     """Errors for the replicas that do not fit (``at``: "min" or "max")."""
-    pods = [(g, {"cpu": g.cpu, "gpu": g.gpu, "memory": g.memory, **g.custom})
+    pods = [(g, {"cpu": g.cpu, "gpu": g.gpu, "memory": g.memory, **g.custom}, {})
             for g in groups for _ in range(g.min_pods if at == "min" else g.max_pods)]
     replicas = [d for d in demands for _ in range(d.min_replicas if at == "min" else d.max_replicas)]
     replicas.sort(key=lambda d: (d.gpu, d.cpu, d.memory), reverse=True)
@@ -124,10 +130,12 @@ def pack(demands: list[Demand], groups: list[GroupShape], at: str) -> list[str]:
     unplaced: dict[str, int] = {}
     for d in replicas:
         need = {"cpu": d.cpu, "gpu": d.gpu, "memory": d.memory, **d.custom}
-        for g, free in pods:
-            if _eligible(d, g) and all(free.get(k, 0) + eps >= v for k, v in need.items()):
+        for g, free, count in pods:  # count: replicas per deployment on this pod (max_replicas_per_node)
+            if (_eligible(d, g) and all(free.get(k, 0) + eps >= v for k, v in need.items())
+                    and (d.per_pod is None or count.get(d.name, 0) < d.per_pod)):
                 for k, v in need.items():
                     free[k] = free.get(k, 0) - v
+                count[d.name] = count.get(d.name, 0) + 1
                 break
         else:
             unplaced[d.name] = unplaced.get(d.name, 0) + 1

@@ -15,7 +15,10 @@
 6. lifecycle: the old cluster after an upgrade (``rayClusterDeletionDelaySeconds``), a stopped
    replica (``graceful_shutdown_timeout_s``) and a pod scaled down (``terminationGracePeriodSeconds``)
    each get at least the longest request deadline (``http_options.request_timeout_s``);
-7. security: Ray token auth, a NetworkPolicy that keeps the control plane off the open pod network,
+7. availability: no single point of failure — GCS fault tolerance, the head out of the Serve
+   service, >= 2 replicas one per pod on the request path, a PodDisruptionBudget and a topology
+   spread per worker group (unless the opt-out annotation names "ha");
+8. security: Ray token auth, a NetworkPolicy that keeps the control plane off the open pod network,
    Pod Security "restricted" fields on every container, the service's API keys on, the image
    pinned by digest — each unless the RayService's ``routerserve.io/security-opt-outs``
    annotation names it.
@@ -36,7 +39,7 @@ import yaml
 from serve.config import REPO_ROOT
 
 from .k8s import CONTROL_PORTS, OPT_OUTS_ANNOTATION
-from .k8s_capacity import capacity
+from .k8s_capacity import capacity, replica_bounds
 
 CRD_DIR_ENV = "ROUTERSERVE_KUBERAY_CRDS"
 UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
@@ -254,6 +257,47 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
+def _opt_outs(svc: dict[str, Any]) -> set[str]:
+    return set(filter(None, ((svc.get("metadata") or {}).get("annotations") or {}).get(OPT_OUTS_ANNOTATION, "").split(",")))
+
+
+HA_DEPLOYMENTS = ("RetrievalIngress", "SearchShard", "RouterR1Controller")  # the request path (name prefixes)
+
+
+def availability(objects: list[dict[str, Any]]) -> list[str]:
+    """No single point of failure, unless the opt-out annotation names "ha": the GCS state in an
+    external Redis, the head out of the Serve service, two or more replicas one per pod for the
+    request path, a PodDisruptionBudget and a topology spread for every worker group."""
+    errors = []
+    budgets = [o for o in objects if o.get("kind") == "PodDisruptionBudget"]
+    for svc in (o for o in objects if o.get("kind") == "RayService"):
+        if "ha" in _opt_outs(svc):
+            continue
+        rc = svc["spec"]["rayClusterConfig"]
+        if not (rc.get("gcsFaultToleranceOptions") or {}).get("redisAddress"):
+            errors.append("RayService.spec.rayClusterConfig.gcsFaultToleranceOptions: no external Redis — losing the head "
+                          "pod takes the Serve application down and every engine cold-starts")
+        if not svc["spec"].get("excludeHeadPodFromServeSvc"):
+            errors.append("RayService.spec.excludeHeadPodFromServeSvc: not true — a head restart drops the traffic its "
+                          "proxy holds")
+        doc = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        for d in (doc.get("applications") or [{}])[0].get("deployments", []):
+            if d["name"].startswith(HA_DEPLOYMENTS):
+                lo, _ = replica_bounds(d)
+                if lo < 2 or d.get("max_replicas_per_node") != 1:
+                    errors.append(f"serveConfigV2.deployments[{d['name']}]: {lo} replica(s) at minimum, "
+                                  f"max_replicas_per_node {d.get('max_replicas_per_node')} — one lost pod is an outage "
+                                  "(need >= 2, one per pod)")
+        for i, g in enumerate(rc.get("workerGroupSpecs", [])):
+            labels = g["template"].get("metadata", {}).get("labels", {})
+            where = f"RayService.workerGroupSpecs.{i}({g.get('groupName')})"
+            if not any(_selects(b["spec"].get("selector") or {}, labels) for b in budgets):
+                errors.append(f"{where}: no PodDisruptionBudget selects its pods (a node drain may take them all)")
+            if not g["template"]["spec"].get("topologySpreadConstraints"):
+                errors.append(f"{where}.template.spec.topologySpreadConstraints: none — its pods may share one node")
+    return errors
+
+
 def lifecycle(obj: dict[str, Any]) -> list[str]:
     """Nothing in flight is cut: the old cluster after an upgrade, a stopped replica and a pod
     scaled down each get at least the longest request deadline (the proxy's request_timeout_s)."""
@@ -286,7 +330,7 @@ def security(objects: list[dict[str, Any]]) -> list[str]:
     errors = []
     policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
     for svc in (o for o in objects if o.get("kind") == "RayService"):
-        opted = set(filter(None, ((svc.get("metadata") or {}).get("annotations") or {}).get(OPT_OUTS_ANNOTATION, "").split(",")))
+        opted = _opt_outs(svc)
         rc = svc["spec"]["rayClusterConfig"]
         if "ray_auth" not in opted and (rc.get("authOptions") or {}).get("mode") != "token":
             errors.append("RayService.spec.rayClusterConfig.authOptions.mode: not 'token' — GCS (6379), the "
@@ -368,7 +412,7 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
     """All four checks (and the consistency one) over the rendered objects; check name → errors."""
     schemas = load_crd_schemas(crd_dir or default_crd_dir())
     report: dict[str, list[str]] = {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [],
-                                    "security": [], "consistency": []}
+                                    "availability": [], "security": [], "consistency": []}
     for obj in objects:
         group = obj.get("apiVersion", "").split("/")[0] if "/" in obj.get("apiVersion", "") else ""
         if obj.get("kind") == "RayService":
@@ -382,6 +426,7 @@ def validate_objects(objects: list[dict[str, Any]], crd_dir: Path | None = None,
             continue  # the Prometheus operator's CRD is not vendored; checked by consistency()
         else:
             report["core"] += validate_core_object(obj, kubernetes_version)
+    report["availability"] += availability(objects)
     report["security"] += security(objects)
     report["consistency"] += consistency(objects, ray_version)
     return report

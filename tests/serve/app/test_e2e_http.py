@@ -234,7 +234,7 @@ def test_schemathesis_all_checks_pass_on_the_retrieval_endpoints_through_serve(s
 
 
 def test_overload_is_refused_at_once_with_503_and_retry_after(served):
-    """400 requests at once against the default admission (ingress: 64 ongoing + 64 queued, and
+    """600 requests at once against the default admission (ingress: 64 ongoing + 64 queued, and
     limits.max_queue_wait_s): the excess is refused with 503 + Retry-After instead of queueing —
     by Serve's proxy past the queue, by the ingress once the oldest waiting request has waited
     too long; every request gets an answer (no 500, no client timeout) and the service stays
@@ -242,11 +242,11 @@ def test_overload_is_refused_at_once_with_503_and_retry_after(served):
     url = served["url"]
 
     async def flood():
-        limits = httpx.Limits(max_connections=500, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=700, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
             return await asyncio.gather(*(
                 client.post(f"{url}/v1/retrieve", json={"query": f"overload probe {i}", "top_k": 3})
-                for i in range(400)
+                for i in range(600)  # 600, not 400: a busy host sends them more slowly (84 refused of 400 once)
             ))
 
     responses = asyncio.run(flood())

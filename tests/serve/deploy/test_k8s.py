@@ -55,10 +55,11 @@ def test_committed_manifests_are_a_fresh_render(cfg):
 
 
 def test_committed_manifests_pass_every_validation(objects):
-    assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap", "NetworkPolicy"}
+    assert {o["kind"] for o in objects} == {"RayService", "PersistentVolumeClaim", "PodMonitor", "ConfigMap", "NetworkPolicy",
+                                            "PodDisruptionBudget"}
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "security": [],
-                      "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "availability": [],
+                      "security": [], "consistency": []}
 
 
 def test_rayservice_shape(rayservice):
@@ -294,8 +295,8 @@ def test_the_released_checkpoint_example_validates_and_renders_like_the_default(
     write_rendered(cfg, tmp_path)
     objects = load_objects(tmp_path)
     report = validate_objects(objects, REPO.parent / "shared" / "k8s", "1.33", build=False, ray_version=ray.__version__)
-    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "security": [],
-                      "consistency": []}
+    assert report == {"crd": [], "core": [], "serve": [], "kuberay": [], "capacity": [], "lifecycle": [], "availability": [],
+                      "security": [], "consistency": []}
     serve_doc = yaml.safe_load(next(o for o in objects if o["kind"] == "RayService")["spec"]["serveConfigV2"])
     deployments = {d["name"]: d for d in serve_doc["applications"][0]["deployments"]}
     assert deployments["LLM-router"]["ray_actor_options"]["num_gpus"] == 1 and "RouterR1Controller" in deployments
@@ -473,3 +474,70 @@ def test_incremental_upgrades_render_their_options_or_are_refused(cfg, schemas):
     assert svc["spec"]["upgradeStrategy"]["clusterUpgradeOptions"] == {
         "gatewayClassName": "istio", "intervalSeconds": 30, "stepSizePercent": 10, "maxSurgePercent": 100}
     assert kuberay_rules(svc) == [] and validate_custom_resource(svc, schemas) == []
+
+
+def test_availability_each_single_point_of_failure_is_named(objects, cfg):
+    """GCS fault tolerance, the head out of the serve service, two replicas one per pod on the
+    request path, a PDB and a topology spread per worker group — each broken in the manifests."""
+    from serve.deploy.k8s_validate import availability
+
+    assert availability(objects) == []
+    rs = next(o for o in objects if o["kind"] == "RayService")
+    rc = rs["spec"]["rayClusterConfig"]
+    assert rc["gcsFaultToleranceOptions"] == {"redisAddress": cfg.k8s.ha.redis_address, "redisPassword": {
+        "valueFrom": {"secretKeyRef": {"name": "routerserve-redis", "key": "password"}}}}
+    assert rs["spec"]["excludeHeadPodFromServeSvc"] is True
+
+    def broken(change):
+        objs = copy.deepcopy(objects)
+        change(objs, next(o for o in objs if o["kind"] == "RayService"))
+        return availability(objs)
+
+    errors = broken(lambda objs, svc: svc["spec"]["rayClusterConfig"].pop("gcsFaultToleranceOptions"))
+    assert errors == ["RayService.spec.rayClusterConfig.gcsFaultToleranceOptions: no external Redis — losing the head "
+                      "pod takes the Serve application down and every engine cold-starts"]
+    assert broken(lambda objs, svc: svc["spec"].pop("excludeHeadPodFromServeSvc"))[0].startswith(
+        "RayService.spec.excludeHeadPodFromServeSvc: not true")
+
+    def single_shard(objs, svc):
+        doc = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        shard = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "SearchShard1")
+        shard["autoscaling_config"]["min_replicas"] = 1
+        svc["spec"]["serveConfigV2"] = yaml.safe_dump(doc)
+    assert broken(single_shard) == ["serveConfigV2.deployments[SearchShard1]: 1 replica(s) at minimum, max_replicas_per_node "
+                                    "1 — one lost pod is an outage (need >= 2, one per pod)"]
+    errors = broken(lambda objs, svc: objs.remove(next(o for o in objs if o["kind"] == "PodDisruptionBudget"
+                                                       and o["metadata"]["name"].endswith("-gpu"))))
+    assert errors == ["RayService.workerGroupSpecs.1(gpu): no PodDisruptionBudget selects its pods (a node drain may take "
+                      "them all)"]
+    errors = broken(lambda objs, svc: svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"].pop(
+        "topologySpreadConstraints"))
+    assert errors == ["RayService.workerGroupSpecs.0(cpu).template.spec.topologySpreadConstraints: none — its pods may "
+                      "share one node"]
+
+
+def test_ha_needs_the_request_path_replicated_or_an_explicit_opt_out(cfg, tmp_path):
+    from serve.deploy.k8s import write_rendered
+    from serve.deploy.k8s_validate import availability
+
+    one_ingress = {k: v for k, v in cfg.k8s.overrides["deployments.ingress"].items() if k != "max_replicas_per_node"}
+    with pytest.raises(ConfigError, match=r"^k8s\.overrides\.deployments\.ingress: k8s\.ha needs at least 2 replicas"):
+        cluster_config(_with_k8s(cfg, overrides={"deployments.ingress": one_ingress}))
+    dev = _with_k8s(cfg, overrides={"deployments.ingress": one_ingress}, ha={"enabled": False})
+    write_rendered(dev, tmp_path)
+    objs = load_objects(tmp_path)
+    svc = next(o for o in objs if o["kind"] == "RayService")
+    assert "PodDisruptionBudget" not in {o["kind"] for o in objs} and "gcsFaultToleranceOptions" not in svc["spec"]["rayClusterConfig"]
+    assert "ha" in svc["metadata"]["annotations"]["routerserve.io/security-opt-outs"].split(",") and availability(objs) == []
+
+
+def test_capacity_honours_one_replica_per_pod():
+    from serve.deploy.k8s_capacity import Demand, GroupShape, pack
+
+    group = GroupShape("cpu", 1, 2, cpu=16, gpu=0, memory=2**36)
+    spread = Demand("RetrievalIngress", 2, 3, cpu=1, gpu=0, memory=0, per_pod=1)
+    assert pack([spread], [group], "min") == ["RetrievalIngress: 1 of its 2 replicas at minimum (1 CPU, 0 GPU each) do not "
+                                              "fit the pods its worker groups have at minimum (k8s.cpu_workers: 1 pods of "
+                                              "16 CPU, 0 GPU, 64 GiB); raise k8s.cpu_workers.min_replicas, or give the "
+                                              "deployment fewer or smaller replicas"]
+    assert pack([Demand("RetrievalIngress", 2, 2, cpu=1, gpu=0, memory=0)], [group], "min") == []  # packed together
