@@ -54,7 +54,8 @@ def build_chat(cfg: RouterServeConfig, options: dict[str, dict]):
     llm = cfg.llm
     engines = {
         name: LLMEngineDeployment.options(name=llm_engine_name(name), **options[llm_engine_name(name)]).bind(
-            settings=EngineDeploymentSettings(name=name, engine=engine, model_cache_dir=str(llm.model_cache_dir))
+            settings=EngineDeploymentSettings(name=name, engine=engine, model_cache_dir=str(llm.model_cache_dir),
+                                              model_cache_writable=llm.model_cache_writable)
         )
         for name, engine in llm.engines.items()
     }

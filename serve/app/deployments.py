@@ -191,7 +191,8 @@ class LLMEngineDeployment:
 
     async def __init__(self, settings: EngineDeploymentSettings):
         self.name = settings.name
-        self.engine = make_engine(settings.name, settings.engine, Path(settings.model_cache_dir))
+        self.engine = make_engine(settings.name, settings.engine, Path(settings.model_cache_dir),
+                                  settings.model_cache_writable)
         await self.engine.start()
 
     async def complete(self, prompt: str, max_tokens: int, temperature: float, stop: list[str], regex: str | None) -> dict:

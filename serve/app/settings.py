@@ -96,6 +96,7 @@ class EngineDeploymentSettings(_Settings):
     name: str
     engine: LLMEngineConfig
     model_cache_dir: str
+    model_cache_writable: bool = True  # llm.model_cache_writable: false on the cluster (read-only volume)
 
 
 class ControllerSettings(_Settings):

@@ -29,7 +29,13 @@ from .models import ModelResolutionError, package_root, resolve_model
 CONVERTED_MARK = "routerserve_converted.json"
 
 
-def _gguf_source(ref: str, cache_dir: Path) -> Path | None:
+def _read_only(ref: str, what: Path) -> ModelResolutionError:
+    return ModelResolutionError(
+        f"model ref {ref!r}: {what} is missing and the model cache is read-only here (the cluster's artifacts "
+        "volume): resolve the model where the cache is writable (`routerserve up` once locally) and copy models/")
+
+
+def _gguf_source(ref: str, cache_dir: Path, writable: bool = True) -> Path | None:
     """The GGUF file behind ``ref``, or None when ``ref`` is not a GGUF source."""
     if ref.endswith(".gguf"):
         path = Path(ref).expanduser()
@@ -48,6 +54,10 @@ def _gguf_source(ref: str, cache_dir: Path) -> Path | None:
     module = importlib.import_module(name.replace("-", "_"))
     if callable(getattr(module, "assemble", None)):
         target = cache_dir / "gguf" / f"{name.replace('-', '_')}.gguf"
+        if not writable:
+            if not target.is_file():
+                raise _read_only(ref, target)
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(module.assemble(target, overwrite=False) or target)
     raise ModelResolutionError(f"model ref {ref!r}: package {name!r} ships neither config.json, a .gguf file nor assemble()")
@@ -92,10 +102,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_llm(ref: str, cache_dir: str | os.PathLike) -> Path:
-    """A local folder for the LLM ``ref``, converting (once, cached) where it is a GGUF source."""
+def resolve_llm(ref: str, cache_dir: str | os.PathLike, writable: bool = True) -> Path:
+    """A local folder for the LLM ``ref``, converting (once, cached) where it is a GGUF source.
+    ``writable=False`` (the cluster: the cache is on the read-only artifacts volume): never writes;
+    a missing conversion is an error saying where to make it, instead of a crash-looping replica."""
     cache_dir = Path(cache_dir)
-    gguf = _gguf_source(ref, cache_dir)
+    gguf = _gguf_source(ref, cache_dir, writable)
     if gguf is None:
         return resolve_model(ref)
     import fcntl
@@ -103,6 +115,8 @@ def resolve_llm(ref: str, cache_dir: str | os.PathLike) -> Path:
     out = cache_dir / f"{gguf.stem}-{_file_digest(gguf)}"
     if (out / CONVERTED_MARK).is_file():
         return out
+    if not writable:
+        raise _read_only(ref, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".lock"), "w") as lock:  # replicas starting together convert once
         fcntl.flock(lock, fcntl.LOCK_EX)

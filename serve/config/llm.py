@@ -171,6 +171,8 @@ class LLMConfig(_Strict):
 
     enabled: bool = True
     model_cache_dir: Path = Field(Path(".routerserve/models"), description="GGUF → safetensors conversions")
+    model_cache_writable: bool = Field(True, description="false (the cluster: the cache is on the read-only artifacts "
+                                       "volume): a missing conversion is an error naming where to make it, never a write")
     engines: dict[str, LLMEngineConfig] = Field(default_factory=dict)
     router: RouterConfig | None = None
     candidates: list[CandidateConfig] = Field(default_factory=list)

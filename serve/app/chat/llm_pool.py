@@ -21,24 +21,24 @@ from serve.artifacts.llm_models import resolve_llm
 from serve.config import LLMConfig, LLMEngineConfig
 
 
-def engine_model_path(engine: LLMEngineConfig, cache_dir: Path) -> Path | None:
+def engine_model_path(engine: LLMEngineConfig, cache_dir: Path, writable: bool = True) -> Path | None:
     """The local model folder of a vllm/transformers engine (converted from GGUF once, cached);
-    for an openai engine, its optional local tokenizer folder."""
+    for an openai engine, its optional local tokenizer folder. ``writable``: llm.model_cache_writable."""
     if engine.kind == "retriever":
         return None
     if engine.kind == "openai":
-        return None if engine.tokenizer is None else resolve_llm(engine.tokenizer, cache_dir)
-    return resolve_llm(engine.model, cache_dir)
+        return None if engine.tokenizer is None else resolve_llm(engine.tokenizer, cache_dir, writable)
+    return resolve_llm(engine.model, cache_dir, writable)
 
 
-def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path) -> LLMEngine:
+def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path, writable: bool = True) -> LLMEngine:
     if engine.kind == "retriever":
         return RetrieverEngine(engine.base_url, engine.model, model_id=name, api_key_env=engine.api_key_env,
                                **engine.engine_kwargs)
     if engine.kind == "openai":
-        tok = engine_model_path(engine, cache_dir)
+        tok = engine_model_path(engine, cache_dir, writable)
         return OpenAIEngine(engine.base_url, engine.model, engine.api_key_env, str(tok) if tok else None, model_id=name)
-    path = engine_model_path(engine, cache_dir)
+    path = engine_model_path(engine, cache_dir, writable)
     if engine.kind == "transformers":
         return TransformersEngine(path, model_id=name, num_threads=engine.num_threads,
                                   chat_template=engine.chat_template, chat_stop=engine.chat_stop)
@@ -52,7 +52,7 @@ def load_tokenizers(llm: LLMConfig) -> dict[str, object]:
 
     out = {}
     for name, engine in llm.engines.items():
-        path = engine_model_path(engine, Path(llm.model_cache_dir))
+        path = engine_model_path(engine, Path(llm.model_cache_dir), llm.model_cache_writable)
         if path is not None:
             out[name] = AutoTokenizer.from_pretrained(str(path))
     return out

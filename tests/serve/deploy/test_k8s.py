@@ -275,8 +275,19 @@ def test_rendered_app_builds_against_local_artifacts(cfg, data_dir, ray_session,
     build_index(small, data_dir, progress=False)
     doc = render_serve_config(small)
     mapping = {"/artifacts/data": str(data_dir), "/artifacts": str(tmp_path / "artifacts")}
-    assert validate_serve_config(doc, build=True, path_map=mapping) == []
-    renamed = copy.deepcopy(doc)
+    # the folder holds the index but no converted LLMs: the app builds, and each engine's model,
+    # resolved read-only as its replica will, is named — nothing is written under the folder
+    where = "serveConfigV2.applications[routerserve].args.config.llm.engines"
+    missing = [f"{where}.smollm2.model", f"{where}.gemma3.model"]
+    errors = validate_serve_config(doc, build=True, path_map=mapping)
+    assert [e.split(": ")[0] for e in errors] == missing and all("read-only" in e for e in errors)
+    assert not (tmp_path / "artifacts" / "models").exists()
+    retrieval_only = yaml.safe_load(yaml.safe_dump(doc))
+    retrieval_only["applications"][0]["args"]["config"]["llm"]["enabled"] = False
+    retrieval_only["applications"][0]["deployments"] = [
+        d for d in retrieval_only["applications"][0]["deployments"] if not d["name"].startswith(("LLM-", "RouterR1"))]
+    assert validate_serve_config(retrieval_only, build=True, path_map=mapping) == []
+    renamed = copy.deepcopy(retrieval_only)
     renamed["applications"][0]["deployments"][0]["name"] = "Ingress"
     errors = validate_serve_config(renamed, build=True, path_map=mapping)
     assert len(errors) == 1 and "'Ingress' is not a deployment of the app" in errors[0]
@@ -541,3 +552,18 @@ def test_capacity_honours_one_replica_per_pod():
                                               "16 CPU, 0 GPU, 64 GiB); raise k8s.cpu_workers.min_replicas, or give the "
                                               "deployment fewer or smaller replicas"]
     assert pack([Demand("RetrievalIngress", 2, 2, cpu=1, gpu=0, memory=0)], [group], "min") == []  # packed together
+
+
+def test_the_cluster_resolves_llm_models_read_only_and_validation_names_a_missing_one(cfg, tmp_path):
+    """The cluster config marks the model cache read-only (it is on the read-only artifacts
+    volume); `k8s validate --artifacts-dir` resolves every engine's model that way, so a conversion
+    missing from the artifacts is named there instead of crash-looping the engine's replicas."""
+    from serve.deploy.k8s_validate import llm_model_errors
+
+    ccfg = cluster_config(cfg)
+    assert ccfg.llm.model_cache_writable is False and str(ccfg.llm.model_cache_dir) == "/artifacts/models"
+    config = ccfg.model_dump(mode="json")
+    config["llm"]["model_cache_dir"] = str(tmp_path)  # an artifacts folder without models/
+    errors = llm_model_errors(config)
+    assert [e.split(":")[0] for e in errors] == ["llm.engines.smollm2.model", "llm.engines.gemma3.model"]
+    assert all("read-only" in e for e in errors) and list(tmp_path.iterdir()) == []
