@@ -120,33 +120,44 @@ def record_chat(metrics, model: str, routing: dict, router_engine_model: str | N
 
 
 def dashboard_panels() -> list[tuple[str, str, str]]:
-    """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours."""
+    """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours, then the GPUs.
+    Every selector is filtered by the dashboard's ``$namespace`` variable (the PodMonitor's scrape
+    adds the namespace label), and the HTTP panels leave out the probes' routes."""
     rate = "[$__rate_interval]"
+    ns = 'namespace=~"$namespace"'
+    http = f'{{{ns}, route!="/healthz", route!~"/-/.*"}}'  # Serve's own /-/healthz, /-/routes too
+
+    def q(metric: str) -> str:
+        return f"{metric}{{{ns}}}"
+
     return [
         ("HTTP requests/s by route and code",
-         f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{rate}))", "reqps"),
+         f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{http}{rate}))", "reqps"),
         ("HTTP p95 latency by route",
-         f"histogram_quantile(0.95, sum by (route, le) (rate(ray_serve_http_request_latency_ms_bucket{rate})))", "ms"),
-        ("Replicas per deployment (healthy)", "sum by (deployment) (ray_serve_deployment_replica_healthy)", "none"),
-        ("Autoscaling target replicas", "max by (deployment) (ray_serve_autoscaling_target_replicas)", "none"),
-        ("Ongoing requests at replicas", "sum by (deployment) (ray_serve_num_ongoing_requests_at_replicas)", "none"),
+         f"histogram_quantile(0.95, sum by (route, le) (rate(ray_serve_http_request_latency_ms_bucket{http}{rate})))", "ms"),
+        ("Replicas per deployment (healthy)", f"sum by (deployment) ({q('ray_serve_deployment_replica_healthy')})", "none"),
+        ("Autoscaling target replicas", f"max by (deployment) ({q('ray_serve_autoscaling_target_replicas')})", "none"),
+        ("Ongoing requests at replicas", f"sum by (deployment) ({q('ray_serve_num_ongoing_requests_at_replicas')})", "none"),
         ("Deployment p95 processing latency",
-         f"histogram_quantile(0.95, sum by (deployment, le) (rate(ray_serve_deployment_processing_latency_ms_bucket{rate})))",
+         f"histogram_quantile(0.95, sum by (deployment, le) (rate({q('ray_serve_deployment_processing_latency_ms_bucket')}{rate})))",
          "ms"),
-        ("Expert selected /s", f"sum by (expert) (rate(ray_routerserve_expert_selected_total{rate}))", "reqps"),
+        ("Expert selected /s", f"sum by (expert) (rate({q('ray_routerserve_expert_selected_total')}{rate}))", "reqps"),
         ("Routing confidence p50",
-         f"histogram_quantile(0.5, sum by (expert, le) (rate(ray_routerserve_routing_confidence_bucket{rate})))", "none"),
+         f"histogram_quantile(0.5, sum by (expert, le) (rate({q('ray_routerserve_routing_confidence_bucket')}{rate})))", "none"),
         ("Shard search p95",
-         f"histogram_quantile(0.95, sum by (shard, le) (rate(ray_routerserve_shard_search_latency_ms_bucket{rate})))", "ms"),
+         f"histogram_quantile(0.95, sum by (shard, le) (rate({q('ray_routerserve_shard_search_latency_ms_bucket')}{rate})))", "ms"),
         ("Encoder batch size p50",
-         f"histogram_quantile(0.5, sum by (stage, le) (rate(ray_routerserve_encoder_batch_size_bucket{rate})))", "none"),
+         f"histogram_quantile(0.5, sum by (stage, le) (rate({q('ray_routerserve_encoder_batch_size_bucket')}{rate})))", "none"),
         ("Router-R1 rounds per request p50",
-         f"histogram_quantile(0.5, sum by (le) (rate(ray_routerserve_controller_rounds_bucket{rate})))", "none"),
+         f"histogram_quantile(0.5, sum by (le) (rate({q('ray_routerserve_controller_rounds_bucket')}{rate})))", "none"),
         ("Route calls/s by candidate and outcome",
-         f"sum by (candidate, outcome) (rate(ray_routerserve_route_calls_total{rate}))", "reqps"),
-        ("Tokens/s by model", f"sum by (model, type) (rate(ray_routerserve_llm_tokens_total{rate}))", "none"),
-        ("Cost per hour by model", f"sum by (model, currency) (rate(ray_routerserve_llm_cost_total{rate})) * 3600", "none"),
-        ("Errors/s by reason", f"sum by (endpoint, reason) (rate(ray_routerserve_errors_total{rate}))", "reqps"),
+         f"sum by (candidate, outcome) (rate({q('ray_routerserve_route_calls_total')}{rate}))", "reqps"),
+        ("Tokens/s by model", f"sum by (model, type) (rate({q('ray_routerserve_llm_tokens_total')}{rate}))", "none"),
+        ("Cost per hour by model", f"sum by (model, currency) (rate({q('ray_routerserve_llm_cost_total')}{rate})) * 3600", "none"),
+        ("Errors/s by reason", f"sum by (endpoint, reason) (rate({q('ray_routerserve_errors_total')}{rate}))", "reqps"),
+        # Ray's own node metrics (every Ray node exports them): the GPU pods' load and memory
+        ("GPU utilisation % by node and GPU", f"avg by (ip, GpuIndex) ({q('ray_node_gpus_utilization')})", "percent"),
+        ("GPU memory used by node and GPU", f"sum by (ip, GpuIndex) ({q('ray_node_gram_used')})", "decmbytes"),
     ]
 
 

@@ -454,7 +454,12 @@ def render_dashboard(cfg: RouterServeConfig) -> dict[str, Any]:
     return {
         "title": f"routerserve ({cfg.k8s.name})", "uid": f"routerserve-{cfg.k8s.name}", "schemaVersion": 39,
         "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "tags": ["routerserve", "ray-serve"],
-        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "templating": {"list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus"},
+            # the namespace label the PodMonitor's scrape adds: one deployment's series, not every cluster's
+            {"name": "namespace", "type": "custom", "query": cfg.k8s.namespace,
+             "current": {"text": cfg.k8s.namespace, "value": cfg.k8s.namespace}},
+        ]},
         "panels": panels,
     }
 

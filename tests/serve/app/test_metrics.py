@@ -38,12 +38,15 @@ def test_catalog_names_and_series():
         assert spec.kind != "histogram" or list(spec.boundaries) == sorted(spec.boundaries)
 
 
+RAY_NODE_GPU = {"ray_node_gpus_utilization", "ray_node_gram_used"}  # Ray's node metrics (GPU hosts only)
+
+
 def test_dashboard_queries_only_known_series():
     known = {f"ray_{n}" for n in CATALOG}
     for title, expr, _ in dashboard_panels():
         for name in re.findall(r"\b(ray_[a-z_]+)", expr):
             base = re.sub(r"_(total|bucket|sum|count)$", "", name)
-            assert base in known or name.startswith("ray_serve_"), (title, name)
+            assert base in known or name.startswith("ray_serve_") or name in RAY_NODE_GPU, (title, name)
     used = {re.sub(r"_(total|bucket)$", "", n) for _, e, _ in dashboard_panels() for n in re.findall(r"ray_routerserve_[a-z_]+", e)}
     assert used == known  # every metric of ours has a panel
 
@@ -131,3 +134,14 @@ def test_parse_scrape_reads_prometheus_text():
         'ray_routerserve_errors_total{endpoint="/v1/retrieve",reason="422:validation"} 2.0\n'
     )
     assert parse_scrape(text) == {"ray_routerserve_errors_total": [{"endpoint": "/v1/retrieve", "reason": "422:validation"}]}
+
+
+def test_dashboard_panels_filter_by_namespace_and_leave_out_probes():
+    """Every selector is scoped to the dashboard's $namespace (several RayServices share one
+    Prometheus); the HTTP panels leave out the probes' routes, which would swamp them."""
+    for title, expr, _ in dashboard_panels():
+        selectors = re.findall(r"\b(ray_[a-z_]+)(\{[^}]*\})?", expr)
+        assert selectors and all('namespace=~"$namespace"' in sel for _, sel in selectors), (title, expr)
+        if "http" in expr:
+            assert 'route!="/healthz"' in expr and 'route!~"/-/.*"' in expr, title
+    assert {t for t, _, _ in dashboard_panels()} >= {"GPU utilisation % by node and GPU", "GPU memory used by node and GPU"}
