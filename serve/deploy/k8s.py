@@ -31,7 +31,7 @@ from serve.config import ConfigError, RouterServeConfig, config_from_dict
 from serve.config.common import _looks_like_ref
 from serve.config.loading import _set_dotted
 
-from .k8s_capacity import CPU_POOL, CPU_POOL_PER_POD, ray_resources_param, replica_bounds
+from .k8s_capacity import CPU_POOL, CPU_POOL_PER_POD, capacity_table, ray_resources_param, replica_bounds
 from .serve_config import serve_config
 
 METRICS_PORT = 8080
@@ -492,6 +492,10 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     monitor = render_podmonitor(cfg)
     if monitor is not None:
         files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)
+    files["capacity.md"] = (
+        "<!-- Rendered by `routerserve k8s render` (serve/deploy/k8s_capacity.py); do not edit. -->\n"
+        f"# Capacity of `{cfg.k8s.name}`: worker groups and the Serve replicas packed onto them\n\n"
+        + capacity_table(render_rayservice(cfg, serve_doc)))
     if cfg.k8s.monitoring.grafana_dashboard:
         dashboard = render_dashboard(cfg)
         files["grafana-dashboard.json"] = json.dumps(dashboard, indent=2) + "\n"

@@ -120,8 +120,10 @@ def _eligible(d: Demand, g: GroupShape) -> bool:
     return (d.gpu == 0 or g.gpu > 0) and all(g.custom.get(k, 0) >= v for k, v in d.custom.items())
 
 
-def pack(demands: list[Demand], groups: list[GroupShape], at: str) -> list[str]:
-    """Errors for the replicas that do not fit (``at``: "min" or "max")."""
+def pack(demands: list[Demand], groups: list[GroupShape], at: str,
+         usage: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """Errors for the replicas that do not fit (``at``: "min" or "max"); ``usage``, when given, is
+    filled with what the placed replicas take per group (cpu, gpu, and the deployments)."""
     pods = [(g, {"cpu": g.cpu, "gpu": g.gpu, "memory": g.memory, **g.custom}, {})
             for g in groups for _ in range(g.min_pods if at == "min" else g.max_pods)]
     replicas = [d for d in demands for _ in range(d.min_replicas if at == "min" else d.max_replicas)]
@@ -136,6 +138,11 @@ def pack(demands: list[Demand], groups: list[GroupShape], at: str) -> list[str]:
                 for k, v in need.items():
                     free[k] = free.get(k, 0) - v
                 count[d.name] = count.get(d.name, 0) + 1
+                if usage is not None:
+                    used = usage.setdefault(g.name, {"cpu": 0.0, "gpu": 0.0, "replicas": 0})
+                    used["cpu"] += d.cpu
+                    used["gpu"] += d.gpu
+                    used["replicas"] += 1
                 break
         else:
             unplaced[d.name] = unplaced.get(d.name, 0) + 1
@@ -164,3 +171,21 @@ def capacity(rayservice: dict[str, Any]) -> list[str]:
     demands = serve_demands(rayservice["spec"]["serveConfigV2"])
     groups = worker_groups(rayservice)
     return [f"capacity: {e}" for at in ("min", "max") for e in pack(demands, groups, at)]
+
+
+def capacity_table(rayservice: dict[str, Any]) -> str:
+    """Markdown: per worker group, its pods, CPUs and GPUs at minimum and maximum, and what the
+    Serve replicas packed onto it take there (k8s/capacity.md, re-rendered with the manifests)."""
+    demands = serve_demands(rayservice["spec"]["serveConfigV2"])
+    groups = worker_groups(rayservice)
+    used: dict[str, dict[str, dict[str, float]]] = {"min": {}, "max": {}}
+    for at in ("min", "max"):
+        pack(demands, groups, at, used[at])
+    lines = ["| group | pods min / max | CPUs min / max | GPUs min / max | replicas at min / max | "
+             "CPUs they take at min / max | GPUs they take at min / max |", "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        lo, hi = (used[at].get(g.name, {"cpu": 0.0, "gpu": 0.0, "replicas": 0}) for at in ("min", "max"))
+        lines.append(f"| {g.name} | {g.min_pods} / {g.max_pods} | {g.min_pods * g.cpu:g} / {g.max_pods * g.cpu:g} | "
+                     f"{g.min_pods * g.gpu:g} / {g.max_pods * g.gpu:g} | {lo['replicas']} / {hi['replicas']} | "
+                     f"{lo['cpu']:g} / {hi['cpu']:g} | {lo['gpu']:g} / {hi['gpu']:g} |")
+    return "\n".join(lines) + "\n"

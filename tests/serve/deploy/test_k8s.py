@@ -567,3 +567,14 @@ def test_the_cluster_resolves_llm_models_read_only_and_validation_names_a_missin
     errors = llm_model_errors(config)
     assert [e.split(":")[0] for e in errors] == ["llm.engines.smollm2.model", "llm.engines.gemma3.model"]
     assert all("read-only" in e for e in errors) and list(tmp_path.iterdir()) == []
+
+
+def test_the_capacity_table_sums_what_the_packing_placed(rayservice):
+    """k8s/capacity.md: at minimum the CPU group holds 2 × (ingress 1 + 2 shards × 2 + controller
+    0.5) = 11 CPUs in 8 replicas; the GPU group encoder + 2 engines = 5 CPUs and ¾ GPU."""
+    from serve.deploy.k8s_capacity import capacity_table
+
+    table = capacity_table(rayservice)
+    assert "| cpu | 2 / 4 | 16 / 32 | 0 / 0 | 8 / 16 | 11 / 22 | 0 / 0 |" in table
+    assert "| gpu | 1 / 4 | 8 / 32 | 1 / 4 | 3 / 12 | 5 / 16 | 0.75 / 3 |" in table
+    assert table in (K8S / "capacity.md").read_text()
