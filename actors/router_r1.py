@@ -35,6 +35,7 @@ import re
 import string
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable, Literal, Mapping, Protocol, Sequence
 
 SEARCH_STOP = "</search>"
@@ -115,14 +116,21 @@ def check_router_prompt(template: str, syntax: PromptSyntax = "template") -> Non
             raise ValueError(f"str.format placeholders must be {{question}} (required) and {{candidates}}; found "
                              f"{sorted(set(fields))} (write {{{{ and }}}} for literal braces)")
         return
-    try:
-        fields = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(template)
-                  if m.group("invalid") is None} - {None}
-        string.Template(template).substitute(question="", candidates="")
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{exc!r}: placeholders are $question and $candidates; write $$ for $") from None
+    parsed = string.Template(template)
+    fields = parsed.get_identifiers()
+    unknown = sorted(set(fields) - set(PROMPT_FIELDS))
+    if unknown or not parsed.is_valid():
+        raise ValueError(f"{'unknown placeholders ' + str(unknown) if unknown else 'a $ that starts no placeholder'}: "
+                         "placeholders are $question and $candidates; write $$ for $")
     if "question" not in fields:
         raise ValueError("no $question placeholder (string.Template syntax; prompt_syntax: format takes {question})")
+
+
+def read_router_prompt(path: str | Path, syntax: PromptSyntax = "template") -> str:
+    """A router prompt file's text, checked (check_router_prompt)."""
+    text = Path(path).read_text(encoding="utf-8")
+    check_router_prompt(text, syntax)
+    return text
 
 
 def render_router_prompt(template: str, question: str, pool: Sequence[tuple[str, str, "Price"]],
@@ -354,6 +362,13 @@ def check_candidate_instruction(template: str) -> None:
         raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
     if fields != {"query"}:
         raise ValueError(f"the only placeholder must be {{query}}; found {sorted(fields)} (write {{{{ and }}}} for braces)")
+
+
+def read_candidate_instruction(path: str | Path) -> str:
+    """A candidate instruction file's text, checked (check_candidate_instruction)."""
+    text = Path(path).read_text(encoding="utf-8")
+    check_candidate_instruction(text)
+    return text
 
 
 def candidate_messages(query: str, instruction: str = CANDIDATE_INSTRUCTION) -> list[dict[str, str]]:

@@ -15,6 +15,13 @@ _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
+def _at_most(model, low: str, high: str):
+    """``model`` unless its field ``low`` is above its field ``high`` (the error names both)."""
+    if getattr(model, low) > getattr(model, high):
+        raise ValueError(f"{low}: {getattr(model, low)} is above {high} {getattr(model, high)}")
+    return model
+
+
 class K8sHeadConfig(_Strict):
     cpu: str = Field("2", pattern=_QUANTITY, description="requests = limits")
     memory: str = Field("8Gi", pattern=_QUANTITY)
@@ -33,9 +40,7 @@ class K8sWorkerGroupConfig(_Strict):
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "K8sWorkerGroupConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas: {self.min_replicas} is above max_replicas {self.max_replicas}")
-        return self
+        return _at_most(self, "min_replicas", "max_replicas")
 
 
 class K8sFetchConfig(_Strict):
@@ -98,9 +103,7 @@ class K8sIncrementalUpgradeConfig(_Strict):
 
     @model_validator(mode="after")
     def _step_le_surge(self) -> "K8sIncrementalUpgradeConfig":
-        if self.step_size_percent > self.max_surge_percent:
-            raise ValueError(f"step_size_percent: {self.step_size_percent} is above max_surge_percent {self.max_surge_percent}")
-        return self
+        return _at_most(self, "step_size_percent", "max_surge_percent")
 
 
 class K8sHAConfig(_Strict):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from actors.router_r1 import PLACEHOLDER_MODELS, UPSTREAM_NAME_RULES, NameRule, check_candidate_instruction, check_router_prompt
+from actors.router_r1 import PLACEHOLDER_MODELS, UPSTREAM_NAME_RULES, NameRule, read_candidate_instruction, read_router_prompt
 
 from .common import _Strict, _validate_deployment_options
 
@@ -63,8 +63,11 @@ class PriceConfig(_Strict):
     currency: str = Field("USD", min_length=1, max_length=8)
 
 
+NAME_CHARS = r"[^:<>\s]"  # what a candidate's name and aliases are made of: a colon would split the search
+
+
 class CandidateConfig(_Strict):
-    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[^:<>\s]+$", description="name the router writes in <search>")
+    name: str = Field(..., min_length=1, max_length=64, pattern=rf"^{NAME_CHARS}+$", description="name the router writes in <search>")
     description: str = Field(..., min_length=1, description="shown to the router")
     engine: str = Field(..., description="a key of llm.engines")
     price: PriceConfig | None = Field(None, validate_default=True, description="required: every call has a price")
@@ -81,7 +84,7 @@ class CandidateConfig(_Strict):
     @classmethod
     def _alias_names(cls, value: list[str]) -> list[str]:
         for i, alias in enumerate(value):  # the name's own rules: a colon would split the search
-            if not re.fullmatch(r"[^:<>\s]{1,128}", alias):
+            if not re.fullmatch(rf"{NAME_CHARS}{{1,128}}", alias):
                 raise ValueError(f"{i}: {alias!r} must be 1-128 characters without ':', '<', '>' or spaces")
         return value
 
@@ -91,7 +94,7 @@ class CandidateConfig(_Strict):
         """Checked here when the file is at hand (else where it is served)."""
         if value is not None and Path(value).is_file():
             try:
-                check_candidate_instruction(Path(value).read_text(encoding="utf-8"))
+                read_candidate_instruction(value)
             except ValueError as exc:
                 raise ValueError(f"{value}: {exc}") from None
         return value
@@ -154,9 +157,8 @@ class RouterConfig(_Strict):
             return self
         if not Path(self.prompt_file).is_file():
             return self
-        text = Path(self.prompt_file).read_text(encoding="utf-8")
         try:
-            check_router_prompt(text, self.prompt_syntax)
+            text = read_router_prompt(self.prompt_file, self.prompt_syntax)
         except ValueError as exc:
             raise ValueError(f"prompt_file: {self.prompt_file}: {exc}") from None
         if self.structured_output and not self.structured_think and "<think>" in text:

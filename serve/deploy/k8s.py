@@ -88,7 +88,7 @@ def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
         raise ConfigError(f"k8s.overrides (the cluster config): {exc}") from None
     placed = ccfg.model_dump(mode="json")  # validated first: every deployment has its options now
     _place_cpu_only_on_the_cpu_group(placed)
-    _drain_on_shutdown(placed, math.ceil(ccfg.proxy_timeout_s()))
+    _drain_on_shutdown(placed, drain_s(ccfg))
     ccfg = config_from_dict(placed)
     _check_paths_on_volume(ccfg, root)
     _check_secrets_and_gpus(cfg, ccfg)
@@ -213,10 +213,11 @@ def image_ref(cfg: RouterServeConfig) -> str:
     return f"{cfg.k8s.image}@{cfg.k8s.image_digest}" if cfg.k8s.image_digest else cfg.k8s.image
 
 
-def drain_s(cfg: RouterServeConfig) -> int:
+def drain_s(ccfg: RouterServeConfig) -> int:
     """How long a replica, a pod or an old cluster is given to finish its requests: the longest
-    request deadline (the proxy's backstop, RouterServeConfig.proxy_timeout_s)."""
-    return math.ceil(cfg.proxy_timeout_s())
+    request deadline of the cluster config (the proxy's backstop, RouterServeConfig.proxy_timeout_s,
+    which the Serve YAML's http_options.request_timeout_s holds too)."""
+    return math.ceil(ccfg.proxy_timeout_s())
 
 
 def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: int, ports: dict[str, int],
@@ -244,7 +245,7 @@ def _container(cfg: RouterServeConfig, name: str, cpu: str, memory: str, gpus: i
     return container
 
 
-def _pod_template(cfg: RouterServeConfig, container: dict, group: str, tolerations=(), node_selector=None) -> dict:
+def _pod_template(cfg: RouterServeConfig, container: dict, group: str, drain: int, tolerations=(), node_selector=None) -> dict:
     a = cfg.k8s.artifacts
     if a.pvc is not None:
         volume = {"name": ARTIFACT_VOLUME, "persistentVolumeClaim": {"claimName": a.pvc, "readOnly": True}}
@@ -255,7 +256,7 @@ def _pod_template(cfg: RouterServeConfig, container: dict, group: str, toleratio
         "volumes": [volume, {"name": "ray-logs", "emptyDir": {}}],
         "restartPolicy": "Never",  # autoscaler v2: a Ray node is never restarted in place
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "terminationGracePeriodSeconds": drain_s(cfg),  # a pod scaled down finishes its requests
+        "terminationGracePeriodSeconds": drain,  # a pod scaled down finishes its requests
     }
     if a.fetch is not None:
         spec["initContainers"] = [{
@@ -284,7 +285,7 @@ def _group_labels(cfg: RouterServeConfig, group: str) -> dict[str, str]:
     return {**_labels(cfg), "routerserve/group": group}
 
 
-def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
+def _worker_group(cfg: RouterServeConfig, name: str, group, drain: int) -> dict:
     # the CPU group runs every deployment that reads a secret (the ingress: API keys; remote engines)
     container = _container(cfg, "ray-worker", group.cpu, group.memory, group.gpus, WORKER_PORTS, secrets=name == "cpu")
     params = {"metrics-export-port": str(METRICS_PORT)}
@@ -296,7 +297,7 @@ def _worker_group(cfg: RouterServeConfig, name: str, group) -> dict:
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": params,
-        "template": _pod_template(cfg, container, name, group.tolerations, group.node_selector),
+        "template": _pod_template(cfg, container, name, drain, group.tolerations, group.node_selector),
     }
 
 
@@ -304,12 +305,14 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
     k = cfg.k8s
     serve_doc = serve_doc if serve_doc is not None else render_serve_config(cfg)
     head = _container(cfg, "ray-head", k.head.cpu, k.head.memory, 0, HEAD_PORTS)
-    workers = [_worker_group(cfg, "cpu", k.cpu_workers)]
+    drain = math.ceil(serve_doc["http_options"]["request_timeout_s"])  # the cluster config's drain_s
+    workers = [_worker_group(cfg, "cpu", k.cpu_workers, drain)]
     if k.gpu_workers is not None:
-        workers.append(_worker_group(cfg, "gpu", k.gpu_workers))
+        workers.append(_worker_group(cfg, "gpu", k.gpu_workers, drain))
     metadata: dict[str, Any] = {"name": k.name, "namespace": k.namespace, "labels": _labels(cfg)}
-    if security_opt_outs(cfg):
-        metadata["annotations"] = {OPT_OUTS_ANNOTATION: ",".join(security_opt_outs(cfg))}
+    opted_out = security_opt_outs(cfg)
+    if opted_out:
+        metadata["annotations"] = {OPT_OUTS_ANNOTATION: ",".join(opted_out)}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -319,7 +322,7 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
             # the head also runs a Serve proxy; out of the serve service, a head restart drops no traffic
             **({"excludeHeadPodFromServeSvc": True} if k.ha.enabled else {}),
             # the old cluster outlives the switch by the longest request's deadline
-            "rayClusterDeletionDelaySeconds": drain_s(cfg),
+            "rayClusterDeletionDelaySeconds": drain,
             "serveConfigV2": dump_yaml(serve_doc),
             "rayClusterConfig": {
                 "rayVersion": k.ray_version,
@@ -341,7 +344,7 @@ def render_rayservice(cfg: RouterServeConfig, serve_doc: dict[str, Any] | None =
                     # controller and the autoscaler responsive under load
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": _pod_template(cfg, head, "head"),
+                    "template": _pod_template(cfg, head, "head", drain),
                 },
                 "workerGroupSpecs": workers,
             },

@@ -30,9 +30,9 @@ from actors.router_r1 import (
     RouterTokens,
     Round,
     candidate_messages,
-    check_candidate_instruction,
-    check_router_prompt,
     conservative_prompt_tokens,
+    read_candidate_instruction,
+    read_router_prompt,
     render_router_prompt,
     router_action_regex,
 )
@@ -69,24 +69,20 @@ def load_prompt_template(path, syntax: str = "template") -> str:
     """The router prompt template: routerserve's own, or ``path`` checked for ``syntax``."""
     if path is None:
         return DEFAULT_ROUTER_PROMPT
-    text = open(path, encoding="utf-8").read()
     try:
-        check_router_prompt(text, syntax)
+        return read_router_prompt(path, syntax)
     except ValueError as exc:
         raise ValueError(f"llm.router.prompt_file: {path}: {exc}") from None
-    return text
 
 
 def load_candidate_instruction(c: CandidateConfig) -> str:
     """What the candidate wraps a sub-query in: routerserve's own, or its instruction_file checked."""
     if c.instruction_file is None:
         return CANDIDATE_INSTRUCTION
-    text = open(c.instruction_file, encoding="utf-8").read()
     try:
-        check_candidate_instruction(text)
+        return read_candidate_instruction(c.instruction_file)
     except ValueError as exc:
         raise ValueError(f"llm.candidates ({c.name}).instruction_file: {c.instruction_file}: {exc}") from None
-    return text
 
 
 class ChatService:
@@ -115,6 +111,7 @@ class ChatService:
         # a candidate by any of its names (its aliases too), case-insensitive: direct calls, the fallback
         self.by_lower = {n.strip().lower(): c for c in llm.candidates for n in (c.name, *c.aliases)}
         self.pool = [(c.name, c.description, self._price(c)) for c in llm.candidates]
+        self.written_names = [n for c in llm.candidates for n in (c.name, *c.aliases)]  # what a search may name
         self.loop = None
         if llm.router is not None:
             r = llm.router
@@ -160,8 +157,7 @@ class ChatService:
         r = self.cfg.router
         regex = None  # a continuation of a cut generation may be inside any tag: never constrained
         if r.structured_output and not continuation:
-            names = [n for c in self.cfg.candidates for n in (c.name, *c.aliases)]
-            regex = router_action_regex(names, may_route, r.structured_think)
+            regex = router_action_regex(self.written_names, may_route, r.structured_think)
         async with asyncio.timeout(r.timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
             return await self.engines[r.engine].complete(
                 prompt, max_tokens=max_new_tokens, temperature=temperature, stop=stop, regex=regex)
