@@ -23,8 +23,11 @@ def command_line() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, marked when tracked files differ from it (a result of uncommitted code)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode != 0
+        return f"{head} + uncommitted changes" if dirty else head
     except Exception:
         return "unknown"
 

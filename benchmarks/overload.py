@@ -1,6 +1,6 @@
 """Overload and soak: open-loop /v1/retrieve load beyond and at capacity, against `routerserve up`.
 
-    .venv/bin/python benchmarks/overload.py [--factor 3] [--duration 60] [--soak-minutes 10]
+    .venv/bin/python benchmarks/overload.py [--factor 3] [--duration 60] [--soak-minutes 10] [--bursts 600]
     .venv/bin/python benchmarks/overload.py --alternative "LABEL" --set limits.max_queue_wait_s=0.25
 
 
@@ -8,7 +8,8 @@ One service (the default config, LLM half off). First measured on it: the unload
 client, closed loop) and the capacity (16 clients, closed loop: answers per second). Then
 requests ARRIVE at factor × capacity per second for --duration seconds whatever happens (open
 loop): how many are refused, whether refusals are 503 + Retry-After and fast, and what the
-admitted requests' latency is. Then the soak: arrivals at the capacity for --soak-minutes, with
+admitted requests' latency is. Then, twice, --bursts requests at once on the idle service: every
+status and whether the refusals were our JSON or Serve's proxy's own answers. Then the soak: arrivals at the capacity for --soak-minutes, with
 the resident memory of every process of the service sampled (start: after the first minute).
 
 Writes the "overload" and "soak" sections of benchmarks/results/reliability.{json,md}; with
@@ -28,7 +29,8 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reliability_common import (  # noqa: E402
-    OUT, RETRIEVAL_ONLY, LiveService, closed_loop, open_loop, percentile_ms, queries, save_alternative, save_section,
+    OUT, RETRIEVAL_ONLY, LiveService, burst, burst_summary, closed_loop, open_loop, percentile_ms, queries, save_alternative,
+    save_section,
 )
 
 app = typer.Typer(add_completion=False)
@@ -56,6 +58,7 @@ def main(
     soak_minutes: float = typer.Option(10.0, help="minutes at capacity (0: no soak)"),
     set_: list[str] = typer.Option([], "--set", help="config overrides for the service (repeatable)"),
     alternative: str = typer.Option("", help="save as a labelled row of overload_alternatives (no soak)"),
+    bursts: int = typer.Option(600, help="then, twice on the idle service: this many requests at once (0: none)"),
 ):
     from serve.config import load_config
 
@@ -98,6 +101,11 @@ def main(
             "admission": _short_admission(cfg),
             "setup": f"open loop at {factor:g}× the capacity for {duration:g} s; config: default{''.join(' --set ' + x for x in set_)}, LLM half off; admission: {_admission(cfg)}",
         }
+        if bursts:
+            overload["bursts"] = []
+            for _ in range(2):
+                time.sleep(10)  # the overload's queues drained
+                overload["bursts"].append(burst_summary(asyncio.run(burst(service.url, qs, bursts)), cfg.limits.request_timeout_s))
         print(f"[overload] {overload}", flush=True)
         if alternative:
             save_alternative("overload_alternatives", alternative, overload)

@@ -50,7 +50,7 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
     from actors.index_store import DocStore, IndexManifest
     from actors.routed_encoder import RoutedEncoder
     from actors.search import ShardSearcher
-    from serve.artifacts.experts import enabled_experts, load_pilots
+    from serve.artifacts.experts import served_experts
     from serve.artifacts.index import require_index
     from serve.artifacts.models import encoder_settings
     from serve.artifacts.models import resolve_model
@@ -58,8 +58,9 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
 
     folder = require_index(cfg, data_dir)
     manifest = IndexManifest.load(folder)
-    engine = EncoderEngine(resolve_model(cfg.model.ref), enabled_experts(cfg), encoder_settings(cfg))
-    routed = RoutedEncoder(engine, load_pilots(cfg), cfg.experts.policy)
+    _, adapters, pilots = served_experts(cfg)  # the generation the service serves
+    engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
+    routed = RoutedEncoder(engine, pilots, cfg.experts.policy)
     shards = [LocalShardClient(ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=1)) for s in manifest.shards]
     service = RetrievalService(LocalEncoderClient(routed), shards, DocStore(folder.parent / "docs.parquet"), cfg.limits, "m")
 

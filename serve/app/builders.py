@@ -18,7 +18,7 @@ from ray.serve import Application
 
 from actors.index_store import DOCS_FILE, IndexManifest
 
-from serve.artifacts.experts import enabled_experts, pilots_path
+from serve.artifacts.experts import enabled_experts, generation_store, served_generation
 from serve.artifacts.index import require_index
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import RouterServeConfig, config_from_dict, load_config
@@ -76,17 +76,21 @@ def build_app(args: dict[str, Any]) -> Application:
     data_dir = cfg.resolve_data_dir(args.get("data_dir"))
     folder = require_index(cfg, data_dir)
     manifest = IndexManifest.load(folder)
-    adapters = {name: str(path) for name, path in enabled_experts(cfg).items()}
-    pilots = pilots_path(cfg)
-    if adapters and (pilots is None or not pilots.is_file()):
-        raise FileNotFoundError(f"experts {sorted(adapters)} have adapters but no pilots file at {pilots}")
+    gen = served_generation(cfg)  # the pinned or current generation must exist
+    if gen is not None:
+        gen.adapters(cfg.experts.enabled)  # and hold every expert experts.enabled names
+    store = generation_store(cfg)
+    if store is not None and store.current_id() is None and enabled_experts(cfg):
+        raise FileNotFoundError(f"experts {sorted(enabled_experts(cfg))} are in the draft under {cfg.experts.dir} but no "
+                                "generation is published: run `routerserve experts publish`")
     options = deployment_options(cfg)
     d = cfg.deployments
     encoder = ExpertEncoderDeployment.options(name=ENCODER, **options[ENCODER]).bind(
         settings=EncoderDeploymentSettings(
             model_path=str(resolve_model(cfg.model.ref)),
-            adapters=adapters,
-            pilots_path=str(pilots) if adapters else None,
+            experts_dir=str(store.root) if store is not None else None,
+            enabled=cfg.experts.enabled,
+            watch_interval_s=cfg.experts.watch_interval_s,
             encoder=encoder_settings(cfg),
             policy=cfg.experts.policy,
             base_model_ref=cfg.model.ref,
@@ -112,6 +116,10 @@ def build_app(args: dict[str, Any]) -> Application:
             dim=manifest.dim,
             batching=d.ingress_batching,
             api_keys_env=cfg.http.api_keys_env,
+            admin_keys_env=cfg.http.admin_keys_env,
+            admin_open=cfg.http.admin_open,
+            experts_dir=str(store.root) if store is not None else None,
+            generation_pin=cfg.experts.generation,
             chat_models=chat_model_names(cfg.llm) if cfg.llm.enabled else [],
         ),
         encoder=encoder,

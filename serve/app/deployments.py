@@ -26,9 +26,11 @@ from actors.index_store import DocStore
 from actors.llm_engines import OpenAIEngine, RetrieverEngine, TokenizerTokens
 from actors.router_r1 import Completion
 from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
-from actors.routing import PilotSet
 from actors.search import ShardSearcher
 
+from serve.artifacts.generations import Generation, GenerationStore
+
+from .admin.service import AdminService
 from .batching import GreedyBatcher
 from .chat.llm_pool import chat_template, load_tokenizers, make_engine, prompt_counters
 from .chat.protocol import ChatCompletionRequest
@@ -36,6 +38,7 @@ from .chat.service import ChatService
 from .errors import overloaded
 from .health import InFlight
 from .ingress import api_keys_from_env, create_app
+from .live_experts import LiveExperts
 from .metrics import Metrics, record_routing
 from .retrieval.service import RetrievalService
 from .settings import CONTROLLER, ENCODER, INGRESS
@@ -49,27 +52,52 @@ def _batcher(fn, b, size_fn=None, max_waiting=None, max_queue_wait_s=None) -> Gr
 
 @serve.deployment(name=ENCODER)
 class ExpertEncoderDeployment:
-    """Base encoder + every expert adapter in one replica; batches route+encode across callers
-    (several ingress replicas' batches merge here)."""
+    """Base encoder + the served generation's expert adapters in one replica; batches route+encode
+    across callers (several ingress replicas' batches merge here). The generation switches live
+    (serve.app.live_experts): user_config pins one, or the replica follows CURRENT.json."""
 
-    def __init__(self, settings: EncoderDeploymentSettings):
+    async def __init__(self, settings: EncoderDeploymentSettings):
         s = settings
-        engine = EncoderEngine(s.model_path, s.adapters, s.encoder)
-        pilots = PilotSet.load(s.pilots_path) if s.pilots_path else None
-        self.encoder = RoutedEncoder(engine, pilots, s.policy)
-        self.base_model_ref = s.base_model_ref
-        self._batched = _batcher(self._run_batch, s.batching, size_fn=lambda request: len(request["queries"]))
         self.metrics = Metrics()
+
+        def build(gen: Generation | None) -> RoutedEncoder:
+            adapters = gen.adapters(s.enabled) if gen is not None else {}
+            engine = EncoderEngine(s.model_path, adapters, s.encoder)
+            return RoutedEncoder(engine, gen.load_pilots() if adapters else None, s.policy)
+
+        store = GenerationStore(s.experts_dir) if s.experts_dir else None
+        self.live = LiveExperts(store, build, on_reload=self._record_reload)
+        self._record_generation()
+        self._watcher = asyncio.get_running_loop().create_task(self.live.watch(s.watch_interval_s))
+        self.base_model_ref = s.base_model_ref
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._batched = _batcher(self._run_batch, s.batching, size_fn=lambda request: len(request["queries"]))
         self.in_flight = InFlight()
         self.stuck_after_s = s.stuck_after_s
 
+    def _record_generation(self) -> None:
+        gen = self.live.generation
+        self.metrics.set("routerserve_experts_generation", 0 if gen is None else int(gen[1:]))
+
+    def _record_reload(self, generation: str, seconds: float, ok: bool) -> None:
+        self.metrics.inc("routerserve_experts_reloads", outcome="ok" if ok else "failed")
+        if ok:
+            self.metrics.observe("routerserve_experts_reload_seconds", seconds)
+            self._record_generation()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config ({"generation": "current" | "gNNNNNN"}): switch to it off the request path."""
+        await self.live.reconfigure(user_config)
+
     async def _run_batch(self, requests: list[dict]) -> list[dict]:
+        generation, encoder = self.live.active  # the whole batch runs on one generation
         # torch runs in a worker thread so the replica keeps accepting the next batch meanwhile.
         with self.in_flight.track():
-            results = await asyncio.to_thread(route_and_encode_requests, self.encoder, requests)
+            results = await asyncio.to_thread(route_and_encode_requests, encoder, requests)
         queries = sum(len(r["queries"]) for r in requests)
         self.metrics.observe("routerserve_encoder_batch_size", queries, stage="route")
         for result in results:
+            result["generation"] = generation
             if "error" not in result:
                 record_routing(self.metrics, result)
         return results
@@ -78,17 +106,20 @@ class ExpertEncoderDeployment:
         return await self._batched(request)
 
     async def embed(self, texts: list[str], expert: str | None) -> dict:
+        generation, encoder = self.live.active
         with self.in_flight.track():
-            vectors, tokens = await asyncio.to_thread(self.encoder.embed, texts, expert)
+            vectors, tokens = await asyncio.to_thread(encoder.embed, texts, expert)
         self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
-        return {"embeddings": vectors, "tokens": tokens}
+        return {"embeddings": vectors, "tokens": tokens, "generation": generation}
 
     def check_health(self) -> None:
         """Serve's health check: fails when a torch call has been running past limits.stuck_after_s."""
         self.in_flight.check(ENCODER, self.stuck_after_s)
 
     def info(self) -> dict:
-        return encoder_info(self.encoder, self.base_model_ref)
+        generation, encoder = self.live.active
+        return {**encoder_info(encoder, self.base_model_ref), "generation": generation, "replica": self.replica,
+                "generation_pin": self.live.pin, "failed_generations": dict(self.live.failed)}
 
 
 @serve.deployment(name="SearchShard")  # named SearchShard<i> by the builder (settings.shard_name)
@@ -168,6 +199,8 @@ class RetrievalIngress:
     ):
         s = settings
         self.api_keys = api_keys_from_env(s.api_keys_env)  # fails the replica start when the variable is missing
+        self.admin_keys = api_keys_from_env(s.admin_keys_env, "http.admin_keys_env")
+        self.admin_open = s.admin_open
         self.max_body_bytes = s.limits.max_body_bytes
         self.service = RetrievalService(
             _HandleEncoderClient(encoder, s.limits.retry_after_s),
@@ -180,9 +213,13 @@ class RetrievalIngress:
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting,
                                                          max_queue_wait_s=s.limits.max_queue_wait_s))
         self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
+        encoder_client = _HandleEncoderClient(encoder, s.limits.retry_after_s)
+        self.admin = (AdminService(GenerationStore(s.experts_dir), s.generation_pin, encoder_client.info)
+                      if s.experts_dir is not None else None)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, self.chat, Metrics(), self.api_keys, self.max_body_bytes)
+        return create_app(self.service, self.chat, Metrics(), self.api_keys, self.max_body_bytes,
+                          admin=self.admin, admin_keys=self.admin_keys, admin_open=self.admin_open)
 
 
 @serve.deployment(name="LLMEngine")

@@ -4,6 +4,7 @@ serve it in-process with local clients.
 
     POST /v1/retrieve, /v1/embeddings; GET /v1/experts     serve.app.retrieval.router
     POST /v1/chat/completions; GET /v1/models              serve.app.chat.router
+    GET /admin/v1/experts/generations; POST …/activate, …/rollback   serve.app.admin.router
     GET /healthz                                           here (both halves)
 """
 
@@ -18,19 +19,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from .admin.router import ADMIN_PREFIX, admin_router
+from .admin.service import AdminService
 from .chat.router import ChatClient, chat_router
 from .errors import error_response, install_error_handlers
 from .retrieval.router import retrieval_router
 from .retrieval.service import RetrievalService
 
 
-def api_keys_from_env(name: str | None) -> frozenset[str] | None:
+def api_keys_from_env(name: str | None, key: str = "http.api_keys_env") -> frozenset[str] | None:
     """The keys in ``$name`` (comma-separated); None when no variable is configured."""
     if name is None:
         return None
     keys = frozenset(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
     if not keys:
-        raise RuntimeError(f"http.api_keys_env: environment variable {name} is not set or holds no key")
+        raise RuntimeError(f"{key}: environment variable {name} is not set or holds no key")
     return keys
 
 
@@ -75,29 +78,47 @@ class HealthStatus(BaseModel):
     status: Literal["ok", "unavailable"]
 
 
-def _declare_bearer_auth(app: FastAPI) -> None:
-    """With API keys on, the OpenAPI spec says so: a bearer scheme on every path but /healthz."""
+def _declare_bearer_auth(app: FastAPI, query_keys: bool, admin_keys: bool) -> None:
+    """With keys on, the OpenAPI spec says so: a bearer scheme on every path but /healthz, the
+    admin keys' own scheme on the admin paths."""
     build = app.openapi
+    bearer = {"type": "http", "scheme": "bearer"}
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = build()
-            spec.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            schemes = spec.setdefault("components", {}).setdefault("securitySchemes", {})
+            if query_keys:
+                schemes["apiKey"] = bearer
+            if admin_keys:
+                schemes["adminKey"] = {**bearer, "description": "an admin key (http.admin_keys_env)"}
             for path, ops in spec.get("paths", {}).items():
-                if path != "/healthz":
+                scheme = ("adminKey" if admin_keys else None) if path.startswith(ADMIN_PREFIX) else (
+                    "apiKey" if query_keys and path != "/healthz" else None)
+                if scheme is not None:
                     for op in ops.values():
-                        op["security"] = [{"apiKey": []}]
+                        op["security"] = [{scheme: []}]
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi
 
 
+def _bearer_ok(request: Request, keys: list[bytes]) -> bool:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    sent = key.strip().encode("utf-8", "surrogateescape")  # bytes: any header value compares
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(sent, k) for k in keys)
+
+
 def create_app(service: RetrievalService | None, chat: ChatClient | None = None, metrics=None,
-               api_keys: frozenset[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+               api_keys: frozenset[str] | None = None, max_body_bytes: int = 1 << 20,
+               admin: AdminService | None = None, admin_keys: frozenset[str] | None = None,
+               admin_open: bool = False) -> FastAPI:
     """``metrics``: a serve.app.metrics.Metrics (inside the ingress replica) counting error answers
     by endpoint and reason; None records nothing. ``api_keys``: when given, every endpoint except
-    /healthz (the probes') answers 401 without ``Authorization: Bearer <one of them>``."""
+    /healthz (the probes') and the admin routes answers 401 without ``Authorization: Bearer <one of
+    them>``. The admin routes (/admin/…, when ``admin`` is given) take only ``admin_keys``; without
+    admin keys they answer 403 unless ``admin_open`` (local use)."""
 
     def count(request: Request, status: int, reason: str) -> None:
         if metrics is not None:  # the route's template, not the raw path: bounded label values
@@ -110,21 +131,29 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
         description="RouterRetriever-style routed retrieval: base encoder + LoRA experts + sharded FAISS; "
         "Router-R1 multi-round LLM routing.",
     )
-    if api_keys is not None:
-        keys = [k.encode("utf-8") for k in api_keys]
+    query_keys = [k.encode("utf-8") for k in api_keys] if api_keys is not None else None
+    admin_key_bytes = [k.encode("utf-8") for k in admin_keys] if admin_keys is not None else None
 
-        @app.middleware("http")
-        async def _require_key(request: Request, call_next):
-            if request.url.path != "/healthz":
-                scheme, _, key = request.headers.get("authorization", "").partition(" ")
-                sent = key.strip().encode("utf-8", "surrogateescape")  # bytes: any header value compares
-                if scheme.lower() != "bearer" or not any(hmac.compare_digest(sent, k) for k in keys):
-                    count(request, 401, "api_key")
-                    return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                          None, "authentication_error")
-            return await call_next(request)
+    @app.middleware("http")
+    async def _require_key(request: Request, call_next):
+        path = request.url.path
+        if path.startswith(ADMIN_PREFIX):
+            if admin_key_bytes is None and not admin_open:
+                count(request, 403, "admin_off")
+                return error_response(403, "the admin API is off: set http.admin_keys_env (admin keys, separate "
+                                      "from the query keys), or http.admin_open for local use", None, "permission_error")
+            if admin_key_bytes is not None and not _bearer_ok(request, admin_key_bytes):
+                count(request, 401, "admin_key")
+                return error_response(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>'; "
+                                      "query keys are not admin keys)", None, "authentication_error")
+        elif query_keys is not None and path != "/healthz" and not _bearer_ok(request, query_keys):
+            count(request, 401, "api_key")
+            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                  None, "authentication_error")
+        return await call_next(request)
 
-        _declare_bearer_auth(app)
+    if query_keys is not None or admin_key_bytes is not None:
+        _declare_bearer_auth(app, query_keys is not None, admin_key_bytes is not None)
 
     install_error_handlers(app, count)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -132,6 +161,8 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
         app.include_router(retrieval_router(service))
     if chat is not None:
         app.include_router(chat_router(chat))
+    if admin is not None:
+        app.include_router(admin_router(admin))
 
     @app.get("/healthz", response_model=HealthStatus, responses={503: {"model": HealthStatus, "description": "not ready"}})
     async def healthz():

@@ -18,6 +18,7 @@ LATENCY_MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CONFIDENCE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 ROUND_BUCKETS = [1, 2, 3, 4, 5, 6, 8]
+RELOAD_S_BUCKETS = [0.5, 1, 2, 5, 10, 20, 60, 120]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ CATALOG: dict[str, MetricSpec] = {
         MetricSpec("routerserve_llm_tokens", "counter", "Tokens through the router and candidates", ("model", "type")),
         MetricSpec("routerserve_llm_cost", "counter", "Cost of candidate calls", ("model", "currency")),
         MetricSpec("routerserve_errors", "counter", "Requests answered with an error", ("endpoint", "reason")),
+        MetricSpec("routerserve_experts_generation", "gauge",
+                   "Expert generation an encoder replica serves (the number of gNNNNNN; 0: none)"),
+        MetricSpec("routerserve_experts_reloads", "counter",
+                   "Expert generation switches attempted by encoder replicas", ("outcome",)),
+        MetricSpec("routerserve_experts_reload_seconds", "histogram",
+                   "Time to load an expert generation (adapters + pilots) off the request path", (),
+                   tuple(RELOAD_S_BUCKETS)),
     )
 }
 
@@ -87,6 +95,9 @@ class Metrics:
 
     def observe(self, name: str, value: float, **tags: str) -> None:
         self._get(name).observe(value, tags={k: str(v) for k, v in tags.items()})
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        self._get(name).set(value, tags={k: str(v) for k, v in tags.items()})
 
 
 def record_routing(metrics, result: dict) -> None:
@@ -155,6 +166,11 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
         ("Tokens/s by model", f"sum by (model, type) (rate({q('ray_routerserve_llm_tokens_total')}{rate}))", "none"),
         ("Cost per hour by model", f"sum by (model, currency) (rate({q('ray_routerserve_llm_cost_total')}{rate})) * 3600", "none"),
         ("Errors/s by reason", f"sum by (endpoint, reason) (rate({q('ray_routerserve_errors_total')}{rate}))", "reqps"),
+        ("Expert generation per encoder replica", f"max by (replica) ({q('ray_routerserve_experts_generation')})", "none"),
+        ("Expert reloads/min by outcome",
+         f"sum by (outcome) (rate({q('ray_routerserve_experts_reloads_total')}{rate})) * 60", "none"),
+        ("Expert reload p95 seconds",
+         f"histogram_quantile(0.95, sum by (le) (rate({q('ray_routerserve_experts_reload_seconds_bucket')}{rate})))", "s"),
         # Ray's own node metrics (every Ray node exports them): the GPU pods' load and memory
         ("GPU utilisation % by node and GPU", f"avg by (ip, GpuIndex) ({q('ray_node_gpus_utilization')})", "percent"),
         ("GPU memory used by node and GPU", f"sum by (ip, GpuIndex) ({q('ray_node_gram_used')})", "decmbytes"),

@@ -43,7 +43,11 @@ def engine_options(engine: LLMEngineConfig) -> dict:
 def deployment_options(cfg: RouterServeConfig) -> dict[str, dict[str, Any]]:
     """Every deployment of the app, by name, with its Serve options (ingress first)."""
     d = cfg.deployments
-    out = {INGRESS: copy.deepcopy(d.ingress), ENCODER: copy.deepcopy(d.encoder)}
+    encoder = copy.deepcopy(d.encoder)
+    # the expert generation every encoder replica serves: Serve hands it to reconfigure() on each
+    # replica, now and on every replica that starts later (serve.app.live_experts)
+    encoder["user_config"] = {**(encoder.get("user_config") or {}), "generation": cfg.experts.generation}
+    out = {INGRESS: copy.deepcopy(d.ingress), ENCODER: encoder}
     out.update({shard_name(i): copy.deepcopy(d.shard) for i in range(cfg.index.num_shards)})
     if cfg.llm.enabled:
         out.update({llm_engine_name(n): engine_options(e) for n, e in cfg.llm.engines.items()})
@@ -56,11 +60,14 @@ class _Settings(BaseModel):
 
 
 class EncoderDeploymentSettings(_Settings):
-    """ExpertEncoder: the base model, every enabled expert's adapter and the pilots."""
+    """ExpertEncoder: the base model and the expert store. Which generation of experts a replica
+    serves is not here: it is the deployment's user_config (serve.app.live_experts), so a switch
+    never changes the replicas' constructor arguments."""
 
     model_path: str
-    adapters: dict[str, str]
-    pilots_path: str | None
+    experts_dir: str | None  # the expert store (generations + CURRENT.json); None: the base model only
+    enabled: list[str] | None  # experts.enabled: only these of a generation's experts
+    watch_interval_s: float  # experts.watch_interval_s
     encoder: EncoderSettings
     policy: str
     base_model_ref: str
@@ -87,6 +94,10 @@ class IngressSettings(_Settings):
     dim: int  # the index's embedding size, declared in the API's request models
     batching: BatchConfig
     api_keys_env: str | None = None
+    admin_keys_env: str | None = None  # http.admin_keys_env: the admin API's own keys
+    admin_open: bool = False  # http.admin_open: the admin API without keys (loopback hosts only)
+    experts_dir: str | None = None  # the expert store the admin API activates generations in
+    generation_pin: str = "current"  # experts.generation: a pinned service refuses admin activation
     chat_models: list[str] = []  # the served chat model names (router, candidates): the spec's examples
 
 

@@ -1,16 +1,20 @@
-"""The expert store on disk: where adapters and pilots live, which experts are enabled, expert names.
+"""The expert store on disk: the draft the offline pipelines write, the published generations the
+service reads, expert names.
 
-    <experts.dir>/adapters/<name>/     peft LoRA adapter folder (+ train_report.json, loss.png)
-    <experts.dir>/pilots.npz           pilot embeddings with the expert and domain of each, and the rule
+    <experts.dir>/adapters/<name>/     the draft: peft LoRA adapter folders (+ train_report.json, loss.png)
+    <experts.dir>/pilots.npz           the draft's pilot embeddings (expert and domain of each, and the rule)
+    <experts.dir>/generations/gNNNNNN/ published, immutable expert sets (serve.artifacts.generations)
+    <experts.dir>/CURRENT.json         the generation in service
     <experts.dir>/multitask/           the multi-task baseline adapter (evaluation only)
 
-Read by the online builder and by the offline pipelines; writes nothing but the crash recovery
-of serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
+Training, pilot building and `experts add/remove` change the draft and then publish it
+(``publish_draft``); serving, evaluation and `experts list` read the current generation
+(``served_experts``), never the draft. Writes nothing else but the crash recovery of
+serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from actors.encoder import adapter_dirs
@@ -19,6 +23,7 @@ from actors.routing import PILOTS_FILE, PilotSet
 from serve.config import RouterServeConfig
 
 from .atomic import recover
+from .generations import Generation, GenerationError, GenerationStore
 
 
 def adapters_root(cfg: RouterServeConfig) -> Path | None:
@@ -30,7 +35,8 @@ def pilots_path(cfg: RouterServeConfig) -> Path | None:
 
 
 def enabled_experts(cfg: RouterServeConfig) -> dict[str, Path]:
-    """Adapter folders the service loads: every one found, or those in experts.enabled."""
+    """The draft's adapter folders (what the offline pipelines train against and publish): every
+    one found, or those in experts.enabled."""
     root = adapters_root(cfg)
     if root is not None:
         recover(root)  # a write a crash cut short: the old adapter back in place
@@ -44,6 +50,7 @@ def enabled_experts(cfg: RouterServeConfig) -> dict[str, Path]:
 
 
 def load_pilots(cfg: RouterServeConfig) -> PilotSet | None:
+    """The draft's pilots."""
     path = pilots_path(cfg)
     return PilotSet.load(path) if path is not None and path.is_file() else None
 
@@ -65,13 +72,51 @@ def multitask_dir(cfg: RouterServeConfig) -> Path | None:
     return None if cfg.experts.dir is None else Path(cfg.experts.dir) / MULTITASK
 
 
-EXPERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def check_expert_name(name: str) -> str:
-    if not EXPERT_NAME.match(name or "") or name.lower() == "base":
-        raise ValueError(
-            f"invalid expert name {name!r}: 1-64 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and not 'base'"
-        )
-    return name
+# -- generations: what the service reads ----------------------------------------------------------
+
+
+def generation_store(cfg: RouterServeConfig) -> GenerationStore | None:
+    return None if cfg.experts.dir is None else GenerationStore(cfg.experts.dir)
+
+
+def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) -> Generation:
+    """The draft (its adapters, restricted to experts.enabled, and their pilots) as a new
+    generation; made current unless ``activate`` is false."""
+    store = generation_store(cfg)
+    if store is None:
+        raise GenerationError("experts.dir is null: there is no expert store to publish to")
+    gen = store.publish(enabled_experts(cfg), load_pilots(cfg), reason=reason, base_model=cfg.model.ref)
+    if activate:
+        store.activate(gen.id, reason=reason)
+    return gen
+
+
+def ensure_generation(cfg: RouterServeConfig) -> Generation | None:
+    """The current generation; when there is none yet but the draft has experts (an expert store
+    from before generations, or experts just trained), the draft is published first."""
+    store = generation_store(cfg)
+    if store is None:
+        return None
+    gen = store.current()
+    if gen is None and enabled_experts(cfg):
+        gen = publish_draft(cfg, "first generation from the draft")
+    return gen
+
+
+def served_generation(cfg: RouterServeConfig) -> Generation | None:
+    """The generation the service serves: experts.generation when pinned, else the current one."""
+    store = generation_store(cfg)
+    if store is None:
+        return None
+    pinned = cfg.experts.generation
+    return store.get(pinned) if pinned != "current" else store.current()
+
+
+def served_experts(cfg: RouterServeConfig) -> tuple[Generation | None, dict[str, Path], PilotSet | None]:
+    """What serving and evaluation read: the served generation, its (enabled) adapters, its pilots."""
+    gen = served_generation(cfg)
+    if gen is None:
+        return None, {}, None
+    return gen, gen.adapters(cfg.experts.enabled), gen.load_pilots()

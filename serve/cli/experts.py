@@ -1,4 +1,9 @@
-"""`routerserve experts train|train-multitask|list|add|remove` and `routerserve pilots build`."""
+"""`routerserve experts train|train-multitask|list|add|remove|publish|generations|activate|rollback|gc`
+and `routerserve pilots build`.
+
+train, add, remove and `pilots build` change the draft (adapters/, pilots.npz) and publish it as
+a new generation made current (a running service following CURRENT.json switches to it live);
+activate and rollback move the pointer; list shows what the service serves."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+
+from serve.artifacts.generations import GenerationError
 
 from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, console
 
@@ -39,7 +46,7 @@ def experts_train(
     report = train_domain_expert(cfg, ddir, domain)
     console.print(
         f"[green]expert {domain}[/green]: {report['num_queries']} queries, {len(report['losses'])} steps, "
-        f"loss {report['losses'][0]:.3f} → {report['losses'][-1]:.3f}"
+        f"loss {report['losses'][0]:.3f} → {report['losses'][-1]:.3f}; generation {report.get('generation')} is current"
     )
 
 
@@ -64,19 +71,149 @@ def experts_train_multitask(
 
 @experts_app.command("list")
 def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
-    """Expert adapters on disk and their pilot counts."""
-    from serve.artifacts.experts import adapters_root, enabled_experts, load_pilots, pilot_rule, pilots_follow_config
+    """The experts of the served generation (experts.generation: the current one, or the pinned
+    one) and their pilot counts."""
+    from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, pilots_follow_config, served_experts
 
     cfg = _load(config, set_)
-    pilots = load_pilots(cfg)
+    try:
+        gen, adapters, pilots = served_experts(cfg)
+    except (GenerationError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
     table = Table("expert", "adapter", "pilots")
-    for name, path in enabled_experts(cfg).items():
+    for name, path in adapters.items():
         n = sum(1 for e in (pilots.experts if pilots else []) if e == name)
         table.add_row(name, str(path), str(n))
-    console.print(table if table.row_count else f"no experts under {adapters_root(cfg)}")
+    if gen is None:
+        draft = sorted(enabled_experts(cfg))
+        console.print(f"no generation published under {cfg.experts.dir}"
+                      + (f"; the draft has {draft}: `routerserve experts publish`" if draft else f" (no experts under {adapters_root(cfg)})"))
+        return
+    console.print(f"generation {gen.id} ({gen.manifest.get('reason', '')}, {gen.manifest.get('created_at', '')})")
+    console.print(table if table.row_count else "no experts in it: the base model serves every query")
     if pilots is not None:
         stale = "" if pilots_follow_config(pilots, cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
+
+
+def _store(cfg):
+    from serve.artifacts.experts import generation_store
+
+    store = generation_store(cfg)
+    if store is None:
+        console.print("[red]experts.dir is null: there is no expert store[/red]")
+        raise typer.Exit(2)
+    return store
+
+
+@experts_app.command("publish")
+def experts_publish(
+    activate: bool = typer.Option(True, "--activate/--no-activate", help="make it the current generation"),
+    reason: str = typer.Option("published by hand", help="recorded in the generation's manifest"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Publish the draft (adapters/ + pilots.npz) as a new immutable generation."""
+    from serve.artifacts.experts import publish_draft
+
+    try:
+        gen = publish_draft(_load(config, set_), reason, activate=activate)
+    except (GenerationError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(f"published generation [green]{gen.id}[/green] ({', '.join(gen.experts) or 'no experts'})"
+                  + (" — now current" if activate else ""))
+
+
+UrlOpt = typer.Option(None, "--url", help="a running service: go through its admin API instead of the files")
+AdminKeyOpt = typer.Option("ROUTERSERVE_ADMIN_KEY", "--admin-key-env", help="env variable holding an admin key (--url)")
+
+
+def _admin(url: str, path: str, body: dict | None, key_env: str) -> dict:
+    import os
+
+    from .common import _post
+
+    key = os.environ.get(key_env)
+    return _post(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None)
+
+
+def _switched(answer: dict) -> None:
+    state = "every sampled replica serves it" if answer["switched"] else "[yellow]not every sampled replica serves it yet[/yellow]"
+    console.print(f"generation [green]{answer['generation']}[/green] is current (was {answer['previous']}; "
+                  f"{', '.join(answer['experts']) or 'no experts'}); {state}: {answer['replicas']}")
+
+
+@experts_app.command("generations")
+def experts_generations(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                        url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt):
+    """Every published generation, oldest first; * marks the current one (--url: and the
+    generation each sampled encoder replica serves)."""
+    if url:
+        answer = _admin(url, "generations", None, admin_key_env)
+        rows = [(g["generation"], g["experts"], g.get("created_at") or "", g.get("parent"), g.get("reason", ""))
+                for g in answer["generations"]]
+        current = answer["current"]
+    else:
+        store = _store(_load(config, set_))
+        current = store.current_id()
+        rows = [(g.id, g.experts, g.manifest.get("created_at", ""), g.manifest.get("parent"), g.manifest.get("reason", ""))
+                for g in store.list()]
+    table = Table("", "generation", "experts", "created", "parent", "reason")
+    for gid, experts, created, parent, reason in rows:
+        table.add_row("*" if gid == current else "", gid, ", ".join(experts) or "–", created, parent or "–", reason)
+    console.print(table if table.row_count else "no generation published")
+    if url:
+        console.print(f"encoder replicas sampled: {answer['replicas']}")
+
+
+@experts_app.command("activate")
+def experts_activate(generation: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                     url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
+                     wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
+    """Make GENERATION current (every encoder replica that follows CURRENT.json switches to it)."""
+    if url:
+        return _switched(_admin(url, "activate", {"generation": generation, "wait_s": wait_s}, admin_key_env))
+    try:
+        gen = _store(_load(config, set_)).activate(generation, reason="activated by hand")
+    except GenerationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(f"generation [green]{gen.id}[/green] is current ({', '.join(gen.experts) or 'no experts'})")
+
+
+@experts_app.command("rollback")
+def experts_rollback(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                     url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
+                     wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
+    """Back to the generation that was current before the current one."""
+    if url:
+        return _switched(_admin(url, "rollback", {"wait_s": wait_s}, admin_key_env))
+    try:
+        gen = _store(_load(config, set_)).rollback()
+    except GenerationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(f"rolled back: generation [green]{gen.id}[/green] is current ({', '.join(gen.experts) or 'no experts'})")
+
+
+@experts_app.command("gc")
+def experts_gc(
+    keep: Optional[int] = typer.Option(None, help="generations to keep (default: experts.keep_generations)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Delete old generations: keeps the newest KEEP, the current one, the recent rollback targets
+    and a generation pinned by experts.generation."""
+    cfg = _load(config, set_)
+    pinned = [] if cfg.experts.generation == "current" else [cfg.experts.generation]
+    try:
+        gone = _store(cfg).gc(keep or cfg.experts.keep_generations, protect=pinned)
+    except GenerationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(f"deleted {', '.join(gone)}" if gone else "nothing to delete")
 
 
 @experts_app.command("add")
@@ -92,7 +229,7 @@ def experts_add(
     """Add an adapter trained elsewhere as an expert and build its domain's pilots (nothing else
     is retrained; other experts and the index are untouched)."""
     from serve.deploy.cluster import ensure_ray
-    from serve.artifacts.experts import check_expert_name
+    from serve.artifacts.generations import check_expert_name
     from serve.offline.training import add_expert
 
     cfg = _load(config, set_)
@@ -103,24 +240,27 @@ def experts_add(
             raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
         ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
         wins = add_expert(cfg, ddir, name, adapter, domain, replace)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # GenerationError is a ValueError
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     won = ", ".join(f"{e} ({n})" for e, n in wins.items())
-    console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}")
+    console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}; "
+                  f"generation {_store(cfg).current_id()} is current")
 
 
 @experts_app.command("remove")
 def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
-    """Delete an expert's adapter and pilots (the index and other experts are untouched)."""
+    """Remove an expert from the draft and publish the rest as the current generation (the index
+    and other experts are untouched; older generations keep their copy until `experts gc`)."""
     from serve.offline.training import remove_expert
 
+    cfg = _load(config, set_)
     try:
-        remove_expert(_load(config, set_), name)
+        remove_expert(cfg, name)
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
-    console.print(f"removed expert {name}")
+    console.print(f"removed expert {name}; generation {_store(cfg).current_id()} is current")
 
 
 @pilots_app.command("build")
@@ -132,7 +272,8 @@ def pilots_build(
 ):
     """Group each domain's training queries by their best expert (nDCG@10); mean base embedding
     per (domain, expert) = one pilot. Other domains' pilots are kept, unless they were grouped by
-    another rule (experts.pilot_margin / pilot_min_queries): then every domain is rebuilt."""
+    another rule (experts.pilot_margin / pilot_min_queries): then every domain is rebuilt. The
+    draft is then published as the current generation."""
     from serve.deploy.cluster import ensure_ray
     from serve.offline.pilots import build_pilots
 
@@ -144,3 +285,6 @@ def pilots_build(
     for domain, per in wins.items():
         table.add_row(domain, ", ".join(f"{e} ({n})" for e, n in per.items()))
     console.print(table)
+    from serve.artifacts.experts import publish_draft
+
+    console.print(f"generation {publish_draft(cfg, f'pilots of {sorted(wins)} rebuilt').id} is current")

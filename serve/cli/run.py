@@ -96,6 +96,7 @@ def up(
     ddir = _data_dir(cfg, data_dir)
     ensure_ray(cfg.ray)
     if prepare:
+        from serve.artifacts.experts import ensure_generation, generation_store
         from serve.offline.training import train_default_experts
         from serve.offline.indexing import build_index
 
@@ -105,6 +106,10 @@ def up(
             console.rule("experts")
             trained = train_default_experts(cfg, ddir)
             console.print(f"experts trained now: {trained or 'none (all present)'}")
+        else:
+            ensure_generation(cfg)  # an expert store from before generations: its first one
+        gen = generation_store(cfg).current_id() if generation_store(cfg) else None
+        console.print(f"expert generation: {gen or 'none published (the base model serves)'}")
     console.rule("serve")
     serve.start(http_options=http_options(cfg))
     serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
@@ -170,10 +175,11 @@ def doctor(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOp
     except Exception as exc:
         ok = False
         table.add_row("data dir / index", f"[red]{exc}[/red]")
-    from serve.artifacts.experts import enabled_experts
+    from serve.artifacts.experts import served_experts
 
     try:
-        table.add_row("experts", ", ".join(enabled_experts(cfg)) or "none")
+        gen, adapters, _ = served_experts(cfg)
+        table.add_row("experts", f"{', '.join(adapters) or 'none'} (generation {gen.id if gen else 'none published'})")
     except Exception as exc:
         ok = False
         table.add_row("experts", f"[red]{exc}[/red]")

@@ -11,6 +11,7 @@ from .core import (
     DeploymentsConfig,
     ExpertsConfig,
     ExpertTrainConfig,
+    GENERATION_ID_PATTERN,
     HTTPConfig,
     IndexConfig,
     LimitsConfig,
@@ -25,7 +26,7 @@ from .loading import config_from_dict, load_config
 
 __all__ = [
     "DATA_DIR_ENV", "DEFAULT_CONFIG", "REPO_ROOT", "ConfigError", "BatchConfig", "CorpusConfig", "DeploymentsConfig",
-    "ExpertsConfig", "ExpertTrainConfig", "HTTPConfig", "IndexConfig", "LimitsConfig", "ModelConfig", "RayConfig",
+    "ExpertsConfig", "ExpertTrainConfig", "GENERATION_ID_PATTERN", "HTTPConfig", "IndexConfig", "LimitsConfig", "ModelConfig", "RayConfig",
     "RouterServeConfig", "SearchConfig", "K8sConfig", "CandidateConfig", "LLMConfig", "LLMEngineConfig", "PriceConfig",
     "RouterConfig", "config_from_dict", "load_config",
 ]

@@ -8,6 +8,7 @@ validated with Ray Serve's own ``DeploymentSchema``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,9 @@ class ExpertTrainConfig(_Strict):
         return self
 
 
+GENERATION_ID_PATTERN = r"^g(\d{6})$"  # expert generation ids (serve.artifacts.generations): they become paths
+
+
 class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
@@ -108,6 +112,20 @@ class ExpertsConfig(_Strict):
     pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
                                    "domain's own pilot (paper: 1)")
     training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
+    generation: str = Field("current", description="the expert generation the service serves: 'current' follows "
+                            "<dir>/CURRENT.json (activate/rollback switch every replica live); 'gNNNNNN' pins one "
+                            "(the cluster: a changed pin is an in-place Serve update, user_config)")
+    keep_generations: int = Field(5, ge=1, description="`routerserve experts gc` keeps the newest this many "
+                                  "generations (and the current one, and the recent rollback targets)")
+    watch_interval_s: float = Field(1.0, gt=0, le=60, description="how often each encoder replica checks "
+                                    "CURRENT.json for a new generation (experts.generation 'current')")
+
+    @field_validator("generation")
+    @classmethod
+    def _generation_id(cls, value: str) -> str:
+        if value != "current" and not re.match(GENERATION_ID_PATTERN, value):
+            raise ValueError(f"invalid generation id {value!r}: 'current' or 'g' followed by six digits (e.g. g000003)")
+        return value
 
     @field_validator("policy")
     @classmethod
@@ -129,6 +147,18 @@ class HTTPConfig(_Strict):
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an env variable "
                                      "holding comma-separated API keys; set: every endpoint but /healthz needs "
                                      "'Authorization: Bearer <key>'")
+    admin_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an env "
+                                       "variable holding comma-separated admin keys for /admin/v1/… (the query keys "
+                                       "are never admin keys); unset: the admin API answers 403")
+    admin_open: bool = Field(False, description="open /admin/v1/… without a key: local use only (refused unless "
+                             "http.host is a loopback address)")
+
+    @model_validator(mode="after")
+    def _admin_open_only_locally(self) -> "HTTPConfig":
+        if self.admin_open and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"http.admin_open: an admin API without keys only on a loopback http.host, not {self.host!r} "
+                             "(set http.admin_keys_env instead)")
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -137,7 +167,8 @@ class LimitsConfig(_Strict):
     max_embedding_inputs: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused (413) unread")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one retrieval/embedding request (504 past it)")
-    max_waiting: int = Field(256, ge=1, description="requests waiting for a batch slot in one ingress replica; more: 503 + Retry-After")
+    max_waiting: int = Field(64, ge=1, description="requests waiting for a batch slot in one ingress replica; more: "
+                             "503 + Retry-After (≈ two batches: more only adds waiting)")
     max_queue_wait_s: float | None = Field(
         1.0, gt=0, description="latency-aware admission: while the oldest request waiting for a batch slot in an "
         "ingress replica has waited longer, newcomers are refused at once (503 + Retry-After); null: off")
@@ -160,7 +191,7 @@ class DeploymentsConfig(_Strict):
     """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
 
     ingress: dict[str, Any] = Field(
-        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64,
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 64,
                                  "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                                  "ray_actor_options": {"num_cpus": 0.25}}
     )
@@ -199,6 +230,25 @@ class RouterServeConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     llm: LLMConfig = Field(default_factory=lambda: LLMConfig(enabled=False))
     k8s: K8sConfig = Field(default_factory=K8sConfig)
+
+    @model_validator(mode="after")
+    def _ingress_admits_what_it_refuses(self) -> "RouterServeConfig":
+        """The ingress's own admission (limits.max_waiting, limits.max_queue_wait_s, JSON 503 +
+        Retry-After) and its deadline (limits.request_timeout_s) only count requests that reached
+        it. With fewer ingress slots than it may hold, the excess waits in Serve's proxy queue
+        instead, where no deadline of ours runs and the proxy's backstop answers 408 in plain text."""
+        from ray.serve._private.config import DeploymentConfig
+
+        opts, b = self.deployments.ingress, self.deployments.ingress_batching
+        need = self.limits.max_waiting + b.max_batch_size * b.max_concurrent_batches
+        have = opts.get("max_ongoing_requests", DeploymentConfig().max_ongoing_requests)  # Serve's default: 5
+        if have < need:
+            raise ValueError(
+                f"deployments.ingress.max_ongoing_requests: {have} is below limits.max_waiting + "
+                f"ingress_batching.max_batch_size x max_concurrent_batches = {need}; requests past it "
+                "wait in Serve's proxy queue, outside the ingress's admission and deadline (raise it, "
+                "or lower limits.max_waiting)")
+        return self
 
     @model_validator(mode="after")
     def _default_experts_need_dir(self) -> "RouterServeConfig":

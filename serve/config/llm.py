@@ -179,7 +179,8 @@ class LLMConfig(_Strict):
     router: RouterConfig | None = None
     candidates: list[CandidateConfig] = Field(default_factory=list)
     controller: dict[str, Any] = Field(
-        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64,
+                                 "ray_actor_options": {"num_cpus": 0.25}}
     )
 
     def router_context_window(self) -> int | None:

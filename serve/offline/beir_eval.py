@@ -38,7 +38,7 @@ import numpy as np
 from actors.encoder import BASE, EncoderEngine
 from actors.routing import choose, get_policy
 
-from serve.artifacts.experts import MULTITASK, enabled_experts, load_pilots, multitask_dir, pilot_rule, pilots_follow_config
+from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, pilots_follow_config, served_experts
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import RouterServeConfig
 
@@ -167,11 +167,10 @@ def evaluate(
     if setting not in ("per_domain", "union"):
         raise ValueError("setting must be 'per_domain' or 'union'")
     t0 = time.perf_counter()
-    adapters = enabled_experts(cfg)
-    pilots = load_pilots(cfg)
+    gen, adapters, pilots = served_experts(cfg)  # what the service serves: the current (or pinned) generation
     if pilots is not None and not pilots_follow_config(pilots, cfg):
         raise ValueError(
-            f"the pilots in {cfg.experts.dir} were grouped by {pilots.rule or 'an unrecorded rule'!r}, the config "
+            f"the pilots of generation {gen.id} in {cfg.experts.dir} were grouped by {pilots.rule or 'an unrecorded rule'!r}, the config "
             f"(experts.pilot_margin, experts.pilot_min_queries) asks {pilot_rule(cfg)!r}: "
             "rebuild them first ('routerserve pilots build')"
         )
@@ -235,6 +234,7 @@ def evaluate(
         "recall@100": recall,
         "routing": confusion,
         "setting": setting,
+        "experts_generation": gen.id if gen is not None else None,
         "domains": domains,
         "experts": experts,
         "num_queries": counts,

@@ -29,13 +29,15 @@ from actors.expert_training import (
 from serve.artifacts.experts import (
     MULTITASK,
     adapters_root,
-    check_expert_name,
+    ensure_generation,
     load_pilots,
     multitask_dir,
     pilots_follow_config,
     pilots_path,
+    publish_draft,
 )
 from serve.artifacts.atomic import staged_dir
+from serve.artifacts.generations import check_expert_name
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import ExpertTrainConfig, RouterServeConfig
 
@@ -77,9 +79,12 @@ def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: boo
 
 
 def train_domain_expert(
-    cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True
+    cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True,
+    publish: bool = True,
 ) -> dict:
     """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched.
+    With its pilots built, the draft is published as a new generation and made current (a running
+    service switches to it live) unless ``publish`` is false.
 
     Document vectors (positives and mined hard negatives) come from the domain's base index
     (built and cached as a Ray Data job if missing): no document is re-encoded here.
@@ -132,6 +137,8 @@ def train_domain_expert(
         ))
     if pilots:  # this domain's pilots, against every expert present now
         build_pilots(cfg, data_dir, [domain], progress)
+        if publish:
+            report["generation"] = publish_draft(cfg, f"trained expert {domain}").id
     return report
 
 
@@ -218,6 +225,9 @@ def train_default_experts(cfg: RouterServeConfig, data_dir: Path, progress: bool
     have = set(pilots.domains) if pilots is not None else set()
     if trained or not set(domains) <= have or not pilots_follow_config(pilots, cfg):
         build_pilots(cfg, data_dir, list(domains), progress)  # other rule on disk: every domain
+        publish_draft(cfg, f"default experts: trained {trained}, pilots of {list(domains)} built")
+    else:
+        ensure_generation(cfg)  # an expert store from before generations: its first one
     return trained
 
 
@@ -229,8 +239,10 @@ def add_expert(
     domain: str | None = None,
     replace: bool = False,
     progress: bool = True,
+    publish: bool = True,
 ) -> dict[str, int]:
-    """Register an adapter trained elsewhere as expert ``name`` and build ``domain``'s pilots.
+    """Register an adapter trained elsewhere as expert ``name`` and build ``domain``'s pilots, then
+    publish the draft as a new current generation (unless ``publish`` is false).
 
     The adapter must be a peft LoRA folder that loads onto the configured base model (checked by
     loading it and encoding a probe before anything is written). It is copied to
@@ -262,13 +274,18 @@ def add_expert(
         raise ValueError(f"adapter {src} does not load onto base model {cfg.model.ref!r}: {exc}") from exc
     with staged_dir(dest) as staging:  # the old adapter (--replace) stays until the copy is whole
         shutil.copytree(src, staging, dirs_exist_ok=True, symlinks=False)
-    return build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
+    wins = build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
+    if publish:
+        publish_draft(cfg, f"added expert {name} (pilots of {domain})")
+    return wins
 
 
-def remove_expert(cfg: RouterServeConfig, name: str) -> None:
-    """Delete expert ``name``'s adapter folder and its pilots. ``name`` is checked like a new
-    expert's name (no '..', no separators, no absolute path); a symlink is unlinked, never
-    followed, so nothing outside the expert store is ever deleted."""
+def remove_expert(cfg: RouterServeConfig, name: str, publish: bool = True) -> None:
+    """Delete expert ``name``'s adapter folder and its pilots from the draft, then publish the
+    draft as a new current generation (unless ``publish`` is false). Published generations keep
+    their own copy, so a service still serving one with ``name`` is unaffected until it switches.
+    ``name`` is checked like a new expert's name (no '..', no separators, no absolute path); a
+    symlink is unlinked, never followed, so nothing outside the expert store is ever deleted."""
     root = adapters_root(cfg)
     check_expert_name(name)
     path = None if root is None else root / name
@@ -284,3 +301,5 @@ def remove_expert(cfg: RouterServeConfig, name: str) -> None:
     pilots = load_pilots(cfg)
     if pilots is not None:
         pilots.restrict([e for e in pilots.expert_names if e != name]).save(pilots_path(cfg))
+    if publish:
+        publish_draft(cfg, f"removed expert {name}")

@@ -47,6 +47,7 @@ class RetrieveResponse(BaseModel):
     policy: str
     hits: list[Hit]
     timings_ms: dict[str, float]
+    experts_generation: str | None = Field(None, description="the expert generation that served it (gNNNNNN; null: no experts published)")
 
 
 class EmbeddingRequest(_Request):
@@ -97,6 +98,7 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+    experts_generation: str | None = Field(None, description="the expert generation that served it (gNNNNNN; null: no experts published)")
 
 
 class ExpertInfo(BaseModel):
@@ -109,3 +111,4 @@ class ExpertsResponse(BaseModel):
     policy: str
     pilot_rule: str = ""  # how the pilots were grouped ("" = not recorded in the pilot file)
     experts: list[ExpertInfo]
+    experts_generation: str | None = Field(None, description="the generation these experts belong to (gNNNNNN)")

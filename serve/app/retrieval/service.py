@@ -125,12 +125,31 @@ class RetrievalService:
     async def _single(self, item: RetrieveItem) -> dict:
         return (await self.retrieve_many([item]))[0]
 
-    async def encoder_info(self) -> dict:
-        if self._info is None:
+    async def encoder_info(self, refresh: bool = False) -> dict:
+        """The encoder's experts, dim and policy, cached until a response shows another expert
+        generation (``_saw_generation``) or ``refresh``."""
+        stale = self._info
+        if self._info is None or refresh:
             async with self._info_lock:
-                if self._info is None:
+                if self._info is None or self._info is stale:
                     self._info = await self._within_deadline(self.encoder.info())
         return self._info
+
+    def _saw_generation(self, generation: str | None) -> None:
+        """An encoder answered from ``generation``: the cached expert list is dropped when it is
+        another one, so the next request checks against the new list."""
+        if self._info is not None and self._info.get("generation") != generation:
+            self._info = None
+
+    async def _check_expert_fresh(self, name: str | None, message: str, param: str, ok: bool = True) -> dict:
+        """``check_expert`` against the cached list; an expert the cache does not know is looked up
+        once more (an expert added since) before it is refused."""
+        info = await self.encoder_info()
+        known = {e["name"] for e in info["experts"]}
+        if ok and name and name != BASE and name not in known:
+            info = await self.encoder_info(refresh=True)
+        self.check_expert(info, name, message, param, ok)
+        return info
 
     @staticmethod
     def check_expert(info: dict, name: str | None, message: str, param: str, ok: bool = True) -> None:
@@ -146,8 +165,7 @@ class RetrievalService:
         """``req`` has passed ``self.retrieve_model`` (the limits, declared in the spec); what
         needs the encoder (the expert's name) is checked here."""
         query = req.query.strip()
-        info = await self.encoder_info()
-        self.check_expert(info, req.expert, f"unknown expert {req.expert!r}", "expert")
+        info = await self._check_expert_fresh(req.expert, f"unknown expert {req.expert!r}", "expert")
         item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
         result = await self._within_deadline(self._submit(item))
         if "error" in result:
@@ -186,6 +204,7 @@ class RetrievalService:
         routed = await self.encoder.route_and_encode(
             {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
         )
+        self._saw_generation(routed.get("generation"))
         if "error" in routed:
             return [{"error": RequestError(routed["error"], "expert", 404)} for _ in items]
         t1 = time.perf_counter()
@@ -232,6 +251,7 @@ class RetrievalService:
                     "routing_scores": routed["routing_scores"][i],
                     "hits": [Hit(**h) for h in hits],
                     "timings_ms": dict(timings, queue_ms=(t0 - it.arrived) * 1e3),
+                    "experts_generation": routed.get("generation"),
                 }
             )
         return out
@@ -239,10 +259,10 @@ class RetrievalService:
     # -- /v1/embeddings ------------------------------------------------------------------------
 
     async def embeddings(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        info = await self.encoder_info()
         model, _, expert = req.model.partition(":")
-        self.check_expert(info, expert or None, f"unknown model {req.model!r} (use {self.served_name!r} or "
-                          f"'{self.served_name}:<expert>')", "model", ok=model in (self.served_name, BASE))
+        info = await self._check_expert_fresh(expert or None, f"unknown model {req.model!r} (use {self.served_name!r} "
+                                              f"or '{self.served_name}:<expert>')", "model",
+                                              ok=model in (self.served_name, BASE))
         texts = [req.input] if isinstance(req.input, str) else list(req.input)  # validated: 1..max texts
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
@@ -256,17 +276,20 @@ class RetrievalService:
             for i, v in enumerate(vectors)
         ]
         tokens = int(sum(result["tokens"]))
-        return EmbeddingResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+        self._saw_generation(result.get("generation"))
+        return EmbeddingResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+                                 experts_generation=result.get("generation"))
 
     # -- /v1/experts, /healthz -------------------------------------------------------------------
 
     async def experts(self) -> ExpertsResponse:
-        info = await self.encoder_info()
+        info = await self.encoder_info(refresh=True)  # one small call: never a stale list
         return ExpertsResponse(
             base_model=info["base_model"],
             policy=info["policy"],
             pilot_rule=info.get("pilot_rule", ""),
             experts=[ExpertInfo(**e) for e in info["experts"]],
+            experts_generation=info.get("generation"),
         )
 
     async def health(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:
@@ -280,6 +303,7 @@ class RetrievalService:
         total = sum(int(s["ntotal"]) for s in shards)
         detail.update(
             experts=[e["name"] for e in enc["experts"]],
+            experts_generation=enc.get("generation"),
             encoder_device=enc.get("device"),
             shards=shards,
         )

@@ -61,8 +61,13 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
     shutil.copytree(random_adapters["alpha"], experts / "adapters" / "alpha")
     PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1").save(experts)
     args = ["experts", "list", "--set", f"experts.dir={experts}", "--set", "experts.pilot_margin=0.5"]
+    r = runner.invoke(app, args)  # the list is what the service serves: a published generation
+    assert r.exit_code == 0 and "no generation published" in r.output and "experts publish" in r.output, r.output
+    published = runner.invoke(app, ["experts", "publish", "--set", f"experts.dir={experts}"])
+    assert published.exit_code == 0 and "g000001" in published.output, published.output
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    assert "generation g000001" in r.output
     assert "alpha" in r.output and "│ 2 " in r.output.replace("  ", " ")
     assert "pilot rule: best_expert margin=0 min_queries=1" in r.output and "routerserve pilots build" in r.output
     same = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1"])

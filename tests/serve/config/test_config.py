@@ -20,6 +20,9 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"deployments": {"encoder": {"num_replicas": -3}}}, "deployments.encoder"),
         ({"deployments": {"shard": {"max_ongoing_requests": "lots"}}}, "deployments.shard"),
         ({"deployments": {"ingress": {"no_such_option": 1}}}, "deployments.ingress"),
+        # fewer ingress slots than its own waiting room: the excess would wait in Serve's proxy queue
+        ({"deployments": {"ingress": {"max_ongoing_requests": 64}}}, "deployments.ingress.max_ongoing_requests"),
+        ({"deployments": {"ingress": {"num_replicas": 2}}}, "deployments.ingress.max_ongoing_requests"),
         ({"http": {"port": 70000}}, "http.port"),
         ({"experts": {"training": {"positives": "some"}}}, "experts.training.positives"),
         ({"experts": {"training": {"positives": "all", "objective": "mined"}}}, "experts.training"),

@@ -9,7 +9,7 @@ import pytest
 
 from actors.beir import load_qrels, seeded_half_split
 from serve.config import config_from_dict
-from serve.artifacts.experts import enabled_experts, load_pilots
+from serve.artifacts.experts import enabled_experts, generation_store, load_pilots
 from serve.offline.ir import training_queries
 from serve.offline.training import adapter_settings, add_expert, remove_expert, train_domain_expert
 
@@ -54,11 +54,20 @@ def test_add_and_remove_experts_independently(cfg, data_dir):
     assert report["num_queries"] == 8 and report["objective"] == "full_corpus" and report["corpus_size"] == 300
     assert len(report["losses"]) == 3 and report["domain"] == "nfcorpus" and len(report["data_hash"]) == 64
     assert (enabled_experts(cfg)["nfcorpus"] / "loss.png").stat().st_size > 0
+    store = generation_store(cfg)  # each change was published as the current generation
+    g1, g2 = store.list()
+    assert g1.experts == ["scifact"] and sorted(g2.experts) == ["nfcorpus", "scifact"] and store.current_id() == g2.id
     remove_expert(cfg, "scifact")
     assert list(enabled_experts(cfg)) == ["nfcorpus"]
     assert load_pilots(cfg).expert_names == ["nfcorpus"]  # pilots pointing to the removed expert are gone
+    g3 = store.current()
+    assert g3.experts == ["nfcorpus"] and g3.load_pilots().expert_names == ["nfcorpus"]
+    # the generation a running service may still serve keeps its own copy of the removed expert
+    assert _folder_hash(g2.adapters()["scifact"]) == first and "scifact" in g2.load_pilots().expert_names
+    g2.verify()
     with pytest.raises(FileNotFoundError):
         remove_expert(cfg, "scifact")
+    assert store.current_id() == g3.id  # a failed remove publishes nothing
 
 
 def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_changes(cfg, data_dir):
@@ -128,6 +137,7 @@ def test_add_rejects_bad_names_and_adapters_before_writing(cfg, data_dir, random
     with pytest.raises(ValueError, match="no-such-domain"):
         add_expert(cfg, data_dir, "x", random_adapters["alpha"], domain="no-such-domain", progress=False)
     assert enabled_experts(cfg) == {} and load_pilots(cfg) is None
+    assert generation_store(cfg).list() == []  # nothing published either
 
 
 def test_enabled_list_must_exist(cfg):
@@ -265,7 +275,7 @@ def test_remove_never_leaves_the_expert_store(plain_cfg, tmp_path):
         with pytest.raises(ValueError, match="invalid expert name"):
             remove_expert(plain_cfg, bad)
     (root / "evil").symlink_to(outside, target_is_directory=True)
-    remove_expert(plain_cfg, "evil")  # the link goes, never what it points to
+    remove_expert(plain_cfg, "evil", publish=False)  # the link goes, never what it points to
     assert not (root / "evil").exists() and (outside / "adapter_config.json").is_file()
     assert sorted(os.listdir(root)) == ["keep"] and sorted(os.listdir(tmp_path / "experts")) == ["adapters"]
 

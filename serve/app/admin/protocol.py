@@ -1,0 +1,43 @@
+"""Request and response models of the admin API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.config import GENERATION_ID_PATTERN
+
+
+class GenerationSummary(BaseModel):
+    generation: str
+    experts: list[str]
+    created_at: str | None = None
+    parent: str | None = None
+    reason: str = ""
+    pilot_rule: str = ""
+
+
+class GenerationsResponse(BaseModel):
+    current: str | None = Field(..., description="the generation CURRENT.json names (what the replicas follow)")
+    pin: str = Field(..., description="experts.generation: 'current', or the generation the config pins")
+    generations: list[GenerationSummary] = Field(..., description="every published generation, oldest first")
+    replicas: dict[str, str | None] = Field(..., description="encoder replicas sampled now → the generation each serves")
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generation: str = Field(..., pattern=GENERATION_ID_PATTERN, description="gNNNNNN, a published generation")
+    wait_s: float = Field(10.0, ge=0, le=120, description="wait up to this long for the sampled replicas to serve it")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wait_s: float = Field(10.0, ge=0, le=120, description="wait up to this long for the sampled replicas to serve it")
+
+
+class ActivateResponse(BaseModel):
+    generation: str
+    previous: str | None
+    experts: list[str]
+    switched: bool = Field(..., description="every sampled encoder replica serves the generation")
+    replicas: dict[str, str | None]
+    waited_s: float

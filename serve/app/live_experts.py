@@ -1,0 +1,115 @@
+"""LiveExperts: the expert generation one encoder replica serves, switched live.
+
+Which generation a replica serves: the one pinned by its Serve ``user_config``
+(``{"generation": "g000007"}``, set from experts.generation; Serve calls ``reconfigure`` on every
+replica when it changes and gives it to every replica that starts later), or with
+``"current"`` the one CURRENT.json names, checked every experts.watch_interval_s.
+
+A switch loads the new generation's adapters and pilots into a new RoutedEncoder in a worker
+thread, off the request path, while the old one keeps serving; then one assignment swaps them.
+A batch takes ``(generation, encoder)`` once at its start, so it finishes on the generation it
+started with. A generation that fails to load leaves the old one serving (counted and logged; a
+pinned one fails the reconfigure, so Serve reports the update as failed).
+
+A plain class (no Serve): the encoder deployment wraps it, the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from actors.routed_encoder import RoutedEncoder
+
+from serve.artifacts.generations import Generation, GenerationError, GenerationStore, check_generation_id
+
+logger = logging.getLogger(__name__)
+
+CURRENT = "current"
+
+
+class LiveExperts:
+    def __init__(self, store: GenerationStore | None, build: Callable[[Generation | None], RoutedEncoder],
+                 pin: str = CURRENT, on_reload: Callable[[str, float, bool], None] | None = None):
+        """``build(generation)`` makes the RoutedEncoder of a generation (None: no experts, the
+        base model only); ``on_reload(generation, seconds, ok)`` records each switch attempt."""
+        self.store, self.build, self.on_reload = store, build, on_reload or (lambda *a: None)
+        self.pin = self._check_pin(pin)
+        self._lock = asyncio.Lock()  # one load at a time
+        self.failed: dict[str, str] = {}  # generation -> why it last did not load
+        self._skip: str | None = None  # the target that just failed to load
+        gen = self._target()
+        self.active: tuple[str | None, RoutedEncoder] = (gen.id if gen else None, build(gen))
+
+    @staticmethod
+    def _check_pin(pin: str) -> str:
+        return pin if pin == CURRENT else check_generation_id(pin)
+
+    @property
+    def generation(self) -> str | None:
+        return self.active[0]
+
+    @property
+    def encoder(self) -> RoutedEncoder:
+        return self.active[1]
+
+    def _target(self) -> Generation | None:
+        if self.store is None:
+            return None
+        return self.store.current() if self.pin == CURRENT else self.store.get(self.pin)
+
+    def _target_id(self) -> str | None:
+        if self.store is None:
+            return None
+        return self.store.current_id() if self.pin == CURRENT else self.pin
+
+    async def sync(self, raise_errors: bool = False) -> bool:
+        """Serve the target generation if it is not served yet. True when a switch happened."""
+        async with self._lock:
+            target = self._target_id()
+            if target != self._skip:
+                self._skip = None
+            if target == self.generation or (target == self._skip and not raise_errors):
+                return False
+            if target is None:  # the pointer vanished: keep the experts served, never drop to base silently
+                return False
+            t0 = time.perf_counter()
+            try:
+                gen = self.store.get(target) if target is not None else None
+                if gen is not None:
+                    await asyncio.to_thread(gen.verify)
+                encoder = await asyncio.to_thread(self.build, gen)
+            except Exception as exc:  # noqa: BLE001 - the old generation keeps serving
+                self.failed[target] = f"{type(exc).__name__}: {exc}"[:300]
+                self._skip = target  # not retried every interval; again once the target moved away and back
+                self.on_reload(str(target), time.perf_counter() - t0, False)
+                logger.error("expert generation %s did not load; still serving %s: %s", target, self.generation, exc)
+                if raise_errors:
+                    raise GenerationError(f"generation {target} did not load: {self.failed[target]}") from exc
+                return False
+            old = self.generation
+            self._skip = None
+            self.active = (target, encoder)  # one assignment: a batch sees the old pair or the new one
+            self.failed.pop(target, None)
+            self.on_reload(str(target), time.perf_counter() - t0, True)
+            logger.info("expert generation %s -> %s in %.1f s", old, target, time.perf_counter() - t0)
+            return True
+
+    async def reconfigure(self, user_config: dict | None) -> None:
+        """Serve's user_config: ``{"generation": "current" | "gNNNNNN"}``. A pinned generation that
+        does not load raises (Serve then reports the update as failed); the old one keeps serving."""
+        pin = self._check_pin(str((user_config or {}).get("generation", CURRENT)))
+        self.pin = pin
+        await self.sync(raise_errors=pin != CURRENT)
+
+    async def watch(self, interval_s: float) -> None:
+        """Follow CURRENT.json (while not pinned) until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.pin == CURRENT:
+                try:
+                    await self.sync()
+                except Exception:  # noqa: BLE001 - an unreadable pointer: keep serving, look again
+                    logger.exception("checking the expert generation failed")

@@ -1,0 +1,141 @@
+"""The admin API in-process (the same FastAPI app the ingress serves): its own keys, activation
+and rollback of expert generations, bad input refused with the current generation untouched.
+The encoder behind it is a real LiveExperts (real engine and adapters) answering info calls."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from actors.encoder import EncoderEngine
+from actors.routed_encoder import RoutedEncoder
+from serve.app.admin.service import AdminService
+from serve.app.ingress import create_app
+from serve.app.live_experts import LiveExperts
+from serve.artifacts.generations import GenerationStore
+from serve.config import ConfigError, config_from_dict
+
+ADMIN, QUERY = "admin-secret", "query-secret"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, engine, random_adapters, mean_pilots):
+    store = GenerationStore(tmp_path_factory.mktemp("experts"))
+    pilots = mean_pilots(engine, {"alpha": ["cell biology"], "beta": ["public policy"]})
+    g1 = store.publish({"alpha": random_adapters["alpha"]}, pilots, reason="alpha").id
+    g2 = store.publish(random_adapters, pilots, reason="alpha+beta").id
+    return store, g1, g2
+
+
+@pytest.fixture
+def admin_app(published, model_path, encoder_settings):
+    store, g1, _ = published
+    store.activate(g1)
+
+    def build(gen):
+        adapters = gen.adapters() if gen is not None else {}
+        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
+
+    live = LiveExperts(store, build)
+
+    async def info():  # one replica that follows the pointer (as the watch loop does)
+        await live.sync()
+        return {"replica": "r1", "generation": live.generation}
+
+    def make(pin="current", admin_keys=frozenset({ADMIN}), admin_open=False, api_keys=frozenset({QUERY})):
+        app = create_app(None, admin=AdminService(store, pin, info), admin_keys=admin_keys,
+                         admin_open=admin_open, api_keys=api_keys)
+        return TestClient(app)
+
+    return make, store, live
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_admin_routes_take_only_admin_keys(admin_app):
+    make, store, _ = admin_app
+    client = make()
+    url = "/admin/v1/experts/generations"
+    assert client.get(url).status_code == 401
+    r = client.get(url, headers=_auth(QUERY))  # a query key is not an admin key
+    assert r.status_code == 401 and "admin key" in r.json()["error"]["message"]
+    assert client.get("/v1/experts", headers=_auth(ADMIN)).status_code == 401  # nor the other way round
+    r = client.get(url, headers=_auth(ADMIN))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["current"] == store.current_id() and body["pin"] == "current"
+    assert [g["generation"] for g in body["generations"]] == ["g000001", "g000002"]
+    assert body["replicas"] == {"r1": "g000001"}
+
+
+def test_without_admin_keys_the_admin_api_is_off_unless_opened(admin_app):
+    make, store, _ = admin_app
+    r = make(admin_keys=None).post("/admin/v1/experts/rollback", json={}, headers=_auth(QUERY))
+    assert r.status_code == 403 and "admin_keys_env" in r.json()["error"]["message"]
+    assert make(admin_keys=None, admin_open=True).get("/admin/v1/experts/generations").status_code == 200
+
+
+def test_activate_and_rollback_switch_the_replica_and_say_so(admin_app):
+    make, store, live = admin_app
+    client = make()
+    r = client.post("/admin/v1/experts/activate", json={"generation": "g000002", "wait_s": 5}, headers=_auth(ADMIN))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generation"] == "g000002" and body["previous"] == "g000001" and body["switched"] is True
+    assert body["replicas"] == {"r1": "g000002"} and sorted(body["experts"]) == ["alpha", "beta"]
+    assert live.generation == "g000002" and store.current_id() == "g000002"
+    r = client.post("/admin/v1/experts/rollback", json={}, headers=_auth(ADMIN))
+    assert r.status_code == 200 and r.json()["generation"] == "g000001" and live.generation == "g000001"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"generation": "g000099"}, 404, "generation"),        # unknown
+    ({"generation": "../g000001"}, 422, "generation"),     # a path
+    ({"generation": "/etc/passwd"}, 422, "generation"),
+    ({"generation": "g000002", "extra": 1}, 422, "extra"),
+    ({}, 422, "generation"),
+])
+def test_bad_activation_is_a_4xx_naming_the_problem_and_changes_nothing(admin_app, body, status, param):
+    make, store, live = admin_app
+    r = make().post("/admin/v1/experts/activate", json=body, headers=_auth(ADMIN))
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+    assert store.current_id() == "g000001" and live.generation == "g000001"
+
+
+def test_a_damaged_generation_is_refused_and_the_current_one_stays(admin_app, tmp_path):
+    make, store, live = admin_app
+    gen = store.get("g000002")
+    weights = next(p for p in gen.adapters()["beta"].iterdir() if p.suffix == ".safetensors")
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-8] + b"\0" * 8)
+        r = make().post("/admin/v1/experts/activate", json={"generation": "g000002"}, headers=_auth(ADMIN))
+        assert r.status_code == 409 and "differs from its manifest" in r.json()["error"]["message"]
+        assert store.current_id() == "g000001"
+    finally:
+        weights.write_bytes(original)
+
+
+def test_a_pinned_service_refuses_admin_activation(admin_app):
+    make, store, _ = admin_app
+    r = make(pin="g000001").post("/admin/v1/experts/activate", json={"generation": "g000002"}, headers=_auth(ADMIN))
+    assert r.status_code == 409 and "experts.generation" in r.json()["error"]["message"]
+    assert store.current_id() == "g000001"
+
+
+def test_the_spec_declares_the_admin_scheme_and_statuses(admin_app):
+    make, *_ = admin_app
+    spec = make().get("/openapi.json", headers=_auth(QUERY)).json()
+    op = spec["paths"]["/admin/v1/experts/activate"]["post"]
+    assert op["security"] == [{"adminKey": []}] and {"401", "403", "404", "409", "422"} <= set(op["responses"])
+    assert spec["paths"]["/healthz"]["get"].get("security") is None
+    json.dumps(spec)
+
+
+def test_admin_open_only_on_a_loopback_host():
+    with pytest.raises(ConfigError, match="http.admin_open"):
+        config_from_dict({"http": {"host": "0.0.0.0", "admin_open": True}})
+    assert config_from_dict({"http": {"admin_open": True}}).http.admin_open

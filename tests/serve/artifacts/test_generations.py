@@ -1,0 +1,154 @@
+"""The generation store: immutable published expert sets, the pointer, rollback, GC, crashes."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from actors.routing import PilotSet
+from serve.artifacts.generations import GenerationError, GenerationStore, check_generation_id
+
+
+def _adapter(root, name, payload=b"weights"):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (d / "adapter_model.safetensors").write_bytes(payload)
+    return d
+
+
+def _pilots(*experts, dim=4):
+    return PilotSet(np.eye(len(experts), dim, dtype=np.float32), list(experts), list(experts), "m", "rule-1")
+
+
+@pytest.fixture
+def draft(tmp_path):
+    src = tmp_path / "draft"
+    return {"a": _adapter(src, "a", b"A1"), "b": _adapter(src, "b", b"B1")}
+
+
+def test_publish_copies_the_draft_and_later_draft_changes_leave_it_alone(tmp_path, draft):
+    store = GenerationStore(tmp_path / "experts")
+    g1 = store.publish(draft, _pilots("a", "b", "c"), reason="first", base_model="m")
+    assert g1.id == "g000001" and g1.experts == ["a", "b"] and store.current_id() is None  # not activated
+    assert g1.load_pilots().expert_names == ["a", "b"]  # exactly its experts' pilots
+    assert g1.manifest["pilot_rule"] == "rule-1" and g1.manifest["parent"] is None
+    # the draft changes (retrained, removed): the published copy does not
+    (draft["a"] / "adapter_model.safetensors").write_bytes(b"A2")
+    shutil.rmtree(draft["b"])
+    assert (g1.adapters()["a"] / "adapter_model.safetensors").read_bytes() == b"A1"
+    assert (g1.adapters()["b"] / "adapter_config.json").is_file()
+    g1.verify()
+    store.activate(g1.id)
+    g2 = store.publish({"a": draft["a"]}, _pilots("a"), reason="second")
+    assert g2.id == "g000002" and g2.manifest["parent"] == "g000001"
+    assert [g.id for g in store.list()] == ["g000001", "g000002"]
+
+
+def test_publish_refuses_experts_without_pilots_or_adapter_files(tmp_path, draft):
+    store = GenerationStore(tmp_path / "experts")
+    with pytest.raises(GenerationError, match=r"without pilot embeddings: \['b'\]"):
+        store.publish(draft, _pilots("a"), reason="x")
+    with pytest.raises(GenerationError, match="not a peft adapter folder"):
+        store.publish({"a": tmp_path}, _pilots("a"), reason="x")
+    with pytest.raises(ValueError, match="invalid expert name"):
+        store.publish({"../evil": draft["a"]}, _pilots("../evil"), reason="x")
+    assert store.list() == [] and not [p for p in (store.dir.iterdir() if store.dir.exists() else [])]
+
+
+def test_a_generation_with_no_experts_serves_the_base_model(tmp_path):
+    store = GenerationStore(tmp_path)
+    g = store.publish({}, None, reason="empty")
+    assert g.experts == [] and g.adapters() == {} and g.load_pilots() is None
+    g.verify()
+
+
+def test_activate_rollback_and_the_pointer_history(tmp_path, draft):
+    store = GenerationStore(tmp_path)
+    with pytest.raises(GenerationError, match="nothing to roll back"):
+        store.rollback()
+    ids = [store.publish(draft, _pilots("a", "b"), reason=str(i)).id for i in range(3)]
+    for gid in ids:
+        store.activate(gid)
+    assert store.current_id() == "g000003"
+    assert store.rollback().id == "g000002" and store.current_id() == "g000002"
+    assert store.rollback().id == "g000001"
+    with pytest.raises(GenerationError, match="nothing to roll back"):
+        store.rollback()
+    with pytest.raises(GenerationError, match="no generation g000009"):
+        store.activate("g000009")
+    assert store.current_id() == "g000001"  # a failed activation changes nothing
+
+
+@pytest.mark.parametrize("bad", ["../g000001", "/etc", "g1", "g0000001", "G000001", "g000001/..", "", "current"])
+def test_generation_ids_that_become_paths_are_checked(tmp_path, bad):
+    with pytest.raises(GenerationError, match="invalid generation id"):
+        check_generation_id(bad)
+    with pytest.raises(GenerationError):
+        GenerationStore(tmp_path).activate(bad)
+
+
+def test_a_damaged_generation_is_not_activated(tmp_path, draft):
+    store = GenerationStore(tmp_path)
+    g = store.publish(draft, _pilots("a", "b"), reason="x")
+    (g.adapters()["a"] / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(GenerationError, match="differs from its manifest"):
+        store.activate(g.id)
+    assert store.current_id() is None
+
+
+def test_a_publisher_that_died_mid_write_leaves_no_generation(tmp_path, draft, monkeypatch):
+    """A crash while copying: the staging folder is invisible to readers and swept by the next
+    publish; the numbering is not disturbed."""
+    store = GenerationStore(tmp_path)
+    real = shutil.copytree
+    calls = []
+
+    def crash_on_second(src, dst, **kw):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copytree", crash_on_second)
+    with pytest.raises(OSError, match="disk gone"):
+        store.publish(draft, _pilots("a", "b"), reason="x")
+    monkeypatch.setattr(shutil, "copytree", real)
+    assert store.list() == [] and list(store.dir.iterdir()) == []
+    # a leftover of a process that is gone (killed, not an exception) is swept too
+    dead = store.dir / ".publish.staging-999999"
+    (dead / "adapters").mkdir(parents=True)
+    assert store.list() == []
+    g = store.publish(draft, _pilots("a", "b"), reason="x")
+    assert g.id == "g000001" and not dead.exists()
+
+
+def test_the_pointer_is_replaced_whole(tmp_path, draft, monkeypatch):
+    store = GenerationStore(tmp_path)
+    g1 = store.publish(draft, _pilots("a", "b"), reason="1")
+    g2 = store.publish(draft, _pilots("a", "b"), reason="2")
+    store.activate(g1.id)
+
+    def crash(*a, **k):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.activate(g2.id)
+    monkeypatch.undo()
+    assert store.current_id() == g1.id  # the old pointer, whole
+
+
+def test_gc_keeps_the_newest_the_current_the_rollback_targets_and_the_pinned(tmp_path, draft):
+    store = GenerationStore(tmp_path)
+    ids = [store.publish(draft, _pilots("a", "b"), reason=str(i)).id for i in range(7)]
+    store.activate(ids[1])
+    store.activate(ids[0])  # current: the oldest; rollback target: g000002
+    gone = store.gc(keep=2, protect=[ids[3]])
+    assert gone == [ids[2], ids[4]]
+    assert [g.id for g in store.list()] == [ids[0], ids[1], ids[3], ids[5], ids[6]]
+    assert store.rollback().id == ids[1]
+    with pytest.raises(GenerationError):
+        store.gc(keep=0)
