@@ -15,6 +15,8 @@ serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from actors.encoder import adapter_dirs
@@ -23,7 +25,7 @@ from actors.routing import PILOTS_FILE, PilotSet
 from serve.config import RouterServeConfig
 
 from .atomic import recover
-from .generations import Generation, GenerationError, GenerationStore
+from .generations import Generation, GenerationError, GenerationStore, check_expert_name
 
 
 def adapters_root(cfg: RouterServeConfig) -> Path | None:
@@ -120,3 +122,55 @@ def served_experts(cfg: RouterServeConfig) -> tuple[Generation | None, dict[str,
     if gen is None:
         return None, {}, None
     return gen, gen.adapters(cfg.experts.enabled), gen.load_pilots()
+
+
+def remove_from_draft(experts_dir: str | os.PathLike, name: str) -> bool:
+    """Delete expert ``name``'s adapter folder and its pilots from the draft under ``experts_dir``;
+    False when the draft has no such expert. ``name`` is checked like a new expert's name (no
+    '..', no separators, no absolute path); a symlink is unlinked, never followed, so nothing
+    outside the expert store is ever deleted."""
+    check_expert_name(name)
+    root = Path(experts_dir) / "adapters"
+    path = root / name
+    if not (path.is_dir() or path.is_symlink()):
+        return False
+    if path.is_symlink():
+        path.unlink()
+    else:
+        # renamed out of sight first, so a crash mid-delete leaves no half adapter to load
+        doomed = root / f".{name}.removing-{os.getpid()}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+    pilots_file = Path(experts_dir) / PILOTS_FILE
+    if pilots_file.is_file():
+        pilots = PilotSet.load(pilots_file)
+        pilots.restrict([e for e in pilots.expert_names if e != name]).save(pilots_file)
+    return True
+
+
+def remove_expert(cfg: RouterServeConfig, name: str, publish: bool = True) -> None:
+    """Remove expert ``name`` from the draft (``remove_from_draft``), then publish the draft as a
+    new current generation (unless ``publish`` is false). Published generations keep their own
+    copy, so a service still serving one with ``name`` is unaffected until it switches."""
+    check_expert_name(name)
+    if cfg.experts.dir is None or not remove_from_draft(cfg.experts.dir, name):
+        raise FileNotFoundError(f"no expert {name!r} under {adapters_root(cfg)}")
+    if publish:
+        publish_draft(cfg, f"removed expert {name}")
+
+
+def remove_from_service(store: GenerationStore, name: str, reason: str) -> Generation:
+    """A new current generation: the current one without expert ``name`` (from the generation's
+    own copies; nothing is re-encoded), with ``name`` removed from the draft too, so the next
+    publish of the draft does not bring it back."""
+    check_expert_name(name)
+    current = store.current()
+    if current is None or name not in current.experts:
+        have = current.experts if current is not None else []
+        raise GenerationError(f"no expert {name!r} in the current generation (it has {have})")
+    remove_from_draft(store.root, name)
+    keep = [e for e in current.experts if e != name]
+    pilots = current.load_pilots()
+    gen = store.publish({e: current.adapters()[e] for e in keep}, pilots, reason=reason,
+                        base_model=current.manifest.get("base_model", ""))
+    return store.activate(gen.id, reason=reason)

@@ -41,15 +41,15 @@ def _data_dir(cfg: RouterServeConfig, data_dir: Optional[Path]) -> Path:
         raise typer.Exit(2)
 
 
-def _post(url: str, path: str, body: dict | None, timeout: float, headers: dict | None = None) -> dict:
-    """POST (GET when ``body`` is None) to a running service; an unreachable service or an error
-    status exits 1 with the reason."""
+def _post(url: str, path: str, body: dict | None, timeout: float, headers: dict | None = None,
+          method: str | None = None, params: dict | None = None) -> dict:
+    """POST (GET when ``body`` is None, or ``method``) to a running service; an unreachable service
+    or an error status exits 1 with the reason."""
     import httpx
 
     try:
-        full = f"{url.rstrip('/')}{path}"
-        resp = (httpx.get(full, timeout=timeout, headers=headers) if body is None
-                else httpx.post(full, json=body, timeout=timeout, headers=headers))
+        method = method or ("GET" if body is None else "POST")
+        resp = httpx.request(method, f"{url.rstrip('/')}{path}", json=body, params=params, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}:[/red] {exc}")
         raise typer.Exit(1)

@@ -130,13 +130,14 @@ UrlOpt = typer.Option(None, "--url", help="a running service: go through its adm
 AdminKeyOpt = typer.Option("ROUTERSERVE_ADMIN_KEY", "--admin-key-env", help="env variable holding an admin key (--url)")
 
 
-def _admin(url: str, path: str, body: dict | None, key_env: str) -> dict:
+def _admin(url: str, path: str, body: dict | None, key_env: str, method: str | None = None, params: dict | None = None) -> dict:
     import os
 
     from .common import _post
 
     key = os.environ.get(key_env)
-    return _post(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None)
+    return _post(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None,
+                 method=method, params=params)
 
 
 def _switched(answer: dict) -> None:
@@ -249,11 +250,16 @@ def experts_add(
 
 
 @experts_app.command("remove")
-def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
+def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                   url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
+                   wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
     """Remove an expert from the draft and publish the rest as the current generation (the index
-    and other experts are untouched; older generations keep their copy until `experts gc`)."""
-    from serve.offline.training import remove_expert
+    and other experts are untouched; older generations keep their copy until `experts gc`).
+    --url: through a running service's admin API (a new generation without it, made current)."""
+    from serve.artifacts.experts import remove_expert
 
+    if url:
+        return _switched(_admin(url, name, None, admin_key_env, method="DELETE", params={"wait_s": wait_s}))
     cfg = _load(config, set_)
     try:
         remove_expert(cfg, name)

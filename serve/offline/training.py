@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from serve.artifacts.experts import (
     load_pilots,
     multitask_dir,
     pilots_follow_config,
-    pilots_path,
     publish_draft,
 )
 from serve.artifacts.atomic import staged_dir
@@ -278,28 +276,3 @@ def add_expert(
     if publish:
         publish_draft(cfg, f"added expert {name} (pilots of {domain})")
     return wins
-
-
-def remove_expert(cfg: RouterServeConfig, name: str, publish: bool = True) -> None:
-    """Delete expert ``name``'s adapter folder and its pilots from the draft, then publish the
-    draft as a new current generation (unless ``publish`` is false). Published generations keep
-    their own copy, so a service still serving one with ``name`` is unaffected until it switches.
-    ``name`` is checked like a new expert's name (no '..', no separators, no absolute path); a
-    symlink is unlinked, never followed, so nothing outside the expert store is ever deleted."""
-    root = adapters_root(cfg)
-    check_expert_name(name)
-    path = None if root is None else root / name
-    if path is None or not (path.is_dir() or path.is_symlink()):
-        raise FileNotFoundError(f"no expert {name!r} under {root}")
-    if path.is_symlink():
-        path.unlink()
-    else:
-        # renamed out of sight first, so a crash mid-delete leaves no half adapter to load
-        doomed = root / f".{name}.removing-{os.getpid()}"
-        os.rename(path, doomed)
-        shutil.rmtree(doomed)
-    pilots = load_pilots(cfg)
-    if pilots is not None:
-        pilots.restrict([e for e in pilots.expert_names if e != name]).save(pilots_path(cfg))
-    if publish:
-        publish_draft(cfg, f"removed expert {name}")

@@ -12,7 +12,8 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
-from serve.artifacts.generations import GenerationError, GenerationStore
+from serve.artifacts.experts import remove_from_service
+from serve.artifacts.generations import GenerationError, GenerationStore, check_expert_name
 
 from ..errors import RequestError
 from .protocol import ActivateResponse, GenerationsResponse, GenerationSummary
@@ -50,6 +51,23 @@ class AdminService:
             gen = await asyncio.to_thread(self.store.activate, generation, reason="activated through the admin API")
         except GenerationError as exc:
             raise RequestError(str(exc), "generation", 404 if "no generation" in str(exc) else 409) from None
+        except OSError as exc:
+            raise self._read_only(exc) from None
+        return await self._settle(gen.id, gen.experts, previous, wait_s)
+
+    async def remove(self, name: str, wait_s: float) -> ActivateResponse:
+        """A new current generation without expert ``name`` (and the draft without it); the old
+        generation keeps its files, so replicas still serving it are unaffected until they switch."""
+        self._check_not_pinned()
+        try:
+            check_expert_name(name)
+        except ValueError as exc:
+            raise RequestError(str(exc), "name", 422) from None
+        previous = self.store.current_id()
+        try:
+            gen = await asyncio.to_thread(remove_from_service, self.store, name, f"removed expert {name} through the admin API")
+        except GenerationError as exc:
+            raise RequestError(str(exc), "name", 404 if "no expert" in str(exc) else 409) from None
         except OSError as exc:
             raise self._read_only(exc) from None
         return await self._settle(gen.id, gen.experts, previous, wait_s)

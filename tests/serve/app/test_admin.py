@@ -139,3 +139,23 @@ def test_admin_open_only_on_a_loopback_host():
     with pytest.raises(ConfigError, match="http.admin_open"):
         config_from_dict({"http": {"host": "0.0.0.0", "admin_open": True}})
     assert config_from_dict({"http": {"admin_open": True}}).http.admin_open
+
+
+def test_remove_publishes_the_current_generation_without_the_expert(admin_app):
+    """DELETE /admin/v1/experts/{name}: a new current generation without it, the replica switched;
+    the generation before keeps its files (replicas still on it are unaffected). Runs last: it
+    publishes into the module's store."""
+    make, store, live = admin_app
+    client = make()
+    assert client.post("/admin/v1/experts/activate", json={"generation": "g000002"}, headers=_auth(ADMIN)).status_code == 200
+    for name, status in (("gamma", 404), ("-bad", 422), ("base", 422)):
+        r = client.delete(f"/admin/v1/experts/{name}", headers=_auth(ADMIN))
+        assert r.status_code == status and r.json()["error"]["param"] == "name", (name, r.text)
+    assert store.current_id() == "g000002" and len(store.list()) == 2  # nothing published
+    assert client.delete("/admin/v1/experts/beta", headers=_auth(QUERY)).status_code == 401
+    r = client.delete("/admin/v1/experts/beta", params={"wait_s": 5}, headers=_auth(ADMIN))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["previous"] == "g000002" and body["experts"] == ["alpha"] and body["switched"]
+    assert live.generation == body["generation"] == store.current_id() and live.encoder.experts == ["alpha"]
+    store.get("g000002").verify()  # the old generation is whole

@@ -130,7 +130,8 @@ def test_add_remove_and_rollback_switch_every_replica_live_without_a_failed_requ
     deployment still pointed to, and a restarted replica failed."""
     from actors.beir import load_queries
     from serve.offline.ir import training_queries
-    from serve.offline.training import remove_expert, train_domain_expert
+    from serve.artifacts.experts import remove_expert
+    from serve.offline.training import train_domain_expert
 
     url, cfg, store, encoder = (live_service[k] for k in ("url", "cfg", "store", "encoder"))
     g1 = store.current_id()
@@ -207,3 +208,27 @@ def test_the_switches_are_in_the_metrics(live_service):
         ("ray_routerserve_experts_reload_seconds_bucket", {"deployment": "ExpertEncoder"}),
     ], timeout_s=60)
     assert not missing, missing
+
+
+def test_the_cli_drives_the_admin_api_of_a_running_service(live_service):
+    """`routerserve experts remove|rollback|generations --url`: the same operations through the
+    running service's admin API (this fixture opens it on its loopback host)."""
+    from typer.testing import CliRunner
+
+    from serve.cli import app
+
+    url, store, encoder = live_service["url"], live_service["store"], live_service["encoder"]
+    runner = CliRunner()
+    before = store.current_id()
+    assert "scifact" in store.get(before).experts
+    r = runner.invoke(app, ["experts", "remove", "scifact", "--url", url])
+    assert r.exit_code == 0 and "every sampled replica serves it" in " ".join(r.output.split()), r.output
+    after = store.current_id()
+    assert after != before and "scifact" not in store.get(after).experts
+    assert set(_replica_generations(encoder).values()) == {after}
+    r = runner.invoke(app, ["experts", "rollback", "--url", url])
+    assert r.exit_code == 0 and before in r.output and store.current_id() == before, r.output
+    r = runner.invoke(app, ["experts", "generations", "--url", url])
+    assert r.exit_code == 0 and after in r.output and "encoder replicas sampled" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["experts", "remove", "no-such", "--url", url])
+    assert r.exit_code == 1 and "404" in r.output and store.current_id() == before

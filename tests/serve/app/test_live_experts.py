@@ -3,6 +3,7 @@ is a thin wrapper). Real engine, real adapters, real generation store."""
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,11 +79,18 @@ def test_a_batch_finishes_on_the_generation_it_started_with(live, generations):
             out = route_and_encode_requests(enc, [{"queries": queries, "forced": [None, None, "alpha"]}])[0]
             results.append((gen, out))
 
+    def ran_on(gen):  # a batch that started after the switch has finished
+        deadline = time.monotonic() + 60
+        while not any(g == gen for g, _ in results[-3:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     worker = threading.Thread(target=batches)
     worker.start()
+    ran_on(g1)
     for target in (g2, g1, g2):
         store.activate(target)
         asyncio.run(experts.sync())
+        ran_on(target)
     stop.set()
     worker.join()
     seen = {gen for gen, _ in results}

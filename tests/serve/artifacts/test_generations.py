@@ -152,3 +152,24 @@ def test_gc_keeps_the_newest_the_current_the_rollback_targets_and_the_pinned(tmp
     assert store.rollback().id == ids[1]
     with pytest.raises(GenerationError):
         store.gc(keep=0)
+
+
+def test_removing_from_the_service_removes_from_the_draft_too(tmp_path):
+    """remove_from_service: the current generation without the expert, and the draft without it,
+    so the next publish of the draft does not bring it back."""
+    from serve.artifacts.experts import remove_from_service
+
+    root = tmp_path / "experts"
+    draft = {"a": _adapter(root / "adapters", "a"), "b": _adapter(root / "adapters", "b")}
+    _pilots("a", "b").save(root / "pilots.npz")
+    store = GenerationStore(root)
+    store.activate(store.publish(draft, _pilots("a", "b"), reason="x").id)
+    with pytest.raises(GenerationError, match="no expert 'c'"):
+        remove_from_service(store, "c", "x")
+    with pytest.raises(ValueError, match="invalid expert name"):
+        remove_from_service(store, "../a", "x")
+    gen = remove_from_service(store, "b", "removed b")
+    assert store.current_id() == gen.id == "g000002" and gen.experts == ["a"]
+    assert sorted(p.name for p in (root / "adapters").iterdir()) == ["a"]
+    assert PilotSet.load(root / "pilots.npz").expert_names == ["a"]
+    store.get("g000001").verify()

@@ -11,7 +11,8 @@ from actors.beir import load_qrels, seeded_half_split
 from serve.config import config_from_dict
 from serve.artifacts.experts import enabled_experts, generation_store, load_pilots
 from serve.offline.ir import training_queries
-from serve.offline.training import adapter_settings, add_expert, remove_expert, train_domain_expert
+from serve.artifacts.experts import remove_expert
+from serve.offline.training import adapter_settings, add_expert, train_domain_expert
 
 
 def _folder_hash(path):
