@@ -232,3 +232,20 @@ def test_the_cli_drives_the_admin_api_of_a_running_service(live_service):
     assert r.exit_code == 0 and after in r.output and "encoder replicas sampled" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["experts", "remove", "no-such", "--url", url])
     assert r.exit_code == 1 and "404" in r.output and store.current_id() == before
+
+
+def test_a_pinned_generation_must_exist_before_the_app_builds(live_service):
+    """experts.generation pins one (the cluster's way): building the app — what `k8s validate
+    --artifacts-dir` does with the cluster's config — names a pin that is not published, and a
+    pin of a published one goes to every encoder replica as Serve's user_config."""
+    from serve.app.builders import build_app
+    from serve.app.settings import ENCODER, deployment_options
+    from serve.artifacts.generations import GenerationError
+
+    cfg = live_service["cfg"].model_copy(deep=True)
+    cfg.experts.generation = "g000099"
+    with pytest.raises(GenerationError, match="no generation g000099"):
+        build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
+    cfg.experts.generation = live_service["store"].list()[0].id
+    build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
+    assert deployment_options(cfg)[ENCODER]["user_config"] == {"generation": cfg.experts.generation}
