@@ -235,10 +235,14 @@ class VLLMEngine(_TokenizerMixin):
     (bf16 is ~2× slower on AVX2-only CPUs and torch.compile adds minutes of start-up)."""
 
     def __init__(self, model_path: str | os.PathLike, model_id: str | None = None, chat_template: str | None = None,
-                 chat_stop: Sequence[str] = (), **engine_kwargs) -> None:
+                 chat_stop: Sequence[str] = (), engine_metrics: bool = True, **engine_kwargs) -> None:
+        """``engine_metrics``: inside a Ray worker, vLLM's own metrics (scheduler queue, KV cache
+        use, TTFT, inter-token latency, tokens) go through Ray's metrics agent (vLLM's
+        RayPrometheusStatLogger, as Ray Serve LLM does), exported as ``ray_vllm_*``."""
         self.chat_template, self.chat_stop = chat_template, tuple(chat_stop)
         self.model_path = str(model_path)
         self.model_id = model_id or Path(self.model_path).name
+        self.engine_metrics = engine_metrics
         self.engine_kwargs = engine_kwargs
         self.engine = None
 
@@ -251,7 +255,17 @@ class VLLMEngine(_TokenizerMixin):
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         args = AsyncEngineArgs(model=self.model_path, served_model_name=self.model_id, **self.engine_kwargs)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
+
+    def _stat_loggers(self) -> list | None:
+        """vLLM's Ray stat logger when metrics are on and this runs in a Ray worker (a replica)."""
+        import ray
+
+        if not (self.engine_metrics and ray.is_initialized()):
+            return None
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        return [RayPrometheusStatLogger]
 
     async def complete(self, prompt, *, max_tokens, temperature=0.0, stop=(), regex=None, seed=None) -> Completion:
         from vllm import SamplingParams

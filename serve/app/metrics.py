@@ -130,8 +130,13 @@ def record_chat(metrics, model: str, routing: dict, router_engine_model: str | N
         metrics.inc("routerserve_llm_cost", routing.get("cost", 0.0), model=model, currency=currency)
 
 
+VLLM_SERIES = {"ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
+               "ray_vllm_time_to_first_token_seconds_bucket", "ray_vllm_generation_tokens_total"}  # on the dashboard
+
+
 def dashboard_panels() -> list[tuple[str, str, str]]:
-    """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours, then the GPUs.
+    """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours, then vLLM's
+    engines', then the GPUs.
     Every selector is filtered by the dashboard's ``$namespace`` variable (the PodMonitor's scrape
     adds the namespace label), and the HTTP panels leave out the probes' routes."""
     rate = "[$__rate_interval]"
@@ -171,6 +176,15 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
          f"sum by (outcome) (rate({q('ray_routerserve_experts_reloads_total')}{rate})) * 60", "none"),
         ("Expert reload p95 seconds",
          f"histogram_quantile(0.95, sum by (le) (rate({q('ray_routerserve_experts_reload_seconds_bucket')}{rate})))", "s"),
+        # vLLM's own engine metrics (llm.engines.<name>.engine_metrics: vLLM's Ray stat logger)
+        ("vLLM requests running / waiting by model",
+         f"sum by (model_name) ({q('ray_vllm_num_requests_running')}) or sum by (model_name) "
+         f"({q('ray_vllm_num_requests_waiting')})", "none"),
+        ("vLLM KV cache use by model", f"max by (model_name) ({q('ray_vllm_kv_cache_usage_perc')})", "percentunit"),
+        ("vLLM time to first token p95 by model",
+         f"histogram_quantile(0.95, sum by (model_name, le) (rate({q('ray_vllm_time_to_first_token_seconds_bucket')}{rate})))", "s"),
+        ("vLLM generated tokens/s by model",
+         f"sum by (model_name) (rate({q('ray_vllm_generation_tokens_total')}{rate}))", "none"),
         # Ray's own node metrics (every Ray node exports them): the GPU pods' load and memory
         ("GPU utilisation % by node and GPU", f"avg by (ip, GpuIndex) ({q('ray_node_gpus_utilization')})", "percent"),
         ("GPU memory used by node and GPU", f"sum by (ip, GpuIndex) ({q('ray_node_gram_used')})", "decmbytes"),

@@ -32,6 +32,8 @@ class LLMEngineConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="transformers: torch threads")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the model's (base models ship none)")
     chat_stop: list[str] = Field(default_factory=list, description="stop strings of chat replies (base models)")
+    engine_metrics: bool = Field(True, description="vllm: export vLLM's own engine metrics (queue, KV cache, TTFT, "
+                                 "tokens) through Ray's metrics agent as ray_vllm_* (vLLM's RayPrometheusStatLogger)")
     deployment: dict[str, Any] = Field(
         default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}},
         description="Ray Serve options of this engine's deployment (GPU hosts: ray_actor_options.num_gpus: 1)",

@@ -43,7 +43,7 @@ def make_engine(name: str, engine: LLMEngineConfig, cache_dir: Path, writable: b
         return TransformersEngine(path, model_id=name, num_threads=engine.num_threads,
                                   chat_template=engine.chat_template, chat_stop=engine.chat_stop)
     return VLLMEngine(path, model_id=name, chat_template=engine.chat_template, chat_stop=engine.chat_stop,
-                      **engine.engine_kwargs)
+                      engine_metrics=engine.engine_metrics, **engine.engine_kwargs)
 
 
 def load_tokenizers(llm: LLMConfig) -> dict[str, object]:

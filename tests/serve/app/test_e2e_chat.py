@@ -212,7 +212,7 @@ def test_metrics_contract_from_a_real_scrape(chat_app):
     """After its own traffic (a router request, a direct call, a failed candidate, an unknown
     model) — not the other tests' — a real scrape of the Ray metrics endpoint carries the
     controller's metrics and labels."""
-    from serve.app.metrics import wait_for_series
+    from serve.app.metrics import VLLM_SERIES, wait_for_series
 
     url = f"{chat_app['url']}/v1/chat/completions"
 
@@ -233,6 +233,9 @@ def test_metrics_contract_from_a_real_scrape(chat_app):
         ("ray_routerserve_llm_cost_total", {"model": "SmolLM2-135M", "currency": "USD"}),
         ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "404:model"}),
         ("ray_routerserve_errors_total", {"endpoint": "/v1/chat/completions", "reason": "503:model"}),
+        # vLLM's own engine metrics through its Ray stat logger (llm.engines.<name>.engine_metrics);
+        # before, the in-process AsyncLLM exported none
+        *((name, {}) for name in sorted(VLLM_SERIES)),
     ]
     missing, series = wait_for_series(wanted, timeout_s=60)
     assert missing == []
