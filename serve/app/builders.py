@@ -80,7 +80,7 @@ def build_app(args: dict[str, Any]) -> Application:
     if gen is not None:
         gen.adapters(cfg.experts.enabled)  # and hold every expert experts.enabled names
     store = generation_store(cfg)
-    if store is not None and store.current_id() is None and enabled_experts(cfg):
+    if store is not None and cfg.experts.generation == "current" and store.current_id() is None and enabled_experts(cfg):
         raise FileNotFoundError(f"experts {sorted(enabled_experts(cfg))} are in the draft under {cfg.experts.dir} but no "
                                 "generation is published: run `routerserve experts publish`")
     options = deployment_options(cfg)

@@ -19,6 +19,7 @@ from ..errors import RequestError
 from .protocol import ActivateResponse, GenerationsResponse, GenerationSummary
 
 SAMPLES = 8  # encoder info calls per look at the replicas (Serve spreads them over the replicas)
+INFO_TIMEOUT_S = 5.0  # per info call: a wedged replica does not hold an admin answer
 
 
 class AdminService:
@@ -29,7 +30,11 @@ class AdminService:
         """The encoder replicas that answered ``SAMPLES`` info calls, and the generation each serves."""
         seen: dict[str, str | None] = {}
         for _ in range(SAMPLES):
-            info = await self.encoder_info()
+            try:
+                async with asyncio.timeout(INFO_TIMEOUT_S):
+                    info = await self.encoder_info()
+            except (TimeoutError, RequestError):  # a replica stuck or being replaced: the next sample
+                continue
             seen[info.get("replica", "?")] = info.get("generation")
         return seen
 

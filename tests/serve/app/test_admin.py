@@ -159,3 +159,26 @@ def test_remove_publishes_the_current_generation_without_the_expert(admin_app):
     assert body["previous"] == "g000002" and body["experts"] == ["alpha"] and body["switched"]
     assert live.generation == body["generation"] == store.current_id() and live.encoder.experts == ["alpha"]
     store.get("g000002").verify()  # the old generation is whole
+
+
+def test_a_stuck_encoder_replica_does_not_hold_an_admin_answer(published, monkeypatch):
+    """Each sampled info call has its own deadline: a wedged replica is left out of the replica
+    view instead of holding the admin answer. Before: no deadline, the answer waited forever."""
+    import asyncio
+
+    from serve.app.admin import service as admin_service
+
+    store, g1, _ = published
+    store.activate(g1)
+    monkeypatch.setattr(admin_service, "INFO_TIMEOUT_S", 0.05)
+    calls = []
+
+    async def info():
+        calls.append(1)
+        if len(calls) % 2:
+            await asyncio.sleep(3600)  # the wedged replica
+        return {"replica": "ok", "generation": store.current_id()}
+
+    client = TestClient(create_app(None, admin=AdminService(store, "current", info), admin_open=True))
+    r = client.get("/admin/v1/experts/generations")
+    assert r.status_code == 200 and r.json()["replicas"] == {"ok": store.current_id()}

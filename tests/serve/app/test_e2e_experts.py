@@ -246,6 +246,14 @@ def test_a_pinned_generation_must_exist_before_the_app_builds(live_service):
     cfg.experts.generation = "g000099"
     with pytest.raises(GenerationError, match="no generation g000099"):
         build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
-    cfg.experts.generation = live_service["store"].list()[0].id
+    store = live_service["store"]
+    cfg.experts.generation = store.list()[0].id
     build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
     assert deployment_options(cfg)[ENCODER]["user_config"] == {"generation": cfg.experts.generation}
+    # a pinned service needs no CURRENT.json (a volume filled by copying generations only)
+    aside = store.pointer_path.with_name("CURRENT.aside")
+    store.pointer_path.rename(aside)
+    try:
+        build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
+    finally:
+        aside.rename(store.pointer_path)
