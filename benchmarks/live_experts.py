@@ -77,7 +77,7 @@ def main(
 
         def activate(target: str) -> None:
             t0 = time.perf_counter()
-            r = httpx.post(f"{service.url}/admin/v1/experts/activate", json={"generation": target, "wait_s": 60}, timeout=90)
+            r = httpx.post(f"{service.url}/admin/v1/experts/activate", json={"generation": target, "wait_s": 15}, timeout=60)
             t1 = time.perf_counter()
             body = r.json()
             events.append({"at_s": t0 - t_begin, "answered_at_s": t1 - t_begin, "generation": target, "status": r.status_code,

@@ -25,7 +25,7 @@ from actors.encoder import EncoderEngine
 from actors.index_store import DocStore
 from actors.llm_engines import OpenAIEngine, RetrieverEngine, TokenizerTokens
 from actors.router_r1 import Completion
-from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
+from actors.routed_encoder import RoutedEncoder, UnknownExpertError, encoder_info, route_and_encode_requests
 from actors.search import ShardSearcher
 
 from serve.artifacts.generations import Generation, GenerationStore
@@ -66,8 +66,9 @@ class ExpertEncoderDeployment:
             return RoutedEncoder(engine, gen.load_pilots() if adapters else None, s.policy)
 
         store = GenerationStore(s.experts_dir) if s.experts_dir else None
+        # loads nothing yet: Serve calls reconfigure() with the user_config (the pin) right after
+        # this constructor, and that first call loads the generation (LiveExperts.start)
         self.live = LiveExperts(store, build, on_reload=self._record_reload)
-        self._record_generation()
         self._watcher = asyncio.get_running_loop().create_task(self.live.watch(s.watch_interval_s))
         self.base_model_ref = s.base_model_ref
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -76,7 +77,7 @@ class ExpertEncoderDeployment:
         self.stuck_after_s = s.stuck_after_s
 
     def _record_generation(self) -> None:
-        gen = self.live.generation
+        gen = self.live.active[0]
         self.metrics.set("routerserve_experts_generation", 0 if gen is None else int(gen[1:]))
 
     def _record_reload(self, generation: str, seconds: float, ok: bool) -> None:
@@ -86,8 +87,10 @@ class ExpertEncoderDeployment:
             self._record_generation()
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Serve's user_config ({"generation": "current" | "gNNNNNN"}): switch to it off the request path."""
+        """Serve's user_config ({"generation": "current" | "gNNNNNN"}): the first load, or a switch
+        off the request path (a generation that does not load leaves the old one serving)."""
         await self.live.reconfigure(user_config)
+        self._record_generation()
 
     async def _run_batch(self, requests: list[dict]) -> list[dict]:
         generation, encoder = self.live.active  # the whole batch runs on one generation
@@ -107,8 +110,11 @@ class ExpertEncoderDeployment:
 
     async def embed(self, texts: list[str], expert: str | None) -> dict:
         generation, encoder = self.live.active
-        with self.in_flight.track():
-            vectors, tokens = await asyncio.to_thread(encoder.embed, texts, expert)
+        try:
+            with self.in_flight.track():
+                vectors, tokens = await asyncio.to_thread(encoder.embed, texts, expert)
+        except UnknownExpertError as exc:  # removed since the ingress checked its (older) list
+            return {"error": str(exc), "generation": generation}
         self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
         return {"embeddings": vectors, "tokens": tokens, "generation": generation}
 

@@ -104,6 +104,15 @@ def _declare_bearer_auth(app: FastAPI, query_keys: bool, admin_keys: bool) -> No
     app.openapi = openapi
 
 
+def _route_path(request: Request) -> str:
+    """The path the app's routes match: without Serve's route prefix (``root_path``), which Serve's
+    proxy leaves in the path. The key checks use this, so a prefix cannot hide an admin route."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):] or "/"
+    return path
+
+
 def _bearer_ok(request: Request, keys: list[bytes]) -> bool:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     sent = key.strip().encode("utf-8", "surrogateescape")  # bytes: any header value compares
@@ -136,7 +145,7 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
 
     @app.middleware("http")
     async def _require_key(request: Request, call_next):
-        path = request.url.path
+        path = _route_path(request)
         if path.startswith(ADMIN_PREFIX):
             if admin_key_bytes is None and not admin_open:
                 count(request, 403, "admin_off")

@@ -8,8 +8,10 @@ replica when it changes and gives it to every replica that starts later), or wit
 A switch loads the new generation's adapters and pilots into a new RoutedEncoder in a worker
 thread, off the request path, while the old one keeps serving; then one assignment swaps them.
 A batch takes ``(generation, encoder)`` once at its start, so it finishes on the generation it
-started with. A generation that fails to load leaves the old one serving (counted and logged; a
-pinned one fails the reconfigure, so Serve reports the update as failed).
+started with. A generation that fails to load leaves the old one serving (counted, logged, and
+named in the replica's info). At the replica's start (``start``) the pinned generation is loaded
+directly (it failing fails the start); following CURRENT.json, an unloadable current generation
+falls back to the ones activated before it.
 
 A plain class (no Serve): the encoder deployment wraps it, the tests drive it directly.
 """
@@ -40,12 +42,17 @@ class LiveExperts:
         self._lock = asyncio.Lock()  # one load at a time
         self.failed: dict[str, str] = {}  # generation -> why it last did not load
         self._skip: str | None = None  # the target that just failed to load
-        gen = self._target()
-        self.active: tuple[str | None, RoutedEncoder] = (gen.id if gen else None, build(gen))
+        self._active: tuple[str | None, RoutedEncoder] | None = None  # loaded by start()
 
     @staticmethod
     def _check_pin(pin: str) -> str:
         return pin if pin == CURRENT else check_generation_id(pin)
+
+    @property
+    def active(self) -> tuple[str | None, RoutedEncoder]:
+        if self._active is None:
+            self.start()
+        return self._active
 
     @property
     def generation(self) -> str | None:
@@ -54,6 +61,34 @@ class LiveExperts:
     @property
     def encoder(self) -> RoutedEncoder:
         return self.active[1]
+
+    def start(self) -> None:
+        """Load the target generation (the replica's start). Following CURRENT.json, when the
+        current generation does not load the ones activated before it are tried, newest first:
+        the replica serves one and reports the failure (``failed``, the reload metric) instead of
+        failing its start again and again. A pinned generation that does not load fails the start."""
+        target = self._target_id()
+        candidates = [target]
+        if self.pin == CURRENT and self.store is not None:
+            history = (self.store.pointer() or {}).get("history", [])
+            candidates += [g for g in reversed(history) if g not in candidates]
+        for gen_id in candidates:
+            t0 = time.perf_counter()
+            try:
+                gen = self.store.get(gen_id) if gen_id is not None else None
+                if gen is not None:
+                    gen.verify()
+                self._active = (gen_id, self.build(gen))
+            except Exception as exc:  # noqa: BLE001 - try the one before
+                self.failed[str(gen_id)] = f"{type(exc).__name__}: {exc}"[:300]
+                self.on_reload(str(gen_id), time.perf_counter() - t0, False)
+                logger.error("expert generation %s did not load at start: %s", gen_id, exc)
+                continue
+            self.on_reload(str(gen_id), time.perf_counter() - t0, True)
+            if gen_id != target:
+                self._skip = target
+            return
+        raise GenerationError(f"no expert generation loads (tried {candidates}): {self.failed}")
 
     def _target(self) -> Generation | None:
         if self.store is None:
@@ -67,6 +102,9 @@ class LiveExperts:
 
     async def sync(self, raise_errors: bool = False) -> bool:
         """Serve the target generation if it is not served yet. True when a switch happened."""
+        if self._active is None:
+            await asyncio.to_thread(self.start)
+            return True
         async with self._lock:
             target = self._target_id()
             if target != self._skip:
@@ -91,24 +129,28 @@ class LiveExperts:
                 return False
             old = self.generation
             self._skip = None
-            self.active = (target, encoder)  # one assignment: a batch sees the old pair or the new one
+            self._active = (target, encoder)  # one assignment: a batch sees the old pair or the new one
             self.failed.pop(target, None)
             self.on_reload(str(target), time.perf_counter() - t0, True)
             logger.info("expert generation %s -> %s in %.1f s", old, target, time.perf_counter() - t0)
             return True
 
     async def reconfigure(self, user_config: dict | None) -> None:
-        """Serve's user_config: ``{"generation": "current" | "gNNNNNN"}``. A pinned generation that
-        does not load raises (Serve then reports the update as failed); the old one keeps serving."""
-        pin = self._check_pin(str((user_config or {}).get("generation", CURRENT)))
-        self.pin = pin
-        await self.sync(raise_errors=pin != CURRENT)
+        """Serve's user_config: ``{"generation": "current" | "gNNNNNN"}``, given right after the
+        constructor (the replica's first load: ``start``) and on every in-place update. On an
+        update a generation that does not load is recorded and the old one keeps serving (raising
+        here would make Serve stop the replica)."""
+        self.pin = self._check_pin(str((user_config or {}).get("generation", CURRENT)))
+        if self._active is None:
+            await asyncio.to_thread(self.start)
+        else:
+            await self.sync()
 
     async def watch(self, interval_s: float) -> None:
         """Follow CURRENT.json (while not pinned) until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
-            if self.pin == CURRENT:
+            if self.pin == CURRENT and self._active is not None:
                 try:
                     await self.sync()
                 except Exception:  # noqa: BLE001 - an unreadable pointer: keep serving, look again

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -52,7 +53,7 @@ class GenerationError(ValueError):
 
 def check_expert_name(name: str) -> str:
     """Expert names become folder names: letters, digits, '.', '_', '-', never 'base'."""
-    if not EXPERT_NAME.match(name or "") or name.lower() == "base":
+    if not isinstance(name, str) or not EXPERT_NAME.fullmatch(name) or name.lower() == "base":
         raise ValueError(
             f"invalid expert name {name!r}: 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and not 'base'"
@@ -62,13 +63,13 @@ def check_expert_name(name: str) -> str:
 
 def check_generation_id(gen_id: str) -> str:
     """Generation ids become paths: exactly ``g`` + six digits, nothing else."""
-    if not isinstance(gen_id, str) or not GENERATION_ID.match(gen_id):
+    if not isinstance(gen_id, str) or not GENERATION_ID.fullmatch(gen_id):
         raise GenerationError(f"invalid generation id {gen_id!r}: 'g' followed by six digits (e.g. g000003)")
     return gen_id
 
 
 def _number(gen_id: str) -> int:
-    return int(GENERATION_ID.match(gen_id).group(1))
+    return int(GENERATION_ID.fullmatch(gen_id).group(1))
 
 
 def _now() -> str:
@@ -84,7 +85,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2)
         fh.flush()
@@ -160,7 +161,7 @@ class GenerationStore:
             return []
         out = []
         for child in self.dir.iterdir():
-            if GENERATION_ID.match(child.name) and (child / MANIFEST).is_file():
+            if GENERATION_ID.fullmatch(child.name) and (child / MANIFEST).is_file():
                 out.append(self._load(child))
         return sorted(out, key=lambda g: g.number)
 
@@ -209,8 +210,7 @@ class GenerationStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         recover(self.dir)  # staging folders of publishers that died
         parent = self.current_id()
-        staging = self.dir / f".publish.staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = self.dir / f".publish-{uuid.uuid4().hex[:12]}.staging-{os.getpid()}"  # one per publish
         try:
             (staging / "adapters").mkdir(parents=True)
             experts = {}
@@ -226,8 +226,8 @@ class GenerationStore:
                 kept.save(staging / PILOTS_FILE)
                 manifest["pilot_rule"] = kept.rule
                 manifest["pilots_sha256"] = _sha256(staging / PILOTS_FILE)
-            while True:  # claim the next number; a rename never replaces an existing generation
-                gen_id = f"g{(max((g.number for g in self.list()), default=0) + 1):06d}"
+            for _ in range(100):  # claim the next number; a rename never replaces an existing folder
+                gen_id = f"g{self._next_number():06d}"
                 (staging / MANIFEST).write_text(json.dumps({"generation": gen_id, **manifest}, indent=2))
                 fsync_tree(staging)
                 try:
@@ -236,18 +236,27 @@ class GenerationStore:
                 except OSError:
                     if not (self.dir / gen_id).exists():
                         raise
+            else:
+                raise GenerationError(f"could not claim a generation number under {self.dir}")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         fsync_dir(self.dir)
         return self.get(gen_id)
 
+    def _next_number(self) -> int:
+        """One past every gNNNNNN folder, whole or not (a half-copied one is never reused)."""
+        taken = [int(m.group(1)) for c in self.dir.iterdir() if (m := GENERATION_ID.fullmatch(c.name))]
+        return max(taken, default=0) + 1
+
     def activate(self, gen_id: str, *, reason: str = "activate") -> Generation:
         """Make ``gen_id`` the current generation (it must exist and be whole)."""
         gen = self.get(gen_id)
         gen.verify()
         old = self.pointer() or {}
-        history = [*old.get("history", []), gen.id][-HISTORY_LIMIT:]
+        history = old.get("history", [])
+        if not history or history[-1] != gen.id:  # re-activating the current one is not a new step
+            history = [*history, gen.id][-HISTORY_LIMIT:]
         _write_json_atomic(self.pointer_path, {"generation": gen.id, "activated_at": _now(), "reason": reason,
                                                "history": history})
         return gen

@@ -172,7 +172,7 @@ def experts_generations(config: Optional[Path] = ConfigOpt, set_: Optional[list[
 @experts_app.command("activate")
 def experts_activate(generation: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                      url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                     wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
+                     wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
     """Make GENERATION current (every encoder replica that follows CURRENT.json switches to it)."""
     if url:
         return _switched(_admin(url, "activate", {"generation": generation, "wait_s": wait_s}, admin_key_env))
@@ -187,7 +187,7 @@ def experts_activate(generation: str, config: Optional[Path] = ConfigOpt, set_: 
 @experts_app.command("rollback")
 def experts_rollback(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                      url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                     wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
+                     wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
     """Back to the generation that was current before the current one."""
     if url:
         return _switched(_admin(url, "rollback", {"wait_s": wait_s}, admin_key_env))
@@ -252,7 +252,7 @@ def experts_add(
 @experts_app.command("remove")
 def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                    url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                   wait_s: float = typer.Option(30.0, help="--url: wait this long for the replicas to switch")):
+                   wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
     """Remove an expert from the draft and publish the rest as the current generation (the index
     and other experts are untouched; older generations keep their copy until `experts gc`).
     --url: through a running service's admin API (a new generation without it, made current)."""

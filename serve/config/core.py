@@ -123,7 +123,7 @@ class ExpertsConfig(_Strict):
     @field_validator("generation")
     @classmethod
     def _generation_id(cls, value: str) -> str:
-        if value != "current" and not re.match(GENERATION_ID_PATTERN, value):
+        if value != "current" and not re.fullmatch(GENERATION_ID_PATTERN, value):
             raise ValueError(f"invalid generation id {value!r}: 'current' or 'g' followed by six digits (e.g. g000003)")
         return value
 

@@ -6,14 +6,21 @@ from pathlib import Path
 from typing import Any
 
 from serve.app.settings import deployment_options
-from serve.config import RouterServeConfig
+from serve.config import ConfigError, RouterServeConfig
 
 IMPORT_PATH = "serve.app.builders:build_app"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def http_options(cfg: RouterServeConfig, host: str | None = None) -> dict[str, Any]:
-    """Serve's HTTP proxy options: where it listens and its backstop deadline (cfg.proxy_timeout_s)."""
-    return {"host": host or cfg.http.host, "port": cfg.http.port, "request_timeout_s": cfg.proxy_timeout_s()}
+    """Serve's HTTP proxy options: where it listens and its backstop deadline (cfg.proxy_timeout_s).
+    An admin API opened without keys (http.admin_open) listens only on a loopback host, whoever
+    sets the host."""
+    host = host or cfg.http.host
+    if cfg.http.admin_open and host not in LOOPBACK:
+        raise ConfigError(f"http.admin_open: an admin API without keys only on a loopback host, not {host!r} "
+                          "(set http.admin_keys_env instead)")
+    return {"host": host, "port": cfg.http.port, "request_timeout_s": cfg.proxy_timeout_s()}
 
 
 def serve_config(cfg: RouterServeConfig, data_dir: Path | None = None, host: str | None = None) -> dict[str, Any]:

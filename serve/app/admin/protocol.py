@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.config import GENERATION_ID_PATTERN
 
 
+MAX_WAIT_S = 15.0  # + one look at the replicas (8 samples × ≤ 2 s) stays under the proxy's 35 s backstop
+
+
 class GenerationSummary(BaseModel):
     generation: str
     experts: list[str]
@@ -26,12 +29,12 @@ class GenerationsResponse(BaseModel):
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     generation: str = Field(..., pattern=GENERATION_ID_PATTERN, description="gNNNNNN, a published generation")
-    wait_s: float = Field(10.0, ge=0, le=120, description="wait up to this long for the sampled replicas to serve it")
+    wait_s: float = Field(10.0, ge=0, le=MAX_WAIT_S, description="wait up to this long for the sampled replicas to serve it")
 
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    wait_s: float = Field(10.0, ge=0, le=120, description="wait up to this long for the sampled replicas to serve it")
+    wait_s: float = Field(10.0, ge=0, le=MAX_WAIT_S, description="wait up to this long for the sampled replicas to serve it")
 
 
 class ActivateResponse(BaseModel):

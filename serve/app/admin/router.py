@@ -11,7 +11,7 @@
 from fastapi import APIRouter, Query
 
 from ..errors import ErrorResponse
-from .protocol import ActivateRequest, ActivateResponse, GenerationsResponse, RollbackRequest
+from .protocol import MAX_WAIT_S, ActivateRequest, ActivateResponse, GenerationsResponse, RollbackRequest
 from .service import AdminService
 
 ADMIN_PREFIX = "/admin/"
@@ -44,7 +44,7 @@ def admin_router(admin: AdminService) -> APIRouter:
         return await admin.rollback(req.wait_s)
 
     @router.delete("/{name}", response_model=ActivateResponse, responses=_errors(401, 403, 404, 409, 422))
-    async def remove(name: str, wait_s: float = Query(10.0, ge=0, le=120, description="wait up to this long for "
+    async def remove(name: str, wait_s: float = Query(10.0, ge=0, le=MAX_WAIT_S, description="wait up to this long for "
                                                       "the sampled replicas to serve the new generation")) -> ActivateResponse:
         return await admin.remove(name, wait_s)
 

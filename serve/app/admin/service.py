@@ -19,12 +19,13 @@ from ..errors import RequestError
 from .protocol import ActivateResponse, GenerationsResponse, GenerationSummary
 
 SAMPLES = 8  # encoder info calls per look at the replicas (Serve spreads them over the replicas)
-INFO_TIMEOUT_S = 5.0  # per info call: a wedged replica does not hold an admin answer
+INFO_TIMEOUT_S = 2.0  # per info call: a wedged replica does not hold an admin answer
 
 
 class AdminService:
     def __init__(self, store: GenerationStore, pin: str, encoder_info: Callable[[], Awaitable[dict]]):
         self.store, self.pin, self.encoder_info = store, pin, encoder_info
+        self._changing = asyncio.Lock()  # one change at a time (read current → publish → activate)
 
     async def replicas(self) -> dict[str, str | None]:
         """The encoder replicas that answered ``SAMPLES`` info calls, and the generation each serves."""
@@ -53,7 +54,8 @@ class AdminService:
         self._check_not_pinned()
         previous = self.store.current_id()
         try:
-            gen = await asyncio.to_thread(self.store.activate, generation, reason="activated through the admin API")
+            async with self._changing:
+                gen = await asyncio.to_thread(self.store.activate, generation, reason="activated through the admin API")
         except GenerationError as exc:
             raise RequestError(str(exc), "generation", 404 if "no generation" in str(exc) else 409) from None
         except OSError as exc:
@@ -70,7 +72,8 @@ class AdminService:
             raise RequestError(str(exc), "name", 422) from None
         previous = self.store.current_id()
         try:
-            gen = await asyncio.to_thread(remove_from_service, self.store, name, f"removed expert {name} through the admin API")
+            async with self._changing:
+                gen = await asyncio.to_thread(remove_from_service, self.store, name, f"removed expert {name} through the admin API")
         except GenerationError as exc:
             raise RequestError(str(exc), "name", 404 if "no expert" in str(exc) else 409) from None
         except OSError as exc:
@@ -81,7 +84,8 @@ class AdminService:
         self._check_not_pinned()
         previous = self.store.current_id()
         try:
-            gen = await asyncio.to_thread(self.store.rollback)
+            async with self._changing:
+                gen = await asyncio.to_thread(self.store.rollback)
         except GenerationError as exc:
             raise RequestError(str(exc), None, 409) from None
         except OSError as exc:

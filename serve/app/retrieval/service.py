@@ -267,6 +267,9 @@ class RetrievalService:
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
         result = await self._within_deadline(self.encoder.embed(texts, expert or None))
+        self._saw_generation(result.get("generation"))
+        if "error" in result:  # the expert left the served generation after the check above
+            raise RequestError(f"{result['error']} (generation {result.get('generation')})", "model", 404)
         vectors = np.asarray(result["embeddings"], dtype=np.float32)
         data = [
             EmbeddingData(
@@ -276,7 +279,6 @@ class RetrievalService:
             for i, v in enumerate(vectors)
         ]
         tokens = int(sum(result["tokens"]))
-        self._saw_generation(result.get("generation"))
         return EmbeddingResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
                                  experts_generation=result.get("generation"))
 

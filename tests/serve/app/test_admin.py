@@ -182,3 +182,22 @@ def test_a_stuck_encoder_replica_does_not_hold_an_admin_answer(published, monkey
     client = TestClient(create_app(None, admin=AdminService(store, "current", info), admin_open=True))
     r = client.get("/admin/v1/experts/generations")
     assert r.status_code == 200 and r.json()["replicas"] == {"ok": store.current_id()}
+
+
+def test_a_route_prefix_does_not_hide_the_admin_routes_from_their_keys(published):
+    """Serve's proxy keeps the route prefix in the path and sets root_path: the key checks match
+    the path the routes see. Before: `/rs/admin/…` passed the query-key branch (a query key, or no
+    key at all, reached the admin API)."""
+    store, _, _ = published
+
+    async def info():
+        return {"replica": "r1", "generation": store.current_id()}
+
+    app = create_app(None, admin=AdminService(store, "current", info), admin_keys=frozenset({ADMIN}),
+                     api_keys=frozenset({QUERY}))
+    client = TestClient(app, root_path="/rs")
+    assert client.get("/rs/admin/v1/experts/generations", headers=_auth(QUERY)).status_code == 401
+    assert client.get("/rs/admin/v1/experts/generations", headers=_auth(ADMIN)).status_code == 200
+    off = TestClient(create_app(None, admin=AdminService(store, "current", info)), root_path="/rs")
+    assert off.get("/rs/admin/v1/experts/generations").status_code == 403
+    assert client.get("/rs/healthz").status_code == 200  # the probes' route stays open

@@ -162,7 +162,7 @@ def test_add_remove_and_rollback_switch_every_replica_live_without_a_failed_requ
         assert experts["experts_generation"] == g3 and [e["name"] for e in experts["experts"]] == ["nfcorpus"]
         # 3. roll back to g2 through the admin API (scifact again, from g2's own copy: the draft's
         #    folder is gone); the answer waits until the sampled replicas serve it
-        answer = httpx.post(f"{url}/admin/v1/experts/rollback", json={"wait_s": 60}, timeout=90).json()
+        answer = httpx.post(f"{url}/admin/v1/experts/rollback", json={"wait_s": 15}, timeout=60).json()
         assert answer["generation"] == g2 and answer["previous"] == g3 and answer["switched"], answer
         assert store.current_id() == g2
         _wait_every_replica_on(encoder, g2)

@@ -50,7 +50,11 @@ def live(generations, model_path, encoder_settings):
         adapters = gen.adapters() if gen is not None else {}
         return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
 
-    return LiveExperts(store, build, on_reload=lambda g, s, ok: loads.append((g, ok))), loads
+    experts = LiveExperts(store, build, on_reload=lambda g, s, ok: loads.append((g, ok)))
+    asyncio.run(experts.reconfigure({"generation": "current"}))  # what Serve does after the constructor
+    assert loads == [(g1, True)]
+    loads.clear()
+    return experts, loads
 
 
 def test_starts_on_the_current_generation_and_follows_the_pointer(live, generations):
@@ -121,10 +125,10 @@ def test_a_generation_that_does_not_load_leaves_the_old_one_serving(live, genera
     store.pointer_path.unlink()  # the pointer vanished: the experts keep being served, not the bare base
     assert asyncio.run(experts.sync()) is False and experts.generation == g1
     store.activate(g1)
-    # pinned through Serve's user_config: the update fails loudly, the old generation serves on
-    with pytest.raises(GenerationError, match=f"generation {g3} did not load"):
-        asyncio.run(experts.reconfigure({"generation": g3}))
-    assert experts.generation == g1
+    # pinned through Serve's user_config on a running replica: recorded, the old generation serves
+    # on (raising would make Serve stop the replica)
+    asyncio.run(experts.reconfigure({"generation": g3}))
+    assert experts.generation == g1 and g3 in experts.failed
 
 
 def test_a_pin_wins_over_the_pointer_until_released(live, generations):
@@ -144,3 +148,44 @@ def test_without_a_store_the_base_model_serves(model_path, encoder_settings):
     experts = LiveExperts(None, lambda gen: RoutedEncoder(EncoderEngine(model_path, {}, encoder_settings), None))
     assert experts.generation is None and experts.encoder.experts == []
     assert asyncio.run(experts.sync()) is False
+
+
+def test_a_replica_starts_on_its_pin_directly_and_a_bad_pin_fails_the_start(generations, model_path, encoder_settings):
+    """Serve calls reconfigure() right after the constructor: the pinned generation is the first
+    and only one loaded. Before: the constructor loaded CURRENT's generation first (a pinned
+    service crash-looped when CURRENT's did not load)."""
+    store, g1, g2, g3 = generations
+    store.activate(g3)  # CURRENT names the unloadable one
+    built = []
+
+    def build(gen):
+        built.append(gen.id if gen else None)
+        adapters = gen.adapters() if gen is not None else {}
+        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
+
+    experts = LiveExperts(store, build)
+    asyncio.run(experts.reconfigure({"generation": g2}))
+    assert experts.generation == g2 and built == [g2]
+    bad = LiveExperts(store, build)
+    with pytest.raises(GenerationError, match="no expert generation loads"):
+        asyncio.run(bad.reconfigure({"generation": g3}))
+    store.activate(g1)
+
+
+def test_following_current_a_replica_falls_back_to_the_generation_before(generations, model_path, encoder_settings):
+    """A replica that starts while CURRENT names a generation that does not load serves the one
+    activated before it and says so, instead of failing its start again and again."""
+    store, g1, g2, g3 = generations
+    store.activate(g2)
+    store.activate(g3)
+    loads = []
+
+    def build(gen):
+        adapters = gen.adapters() if gen is not None else {}
+        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
+
+    experts = LiveExperts(store, build, on_reload=lambda g, s, ok: loads.append((g, ok)))
+    asyncio.run(experts.reconfigure({"generation": "current"}))
+    assert experts.generation == g2 and g3 in experts.failed and loads == [(g3, False), (g2, True)]
+    assert asyncio.run(experts.sync()) is False  # the failed target is not retried every interval
+    store.activate(g1)

@@ -82,7 +82,7 @@ def test_activate_rollback_and_the_pointer_history(tmp_path, draft):
     assert store.current_id() == "g000001"  # a failed activation changes nothing
 
 
-@pytest.mark.parametrize("bad", ["../g000001", "/etc", "g1", "g0000001", "G000001", "g000001/..", "", "current"])
+@pytest.mark.parametrize("bad", ["../g000001", "/etc", "g1", "g0000001", "G000001", "g000001/..", "", "current", "g000001\n"])
 def test_generation_ids_that_become_paths_are_checked(tmp_path, bad):
     with pytest.raises(GenerationError, match="invalid generation id"):
         check_generation_id(bad)
@@ -173,3 +173,30 @@ def test_removing_from_the_service_removes_from_the_draft_too(tmp_path):
     assert sorted(p.name for p in (root / "adapters").iterdir()) == ["a"]
     assert PilotSet.load(root / "pilots.npz").expert_names == ["a"]
     store.get("g000001").verify()
+
+
+def test_a_half_copied_generation_folder_is_never_reused_nor_listed(tmp_path, draft):
+    """A gNNNNNN folder without its manifest (an interrupted copy onto the volume) is not a
+    generation, and publishing numbers past it. Before: publish retried that number forever."""
+    store = GenerationStore(tmp_path)
+    (store.dir / "g000001" / "adapters").mkdir(parents=True)
+    assert store.list() == []
+    g = store.publish(draft, _pilots("a", "b"), reason="x")
+    assert g.id == "g000002" and [x.id for x in store.list()] == ["g000002"]
+
+
+def test_reactivating_the_current_generation_is_not_a_rollback_step(tmp_path, draft):
+    store = GenerationStore(tmp_path)
+    g1, g2 = (store.publish(draft, _pilots("a", "b"), reason=str(i)).id for i in range(2))
+    store.activate(g1)
+    store.activate(g2)
+    store.activate(g2)
+    assert store.pointer()["history"] == [g1, g2]
+    assert store.rollback().id == g1
+
+
+def test_expert_names_with_a_trailing_newline_are_refused():
+    from serve.artifacts.generations import check_expert_name
+
+    with pytest.raises(ValueError, match="invalid expert name"):
+        check_expert_name("alpha\n")

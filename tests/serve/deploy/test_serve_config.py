@@ -1,8 +1,9 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
-from serve.config import DEFAULT_CONFIG, config_from_dict, load_config
+from serve.config import DEFAULT_CONFIG, ConfigError, config_from_dict, load_config
 
 
 def test_serve_yaml_is_valid_for_serve_and_points_to_the_builder(tmp_path):
@@ -38,3 +39,17 @@ def test_the_proxy_has_a_backstop_deadline_past_every_endpoints_own():
     assert http_options(retrieval_only) == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 12 + PROXY_GRACE_S}
     slow_candidate = load_config(DEFAULT_CONFIG, ["llm.candidates.0.timeout_s=900"])
     assert http_options(slow_candidate)["request_timeout_s"] == 900 + PROXY_GRACE_S
+
+
+def test_an_open_admin_api_never_listens_beyond_loopback():
+    from serve.deploy.serve_config import http_options, serve_config
+
+    """`config serve-yaml --host 0.0.0.0` overrides the host after the config validated it:
+    the check runs on the effective host. Before: the open admin API went onto the network."""
+    cfg = config_from_dict({"http": {"admin_open": True}})
+    assert http_options(cfg)["host"] == "127.0.0.1"
+    with pytest.raises(ConfigError, match="http.admin_open"):
+        http_options(cfg, "0.0.0.0")
+    with pytest.raises(ConfigError, match="http.admin_open"):
+        serve_config(cfg, host="0.0.0.0")
+    assert http_options(config_from_dict({}), "0.0.0.0")["host"] == "0.0.0.0"

@@ -407,3 +407,38 @@ def test_a_batch_past_the_deadline_frees_its_slot_for_the_next_request(stack):
 
     timed_out, answered = asyncio.run(main())
     assert timed_out.status == 504 and len(answered.hits) == 2
+
+
+def test_an_expert_removed_live_is_a_404_and_the_expert_list_is_refreshed(stack):
+    """The ingress checked a forced expert against its cached list, then the replica answering
+    had switched to a generation without it: a 404 naming the generation, and the next check
+    uses the new list. Before: the encoder's UnknownExpertError reached the client as a 500."""
+    service = stack["service"]
+    real = service.encoder
+
+    class SwitchedReplica:  # the real encoder's answers, as a replica on a generation without "beta"
+        async def info(self):
+            info = await real.info()
+            return {**info, "generation": "g000002", "experts": [e for e in info["experts"] if e["name"] != "beta"]}
+
+        async def embed(self, texts, expert):
+            if expert == "beta":
+                return {"error": "unknown expert 'beta'; available: ['base', 'alpha']", "generation": "g000002"}
+            return {**await real.embed(texts, expert), "generation": "g000002"}
+
+        async def route_and_encode(self, request):
+            return await real.route_and_encode(request)
+
+    service._info = {**asyncio.run(real.info()), "generation": "g000001"}  # cached before the switch
+    service.encoder = SwitchedReplica()
+    try:
+        client = TestClient(create_app(service))
+        r = client.post("/v1/embeddings", json={"model": "mini:beta", "input": "x"})
+        assert r.status_code == 404 and "g000002" in r.json()["error"]["message"], r.text
+        assert service._info is None  # dropped: the next request checks against the new list
+        r = client.post("/v1/embeddings", json={"model": "mini:beta", "input": "x"})
+        assert r.status_code == 404 and "available" in r.json()["error"]["message"]
+        ok = client.post("/v1/embeddings", json={"model": "mini:alpha", "input": "x"})
+        assert ok.status_code == 200 and ok.json()["experts_generation"] == "g000002"
+    finally:
+        service.encoder, service._info = real, None
