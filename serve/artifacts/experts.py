@@ -89,9 +89,10 @@ def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) ->
     store = generation_store(cfg)
     if store is None:
         raise GenerationError("experts.dir is null: there is no expert store to publish to")
-    gen = store.publish(enabled_experts(cfg), load_pilots(cfg), reason=reason, base_model=cfg.model.ref)
-    if activate:
-        store.activate(gen.id, reason=reason)
+    with store.lock():
+        gen = store.publish(enabled_experts(cfg), load_pilots(cfg), reason=reason, base_model=cfg.model.ref)
+        if activate:
+            store.activate(gen.id, reason=reason)
     return gen
 
 
@@ -164,6 +165,11 @@ def remove_from_service(store: GenerationStore, name: str, reason: str) -> Gener
     own copies; nothing is re-encoded), with ``name`` removed from the draft too, so the next
     publish of the draft does not bring it back."""
     check_expert_name(name)
+    with store.lock():
+        return _remove_from_service(store, name, reason)
+
+
+def _remove_from_service(store: GenerationStore, name: str, reason: str) -> Generation:
     current = store.current()
     if current is None or name not in current.experts:
         have = current.experts if current is not None else []

@@ -22,16 +22,19 @@ history, and never the current one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from actors.routing import PILOTS_FILE, PilotSet
 
@@ -145,6 +148,10 @@ class Generation:
                 "parent": m.get("parent"), "reason": m.get("reason", ""), "pilot_rule": m.get("pilot_rule", "")}
 
 
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_HELD = threading.local()  # stores this thread holds the file lock of (re-entry does not re-lock)
+
+
 class GenerationStore:
     """The generations under one experts folder and its pointer."""
 
@@ -152,6 +159,30 @@ class GenerationStore:
         self.root = Path(root)
         self.dir = self.root / GENERATIONS
         self.pointer_path = self.root / POINTER
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time across threads and processes (an ``fcntl`` lock on
+        ``<root>/.store.lock``; pods that share the volume share it where the filesystem honours
+        it): the read-modify-write steps (publish's numbering, the pointer's history, "the current
+        generation without X") never interleave. Re-entrant within a thread."""
+        key = str(self.root.resolve())
+        held = getattr(_HELD, "stores", None)
+        if held is None:
+            held = _HELD.stores = set()
+        if key in held:
+            yield
+            return
+        with _THREAD_LOCKS.setdefault(key, threading.RLock()):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / ".store.lock", "a+") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                held.add(key)
+                try:
+                    yield
+                finally:
+                    held.discard(key)
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -193,6 +224,11 @@ class GenerationStore:
 
     def publish(self, adapters: Mapping[str, str | os.PathLike], pilots: PilotSet | None, *, reason: str,
                 base_model: str = "") -> Generation:
+        with self.lock():
+            return self._publish(adapters, pilots, reason=reason, base_model=base_model)
+
+    def _publish(self, adapters: Mapping[str, str | os.PathLike], pilots: PilotSet | None, *, reason: str,
+                 base_model: str = "") -> Generation:
         """Write a new generation holding copies of ``adapters`` and the pilots of exactly those
         experts. Nothing is activated. Every expert needs pilots; every adapter needs its
         adapter_config.json; a generation with the same content as the newest is still a new
@@ -250,6 +286,10 @@ class GenerationStore:
         return max(taken, default=0) + 1
 
     def activate(self, gen_id: str, *, reason: str = "activate") -> Generation:
+        with self.lock():
+            return self._activate(gen_id, reason=reason)
+
+    def _activate(self, gen_id: str, *, reason: str) -> Generation:
         """Make ``gen_id`` the current generation (it must exist and be whole)."""
         gen = self.get(gen_id)
         gen.verify()
@@ -262,6 +302,10 @@ class GenerationStore:
         return gen
 
     def rollback(self) -> Generation:
+        with self.lock():
+            return self._rollback()
+
+    def _rollback(self) -> Generation:
         """Back to the generation that was current before the current one."""
         p = self.pointer()
         history = (p or {}).get("history", [])
@@ -274,6 +318,10 @@ class GenerationStore:
         return target
 
     def gc(self, keep: int, protect: Iterable[str] = ()) -> list[str]:
+        with self.lock():
+            return self._gc(keep, protect)
+
+    def _gc(self, keep: int, protect: Iterable[str] = ()) -> list[str]:
         """Delete generations beyond the newest ``keep``, except the current one, those in the
         last ``keep`` entries of the activation history (rollback targets) and ``protect``
         (e.g. a generation pinned by the running service). Returns the ids deleted."""

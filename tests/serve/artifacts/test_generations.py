@@ -200,3 +200,40 @@ def test_expert_names_with_a_trailing_newline_are_refused():
 
     with pytest.raises(ValueError, match="invalid expert name"):
         check_expert_name("alpha\n")
+
+
+def test_writers_take_turns_across_threads_and_processes(tmp_path, draft):
+    """The store's lock: concurrent publishes get distinct numbers and lose nothing; a writer in
+    another process (another ingress replica on the same volume) holds activations back until it
+    is done."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    store = GenerationStore(tmp_path)
+    ids, errors = [], []
+
+    def publish():
+        try:
+            ids.append(store.publish(draft, _pilots("a", "b"), reason="race").id)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted empty
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(ids) == [f"g{i:06d}" for i in range(1, 7)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from serve.artifacts.generations import GenerationStore\n"
+         f"with GenerationStore({str(tmp_path)!r}).lock():\n    print('held', flush=True); time.sleep(1.5)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    store.activate("g000001")
+    waited = time.monotonic() - t0
+    holder.wait(10)
+    assert waited > 0.5 and store.current_id() == "g000001", waited
