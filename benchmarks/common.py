@@ -33,9 +33,12 @@ def git_commit() -> str:
 
 
 def write_json(name: str, payload: dict) -> Path:
+    """benchmarks/results/<name>.json, replaced whole (a temporary file renamed over it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 

@@ -18,7 +18,6 @@ benchmarks/results/live_experts.{json,md,png}; top-level keys `switch_s` (the wo
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,8 @@ import numpy as np
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, git_commit, machine  # noqa: E402
-from reliability_common import RETRIEVAL_ONLY, LiveService, closed_loop, percentile_ms, queries  # noqa: E402
+from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
+from reliability_common import RETRIEVAL_ONLY, LiveService, closed_loop, per_second, percentile_ms, queries  # noqa: E402
 
 OUT = RESULTS / "live_experts"
 app = typer.Typer(add_completion=False)
@@ -112,26 +111,11 @@ def main(
                  f"{replicas} encoder replicas, LLM half off; {switches} activations through the admin API every {every:g} s",
         "command": command_line(), "commit": git_commit(), "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "per_second": _per_second(records, duration),
+        "per_second": per_second(records, duration),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(OUT.with_suffix(".json"))
+    write_json(OUT.name, result)
     _render(result, spans)
     print(f"[live] switch_s {result['switch_s']}, errors {result['errors']} of {result['requests']}, p99 {result['p99_ms']}")
-
-
-def _per_second(records, duration: float) -> dict:
-    secs = int(np.ceil(duration)) + 1
-    lat: list[list[float]] = [[] for _ in range(secs)]
-    bad = [0] * secs
-    for r in records:
-        s = min(int(r.start_s), secs - 1)
-        (lat[s].append(r.latency_s) if r.status == 200 else None)
-        bad[s] += r.status != 200
-    return {"p50_s": [float(np.median(x)) if x else None for x in lat], "max_s": [max(x) if x else None for x in lat],
-            "answered": [len(x) for x in lat], "failed": bad}
 
 
 def _render(result: dict, spans) -> None:
@@ -178,7 +162,7 @@ def _render(result: dict, spans) -> None:
         lines += ["", f"Missed: p99 during the switches is {ratio:.1f}× the p99 before. Each replica loads the new "
                   "generation (base model + adapters + pilots) in a thread of its own process while it serves: on this "
                   "2-core host that load competes with the two replicas' forward passes and the load generator."]
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_markdown(OUT.name, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

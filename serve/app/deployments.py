@@ -21,14 +21,13 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from actors.encoder import EncoderEngine
 from actors.index_store import DocStore
 from actors.llm_engines import OpenAIEngine, RetrieverEngine, TokenizerTokens
 from actors.router_r1 import Completion
-from actors.routed_encoder import RoutedEncoder, UnknownExpertError, encoder_info, route_and_encode_requests
+from actors.routed_encoder import UnknownExpertError, encoder_info, route_and_encode_requests
 from actors.search import ShardSearcher
 
-from serve.artifacts.generations import Generation, GenerationStore
+from serve.artifacts.generations import GenerationStore
 
 from .admin.service import AdminService
 from .batching import GreedyBatcher
@@ -38,7 +37,7 @@ from .chat.service import ChatService
 from .errors import overloaded
 from .health import InFlight
 from .ingress import api_keys_from_env, create_app
-from .live_experts import LiveExperts
+from .live_experts import LiveExperts, encoder_builder
 from .metrics import Metrics, record_routing
 from .retrieval.service import RetrievalService
 from .settings import CONTROLLER, ENCODER, INGRESS
@@ -59,16 +58,11 @@ class ExpertEncoderDeployment:
     async def __init__(self, settings: EncoderDeploymentSettings):
         s = settings
         self.metrics = Metrics()
-
-        def build(gen: Generation | None) -> RoutedEncoder:
-            adapters = gen.adapters(s.enabled) if gen is not None else {}
-            engine = EncoderEngine(s.model_path, adapters, s.encoder)
-            return RoutedEncoder(engine, gen.load_pilots() if adapters else None, s.policy)
-
         store = GenerationStore(s.experts_dir) if s.experts_dir else None
         # loads nothing yet: Serve calls reconfigure() with the user_config (the pin) right after
         # this constructor, and that first call loads the generation (LiveExperts.start)
-        self.live = LiveExperts(store, build, on_reload=self._record_reload)
+        self.live = LiveExperts(store, encoder_builder(s.model_path, s.encoder, s.policy, s.enabled),
+                                on_reload=self._record_reload)
         self._watcher = asyncio.get_running_loop().create_task(self.live.watch(s.watch_interval_s))
         self.base_model_ref = s.base_model_ref
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -208,8 +202,9 @@ class RetrievalIngress:
         self.admin_keys = api_keys_from_env(s.admin_keys_env, "http.admin_keys_env")
         self.admin_open = s.admin_open
         self.max_body_bytes = s.limits.max_body_bytes
+        encoder_client = _HandleEncoderClient(encoder, s.limits.retry_after_s)
         self.service = RetrievalService(
-            _HandleEncoderClient(encoder, s.limits.retry_after_s),
+            encoder_client,
             [_HandleShardClient(h, s.limits.retry_after_s) for h in shards],
             DocStore(s.docs_path),
             s.limits,
@@ -219,7 +214,6 @@ class RetrievalIngress:
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting,
                                                          max_queue_wait_s=s.limits.max_queue_wait_s))
         self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
-        encoder_client = _HandleEncoderClient(encoder, s.limits.retry_after_s)
         self.admin = (AdminService(GenerationStore(s.experts_dir), s.generation_pin, encoder_client.info)
                       if s.experts_dir is not None else None)
 

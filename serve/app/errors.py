@@ -78,12 +78,13 @@ _ERROR_MEANINGS = {
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def error_responses(*statuses: int) -> dict[int, dict]:
-    """OpenAPI ``responses`` for the error answers an endpoint gives: each the JSON error body;
-    a 503 also declares its Retry-After header."""
+def error_responses(*statuses: int, meanings: dict[int, str] | None = None) -> dict[int, dict]:
+    """OpenAPI ``responses`` for the error answers an endpoint gives: each the JSON error body
+    (described by ``meanings`` where a router's statuses mean something else); a 503 also
+    declares its Retry-After header."""
     out: dict[int, dict] = {}
     for status in statuses:
-        out[status] = {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]}
+        out[status] = {"model": ErrorResponse, "description": (meanings or {}).get(status) or _ERROR_MEANINGS[status]}
         if status == 503:
             out[status]["headers"] = RETRY_AFTER
     return out

@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Callable
 
+from actors.encoder import EncoderEngine, EncoderSettings
 from actors.routed_encoder import RoutedEncoder
 
 from serve.artifacts.generations import Generation, GenerationError, GenerationStore, check_generation_id
@@ -30,6 +31,18 @@ from serve.artifacts.generations import Generation, GenerationError, GenerationS
 logger = logging.getLogger(__name__)
 
 CURRENT = "current"
+
+
+def encoder_builder(model_path: str, settings: EncoderSettings, policy: str = "pilot_mean",
+                    enabled: list[str] | None = None) -> Callable[[Generation | None], RoutedEncoder]:
+    """``build(generation)`` for LiveExperts: the base model with the generation's (enabled)
+    adapters and its pilots; None: the base model alone."""
+
+    def build(gen: Generation | None) -> RoutedEncoder:
+        adapters = gen.adapters(enabled) if gen is not None else {}
+        return RoutedEncoder(EncoderEngine(model_path, adapters, settings), gen.load_pilots() if adapters else None, policy)
+
+    return build
 
 
 class LiveExperts:
@@ -73,34 +86,39 @@ class LiveExperts:
             history = (self.store.pointer() or {}).get("history", [])
             candidates += [g for g in reversed(history) if g not in candidates]
         for gen_id in candidates:
-            t0 = time.perf_counter()
             try:
-                gen = self.store.get(gen_id) if gen_id is not None else None
-                if gen is not None:
-                    gen.verify()
-                self._active = (gen_id, self.build(gen))
-            except Exception as exc:  # noqa: BLE001 - try the one before
-                self.failed[str(gen_id)] = f"{type(exc).__name__}: {exc}"[:300]
-                self.on_reload(str(gen_id), time.perf_counter() - t0, False)
-                logger.error("expert generation %s did not load at start: %s", gen_id, exc)
+                encoder, seconds = self._load(gen_id)
+            except Exception:  # noqa: BLE001 - recorded by _load; try the one before
                 continue
-            self.on_reload(str(gen_id), time.perf_counter() - t0, True)
+            self._active = (gen_id, encoder)
+            self.on_reload(str(gen_id), seconds, True)
             if gen_id != target:
                 self._skip = target
             return
         raise GenerationError(f"no expert generation loads (tried {candidates}): {self.failed}")
 
-    def _target(self) -> Generation | None:
-        if self.store is None:
-            return None
-        return self.store.current() if self.pin == CURRENT else self.store.get(self.pin)
+    def _load(self, gen_id: str | None) -> tuple[RoutedEncoder, float]:
+        """The RoutedEncoder of ``gen_id`` (checksums verified first) and the seconds it took; a
+        failure is recorded (``failed``, ``on_reload``) and raised."""
+        t0 = time.perf_counter()
+        try:
+            gen = self.store.get(gen_id) if gen_id is not None else None
+            if gen is not None:
+                gen.verify()
+            return self.build(gen), time.perf_counter() - t0
+        except Exception as exc:
+            self.failed[str(gen_id)] = f"{type(exc).__name__}: {exc}"[:300]
+            self.on_reload(str(gen_id), time.perf_counter() - t0, False)
+            logger.error("expert generation %s did not load; serving %s: %s", gen_id,
+                         self._active[0] if self._active else "nothing yet", exc)
+            raise
 
     def _target_id(self) -> str | None:
         if self.store is None:
             return None
         return self.store.current_id() if self.pin == CURRENT else self.pin
 
-    async def sync(self, raise_errors: bool = False) -> bool:
+    async def sync(self) -> bool:
         """Serve the target generation if it is not served yet. True when a switch happened."""
         if self._active is None:
             await asyncio.to_thread(self.start)
@@ -109,30 +127,21 @@ class LiveExperts:
             target = self._target_id()
             if target != self._skip:
                 self._skip = None
-            if target == self.generation or (target == self._skip and not raise_errors):
+            if target == self.generation or target == self._skip:
                 return False
             if target is None:  # the pointer vanished: keep the experts served, never drop to base silently
                 return False
-            t0 = time.perf_counter()
             try:
-                gen = self.store.get(target) if target is not None else None
-                if gen is not None:
-                    await asyncio.to_thread(gen.verify)
-                encoder = await asyncio.to_thread(self.build, gen)
-            except Exception as exc:  # noqa: BLE001 - the old generation keeps serving
-                self.failed[target] = f"{type(exc).__name__}: {exc}"[:300]
+                encoder, seconds = await asyncio.to_thread(self._load, target)
+            except Exception:  # noqa: BLE001 - recorded by _load; the old generation keeps serving
                 self._skip = target  # not retried every interval; again once the target moved away and back
-                self.on_reload(str(target), time.perf_counter() - t0, False)
-                logger.error("expert generation %s did not load; still serving %s: %s", target, self.generation, exc)
-                if raise_errors:
-                    raise GenerationError(f"generation {target} did not load: {self.failed[target]}") from exc
                 return False
             old = self.generation
             self._skip = None
             self._active = (target, encoder)  # one assignment: a batch sees the old pair or the new one
             self.failed.pop(target, None)
-            self.on_reload(str(target), time.perf_counter() - t0, True)
-            logger.info("expert generation %s -> %s in %.1f s", old, target, time.perf_counter() - t0)
+            self.on_reload(str(target), seconds, True)
+            logger.info("expert generation %s -> %s in %.1f s", old, target, seconds)
             return True
 
     async def reconfigure(self, user_config: dict | None) -> None:

@@ -9,6 +9,7 @@ histograms ``_bucket``/``_sum``/``_count`` (see :func:`series_name`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -130,10 +131,6 @@ def record_chat(metrics, model: str, routing: dict, router_engine_model: str | N
         metrics.inc("routerserve_llm_cost", routing.get("cost", 0.0), model=model, currency=currency)
 
 
-VLLM_SERIES = {"ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
-               "ray_vllm_time_to_first_token_seconds_bucket", "ray_vllm_generation_tokens_total"}  # on the dashboard
-
-
 def dashboard_panels() -> list[tuple[str, str, str]]:
     """(title, PromQL, unit) per Grafana panel: Serve's own metrics first, then ours, then vLLM's
     engines', then the GPUs.
@@ -146,6 +143,12 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
     def q(metric: str) -> str:
         return f"{metric}{{{ns}}}"
 
+    def per_s(by: str, counter: str) -> str:  # a counter's rate, summed by labels
+        return f"sum by ({by}) (rate({q(counter)}{rate}))"
+
+    def quantile(p: float, by: str, bucket: str) -> str:  # a histogram's quantile by labels
+        return f"histogram_quantile({p}, sum by ({by + ', ' if by else ''}le) (rate({q(bucket)}{rate})))"
+
     return [
         ("HTTP requests/s by route and code",
          f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{http}{rate}))", "reqps"),
@@ -155,40 +158,44 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
         ("Autoscaling target replicas", f"max by (deployment) ({q('ray_serve_autoscaling_target_replicas')})", "none"),
         ("Ongoing requests at replicas", f"sum by (deployment) ({q('ray_serve_num_ongoing_requests_at_replicas')})", "none"),
         ("Deployment p95 processing latency",
-         f"histogram_quantile(0.95, sum by (deployment, le) (rate({q('ray_serve_deployment_processing_latency_ms_bucket')}{rate})))",
+         quantile(0.95, "deployment", "ray_serve_deployment_processing_latency_ms_bucket"),
          "ms"),
-        ("Expert selected /s", f"sum by (expert) (rate({q('ray_routerserve_expert_selected_total')}{rate}))", "reqps"),
+        ("Expert selected /s", per_s("expert", "ray_routerserve_expert_selected_total"), "reqps"),
         ("Routing confidence p50",
-         f"histogram_quantile(0.5, sum by (expert, le) (rate({q('ray_routerserve_routing_confidence_bucket')}{rate})))", "none"),
+         quantile(0.5, "expert", "ray_routerserve_routing_confidence_bucket"), "none"),
         ("Shard search p95",
-         f"histogram_quantile(0.95, sum by (shard, le) (rate({q('ray_routerserve_shard_search_latency_ms_bucket')}{rate})))", "ms"),
+         quantile(0.95, "shard", "ray_routerserve_shard_search_latency_ms_bucket"), "ms"),
         ("Encoder batch size p50",
-         f"histogram_quantile(0.5, sum by (stage, le) (rate({q('ray_routerserve_encoder_batch_size_bucket')}{rate})))", "none"),
+         quantile(0.5, "stage", "ray_routerserve_encoder_batch_size_bucket"), "none"),
         ("Router-R1 rounds per request p50",
-         f"histogram_quantile(0.5, sum by (le) (rate({q('ray_routerserve_controller_rounds_bucket')}{rate})))", "none"),
+         quantile(0.5, "", "ray_routerserve_controller_rounds_bucket"), "none"),
         ("Route calls/s by candidate and outcome",
-         f"sum by (candidate, outcome) (rate({q('ray_routerserve_route_calls_total')}{rate}))", "reqps"),
-        ("Tokens/s by model", f"sum by (model, type) (rate({q('ray_routerserve_llm_tokens_total')}{rate}))", "none"),
-        ("Cost per hour by model", f"sum by (model, currency) (rate({q('ray_routerserve_llm_cost_total')}{rate})) * 3600", "none"),
-        ("Errors/s by reason", f"sum by (endpoint, reason) (rate({q('ray_routerserve_errors_total')}{rate}))", "reqps"),
+         per_s("candidate, outcome", "ray_routerserve_route_calls_total"), "reqps"),
+        ("Tokens/s by model", per_s("model, type", "ray_routerserve_llm_tokens_total"), "none"),
+        ("Cost per hour by model", per_s("model, currency", "ray_routerserve_llm_cost_total") + " * 3600", "none"),
+        ("Errors/s by reason", per_s("endpoint, reason", "ray_routerserve_errors_total"), "reqps"),
         ("Expert generation per encoder replica", f"max by (replica) ({q('ray_routerserve_experts_generation')})", "none"),
         ("Expert reloads/min by outcome",
-         f"sum by (outcome) (rate({q('ray_routerserve_experts_reloads_total')}{rate})) * 60", "none"),
+         per_s("outcome", "ray_routerserve_experts_reloads_total") + " * 60", "none"),
         ("Expert reload p95 seconds",
-         f"histogram_quantile(0.95, sum by (le) (rate({q('ray_routerserve_experts_reload_seconds_bucket')}{rate})))", "s"),
+         quantile(0.95, "", "ray_routerserve_experts_reload_seconds_bucket"), "s"),
         # vLLM's own engine metrics (llm.engines.<name>.engine_metrics: vLLM's Ray stat logger)
         ("vLLM requests running / waiting by model",
          f"sum by (model_name) ({q('ray_vllm_num_requests_running')}) or sum by (model_name) "
          f"({q('ray_vllm_num_requests_waiting')})", "none"),
         ("vLLM KV cache use by model", f"max by (model_name) ({q('ray_vllm_kv_cache_usage_perc')})", "percentunit"),
         ("vLLM time to first token p95 by model",
-         f"histogram_quantile(0.95, sum by (model_name, le) (rate({q('ray_vllm_time_to_first_token_seconds_bucket')}{rate})))", "s"),
+         quantile(0.95, "model_name", "ray_vllm_time_to_first_token_seconds_bucket"), "s"),
         ("vLLM generated tokens/s by model",
-         f"sum by (model_name) (rate({q('ray_vllm_generation_tokens_total')}{rate}))", "none"),
+         per_s("model_name", "ray_vllm_generation_tokens_total"), "none"),
         # Ray's own node metrics (every Ray node exports them): the GPU pods' load and memory
         ("GPU utilisation % by node and GPU", f"avg by (ip, GpuIndex) ({q('ray_node_gpus_utilization')})", "percent"),
         ("GPU memory used by node and GPU", f"sum by (ip, GpuIndex) ({q('ray_node_gram_used')})", "decmbytes"),
     ]
+
+
+# vLLM's engine series the dashboard reads (llm.engines.<name>.engine_metrics)
+VLLM_SERIES = {n for _, expr, _ in dashboard_panels() for n in re.findall(r"ray_vllm_[a-z_]+", expr)}
 
 
 def parse_scrape(text: str) -> dict[str, list[dict[str, str]]]:

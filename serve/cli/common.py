@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,8 +42,18 @@ def _data_dir(cfg: RouterServeConfig, data_dir: Optional[Path]) -> Path:
         raise typer.Exit(2)
 
 
-def _post(url: str, path: str, body: dict | None, timeout: float, headers: dict | None = None,
-          method: str | None = None, params: dict | None = None) -> dict:
+@contextlib.contextmanager
+def exit_on(*errors: type[BaseException]):
+    """An expected error of the block is printed in red and exits 2 (bad input, not a crash)."""
+    try:
+        yield
+    except errors as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+
+
+def _request(url: str, path: str, body: dict | None, timeout: float, headers: dict | None = None,
+             method: str | None = None, params: dict | None = None) -> dict:
     """POST (GET when ``body`` is None, or ``method``) to a running service; an unreachable service
     or an error status exits 1 with the reason."""
     import httpx

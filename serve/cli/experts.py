@@ -15,7 +15,7 @@ from rich.table import Table
 
 from serve.artifacts.generations import GenerationError
 
-from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, console
+from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, console, exit_on
 
 experts_app = typer.Typer(no_args_is_help=True, help="Manage expert adapters and pilots.")
 pilots_app = typer.Typer(no_args_is_help=True, help="Pilot embeddings (the router's only state).")
@@ -37,11 +37,8 @@ def experts_train(
     if steps is not None:
         cfg.experts.training.steps = steps
     ddir = _data_dir(cfg, data_dir)
-    try:  # before Ray starts
+    with exit_on(ValueError):  # before Ray starts
         check_domain(domain)
-    except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
     report = train_domain_expert(cfg, ddir, domain)
     console.print(
@@ -76,11 +73,8 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, pilots_follow_config, served_experts
 
     cfg = _load(config, set_)
-    try:
+    with exit_on(GenerationError, FileNotFoundError):
         gen, adapters, pilots = served_experts(cfg)
-    except (GenerationError, FileNotFoundError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     table = Table("expert", "adapter", "pilots")
     for name, path in adapters.items():
         n = sum(1 for e in (pilots.experts if pilots else []) if e == name)
@@ -117,26 +111,24 @@ def experts_publish(
     """Publish the draft (adapters/ + pilots.npz) as a new immutable generation."""
     from serve.artifacts.experts import publish_draft
 
-    try:
+    with exit_on(GenerationError, FileNotFoundError):
         gen = publish_draft(_load(config, set_), reason, activate=activate)
-    except (GenerationError, FileNotFoundError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     console.print(f"published generation [green]{gen.id}[/green] ({', '.join(gen.experts) or 'no experts'})"
                   + (" — now current" if activate else ""))
 
 
 UrlOpt = typer.Option(None, "--url", help="a running service: go through its admin API instead of the files")
 AdminKeyOpt = typer.Option("ROUTERSERVE_ADMIN_KEY", "--admin-key-env", help="env variable holding an admin key (--url)")
+WaitOpt = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")
 
 
 def _admin(url: str, path: str, body: dict | None, key_env: str, method: str | None = None, params: dict | None = None) -> dict:
     import os
 
-    from .common import _post
+    from .common import _request
 
     key = os.environ.get(key_env)
-    return _post(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None,
+    return _request(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None,
                  method=method, params=params)
 
 
@@ -172,30 +164,24 @@ def experts_generations(config: Optional[Path] = ConfigOpt, set_: Optional[list[
 @experts_app.command("activate")
 def experts_activate(generation: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                      url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                     wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
+                     wait_s: float = WaitOpt):
     """Make GENERATION current (every encoder replica that follows CURRENT.json switches to it)."""
     if url:
         return _switched(_admin(url, "activate", {"generation": generation, "wait_s": wait_s}, admin_key_env))
-    try:
+    with exit_on(GenerationError):
         gen = _store(_load(config, set_)).activate(generation, reason="activated by hand")
-    except GenerationError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     console.print(f"generation [green]{gen.id}[/green] is current ({', '.join(gen.experts) or 'no experts'})")
 
 
 @experts_app.command("rollback")
 def experts_rollback(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                      url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                     wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
+                     wait_s: float = WaitOpt):
     """Back to the generation that was current before the current one."""
     if url:
         return _switched(_admin(url, "rollback", {"wait_s": wait_s}, admin_key_env))
-    try:
+    with exit_on(GenerationError):
         gen = _store(_load(config, set_)).rollback()
-    except GenerationError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     console.print(f"rolled back: generation [green]{gen.id}[/green] is current ({', '.join(gen.experts) or 'no experts'})")
 
 
@@ -209,11 +195,8 @@ def experts_gc(
     and a generation pinned by experts.generation."""
     cfg = _load(config, set_)
     pinned = [] if cfg.experts.generation == "current" else [cfg.experts.generation]
-    try:
+    with exit_on(GenerationError):
         gone = _store(cfg).gc(keep or cfg.experts.keep_generations, protect=pinned)
-    except GenerationError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     console.print(f"deleted {', '.join(gone)}" if gone else "nothing to delete")
 
 
@@ -235,15 +218,12 @@ def experts_add(
 
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
-    try:
+    with exit_on(ValueError, FileNotFoundError, FileExistsError):  # GenerationError is a ValueError
         check_expert_name(name)
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
         ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
         wins = add_expert(cfg, ddir, name, adapter, domain, replace)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # GenerationError is a ValueError
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     won = ", ".join(f"{e} ({n})" for e, n in wins.items())
     console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}; "
                   f"generation {_store(cfg).current_id()} is current")
@@ -252,7 +232,7 @@ def experts_add(
 @experts_app.command("remove")
 def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                    url: Optional[str] = UrlOpt, admin_key_env: str = AdminKeyOpt,
-                   wait_s: float = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")):
+                   wait_s: float = WaitOpt):
     """Remove an expert from the draft and publish the rest as the current generation (the index
     and other experts are untouched; older generations keep their copy until `experts gc`).
     --url: through a running service's admin API (a new generation without it, made current)."""
@@ -261,11 +241,8 @@ def experts_remove(name: str, config: Optional[Path] = ConfigOpt, set_: Optional
     if url:
         return _switched(_admin(url, name, None, admin_key_env, method="DELETE", params={"wait_s": wait_s}))
     cfg = _load(config, set_)
-    try:
+    with exit_on(FileNotFoundError, ValueError):
         remove_expert(cfg, name)
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
     console.print(f"removed expert {name}; generation {_store(cfg).current_id()} is current")
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from serve.config import ConfigError, load_config
 
-from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, _post, console, wait_healthy
+from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, _request, console, wait_healthy
 
 
 def _print_result(result: dict) -> None:
@@ -40,7 +40,7 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON response"),
 ):
     """Send a query to a running service and pretty-print the result."""
-    data = _post(url, "/v1/retrieve", {"query": text, "top_k": top_k, "expert": expert}, 60)
+    data = _request(url, "/v1/retrieve", {"query": text, "top_k": top_k, "expert": expert}, 60)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
@@ -56,7 +56,7 @@ def chat(
 ):
     """Ask the Router-R1 controller (or one candidate) and print the answer and its routing trace."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "budget": budget}
-    data = _post(url, "/v1/chat/completions", {k: v for k, v in body.items() if v is not None}, 600)
+    data = _request(url, "/v1/chat/completions", {k: v for k, v in body.items() if v is not None}, 600)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return

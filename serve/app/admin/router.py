@@ -10,22 +10,23 @@
 
 from fastapi import APIRouter, Query
 
-from ..errors import ErrorResponse
+from ..errors import error_responses
 from .protocol import MAX_WAIT_S, ActivateRequest, ActivateResponse, GenerationsResponse, RollbackRequest
 from .service import AdminService
 
 ADMIN_PREFIX = "/admin/"
 
 
+ADMIN_MEANINGS = {
+    401: "missing or invalid admin key (the query keys are not admin keys)",
+    403: "the admin API is off: no http.admin_keys_env configured (http.admin_open opens it on a loopback host)",
+    404: "no such generation, or no such expert in the current generation",
+    409: "refused: the generation is damaged, nothing to roll back to, or the service pins a generation",
+}
+
+
 def _errors(*statuses: int) -> dict[int, dict]:
-    meaning = {
-        401: "missing or invalid admin key (the query keys are not admin keys)",
-        403: "the admin API is off: no http.admin_keys_env configured (http.admin_open opens it on a loopback host)",
-        404: "no such generation, or no such expert in the current generation",
-        409: "refused: the generation is damaged, nothing to roll back to, or the service pins a generation",
-        422: "the request does not match this schema (the field is named in error.param)",
-    }
-    return {s: {"model": ErrorResponse, "description": meaning[s]} for s in statuses}
+    return error_responses(*statuses, meanings=ADMIN_MEANINGS)
 
 
 def admin_router(admin: AdminService) -> APIRouter:

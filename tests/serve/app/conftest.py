@@ -55,3 +55,51 @@ def schemathesis_cli():
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out)
 
     return run
+
+
+def _small_served_config(root: Path, port: int, num_shards: int, default_domains: list[str], **sections):
+    """The retrieval e2e modules' config: scifact + nfcorpus capped at 120 docs each, short expert
+    training, ``sections`` merged over it one section deep (e.g. ``experts={...}``)."""
+    from serve.config import config_from_dict
+
+    data = {
+        "model": {"max_seq_length": 128},
+        "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 120},
+        "index": {"dir": str(root / "index"), "num_shards": num_shards, "chunk_size": 64, "encode_workers": 1},
+        "experts": {
+            "dir": str(root / "experts"),
+            "training": {"default_domains": default_domains, "steps": 4, "max_queries": 24, "batch_size": 8},
+        },
+        "http": {"port": port},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return config_from_dict(data).absolutized()
+
+
+def _start_served(cfg, data_dir: Path) -> str:
+    """The app on Serve as `routerserve up` starts it (the proxy's backstop deadline too); its URL
+    once /healthz answers 200."""
+    from ray import serve
+
+    from serve.app.builders import build_app
+    from serve.cli.common import wait_healthy
+    from serve.deploy.serve_config import http_options
+
+    serve.start(http_options=http_options(cfg))
+    serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
+    url = f"http://127.0.0.1:{cfg.http.port}"
+    wait_healthy(url, 120)
+    return url
+
+
+@pytest.fixture(scope="session")
+def small_served_config():
+    """``small_served_config(root, port, num_shards, default_domains, **sections)``: see above."""
+    return _small_served_config
+
+
+@pytest.fixture(scope="session")
+def start_served():
+    """``start_served(cfg, data_dir)`` → the URL of the app on Serve, healthy."""
+    return _start_served

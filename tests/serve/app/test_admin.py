@@ -7,11 +7,9 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from actors.encoder import EncoderEngine
-from actors.routed_encoder import RoutedEncoder
 from serve.app.admin.service import AdminService
 from serve.app.ingress import create_app
-from serve.app.live_experts import LiveExperts
+from serve.app.live_experts import LiveExperts, encoder_builder
 from serve.artifacts.generations import GenerationStore
 from serve.config import ConfigError, config_from_dict
 
@@ -32,11 +30,7 @@ def admin_app(published, model_path, encoder_settings):
     store, g1, _ = published
     store.activate(g1)
 
-    def build(gen):
-        adapters = gen.adapters() if gen is not None else {}
-        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
-
-    live = LiveExperts(store, build)
+    live = LiveExperts(store, encoder_builder(model_path, encoder_settings))
 
     async def info():  # one replica that follows the pointer (as the watch loop does)
         await live.sync()

@@ -10,44 +10,28 @@ import httpx
 import pytest
 
 from serve.cli.common import wait_healthy
-from serve.config import config_from_dict
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def live_service(tmp_path_factory, data_dir, ray_session, http_port):
+def live_service(tmp_path_factory, data_dir, ray_session, http_port, small_served_config, start_served):
     from ray import serve
 
-    from serve.app.builders import build_app
     from serve.app.settings import ENCODER
     from serve.artifacts.experts import generation_store
-    from serve.deploy.serve_config import http_options
     from serve.offline.indexing import build_index
     from serve.offline.training import train_domain_expert
 
-    root = tmp_path_factory.mktemp("live")
-    cfg = config_from_dict(
-        {
-            "model": {"max_seq_length": 128},
-            "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 120},
-            "index": {"dir": str(root / "index"), "num_shards": 2, "chunk_size": 64, "encode_workers": 1},
-            "experts": {
-                "dir": str(root / "experts"),
-                "watch_interval_s": 0.5,
-                "training": {"default_domains": ["scifact"], "steps": 4, "max_queries": 24, "batch_size": 8},
-            },
-            "deployments": {"encoder": {"num_replicas": 2, "max_ongoing_requests": 64,
-                                        "ray_actor_options": {"num_cpus": 0.5}}},
-            "http": {"port": http_port, "admin_open": True},  # loopback host: the admin API without keys
-        }
-    ).absolutized()
+    cfg = small_served_config(
+        tmp_path_factory.mktemp("live"), http_port, 2, ["scifact"],
+        experts={"watch_interval_s": 0.5},
+        deployments={"encoder": {"num_replicas": 2, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.5}}},
+        http={"port": http_port, "admin_open": True},  # loopback host: the admin API without keys
+    )
     build_index(cfg, data_dir, progress=False)
     train_domain_expert(cfg, data_dir, "scifact", progress=False)  # publishes g000001: scifact
-    serve.start(http_options=http_options(cfg))
-    serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
-    url = f"http://127.0.0.1:{http_port}"
-    wait_healthy(url, 120)
+    url = start_served(cfg, data_dir)
     encoder = serve.get_deployment_handle(ENCODER, cfg.app_name)
     yield {"url": url, "cfg": cfg, "data_dir": data_dir, "store": generation_store(cfg), "encoder": encoder}
     serve.shutdown()

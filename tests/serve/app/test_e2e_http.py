@@ -14,43 +14,23 @@ import pytest
 from actors.encoder import EncoderEngine
 from actors.routed_encoder import RoutedEncoder
 from actors.routing import PilotSet
-from serve.cli.common import wait_healthy
-from serve.config import config_from_dict
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_dir, ray_session, http_port):
+def served(tmp_path_factory, data_dir, ray_session, http_port, small_served_config, start_served):
     from ray import serve
 
-    from serve.app.builders import build_app
     from serve.artifacts.experts import enabled_experts, pilots_path
-    from serve.deploy.serve_config import http_options
     from serve.offline.training import train_domain_expert
     from serve.offline.indexing import build_index
 
-    root = tmp_path_factory.mktemp("served")
-    port = http_port
-    cfg = config_from_dict(
-        {
-            "model": {"max_seq_length": 128},
-            "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 120},
-            "index": {"dir": str(root / "index"), "num_shards": 3, "chunk_size": 64, "encode_workers": 1},
-            "experts": {
-                "dir": str(root / "experts"),
-                "training": {"default_domains": ["scifact", "nfcorpus"], "steps": 4, "max_queries": 24, "batch_size": 8},
-            },
-            "http": {"port": port},
-        }
-    ).absolutized()
+    cfg = small_served_config(tmp_path_factory.mktemp("served"), http_port, 3, ["scifact", "nfcorpus"])
     folder = build_index(cfg, data_dir, progress=False)
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
-    serve.start(http_options=http_options(cfg))  # as `routerserve up` does: the proxy's backstop deadline too
-    serve.run(build_app({"config": cfg, "data_dir": str(data_dir)}), name=cfg.app_name, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, 120)
+    url = start_served(cfg, data_dir)
     # An in-process reference: the same adapters, pilots and vectors, no Serve, no shards.
     from serve.artifacts.models import encoder_settings
     from serve.artifacts.models import resolve_model

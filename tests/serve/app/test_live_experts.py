@@ -8,9 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from actors.encoder import EncoderEngine
-from actors.routed_encoder import RoutedEncoder, route_and_encode_requests
-from serve.app.live_experts import LiveExperts
+from actors.routed_encoder import route_and_encode_requests
+from serve.app.live_experts import LiveExperts, encoder_builder
 from serve.artifacts.generations import GenerationError, GenerationStore
 
 
@@ -46,11 +45,7 @@ def live(generations, model_path, encoder_settings):
     store.activate(g1)
     loads = []
 
-    def build(gen):
-        adapters = gen.adapters() if gen is not None else {}
-        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
-
-    experts = LiveExperts(store, build, on_reload=lambda g, s, ok: loads.append((g, ok)))
+    experts = LiveExperts(store, encoder_builder(model_path, encoder_settings), on_reload=lambda g, s, ok: loads.append((g, ok)))
     asyncio.run(experts.reconfigure({"generation": "current"}))  # what Serve does after the constructor
     assert loads == [(g1, True)]
     loads.clear()
@@ -145,7 +140,7 @@ def test_a_pin_wins_over_the_pointer_until_released(live, generations):
 
 
 def test_without_a_store_the_base_model_serves(model_path, encoder_settings):
-    experts = LiveExperts(None, lambda gen: RoutedEncoder(EncoderEngine(model_path, {}, encoder_settings), None))
+    experts = LiveExperts(None, encoder_builder(model_path, encoder_settings))
     assert experts.generation is None and experts.encoder.experts == []
     assert asyncio.run(experts.sync()) is False
 
@@ -158,10 +153,11 @@ def test_a_replica_starts_on_its_pin_directly_and_a_bad_pin_fails_the_start(gene
     store.activate(g3)  # CURRENT names the unloadable one
     built = []
 
+    plain = encoder_builder(model_path, encoder_settings)
+
     def build(gen):
         built.append(gen.id if gen else None)
-        adapters = gen.adapters() if gen is not None else {}
-        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
+        return plain(gen)
 
     experts = LiveExperts(store, build)
     asyncio.run(experts.reconfigure({"generation": g2}))
@@ -180,11 +176,7 @@ def test_following_current_a_replica_falls_back_to_the_generation_before(generat
     store.activate(g3)
     loads = []
 
-    def build(gen):
-        adapters = gen.adapters() if gen is not None else {}
-        return RoutedEncoder(EncoderEngine(model_path, adapters, encoder_settings), gen.load_pilots() if adapters else None)
-
-    experts = LiveExperts(store, build, on_reload=lambda g, s, ok: loads.append((g, ok)))
+    experts = LiveExperts(store, encoder_builder(model_path, encoder_settings), on_reload=lambda g, s, ok: loads.append((g, ok)))
     asyncio.run(experts.reconfigure({"generation": "current"}))
     assert experts.generation == g2 and g3 in experts.failed and loads == [(g3, False), (g2, True)]
     assert asyncio.run(experts.sync()) is False  # the failed target is not retried every interval
