@@ -8,7 +8,9 @@ resources (``ray_actor_options``: ``num_cpus`` — Serve's default 1 —, ``num_
 deployments' minimum replicas into the groups' ``minReplicas`` pods, at their maximum into
 ``maxReplicas`` pods. A replica needing a GPU goes to a pod with GPUs; one needing a custom
 resource only to pods that advertise it (``CPU_POOL`` keeps CPU-only work off GPU pods).
-A replica that fits nowhere is an error naming the deployment and the groups it could use.
+A replica that fits nowhere is an error naming the deployment and the groups it could use — the
+deployment that does not fit on its own (or that grew, at maximum) before the replicas greedy
+packing happened to leave over.
 """
 
 from __future__ import annotations
@@ -120,14 +122,15 @@ def _eligible(d: Demand, g: GroupShape) -> bool:
     return (d.gpu == 0 or g.gpu > 0) and all(g.custom.get(k, 0) >= v for k, v in d.custom.items())
 
 
-def pack(demands: list[Demand], groups: list[GroupShape], at: str,
-         usage: dict[str, dict[str, float]] | None = None) -> list[str]:
-    """Errors for the replicas that do not fit (``at``: "min" or "max"); ``usage``, when given, is
-    filled with what the placed replicas take per group (cpu, gpu, and the deployments)."""
+def _place(demands: list[Demand], groups: list[GroupShape], at: str, counts: dict[str, int],
+           usage: dict[str, dict[str, float]] | None = None, last: str | None = None) -> dict[str, int]:
+    """Pack ``counts[name]`` replicas of each deployment first-fit, largest first (deployment
+    ``last`` after all others), onto the groups' pods at ``at`` ("min" or "max"); the replicas left
+    over per deployment."""
     pods = [(g, {"cpu": g.cpu, "gpu": g.gpu, "memory": g.memory, **g.custom}, {})
             for g in groups for _ in range(g.min_pods if at == "min" else g.max_pods)]
-    replicas = [d for d in demands for _ in range(d.min_replicas if at == "min" else d.max_replicas)]
-    replicas.sort(key=lambda d: (d.gpu, d.cpu, d.memory), reverse=True)
+    replicas = [d for d in demands for _ in range(counts.get(d.name, 0))]
+    replicas.sort(key=lambda d: (d.name != last, d.gpu, d.cpu, d.memory), reverse=True)
     eps = 1e-9
     unplaced: dict[str, int] = {}
     for d in replicas:
@@ -146,9 +149,33 @@ def pack(demands: list[Demand], groups: list[GroupShape], at: str,
                 break
         else:
             unplaced[d.name] = unplaced.get(d.name, 0) + 1
+    return unplaced
+
+
+def pack(demands: list[Demand], groups: list[GroupShape], at: str,
+         usage: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """Errors for the replicas that do not fit (``at``: "min" or "max"); ``usage``, when given, is
+    filled with what the placed replicas take per group (cpu, gpu, and the deployments).
+
+    Greedy packing leaves over whichever replicas come last (the smallest), which need not be the
+    deployment whose size broke the fit. So a failure is blamed first on the deployments that do not
+    fit on their own — at minimum: its minimum replicas with nothing else; at maximum: its maximum
+    with every other deployment at its minimum (the deployment that grew) — and only when none does
+    on the replicas left over, which then do not fit *together with* the rest."""
+    minimum = {d.name: d.min_replicas for d in demands}
+    unplaced = _place(demands, groups, at, minimum if at == "min" else {d.name: d.max_replicas for d in demands}, usage)
+    if not unplaced:
+        return []
+    alone = {}
+    for d in demands:
+        counts = {d.name: d.min_replicas} if at == "min" else {**minimum, d.name: d.max_replicas}
+        if at == "min" or d.max_replicas > d.min_replicas:  # the others' minimum replicas go first
+            if left := _place(demands, groups, at, counts, last=d.name).get(d.name, 0):
+                alone[d.name] = left
+    blamed, together = (alone, False) if alone else (unplaced, True)
     errors = []
     for d in demands:
-        if d.name not in unplaced:
+        if d.name not in blamed:
             continue
         total = d.min_replicas if at == "min" else d.max_replicas
         usable = [g for g in groups if _eligible(d, g)]
@@ -158,8 +185,10 @@ def pack(demands: list[Demand], groups: list[GroupShape], at: str,
         where = "; ".join(f"{CONFIG_KEYS.get(g.name, g.name)}: {g.min_pods if at == 'min' else g.max_pods} "
                           f"{g.describe()}" for g in usable)
         keys = " or ".join(f"{CONFIG_KEYS.get(g.name, g.name)}.{at}_replicas" for g in usable)
-        errors.append(f"{d.name}: {unplaced[d.name]} of its {total} replicas at {at}imum ({d.describe()}) do not fit "
-                      f"the pods its worker groups have at {at}imum ({where}); raise {keys}, or give the "
+        context = ("together with the other deployments' replicas" if together else
+                   "on their own" if at == "min" else "even with every other deployment at its minimum")
+        errors.append(f"{d.name}: {blamed[d.name]} of its {total} replicas at {at}imum ({d.describe()}) do not fit "
+                      f"the pods its worker groups have at {at}imum ({where}) {context}; raise {keys}, or give the "
                       f"deployment fewer or smaller replicas")
     return errors
 

@@ -347,6 +347,28 @@ def test_capacity_packs_every_deployment_onto_its_groups_at_min_and_max(cfg):
     assert not any("gpu_workers" in e for e in errors)  # CPU-only work never counts on the GPU group
 
 
+def test_capacity_blames_the_deployment_that_grew_not_the_replicas_packed_last():
+    """Greedy packing places the largest replicas first and leaves over the smallest; before the
+    blame step the error named the small fixed deployment although the large one had grown."""
+    from serve.deploy.k8s_capacity import Demand, GroupShape, pack
+
+    group = GroupShape("cpu", 2, 2, cpu=8, gpu=0, memory=2**40)
+    fixed = Demand("Small", 8, 8, cpu=1, gpu=0, memory=0)  # 8 CPUs, always
+    grows = Demand("Large", 1, 4, cpu=4, gpu=0, memory=0)  # 4 to 16 CPUs
+    assert pack([fixed, grows], [group], "min") == []  # 12 CPUs on 2 pods of 8
+    errors = pack([fixed, grows], [group], "max")  # 8 + 16 CPUs on 2 pods of 8
+    assert len(errors) == 1 and errors[0].startswith("Large: 2 of its 4 replicas at maximum"), errors
+    assert "even with every other deployment at its minimum" in errors[0] and "k8s.cpu_workers.max_replicas" in errors[0]
+    # neither alone breaks the fit, both together do: the replicas left over are named, "together"
+    both = [Demand("A", 1, 3, cpu=4, gpu=0, memory=0), Demand("B", 1, 3, cpu=2, gpu=0, memory=0)]
+    errors = pack(both, [GroupShape("cpu", 1, 2, cpu=8, gpu=0, memory=2**40)], "max")  # 12 + 6 > 16
+    assert errors and all("together with the other deployments' replicas" in e for e in errors), errors
+    # at minimum: a deployment too large on its own is blamed, not the ones packed after it
+    errors = pack([Demand("Huge", 3, 3, cpu=4, gpu=0, memory=0), Demand("Tiny", 2, 2, cpu=1, gpu=0, memory=0)],
+                  [GroupShape("cpu", 1, 1, cpu=8, gpu=0, memory=2**40)], "min")
+    assert len(errors) == 1 and errors[0].startswith("Huge: 1 of its 3 replicas at minimum") and "on their own" in errors[0]
+
+
 def test_cpu_only_deployments_are_placed_on_the_cpu_group_only(rayservice):
     """Every deployment without a GPU asks for routerserve_cpu_pool, which only the CPU group's
     pods advertise, so GPU pods run GPU work only; the packing honours it."""
@@ -549,7 +571,7 @@ def test_capacity_honours_one_replica_per_pod():
     spread = Demand("RetrievalIngress", 2, 3, cpu=1, gpu=0, memory=0, per_pod=1)
     assert pack([spread], [group], "min") == ["RetrievalIngress: 1 of its 2 replicas at minimum (1 CPU, 0 GPU each) do not "
                                               "fit the pods its worker groups have at minimum (k8s.cpu_workers: 1 pods of "
-                                              "16 CPU, 0 GPU, 64 GiB); raise k8s.cpu_workers.min_replicas, or give the "
+                                              "16 CPU, 0 GPU, 64 GiB) on their own; raise k8s.cpu_workers.min_replicas, or give the "
                                               "deployment fewer or smaller replicas"]
     assert pack([Demand("RetrievalIngress", 2, 2, cpu=1, gpu=0, memory=0)], [group], "min") == []  # packed together
 
