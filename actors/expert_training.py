@@ -53,6 +53,7 @@ def train_query_adapter(
     eval_every: int = 25,
     groups: Sequence[int] | None = None,
     name: str | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
@@ -211,6 +212,8 @@ def train_query_adapter(
         losses.append(float(loss.detach()))
         if progress:
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:  # (steps done, steps planned): an admin job's progress
+            on_step(len(losses), settings.steps)
         if dev is not None and (len(losses) % eval_every == 0 or len(losses) == settings.steps):
             dev_check(len(losses))
             if settings.patience is not None and len(losses) - best_step >= settings.patience:

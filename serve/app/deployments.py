@@ -28,7 +28,9 @@ from actors.routed_encoder import UnknownExpertError, encoder_info, route_and_en
 from actors.search import ShardSearcher
 
 from serve.artifacts.generations import GenerationStore
+from serve.artifacts.jobs import JobStore
 
+from .admin.jobs import AdminJobs
 from .admin.service import AdminService
 from .batching import GreedyBatcher
 from .chat.llm_pool import chat_template, load_tokenizers, make_engine, prompt_counters
@@ -214,7 +216,8 @@ class RetrievalIngress:
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting,
                                                          max_queue_wait_s=s.limits.max_queue_wait_s))
         self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
-        self.admin = (AdminService(GenerationStore(s.experts_dir), s.generation_pin, encoder_client.info)
+        jobs = AdminJobs(JobStore(s.experts_dir), s.jobs) if s.experts_dir is not None and s.jobs is not None else None
+        self.admin = (AdminService(GenerationStore(s.experts_dir), s.generation_pin, encoder_client.info, jobs)
                       if s.experts_dir is not None else None)
 
     def __serve_build_asgi_app__(self):

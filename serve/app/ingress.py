@@ -4,7 +4,7 @@ serve it in-process with local clients.
 
     POST /v1/retrieve, /v1/embeddings; GET /v1/experts     serve.app.retrieval.router
     POST /v1/chat/completions; GET /v1/models              serve.app.chat.router
-    GET /admin/v1/experts/generations; POST …/activate, …/rollback   serve.app.admin.router
+    /admin/v1/experts/… (generations, activate, rollback, remove, register, train), /admin/v1/jobs   serve.app.admin.router
     GET /healthz                                           here (both halves)
 """
 

@@ -85,6 +85,18 @@ class ShardDeploymentSettings(_Settings):
     stuck_after_s: float  # limits.stuck_after_s
 
 
+class AdminJobSettings(_Settings):
+    """The admin API's jobs (serve.app.admin.jobs): what their command needs."""
+
+    config: dict[str, Any]  # the service's config, as the job's command reads it
+    data_dir: str
+    register_root: str  # experts.register_root: adapters registered through the API lie under it
+    model_path: str  # the base model folder: an adapter's shapes are checked against it
+    timeout_s: float = 3600.0
+    threads: int = 1
+    ray_address: str | None = None  # None: the cluster the ingress runs in
+
+
 class IngressSettings(_Settings):
     """RetrievalIngress: the doc store, request limits, the served model name, batching, API keys."""
 
@@ -98,6 +110,7 @@ class IngressSettings(_Settings):
     admin_open: bool = False  # http.admin_open: the admin API without keys (loopback hosts only)
     experts_dir: str | None = None  # the expert store the admin API activates generations in
     generation_pin: str = "current"  # experts.generation: a pinned service refuses admin activation
+    jobs: AdminJobSettings | None = None  # register / train through the admin API (None: those routes answer 409)
     chat_models: list[str] = []  # the served chat model names (router, candidates): the spec's examples
 
 

@@ -15,6 +15,7 @@ serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,8 +25,8 @@ from actors.routing import PILOTS_FILE, PilotSet
 
 from serve.config import RouterServeConfig
 
-from .atomic import recover
-from .generations import Generation, GenerationError, GenerationStore, check_expert_name
+from .atomic import recover, staged_dir
+from .generations import Generation, GenerationError, GenerationStore, check_expert_name, write_json_atomic
 
 
 def adapters_root(cfg: RouterServeConfig) -> Path | None:
@@ -66,6 +67,52 @@ def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> boo
     return pilots is not None and pilots.rule == pilot_rule(cfg)
 
 
+def check_adapter_folder(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> list[str]:
+    """Cheap checks that a folder is a peft LoRA adapter for the base model in ``model_dir``,
+    without loading either (the admin API answers 422 before a job starts): adapter_config.json
+    names LORA; adapter_model.safetensors exists (pickled weights are refused); every LoRA matrix's
+    outer size is one the base model has (hidden or intermediate size) and every layer index is
+    below its layer count. Returns the problems, empty when none (the job's command still loads
+    the adapter and encodes a probe before anything is written)."""
+    import re
+
+    from safetensors import safe_open
+
+    folder = Path(adapter_dir)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    missing = [f.name for f in (config_file, weights) if not f.is_file()]
+    if missing:
+        return [f"{folder} is not a peft adapter folder: {' and '.join(missing)} missing"]
+    try:
+        peft_type = json.loads(config_file.read_text()).get("peft_type")
+        base = json.loads((Path(model_dir) / "config.json").read_text())
+    except (ValueError, AttributeError) as exc:
+        return [f"{config_file}: not a JSON object ({exc})"]
+    if peft_type != "LORA":
+        return [f"{config_file}: peft_type {peft_type!r}, not LORA"]
+    sizes = {base.get("hidden_size"), base.get("intermediate_size")} - {None}
+    layers = base.get("num_hidden_layers")
+    problems: list[str] = []
+    try:
+        with safe_open(str(weights), framework="np") as fh:
+            for key in fh.keys():
+                if ".lora_A." not in key and ".lora_B." not in key:
+                    continue
+                shape = fh.get_slice(key).get_shape()
+                outer = shape[1] if ".lora_A." in key else shape[0]
+                layer = re.search(r"\.layer\.(\d+)\.", key)
+                if len(shape) != 2 or outer not in sizes:
+                    problems.append(f"{key} has shape {list(shape)}: the base model's sizes are {sorted(sizes)} "
+                                    "(an adapter trained for another base model)")
+                elif layers is not None and layer is not None and int(layer.group(1)) >= layers:
+                    problems.append(f"{key}: layer {layer.group(1)}, the base model has {layers}")
+                if len(problems) >= 3:
+                    break
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        return [f"{weights}: not a readable safetensors file ({exc})"]
+    return problems
+
+
 MULTITASK = "multitask"
 
 
@@ -83,6 +130,9 @@ def generation_store(cfg: RouterServeConfig) -> GenerationStore | None:
     return None if cfg.experts.dir is None else GenerationStore(cfg.experts.dir)
 
 
+DRAFT_MARKER = "DRAFT.json"  # {"generation": the generation the draft was last published as}
+
+
 def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) -> Generation:
     """The draft (its adapters, restricted to experts.enabled, and their pilots) as a new
     generation; made current unless ``activate`` is false."""
@@ -93,7 +143,47 @@ def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) ->
         gen = store.publish(enabled_experts(cfg), load_pilots(cfg), reason=reason, base_model=cfg.model.ref)
         if activate:
             store.activate(gen.id, reason=reason)
+        write_json_atomic(store.root / DRAFT_MARKER, {"generation": gen.id})
     return gen
+
+
+def draft_follows_current(cfg: RouterServeConfig) -> str | None:
+    """Before an offline change to the draft (train, add, remove, pilots build): when the current
+    generation is not the one the draft was last published as — an activate or a rollback since,
+    or a removal through the admin API — the draft becomes a copy of the current generation, so
+    the change applies to what is served and publishing it neither brings back a rolled-back
+    expert nor drops a served one. Returns the generation copied, or None (the draft already
+    follows it, no generation is current, or a store from before the marker: left as it is).
+    Nothing is lost: every earlier draft was published and keeps its generation."""
+    store = generation_store(cfg)
+    if store is None or not (store.root / DRAFT_MARKER).is_file():
+        return None
+    with store.lock():
+        marker = store.root / DRAFT_MARKER
+        current = store.current()
+        if current is None or not marker.is_file():
+            return None
+        try:
+            if json.loads(marker.read_text()).get("generation") == current.id:
+                return None
+        except ValueError:
+            pass  # a damaged marker: follow the current generation
+        root = adapters_root(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        served = current.adapters()
+        for name in adapter_dirs(root):
+            if name not in served:
+                remove_from_draft(store.root, name)
+        for name, src in served.items():
+            with staged_dir(root / name) as staging:
+                shutil.copytree(src, staging, dirs_exist_ok=True, symlinks=False)
+        pilots, draft_pilots = current.load_pilots(), pilots_path(cfg)
+        if pilots is None:
+            draft_pilots.unlink(missing_ok=True)
+        else:
+            pilots.save(draft_pilots)  # written whole (PilotSet.save)
+        write_json_atomic(marker, {"generation": current.id})
+        return current.id
 
 
 def ensure_generation(cfg: RouterServeConfig) -> Generation | None:
@@ -154,6 +244,7 @@ def remove_expert(cfg: RouterServeConfig, name: str, publish: bool = True) -> No
     new current generation (unless ``publish`` is false). Published generations keep their own
     copy, so a service still serving one with ``name`` is unaffected until it switches."""
     check_expert_name(name)
+    draft_follows_current(cfg)
     if cfg.experts.dir is None or not remove_from_draft(cfg.experts.dir, name):
         raise FileNotFoundError(f"no expert {name!r} under {adapters_root(cfg)}")
     if publish:

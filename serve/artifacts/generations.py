@@ -87,7 +87,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
+    """``data`` as ``path``, whole or not at all (a temporary file fsynced, then renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2)
@@ -297,7 +298,7 @@ class GenerationStore:
         history = old.get("history", [])
         if not history or history[-1] != gen.id:  # re-activating the current one is not a new step
             history = [*history, gen.id][-HISTORY_LIMIT:]
-        _write_json_atomic(self.pointer_path, {"generation": gen.id, "activated_at": _now(), "reason": reason,
+        write_json_atomic(self.pointer_path, {"generation": gen.id, "activated_at": _now(), "reason": reason,
                                                "history": history})
         return gen
 
@@ -313,7 +314,7 @@ class GenerationStore:
             raise GenerationError("nothing to roll back to: no earlier activation is recorded")
         target = self.get(history[-2])
         target.verify()
-        _write_json_atomic(self.pointer_path, {"generation": target.id, "activated_at": _now(),
+        write_json_atomic(self.pointer_path, {"generation": target.id, "activated_at": _now(),
                                                "reason": f"rollback from {history[-1]}", "history": history[:-1]})
         return target
 

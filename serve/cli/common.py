@@ -64,7 +64,7 @@ def _request(url: str, path: str, body: dict | None, timeout: float, headers: di
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}:[/red] {exc}")
         raise typer.Exit(1)
-    if resp.status_code != 200:
+    if not 200 <= resp.status_code < 300:
         console.print(f"[red]{resp.status_code}[/red] {resp.text}")
         raise typer.Exit(1)
     return resp.json()

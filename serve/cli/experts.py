@@ -1,12 +1,15 @@
-"""`routerserve experts train|train-multitask|list|add|remove|publish|generations|activate|rollback|gc`
+"""`routerserve experts train|train-multitask|list|add|remove|publish|generations|activate|rollback|gc|jobs`
 and `routerserve pilots build`.
 
 train, add, remove and `pilots build` change the draft (adapters/, pilots.npz) and publish it as
 a new generation made current (a running service following CURRENT.json switches to it live);
-activate and rollback move the pointer; list shows what the service serves."""
+activate and rollback move the pointer; list shows what the service serves. With --url they go
+through a running service's admin API instead (add and train as admin jobs, followed until they
+end; `experts jobs` shows them)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -20,27 +23,56 @@ from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, console, exit_
 experts_app = typer.Typer(no_args_is_help=True, help="Manage expert adapters and pilots.")
 pilots_app = typer.Typer(no_args_is_help=True, help="Pilot embeddings (the router's only state).")
 
+UrlOpt = typer.Option(None, "--url", help="a running service: go through its admin API instead of the files")
+AdminKeyOpt = typer.Option("ROUTERSERVE_ADMIN_KEY", "--admin-key-env", help="env variable holding an admin key (--url)")
+WaitOpt = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")
+
+
+JobOpt = typer.Option(None, "--job", hidden=True, help="an admin job's id: record progress and outcome in its record")
+
+
+@contextlib.contextmanager
+def _job(cfg, job: Optional[str]):
+    """Inside an admin job (--job, started by the admin API): its progress and outcome go to the
+    job's record (serve.artifacts.jobs); otherwise nothing is recorded."""
+    if not job:
+        yield None
+        return
+    from serve.artifacts.jobs import JobStore
+
+    with JobStore(cfg.experts.dir).reporter(job) as rep:
+        yield rep
+
 
 @experts_app.command("train")
 def experts_train(
-    domain: str = typer.Option(..., "--domain", help="BEIR dataset name under the data dir"),
+    domain: str = typer.Option(..., "--domain", help="BEIR dataset name under the data dir (--url: the service's)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: experts.training.steps)"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     data_dir: Optional[Path] = DataOpt,
+    url: Optional[str] = typer.Option(None, "--url", help="a running service: train as an admin job there"),
+    admin_key_env: str = AdminKeyOpt,
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="--url: follow the job until it ends"),
+    job: Optional[str] = JobOpt,
 ):
-    """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched)."""
-    from serve.deploy.cluster import ensure_ray
+    """Train one query-side LoRA expert for DOMAIN and add its pilots (other experts untouched),
+    then publish the draft as the current generation. --url: as a job of the running service."""
+    if url:
+        body = {"domain": domain, **({"steps": steps} if steps is not None else {})}
+        return _follow(url, _admin(url, "train", body, admin_key_env), admin_key_env, wait)
     from serve.offline.training import check_domain, train_domain_expert
 
     cfg = _load(config, set_)
     if steps is not None:
         cfg.experts.training.steps = steps
     ddir = _data_dir(cfg, data_dir)
-    with exit_on(ValueError):  # before Ray starts
+    with exit_on(ValueError), _job(cfg, job) as rep:
         check_domain(domain)
-    ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
-    report = train_domain_expert(cfg, ddir, domain)
+        report = train_domain_expert(cfg, ddir, domain, on_progress=rep.progress if rep else None)
+        if rep:
+            rep.result(generation=report.get("generation"), expert=domain, steps=len(report["losses"]),
+                       loss_first=report["losses"][0], loss_last=report["losses"][-1])
     console.print(
         f"[green]expert {domain}[/green]: {report['num_queries']} queries, {len(report['losses'])} steps, "
         f"loss {report['losses'][0]:.3f} → {report['losses'][-1]:.3f}; generation {report.get('generation')} is current"
@@ -117,19 +149,17 @@ def experts_publish(
                   + (" — now current" if activate else ""))
 
 
-UrlOpt = typer.Option(None, "--url", help="a running service: go through its admin API instead of the files")
-AdminKeyOpt = typer.Option("ROUTERSERVE_ADMIN_KEY", "--admin-key-env", help="env variable holding an admin key (--url)")
-WaitOpt = typer.Option(15.0, help="--url: wait this long for the replicas to switch (≤ 15)")
 
 
-def _admin(url: str, path: str, body: dict | None, key_env: str, method: str | None = None, params: dict | None = None) -> dict:
+def _admin(url: str, path: str, body: dict | None, key_env: str, method: str | None = None, params: dict | None = None,
+           prefix: str = "/admin/v1/experts/") -> dict:
     import os
 
     from .common import _request
 
     key = os.environ.get(key_env)
-    return _request(url, f"/admin/v1/experts/{path}", body, 150, {"Authorization": f"Bearer {key}"} if key else None,
-                 method=method, params=params)
+    return _request(url, f"{prefix}{path}".rstrip("/"), body, 150, {"Authorization": f"Bearer {key}"} if key else None,
+                    method=method, params=params)
 
 
 def _switched(answer: dict) -> None:
@@ -203,30 +233,83 @@ def experts_gc(
 @experts_app.command("add")
 def experts_add(
     name: str = typer.Argument(..., help="expert name (letters, digits, . _ -)"),
-    adapter: Path = typer.Option(..., "--adapter", help="peft LoRA adapter folder trained for the base model"),
+    adapter: Path = typer.Option(..., "--adapter", help="peft LoRA adapter folder trained for the base model "
+                                 "(--url: a folder on the service's volume, relative to experts.register_root)"),
     domain: Optional[str] = typer.Option(None, help="dataset whose training queries give its pilots (default: NAME)"),
     replace: bool = typer.Option(False, "--replace", help="overwrite an expert of the same name"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     data_dir: Optional[Path] = DataOpt,
+    url: Optional[str] = typer.Option(None, "--url", help="a running service: register the adapter as an admin job there"),
+    admin_key_env: str = AdminKeyOpt,
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="--url: follow the job until it ends"),
+    job: Optional[str] = JobOpt,
 ):
     """Add an adapter trained elsewhere as an expert and build its domain's pilots (nothing else
-    is retrained; other experts and the index are untouched)."""
-    from serve.deploy.cluster import ensure_ray
+    is retrained; other experts and the index are untouched). --url: as a job of the running service."""
+    if url:
+        body = {"name": name, "adapter": str(adapter), "replace": replace, **({"domain": domain} if domain else {})}
+        return _follow(url, _admin(url, "", body, admin_key_env), admin_key_env, wait)
     from serve.artifacts.generations import check_expert_name
     from serve.offline.training import add_expert
 
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
-    with exit_on(ValueError, FileNotFoundError, FileExistsError):  # GenerationError is a ValueError
+    with exit_on(ValueError, FileNotFoundError, FileExistsError), _job(cfg, job) as rep:  # GenerationError is a ValueError
         check_expert_name(name)
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-        ensure_ray(cfg.ray)  # the domain's base index is a Ray Data job when missing
-        wins = add_expert(cfg, ddir, name, adapter, domain, replace)
+        wins = add_expert(cfg, ddir, name, adapter, domain, replace, on_progress=rep.progress if rep else None)
+        current = _store(cfg).current_id()
+        if rep:
+            rep.result(generation=current, expert=name, pilots=wins)
     won = ", ".join(f"{e} ({n})" for e, n in wins.items())
-    console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}; "
-                  f"generation {_store(cfg).current_id()} is current")
+    console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}; generation {current} is current")
+
+
+def _show_job(j: dict) -> str:
+    steps = f" {j['done']}/{j['total']}" if j.get("total") else ""
+    return f"job {j['id']} ({j['kind']}): {j['status']}" + (f" — {j['stage']}{steps}" if j.get("stage") else "")
+
+
+def _follow(url: str, answer: dict, key_env: str, wait: bool) -> None:
+    """Print the job the admin API started; with ``wait``, poll it until it ends (exit 1 when it
+    failed or was lost)."""
+    import time
+
+    j = answer["job"]
+    console.print(_show_job(j))
+    last = ""
+    while wait and j["status"] in ("queued", "running"):
+        time.sleep(1.0)
+        j = _admin(url, f"jobs/{j['id']}", None, key_env, prefix="/admin/v1/")["job"]
+        line = _show_job(j)
+        if line != last:
+            console.print(line)
+            last = line
+    if j["status"] in ("failed", "lost"):
+        console.print(f"[red]{j.get('error')}[/red]")
+        raise typer.Exit(1)
+    if j["status"] == "succeeded":
+        console.print(f"generation [green]{(j.get('result') or {}).get('generation')}[/green] is current")
+
+
+@experts_app.command("jobs")
+def experts_jobs(job_id: Optional[str] = typer.Argument(None, help="one job (with the end of its log)"),
+                 url: str = typer.Option(..., "--url", help="the running service"), admin_key_env: str = AdminKeyOpt):
+    """Admin jobs of a running service (register, train), newest first; or one with its log."""
+    if job_id:
+        answer = _admin(url, f"jobs/{job_id}", None, admin_key_env, prefix="/admin/v1/")
+        console.print(_show_job(answer["job"]))
+        if answer["job"].get("error"):
+            console.print(f"[red]{answer['job']['error']}[/red]")
+        for line in answer["log_tail"]:
+            console.print(f"  {line}", markup=False, highlight=False)
+        return
+    table = Table("job", "kind", "status", "stage", "created", "params")
+    for j in _admin(url, "jobs", None, admin_key_env, prefix="/admin/v1/")["jobs"]:
+        table.add_row(j["id"], j["kind"], j["status"], j.get("stage") or "", j["created_at"], str(j["params"]))
+    console.print(table if table.row_count else "no jobs")
 
 
 @experts_app.command("remove")
@@ -260,8 +343,11 @@ def pilots_build(
     from serve.deploy.cluster import ensure_ray
     from serve.offline.pilots import build_pilots
 
+    from serve.artifacts.experts import draft_follows_current
+
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
+    draft_follows_current(cfg)  # after a rollback: rebuild the pilots of what is served
     ensure_ray(cfg.ray)
     wins = build_pilots(cfg, ddir, domains.split(",") if domains else None)
     table = Table("domain", "pilots → expert (queries won)")

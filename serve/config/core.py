@@ -119,6 +119,18 @@ class ExpertsConfig(_Strict):
                                   "generations (and the current one, and the recent rollback targets)")
     watch_interval_s: float = Field(1.0, gt=0, le=60, description="how often each encoder replica checks "
                                     "CURRENT.json for a new generation (experts.generation 'current')")
+    register_root: Path | None = Field(None, description="adapter folders registered through the admin API "
+                                       "(POST /admin/v1/experts) must lie under this folder, symlinks resolved; "
+                                       "null: <dir>/incoming")
+    job_timeout_s: float = Field(3600.0, gt=0, description="an admin job (register an adapter, train a domain) "
+                                 "is killed and marked failed past this")
+    job_threads: int = Field(1, ge=1, description="torch/BLAS threads of an admin job, which runs beside the "
+                             "serving replicas on the ingress's node")
+
+    def register_root_path(self) -> Path | None:
+        if self.register_root is not None:
+            return Path(self.register_root)
+        return None if self.dir is None else Path(self.dir) / "incoming"
 
     @field_validator("generation")
     @classmethod
@@ -280,6 +292,7 @@ class RouterServeConfig(_Strict):
 
         data["index"]["dir"] = fix(data["index"]["dir"])
         data["experts"]["dir"] = fix(data["experts"]["dir"])
+        data["experts"]["register_root"] = fix(data["experts"]["register_root"])
         data["data_dir"] = fix(data["data_dir"])
         data["llm"]["model_cache_dir"] = fix(data["llm"]["model_cache_dir"])
         if data["llm"]["router"] is not None:

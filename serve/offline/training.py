@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from actors.expert_training import (
 from serve.artifacts.experts import (
     MULTITASK,
     adapters_root,
+    draft_follows_current,
     ensure_generation,
     load_pilots,
     multitask_dir,
@@ -42,6 +44,8 @@ from serve.config import ExpertTrainConfig, RouterServeConfig
 from .indexing import load_corpus_vectors
 from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run, split_dev, training_queries
 from .pilots import build_pilots
+
+OnProgress = Callable[..., None]  # (stage, done=None, total=None): an admin job's progress (JobReporter.progress)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: boo
 
 def train_domain_expert(
     cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True,
-    publish: bool = True,
+    publish: bool = True, on_progress: OnProgress | None = None,
 ) -> dict:
     """Train the adapter for ``domain`` and add/replace its pilots; other experts are untouched.
     With its pilots built, the draft is published as a new generation and made current (a running
@@ -90,8 +94,11 @@ def train_domain_expert(
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
     check_domain(domain)
+    draft_follows_current(cfg)  # after a rollback: train onto what is served
+    stage = on_progress or (lambda *_: None)
     train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
+    stage(f"base vectors of {domain}")
     corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
     examples = domain_examples(cfg, data_dir, domain, corpus)
     examples, dev_examples = split_dev(examples, train.dev_fraction)
@@ -122,6 +129,7 @@ def train_domain_expert(
             dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
             eval_every=train.eval_every,
             name=domain,
+            on_step=lambda done, total: stage("training", done, total),
         )
         _finish_report(out_dir, report, f"expert {domain}: {len(examples)} queries", dict(
             domain=domain,
@@ -134,8 +142,10 @@ def train_domain_expert(
             skip_top=train.skip_top,
         ))
     if pilots:  # this domain's pilots, against every expert present now
+        stage(f"pilots of {domain}")
         build_pilots(cfg, data_dir, [domain], progress)
         if publish:
+            stage("publishing")
             report["generation"] = publish_draft(cfg, f"trained expert {domain}").id
     return report
 
@@ -238,6 +248,7 @@ def add_expert(
     replace: bool = False,
     progress: bool = True,
     publish: bool = True,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, int]:
     """Register an adapter trained elsewhere as expert ``name`` and build ``domain``'s pilots, then
     publish the draft as a new current generation (unless ``publish`` is false).
@@ -261,18 +272,23 @@ def add_expert(
     peft_type = json.loads(config_file.read_text()).get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{config_file}: peft_type is {peft_type!r}; experts are LoRA adapters ('LORA')")
+    draft_follows_current(cfg)  # after a rollback: add to what is served
     dest = root / name
     if dest.exists() and not replace:
         raise FileExistsError(f"expert {name!r} exists at {dest}; pass replace=True (--replace) to overwrite it")
     if not training_queries(data_dir, domain, 1):
         raise ValueError(f"domain {domain!r} has no judged training query under {data_dir}: pilots need some")
+    stage = on_progress or (lambda *_: None)
+    stage("loading the adapter onto the base model")
     try:  # fails here, before any write, when the adapter does not fit the base model
         EncoderEngine(resolve_model(cfg.model.ref), {name: src}, encoder_settings(cfg)).encode(["probe"], name)
     except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
         raise ValueError(f"adapter {src} does not load onto base model {cfg.model.ref!r}: {exc}") from exc
     with staged_dir(dest) as staging:  # the old adapter (--replace) stays until the copy is whole
         shutil.copytree(src, staging, dirs_exist_ok=True, symlinks=False)
+    stage(f"pilots of {domain}")
     wins = build_pilots(cfg, data_dir, [domain], progress, owners={domain: name})[domain]
     if publish:
+        stage("publishing")
         publish_draft(cfg, f"added expert {name} (pilots of {domain})")
     return wins

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.artifacts.jobs import JobRecord
 from serve.config import GENERATION_ID_PATTERN
 
 
@@ -44,3 +45,27 @@ class ActivateResponse(BaseModel):
     switched: bool = Field(..., description="every sampled encoder replica serves the generation")
     replicas: dict[str, str | None]
     waited_s: float
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="the new expert's name (letters, digits, . _ -)")
+    adapter: str = Field(..., description="the peft LoRA adapter folder, relative to experts.register_root (or an "
+                         "absolute path under it; symlinks resolved, nothing outside it)")
+    domain: str | None = Field(None, description="the dataset whose training queries give its pilots (default: name)")
+    replace: bool = Field(False, description="replace an expert of the same name")
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(..., description="a dataset under the service's data dir: its training queries train the expert")
+    steps: int | None = Field(None, ge=1, le=100_000, description="training steps (default: experts.training.steps)")
+
+
+class JobResponse(BaseModel):
+    job: JobRecord
+    log_tail: list[str] = Field([], description="the last lines of the job's output")
+
+
+class JobsResponse(BaseModel):
+    jobs: list[JobRecord] = Field(..., description="the newest jobs, newest first")

@@ -12,19 +12,25 @@ import asyncio
 import time
 from typing import Awaitable, Callable
 
-from serve.artifacts.experts import remove_from_service
+from pathlib import Path
+
+from actors.beir import DatasetError, dataset_dir
+
+from serve.artifacts.experts import check_adapter_folder, remove_from_service
 from serve.artifacts.generations import GenerationError, GenerationStore, check_expert_name
 
 from ..errors import RequestError
-from .protocol import ActivateResponse, GenerationsResponse, GenerationSummary
+from .jobs import AdminJobs
+from .protocol import ActivateResponse, GenerationsResponse, GenerationSummary, JobResponse, JobsResponse
 
 SAMPLES = 8  # encoder info calls per look at the replicas (Serve spreads them over the replicas)
 INFO_TIMEOUT_S = 2.0  # per info call: a wedged replica does not hold an admin answer
 
 
 class AdminService:
-    def __init__(self, store: GenerationStore, pin: str, encoder_info: Callable[[], Awaitable[dict]]):
-        self.store, self.pin, self.encoder_info = store, pin, encoder_info
+    def __init__(self, store: GenerationStore, pin: str, encoder_info: Callable[[], Awaitable[dict]],
+                 jobs: AdminJobs | None = None):
+        self.store, self.pin, self.encoder_info, self.jobs = store, pin, encoder_info, jobs
         self._changing = asyncio.Lock()  # one change at a time (read current → publish → activate)
 
     async def replicas(self) -> dict[str, str | None]:
@@ -91,6 +97,73 @@ class AdminService:
         except OSError as exc:
             raise self._read_only(exc) from None
         return await self._settle(gen.id, gen.experts, previous, wait_s)
+
+    # -- jobs: register an adapter folder, train a domain ------------------------------------------
+
+    def _jobs(self) -> AdminJobs:
+        self._check_not_pinned()
+        if self.jobs is None:
+            raise RequestError("this service runs no admin jobs (no expert store)", None, 409)
+        return self.jobs
+
+    def _check_domain(self, domain: str, field: str) -> None:
+        try:
+            dataset_dir(self._jobs().settings.data_dir, domain)
+        except DatasetError as exc:
+            raise RequestError(str(exc), field, 422) from None
+
+    def _adapter_under_root(self, adapter: str) -> Path:
+        """The adapter folder, resolved (symlinks too) and required to lie under experts.register_root."""
+        root = Path(self._jobs().settings.register_root).resolve()
+        if "\x00" in adapter:
+            raise RequestError("adapter: a path with a NUL byte", "adapter", 422)
+        path = (root / adapter).resolve()  # an absolute ``adapter`` replaces root: checked below like any other
+        if not path.is_relative_to(root):
+            raise RequestError(f"adapter {adapter!r} resolves to {path}, outside experts.register_root {root}: "
+                               "put the folder under it", "adapter", 422)
+        if not path.is_dir():
+            raise RequestError(f"adapter folder {path} does not exist (under experts.register_root {root})", "adapter", 422)
+        return path
+
+    async def register(self, name: str, adapter: str, domain: str | None, replace: bool) -> JobResponse:
+        """Checks what it can at once (name, path under the root, files, shapes against the base
+        model, domain, an existing expert), then starts `experts add` as a job (202)."""
+        jobs = self._jobs()
+        try:
+            check_expert_name(name)
+        except ValueError as exc:
+            raise RequestError(str(exc), "name", 422) from None
+        path = self._adapter_under_root(adapter)
+        problems = await asyncio.to_thread(check_adapter_folder, path, jobs.settings.model_path)
+        if problems:
+            raise RequestError("; ".join(problems), "adapter", 422)
+        self._check_domain(domain or name, "domain" if domain else "name")
+        current = self.store.current()
+        if not replace and current is not None and name in current.experts:
+            raise RequestError(f"expert {name!r} is in the current generation {current.id}: pass \"replace\": true "
+                               "to replace it", "name", 409)
+        params = {"name": name, "adapter": str(path), "domain": domain or name, "replace": replace}
+        args = ["experts", "add", name, "--adapter", str(path), "--domain", domain or name, *(["--replace"] if replace else [])]
+        return JobResponse(job=await jobs.start("register", params, args))
+
+    async def train(self, domain: str, steps: int | None) -> JobResponse:
+        jobs = self._jobs()
+        self._check_domain(domain, "domain")
+        try:
+            check_expert_name(domain)
+        except ValueError as exc:
+            raise RequestError(str(exc), "domain", 422) from None
+        args = ["experts", "train", "--domain", domain, *(["--steps", str(steps)] if steps else [])]
+        return JobResponse(job=await jobs.start("train", {"domain": domain, "steps": steps}, args))
+
+    async def job(self, job_id: str) -> JobResponse:
+        if self.jobs is None:
+            raise RequestError(f"no job {job_id}", "job_id", 404)
+        rec, tail = await asyncio.to_thread(self.jobs.get, job_id)
+        return JobResponse(job=rec, log_tail=tail)
+
+    async def list_jobs(self, limit: int) -> JobsResponse:
+        return JobsResponse(jobs=await asyncio.to_thread(self.jobs.list, limit) if self.jobs is not None else [])
 
     def _read_only(self, exc: OSError) -> RequestError:
         return RequestError(f"cannot write {self.store.pointer_path} ({exc.strerror or type(exc).__name__}): on a "

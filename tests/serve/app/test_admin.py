@@ -195,3 +195,146 @@ def test_a_route_prefix_does_not_hide_the_admin_routes_from_their_keys(published
     off = TestClient(create_app(None, admin=AdminService(store, "current", info)), root_path="/rs")
     assert off.get("/rs/admin/v1/experts/generations").status_code == 403
     assert client.get("/rs/healthz").status_code == 200  # the probes' route stays open
+
+
+# -- jobs: register an adapter folder, train a domain -----------------------------------------------
+
+
+@pytest.fixture
+def jobs_app(published, model_path, tmp_path):
+    """An admin app whose jobs run under tmp_path: a register root holding a real adapter, a data
+    dir with one dataset (``alpha``)."""
+    import shutil
+
+    from serve.app.admin.jobs import AdminJobs
+    from serve.app.settings import AdminJobSettings
+    from serve.artifacts.jobs import JobStore
+
+    store, g1, g2 = published
+    store.activate(g2)
+    root, data = tmp_path / "incoming", tmp_path / "data"
+    shutil.copytree(store.get(g2).adapters()["beta"], root / "gamma")
+    (data / "alpha").mkdir(parents=True)
+    (data / "alpha" / "corpus.jsonl").write_text('{"_id": "d1", "text": "cells"}\n')
+    jobs = AdminJobs(JobStore(tmp_path / "store"), AdminJobSettings(
+        config={}, data_dir=str(data), register_root=str(root), model_path=str(model_path)))
+
+    async def info():
+        return {"replica": "r1", "generation": store.current_id()}
+
+    def make(pin="current"):
+        return TestClient(create_app(None, admin=AdminService(store, pin, info, jobs), admin_keys=frozenset({ADMIN}),
+                                     api_keys=frozenset({QUERY})))
+
+    return make, store, jobs, root
+
+
+def _wrong_shapes(folder):
+    """A LoRA adapter folder for a 768-wide base model (MiniLM is 384 wide)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["query"]}))
+    key = "base_model.model.encoder.layer.0.attention.self.query.lora_{}.weight"
+    save_file({key.format("A"): np.zeros((8, 768), np.float32), key.format("B"): np.zeros((768, 8), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+
+
+def test_bad_register_and_train_input_is_a_4xx_and_starts_nothing(jobs_app, tmp_path):
+    """Every bad input the issue lists, refused before a job starts, the current generation
+    untouched: path outside the root (.., absolute, a symlink out), missing files, an adapter of
+    another base model (wrong shapes), unknown domain, bad names, an existing expert, no key or a
+    query key."""
+    make, store, jobs, root = jobs_app
+    client = make()
+    before = store.current_id()
+    outside = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(root / "gamma", outside)
+    (root / "link-out").symlink_to(outside)
+    (root / "empty").mkdir()
+    _wrong_shapes(root / "wide")
+    cases = [
+        ({"name": "x", "adapter": "../elsewhere", "domain": "alpha"}, 422, "adapter", "outside experts.register_root"),
+        ({"name": "x", "adapter": str(outside), "domain": "alpha"}, 422, "adapter", "outside experts.register_root"),
+        ({"name": "x", "adapter": "link-out", "domain": "alpha"}, 422, "adapter", "outside experts.register_root"),
+        ({"name": "x", "adapter": "nope", "domain": "alpha"}, 422, "adapter", "does not exist"),
+        ({"name": "x", "adapter": "empty", "domain": "alpha"}, 422, "adapter", "adapter_config.json and adapter_model.safetensors missing"),
+        ({"name": "x", "adapter": "wide", "domain": "alpha"}, 422, "adapter", "another base model"),
+        ({"name": "x", "adapter": "gamma", "domain": "nowhere"}, 422, "domain", "not found"),
+        ({"name": "x", "adapter": "gamma", "domain": "../alpha"}, 422, "domain", "invalid dataset name"),
+        ({"name": "../x", "adapter": "gamma", "domain": "alpha"}, 422, "name", "invalid expert name"),
+        ({"name": "beta", "adapter": "gamma", "domain": "alpha"}, 409, "name", "replace"),
+        ({"name": "x", "adapter": "gamma", "domain": "alpha", "extra": 1}, 422, "extra", ""),
+    ]
+    for body, status, param, words in cases:
+        r = client.post("/admin/v1/experts", json=body, headers=_auth(ADMIN))
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], (body, err)
+    for body, param in (({"domain": "nowhere"}, "domain"), ({"domain": "alpha", "steps": 0}, "steps")):
+        r = client.post("/admin/v1/experts/train", json=body, headers=_auth(ADMIN))
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    good = {"name": "x", "adapter": "gamma", "domain": "alpha"}
+    assert client.post("/admin/v1/experts", json=good).status_code == 401
+    assert client.post("/admin/v1/experts", json=good, headers=_auth(QUERY)).status_code == 401
+    assert client.post("/admin/v1/experts/train", json={"domain": "alpha"}, headers=_auth(QUERY)).status_code == 401
+    r = make(pin=before).post("/admin/v1/experts", json=good, headers=_auth(ADMIN))
+    assert r.status_code == 409 and "experts.generation" in r.json()["error"]["message"]
+    assert store.current_id() == before and jobs.list(10) == []
+    for bad, status in (("j1", 422), ("j20261201T000000000-abcdef", 404)):
+        r = client.get(f"/admin/v1/jobs/{bad}", headers=_auth(ADMIN))
+        assert r.status_code == status and r.json()["error"]["param"] == "job_id", r.text
+
+
+def test_one_job_at_a_time_per_store(jobs_app):
+    """A queued or running job holds the store's one slot: a second register/train is a 409 naming
+    it; once it ended, the slot is free."""
+    make, store, jobs, _ = jobs_app
+    with jobs.store.claim("train", {"domain": "alpha"}) as held:
+        pass
+    jobs.store.update(held.id, status="running")
+    client = make()
+    r = client.post("/admin/v1/experts/train", json={"domain": "alpha"}, headers=_auth(ADMIN))
+    assert r.status_code == 409 and held.id in r.json()["error"]["message"], r.text
+    r = client.get("/admin/v1/jobs", headers=_auth(ADMIN))
+    assert [j["id"] for j in r.json()["jobs"]] == [held.id]
+    r = client.get(f"/admin/v1/jobs/{held.id}", headers=_auth(ADMIN))
+    assert r.status_code == 200 and r.json()["job"]["status"] == "running"
+    jobs.store.update(held.id, status="failed")
+    assert jobs.store.list(5)[0].status == "failed"
+
+
+def test_the_runner_kills_a_job_past_its_deadline_and_records_why(published, model_path, tmp_path):
+    """The watcher side with a real child process: one that outlives experts.job_timeout_s is killed
+    (its whole session) and marked failed with the reason and the end of its log; one that exits
+    without recording an outcome is marked failed with its exit code."""
+    import asyncio
+    import sys
+
+    from serve.app.admin.jobs import AdminJobs
+    from serve.app.settings import AdminJobSettings
+    from serve.artifacts.jobs import JobStore
+
+    class Scripted(AdminJobs):
+        script = ""
+
+        def command(self, job_id, args):
+            return [sys.executable, "-c", self.script]
+
+    jobs = Scripted(JobStore(tmp_path), AdminJobSettings(config={}, data_dir=str(tmp_path), register_root=str(tmp_path),
+                                                         model_path=str(model_path), timeout_s=1.5))
+
+    async def run(script):
+        jobs.script = script
+        rec = await jobs.start("train", {"domain": "alpha"}, [])
+        assert rec.status == "queued"
+        await asyncio.gather(*jobs._watchers)
+        return jobs.get(rec.id)
+
+    rec, tail = asyncio.run(run("import time; print('working', flush=True); time.sleep(60)"))
+    assert rec.status == "failed" and "job_timeout_s" in rec.error and "working" in rec.error and tail == ["working"]
+    rec, _ = asyncio.run(run("import sys; print('boom'); sys.exit(3)"))
+    assert rec.status == "failed" and rec.exit_code == 3 and "without recording an outcome" in rec.error

@@ -241,3 +241,81 @@ def test_a_pinned_generation_must_exist_before_the_app_builds(live_service):
         build_app({"config": cfg, "data_dir": str(live_service["data_dir"])})
     finally:
         aside.rename(store.pointer_path)
+
+
+def _job_until_done(url: str, job_id: str, timeout_s: float = 300) -> tuple[dict, list[dict]]:
+    """Poll GET /admin/v1/jobs/{id} until the job ends: (last answer, every distinct state seen)."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/admin/v1/jobs/{job_id}", timeout=30).json()
+        j = body["job"]
+        state = {k: j[k] for k in ("status", "stage", "done", "total")}
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if j["status"] not in ("queued", "running"):
+            return body, seen
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {seen[-1]} after {timeout_s} s")
+
+
+def test_admin_jobs_register_an_adapter_folder_and_train_a_domain(live_service):
+    """POST /admin/v1/experts (an adapter folder under experts.register_root) and POST
+    /admin/v1/experts/train run as jobs of the running service (202 + a job id); the job's
+    progress is readable while it runs; on success its generation is current and every replica
+    serves it; the CLI's `experts add --url` follows a job to its end. Before: neither route
+    existed (register and train were offline commands only)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from serve.cli import app
+
+    url, cfg, store, encoder = (live_service[k] for k in ("url", "cfg", "store", "encoder"))
+    current = store.current()
+    assert "scifact" in current.experts
+    root = cfg.experts.register_root_path()
+    shutil.copytree(current.adapters()["scifact"], root / "uploaded")  # an adapter "trained elsewhere"
+    register = {"name": "scifact", "adapter": "uploaded", "domain": "scifact"}
+
+    # register through the API: an existing name needs "replace"; then 202, Location, the job to its end
+    r = httpx.post(f"{url}/admin/v1/experts", json=register, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+    r = httpx.post(f"{url}/admin/v1/experts", json={**register, "replace": True}, timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert r.headers["location"] == f"/admin/v1/jobs/{job['id']}" and job["status"] == "queued"
+    body, seen = _job_until_done(url, job["id"])
+    assert body["job"]["status"] == "succeeded", (body["job"], body["log_tail"])
+    gen = body["job"]["result"]["generation"]
+    assert gen == store.current_id() != current.id and set(store.get(gen).experts) == set(current.experts)
+    assert [s["stage"] for s in body["job"]["stages"]] == ["loading the adapter onto the base model", "pilots of scifact",
+                                                           "publishing"], body["job"]["stages"]
+    assert seen[0]["status"] == "queued" and seen[-1]["status"] == "succeeded"
+    _wait_every_replica_on(encoder, gen)
+    forced = httpx.post(f"{url}/v1/retrieve", json={"query": "cell biology", "expert": "scifact"}, timeout=60)
+    assert forced.status_code == 200 and forced.json()["experts_generation"] == gen
+
+    # train through the API: the training stage reports its steps
+    r = httpx.post(f"{url}/admin/v1/experts/train", json={"domain": "scifact", "steps": 4}, timeout=60)
+    assert r.status_code == 202, r.text
+    body, seen = _job_until_done(url, r.json()["job"]["id"])
+    assert body["job"]["status"] == "succeeded", (body["job"], body["log_tail"])
+    assert body["job"]["result"]["steps"] == 4 and body["job"]["result"]["generation"] == store.current_id()
+    training = [s for s in body["job"]["stages"] if s["stage"] == "training"]
+    assert len(training) == 1 and training[0]["done"] == training[0]["total"] == 4, body["job"]["stages"]
+    _wait_every_replica_on(encoder, store.current_id())
+
+    # the CLI: refused at once without --replace; with it, followed to the end
+    runner = CliRunner()
+    cli = ["experts", "add", "scifact", "--adapter", "uploaded", "--domain", "scifact", "--url", url]
+    res = runner.invoke(app, cli)
+    assert res.exit_code == 1 and "409" in res.output, res.output
+    res = runner.invoke(app, [*cli, "--replace"])
+    assert res.exit_code == 0 and "succeeded" in res.output and store.current_id() in res.output, res.output
+    listed = httpx.get(f"{url}/admin/v1/jobs", timeout=30).json()["jobs"]
+    assert [j["status"] for j in listed[:3]] == ["succeeded"] * 3 and listed[2]["id"] == job["id"]
+    res = runner.invoke(app, ["experts", "jobs", job["id"], "--url", url])
+    assert res.exit_code == 0 and f"job {job['id']} (register): succeeded" in res.output, res.output
+    res = runner.invoke(app, ["experts", "jobs", "--url", url])
+    assert res.exit_code == 0 and "succeeded" in res.output and "train" in res.output, res.output

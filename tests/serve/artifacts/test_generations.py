@@ -237,3 +237,38 @@ def test_writers_take_turns_across_threads_and_processes(tmp_path, draft):
     waited = time.monotonic() - t0
     holder.wait(10)
     assert waited > 0.5 and store.current_id() == "g000001", waited
+
+
+def test_after_a_rollback_an_offline_change_starts_from_the_served_generation(tmp_path):
+    """publish → publish (adds c) → rollback: the draft still holds c. Before, the next offline
+    change (here removing a) published the draft's set — c came back behind the operator's back.
+    Now the draft follows the current generation first (draft_follows_current): the new
+    generation is the served one without a."""
+    from serve.artifacts.experts import draft_follows_current, publish_draft, remove_expert
+    from serve.config import config_from_dict
+
+    root = tmp_path / "experts"
+    cfg = config_from_dict({"experts": {"dir": str(root)}}).absolutized()
+    _adapter(root / "adapters", "a", b"A1")
+    _adapter(root / "adapters", "b", b"B1")
+    _pilots("a", "b").save(root / "pilots.npz")
+    g1 = publish_draft(cfg, "a+b")
+    assert draft_follows_current(cfg) is None  # the draft is what is served
+    _adapter(root / "adapters", "c", b"C1")
+    _pilots("a", "b", "c").save(root / "pilots.npz")
+    g2 = publish_draft(cfg, "a+b+c")
+    store = GenerationStore(root)
+    assert store.rollback().id == g1.id
+    remove_expert(cfg, "a")
+    served = store.current()
+    assert served.id not in (g1.id, g2.id) and served.experts == ["b"], served.experts
+    assert sorted(p.name for p in (root / "adapters").iterdir() if not p.name.startswith(".")) == ["b"]
+    assert PilotSet.load(root / "pilots.npz").expert_names == ["b"]
+    assert (served.adapters()["b"] / "adapter_model.safetensors").read_bytes() == b"B1"
+    store.get(g2.id).verify()  # c is still in its generation: nothing lost
+    # an activate is a switch too; a store without the marker (from before it) is left alone
+    store.activate(g2.id)
+    assert draft_follows_current(cfg) == g2.id and (root / "adapters" / "c").is_dir()
+    (root / "DRAFT.json").unlink()
+    store.activate(g1.id)
+    assert draft_follows_current(cfg) is None and (root / "adapters" / "c").is_dir()
