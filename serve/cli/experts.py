@@ -306,10 +306,12 @@ def experts_jobs(job_id: Optional[str] = typer.Argument(None, help="one job (wit
         for line in answer["log_tail"]:
             console.print(f"  {line}", markup=False, highlight=False)
         return
-    table = Table("job", "kind", "status", "stage", "created", "params")
-    for j in _admin(url, "jobs", None, admin_key_env, prefix="/admin/v1/")["jobs"]:
-        table.add_row(j["id"], j["kind"], j["status"], j.get("stage") or "", j["created_at"], str(j["params"]))
-    console.print(table if table.row_count else "no jobs")
+    listed = _admin(url, "jobs", None, admin_key_env, prefix="/admin/v1/")["jobs"]
+    for j in listed:  # one line each: the whole id, which `experts jobs <id>` takes
+        asked = " ".join(f"{k}={Path(v).name if k == 'adapter' else v}" for k, v in j["params"].items() if v not in (None, False))
+        console.print(f"{_show_job(j)} [{asked}; {j['created_at']}]", markup=False, highlight=False)
+    if not listed:
+        console.print("no jobs")
 
 
 @experts_app.command("remove")

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -
     return out
 
 
-def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool) -> tuple[np.ndarray, float]:
+def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool,
+                   on_docs: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, float]:
     """docs.parquet + every chunk of base-model vectors (encoding only the missing chunks)."""
     loc.root.mkdir(parents=True, exist_ok=True)
     docs_path = loc.root / DOCS_FILE
@@ -99,7 +101,7 @@ def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, p
     pending = [c for c in chunk_ids if not chunk_file(c).is_file()]
     t0 = time.perf_counter()
     if pending:
-        _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress)
+        _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress, on_docs)
     encode_seconds = time.perf_counter() - t0
     vectors = np.concatenate([np.load(chunk_file(c)) for c in chunk_ids])
     if vectors.shape[0] != n:
@@ -107,7 +109,7 @@ def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, p
     return vectors, encode_seconds
 
 
-def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> None:
+def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress, on_docs=None) -> None:
     import ray
     from tqdm.auto import tqdm
 
@@ -131,6 +133,7 @@ def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> Non
     )
     buffers: dict[int, dict[int, np.ndarray]] = {c: {} for c in pending}
     bar = tqdm(total=len(rows), desc="encode corpus", unit="doc", disable=not progress)
+    encoded = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row, vec in zip(batch["row"], batch["vector"]):
             c = int(row) // chunk
@@ -143,6 +146,9 @@ def _encode_pending(cfg, loc, docs, pending, chunk, chunk_file, progress) -> Non
                 tmp.replace(chunk_file(c))
                 del buffers[c]
         bar.update(len(batch["row"]))
+        encoded += len(batch["row"])
+        if on_docs is not None:  # (documents encoded, documents to encode): an admin job's progress
+            on_docs(encoded, len(rows))
     bar.close()
     if buffers:
         raise RuntimeError(f"encoding finished with incomplete chunks {sorted(buffers)}")
@@ -156,13 +162,14 @@ class Corpus:
     vectors: np.ndarray
 
 
-def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool = True) -> Corpus:
+def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[str], progress: bool = True,
+                        on_docs: Callable[[int, int], None] | None = None) -> Corpus:
     """Base-model vectors of these datasets, from (or into) the shared index cache (no shards
     written; encoding only what is missing, as a Ray Data job)."""
     import pyarrow.parquet as pq
 
     if len(datasets) > 1:  # a union is the concatenation of the per-dataset caches: encode nothing twice
-        parts = [load_corpus_vectors(cfg, data_dir, [d], progress) for d in datasets]
+        parts = [load_corpus_vectors(cfg, data_dir, [d], progress, on_docs) for d in datasets]
         return Corpus(
             "+".join(datasets),
             [i for p in parts for i in p.doc_ids],
@@ -172,6 +179,6 @@ def load_corpus_vectors(cfg: RouterServeConfig, data_dir: Path, datasets: list[s
     sub = cfg.model_copy(deep=True)
     sub.corpus.datasets = list(datasets)
     loc = locate_index(sub, data_dir)
-    vectors, _ = _encode_corpus(sub, data_dir, loc, progress)
+    vectors, _ = _encode_corpus(sub, data_dir, loc, progress, on_docs)
     table = pq.read_table(loc.root / "docs.parquet", columns=["doc_id", "dataset"])
     return Corpus("+".join(datasets), table.column("doc_id").to_pylist(), table.column("dataset").to_pylist(), vectors)

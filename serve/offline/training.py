@@ -99,7 +99,8 @@ def train_domain_expert(
     train = cfg.experts.training
     model_path = resolve_model(cfg.model.ref)
     stage(f"base vectors of {domain}")
-    corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
+    corpus = load_corpus_vectors(cfg, data_dir, [domain], progress,
+                                 on_docs=lambda done, total: stage(f"base vectors of {domain}", done, total))
     examples = domain_examples(cfg, data_dir, domain, corpus)
     examples, dev_examples = split_dev(examples, train.dev_fraction)
     settings = encoder_settings(cfg)

@@ -43,7 +43,11 @@ def test_add_and_remove_experts_independently(cfg, data_dir):
     first = _folder_hash(enabled_experts(cfg)["scifact"])
     first_pilots = load_pilots(cfg).embeddings.copy()
     assert load_pilots(cfg).domains == ["scifact"] and load_pilots(cfg).experts == ["scifact"]
-    train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
+    calls = []  # an admin job's progress: (stage, done, total)
+    train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, on_progress=lambda *a: calls.append(a))
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert stages == ["base vectors of nfcorpus", "training", "pilots of nfcorpus", "publishing"], stages
+    assert ("base vectors of nfcorpus", 300, 300) in calls and calls.count(("training", 3, 3)) == 1
     assert sorted(enabled_experts(cfg)) == ["nfcorpus", "scifact"]
     assert _folder_hash(enabled_experts(cfg)["scifact"]) == first
     pilots = load_pilots(cfg)
