@@ -16,6 +16,7 @@ serve.artifacts.atomic (an interrupted swap put back) before listing adapters.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,8 @@ from serve.config import RouterServeConfig
 
 from .atomic import recover, staged_dir
 from .generations import Generation, GenerationError, GenerationStore, check_expert_name, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def adapters_root(cfg: RouterServeConfig) -> Path | None:
@@ -80,14 +83,19 @@ def check_adapter_folder(adapter_dir: str | os.PathLike, model_dir: str | os.Pat
 
     folder = Path(adapter_dir)
     config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    missing = [f.name for f in (config_file, weights) if not f.is_file()]
-    if missing:
-        return [f"{folder} is not a peft adapter folder: {' and '.join(missing)} missing"]
     try:
+        missing = [f.name for f in (config_file, weights) if not f.is_file()]
+        if missing:
+            return [f"{folder} is not a peft adapter folder: {' and '.join(missing)} missing"]
+        links = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_symlink()]
+        if links:  # a copy follows links: one could carry any file the job can read into the store
+            return [f"{folder} holds symbolic links ({', '.join(sorted(links)[:3])}): copy real files"]
         peft_type = json.loads(config_file.read_text()).get("peft_type")
-        base = json.loads((Path(model_dir) / "config.json").read_text())
     except (ValueError, AttributeError) as exc:
         return [f"{config_file}: not a JSON object ({exc})"]
+    except OSError as exc:
+        return [f"{folder}: cannot read it ({exc.strerror or exc})"]
+    base = json.loads((Path(model_dir) / "config.json").read_text())  # the service's own model: its error is ours
     if peft_type != "LORA":
         return [f"{config_file}: peft_type {peft_type!r}, not LORA"]
     sizes = {base.get("hidden_size"), base.get("intermediate_size")} - {None}
@@ -133,13 +141,34 @@ def generation_store(cfg: RouterServeConfig) -> GenerationStore | None:
 DRAFT_MARKER = "DRAFT.json"  # {"generation": the generation the draft was last published as}
 
 
-def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) -> Generation:
+def _draft_based_on(store: GenerationStore) -> str | None:
+    """The generation the draft was last published as (DRAFT.json), or None (no marker)."""
+    marker = store.root / DRAFT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("generation")
+    except (ValueError, AttributeError):
+        return ""  # a damaged marker: follows nothing
+
+
+def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True, force: bool = False) -> Generation:
     """The draft (its adapters, restricted to experts.enabled, and their pilots) as a new
-    generation; made current unless ``activate`` is false."""
+    generation; made current unless ``activate`` is false.
+
+    Refused (nothing published) when another generation was made current while the draft was
+    being changed — an activate, rollback or admin removal during a training run would otherwise
+    be undone silently; run the change again (it then starts from the new current one). ``force``
+    (`experts publish`, asked by hand) publishes the draft as it is."""
     store = generation_store(cfg)
     if store is None:
         raise GenerationError("experts.dir is null: there is no expert store to publish to")
     with store.lock():
+        based_on, current = _draft_based_on(store), store.current_id()
+        if activate and not force and based_on is not None and current is not None and based_on != current:
+            raise GenerationError(f"generation {current} was made current while this change was being made (the draft "
+                                  f"was based on {based_on or 'an unreadable marker'}): nothing published; run the "
+                                  "change again, it then starts from the served generation")
         gen = store.publish(enabled_experts(cfg), load_pilots(cfg), reason=reason, base_model=cfg.model.ref)
         if activate:
             store.activate(gen.id, reason=reason)
@@ -150,29 +179,28 @@ def publish_draft(cfg: RouterServeConfig, reason: str, activate: bool = True) ->
 def draft_follows_current(cfg: RouterServeConfig) -> str | None:
     """Before an offline change to the draft (train, add, remove, pilots build): when the current
     generation is not the one the draft was last published as — an activate or a rollback since,
-    or a removal through the admin API — the draft becomes a copy of the current generation, so
-    the change applies to what is served and publishing it neither brings back a rolled-back
-    expert nor drops a served one. Returns the generation copied, or None (the draft already
-    follows it, no generation is current, or a store from before the marker: left as it is).
-    Nothing is lost: every earlier draft was published and keeps its generation."""
+    or a removal through the admin API — the draft becomes the current generation, so the change
+    applies to what is served and publishing it neither brings back a rolled-back expert nor drops
+    a served one: the served adapters and pilots are copied in, and draft adapters that some
+    generation published but the current one does not serve are removed (their generations keep
+    them). Adapters never published (left out by experts.enabled) stay; their pilots are not in
+    the served set (a warning names them: `routerserve pilots build`). Returns the generation
+    copied, or None (the draft already follows it, no generation is current, or a store from
+    before the marker: left as it is)."""
     store = generation_store(cfg)
     if store is None or not (store.root / DRAFT_MARKER).is_file():
         return None
     with store.lock():
-        marker = store.root / DRAFT_MARKER
         current = store.current()
-        if current is None or not marker.is_file():
+        if current is None or _draft_based_on(store) == current.id:
             return None
-        try:
-            if json.loads(marker.read_text()).get("generation") == current.id:
-                return None
-        except ValueError:
-            pass  # a damaged marker: follow the current generation
         root = adapters_root(cfg)
         root.mkdir(parents=True, exist_ok=True)
         served = current.adapters()
+        published = {e for g in store.list() for e in g.experts}
+        unpublished = [name for name in adapter_dirs(root) if name not in published]
         for name in adapter_dirs(root):
-            if name not in served:
+            if name in published and name not in served:
                 remove_from_draft(store.root, name)
         for name, src in served.items():
             with staged_dir(root / name) as staging:
@@ -182,7 +210,10 @@ def draft_follows_current(cfg: RouterServeConfig) -> str | None:
             draft_pilots.unlink(missing_ok=True)
         else:
             pilots.save(draft_pilots)  # written whole (PilotSet.save)
-        write_json_atomic(marker, {"generation": current.id})
+        if unpublished:
+            logger.warning("the draft now follows generation %s; adapters never published %s keep their folders but "
+                           "not their pilots: run `routerserve pilots build` before publishing them", current.id, unpublished)
+        write_json_atomic(store.root / DRAFT_MARKER, {"generation": current.id})
         return current.id
 
 

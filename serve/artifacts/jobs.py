@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -31,9 +32,12 @@ from pydantic import BaseModel, Field
 
 from .generations import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 JOB_ID_PATTERN = r"^j\d{8}T\d{9}-[0-9a-f]{6}$"  # UTC time to the millisecond, then random: they become paths
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0  # a running job silent this long is lost
+QUEUED_STALE_S = 180.0  # a job not started this long after it was queued (its command starts in seconds) is lost
 JobStatus = Literal["queued", "running", "succeeded", "failed", "lost"]
 ACTIVE = ("queued", "running")
 
@@ -94,10 +98,16 @@ class JobStore:
         path = self.record_path(job_id)
         if not path.is_file():
             raise JobError(f"no job {job_id}")
-        rec = JobRecord.model_validate_json(path.read_text())
-        if rec.status == "running" and time.time() - rec.updated_at > STALE_AFTER_S:
-            rec.status, rec.error = "lost", (f"no heartbeat for {time.time() - rec.updated_at:.0f} s (pid {rec.pid} on "
-                                             f"{rec.host}): the job's process or its node went away")
+        try:
+            rec = JobRecord.model_validate_json(path.read_text())
+        except ValueError as exc:  # pydantic's ValidationError included
+            raise JobError(f"job {job_id}: its record {path} is damaged ({type(exc).__name__})") from None
+        silent = time.time() - rec.updated_at
+        if rec.status == "running" and silent > STALE_AFTER_S:
+            rec.status, rec.error = "lost", (f"no heartbeat for {silent:.0f} s (pid {rec.pid} on {rec.host}): the job's "
+                                             "process or its node went away")
+        elif rec.status == "queued" and silent > QUEUED_STALE_S:
+            rec.status, rec.error = "lost", f"queued {silent:.0f} s ago and never started"
         return rec
 
     def list(self, limit: int = 50) -> list[JobRecord]:
@@ -133,10 +143,10 @@ class JobStore:
         rec = JobRecord.model_validate_json(self.record_path(job_id).read_text())
         return self._write(rec.model_copy(update=fields))
 
-    @contextlib.contextmanager
-    def claim(self, kind: str, params: dict[str, Any]) -> Iterator[JobRecord]:
-        """A new ``queued`` job, unless one is queued or running (JobError naming it); held under
-        ``jobs/.lock`` while the block starts it, so two replicas never start two jobs."""
+    def claim(self, kind: str, params: dict[str, Any]) -> JobRecord:
+        """A new ``queued`` job, unless one is queued or running (JobError naming it). The check
+        and the creation run under ``jobs/.lock`` (a blocking ``flock``: call it off the event
+        loop), so two replicas never start two jobs; nothing else happens under it."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a+") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -148,8 +158,8 @@ class JobStore:
                 now = datetime.now(timezone.utc)
                 job_id = f"j{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
                 self.dir(job_id).mkdir()
-                yield self._write(JobRecord(id=job_id, kind=kind, params=params, status="queued",  # type: ignore[arg-type]
-                                            created_at=_now(), updated_at=0.0))
+                return self._write(JobRecord(id=job_id, kind=kind, params=params, status="queued",  # type: ignore[arg-type]
+                                             created_at=_now(), updated_at=0.0))
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
@@ -164,30 +174,39 @@ class JobStore:
                                                       error=f"{why}{': ' + tail if tail else ''}")))
 
     @contextlib.contextmanager
-    def reporter(self, job_id: str) -> Iterator["JobReporter"]:
+    def reporter(self, job_id: str, timeout_s: float | None = None) -> Iterator["JobReporter"]:
         """What a job's command runs inside: ``running`` (pid, host) with a heartbeat, then
-        ``succeeded`` (``JobReporter.result``) or ``failed`` (the exception's message; re-raised)."""
-        rep = JobReporter(self, job_id)
+        ``succeeded`` (``JobReporter.result``) or ``failed`` (the exception's message; re-raised).
+        Past ``timeout_s`` the heartbeat records ``failed`` and ends the process itself (exit
+        124), also when the replica that started it is gone."""
+        rep = JobReporter(self, job_id, timeout_s)
         rep.start()
         try:
             yield rep
         except BaseException as exc:
-            message = str(exc) or type(exc).__name__
-            if isinstance(exc, SystemExit):  # typer.Exit / exit_on: the message went to the log
-                message = f"exited with {exc.code}: " + " | ".join(self.log_tail(job_id, 3))
-            rep.stop("failed", error=message, exit_code=exc.code if isinstance(exc, SystemExit) else 1)
+            # typer.Exit / click's Exit carry exit_code (not SystemExit); SystemExit.code may be a string
+            code = exc.code if isinstance(exc, SystemExit) else getattr(exc, "exit_code", 1)
+            code = code if isinstance(code, int) else 1
+            if code == 0:
+                rep.stop("succeeded", result=rep.result_fields, exit_code=0)
+                raise
+            message = str(exc)
+            if not message or hasattr(exc, "exit_code") or isinstance(exc, SystemExit):  # printed to the log already
+                message = f"exited with {code}: " + " | ".join(self.log_tail(job_id, 3))
+            rep.stop("failed", error=message, exit_code=code)
             raise
         rep.stop("succeeded", result=rep.result_fields, exit_code=0)
 
 
 class JobReporter:
-    def __init__(self, store: JobStore, job_id: str):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, timeout_s: float | None = None):
+        self.store, self.job_id, self.timeout_s = store, job_id, timeout_s
         self.result_fields: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"job-{job_id}-heartbeat", daemon=True)
         self._last = 0.0
+        self._t0 = time.monotonic()
 
     def start(self) -> None:
         self.store.update(self.job_id, status="running", started_at=_now(), pid=os.getpid(), host=socket.gethostname())
@@ -195,22 +214,33 @@ class JobReporter:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            with self._lock:
-                self.store.update(self.job_id)
+            try:
+                with self._lock:
+                    if self.timeout_s is not None and time.monotonic() - self._t0 > self.timeout_s:
+                        self.store.update(self.job_id, status="failed", finished_at=_now(), exit_code=124,
+                                          error=f"past experts.job_timeout_s = {self.timeout_s:g} s: ended")
+                        os._exit(124)  # the job's own deadline: no replica may be left to kill it
+                    self.store.update(self.job_id)
+            except Exception:  # noqa: BLE001 - a failed write (full disk, a network volume's hiccup): beat again
+                logger.exception("job %s: heartbeat not written", self.job_id)
 
     def progress(self, stage: str, done: int | None = None, total: int | None = None) -> None:
-        """The stage and its step counts; written at most once a second within one stage."""
+        """The stage and its step counts; written at most once a second within one stage (the
+        last step always). A failed write is logged, never fails the job."""
         now = time.monotonic()
         with self._lock:
-            rec = self.store.get(self.job_id)
-            if rec.stage == stage and now - self._last < 1.0 and done != total:
-                return
-            self._last = now
-            stages = list(rec.stages)
-            if not stages or stages[-1]["stage"] != stage:
-                stages.append({"stage": stage, "started_at": _now()})
-            stages[-1] = {**stages[-1], "done": done, "total": total}
-            self.store.update(self.job_id, stage=stage, done=done, total=total, stages=stages)
+            try:
+                rec = self.store.get(self.job_id)
+                if rec.stage == stage and now - self._last < 1.0 and done != total:
+                    return
+                self._last = now
+                stages = list(rec.stages)
+                if not stages or stages[-1]["stage"] != stage:
+                    stages.append({"stage": stage, "started_at": _now()})
+                stages[-1] = {**stages[-1], "done": done, "total": total}
+                self.store.update(self.job_id, stage=stage, done=done, total=total, stages=stages)
+            except Exception:  # noqa: BLE001 - progress is informative: the work goes on
+                logger.exception("job %s: progress not written", self.job_id)
 
     def result(self, **fields: Any) -> None:
         self.result_fields.update(fields)

@@ -40,7 +40,7 @@ def _job(cfg, job: Optional[str]):
         return
     from serve.artifacts.jobs import JobStore
 
-    with JobStore(cfg.experts.dir).reporter(job) as rep:
+    with JobStore(cfg.experts.dir).reporter(job, cfg.experts.job_timeout_s) as rep:
         yield rep
 
 
@@ -144,7 +144,7 @@ def experts_publish(
     from serve.artifacts.experts import publish_draft
 
     with exit_on(GenerationError, FileNotFoundError):
-        gen = publish_draft(_load(config, set_), reason, activate=activate)
+        gen = publish_draft(_load(config, set_), reason, activate=activate, force=True)  # asked by hand: the draft as it is
     console.print(f"published generation [green]{gen.id}[/green] ({', '.join(gen.experts) or 'no experts'})"
                   + (" — now current" if activate else ""))
 
@@ -259,12 +259,28 @@ def experts_add(
         check_expert_name(name)
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+        if rep:  # the admin API checked the folder before; it may have changed since: again, here
+            _check_registered(cfg, adapter)
         wins = add_expert(cfg, ddir, name, adapter, domain, replace, on_progress=rep.progress if rep else None)
         current = _store(cfg).current_id()
         if rep:
             rep.result(generation=current, expert=name, pilots=wins)
     won = ", ".join(f"{e} ({n})" for e, n in wins.items())
     console.print(f"[green]expert {name}[/green] added; pilots of {domain or name} → {won}; generation {current} is current")
+
+
+def _check_registered(cfg, adapter: Path) -> None:
+    """An admin job's adapter: still under experts.register_root, still a LoRA folder for the base
+    model with no symlink inside (serve.artifacts.experts.check_adapter_folder)."""
+    from serve.artifacts.experts import check_adapter_folder
+    from serve.artifacts.models import resolve_model
+
+    root = cfg.experts.register_root_path().resolve()
+    if not adapter.resolve().is_relative_to(root):
+        raise ValueError(f"adapter {adapter} is no longer under experts.register_root {root}")
+    problems = check_adapter_folder(adapter, resolve_model(cfg.model.ref))
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _show_job(j: dict) -> str:

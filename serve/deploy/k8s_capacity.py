@@ -169,8 +169,11 @@ def pack(demands: list[Demand], groups: list[GroupShape], at: str,
     alone = {}
     for d in demands:
         counts = {d.name: d.min_replicas} if at == "min" else {**minimum, d.name: d.max_replicas}
-        if at == "min" or d.max_replicas > d.min_replicas:  # the others' minimum replicas go first
-            if left := _place(demands, groups, at, counts, last=d.name).get(d.name, 0):
+        if at == "min" or d.max_replicas > d.min_replicas:
+            # d's own replicas left over once the others' minimum went first — and no order fits
+            # (placing d last can fragment the pods: then the plain largest-first packing decides)
+            left = _place(demands, groups, at, counts, last=d.name).get(d.name, 0)
+            if left and _place(demands, groups, at, counts):
                 alone[d.name] = left
     blamed, together = (alone, False) if alone else (unplaced, True)
     errors = []

@@ -53,28 +53,36 @@ class AdminJobs:
         return cmd
 
     async def start(self, kind: str, params: dict[str, Any], args: list[str]) -> JobRecord:
-        """Claim the store's one job slot (409 when a job is queued or running), write the config,
-        start the command; the record as it is now (``queued``)."""
+        """Claim the store's one job slot (409 when a job is queued or running; the claim's file
+        lock is taken off the event loop), write the config, start the command; the record as it
+        is now (``queued``). A command that cannot be started marks its job failed."""
         try:
-            with self.store.claim(kind, params) as rec:
-                config = {**self.settings.config, "ray": {**self.settings.config.get("ray", {}), "address": "local"}}
-                self.store.config_path(rec.id).write_text(json.dumps(config, indent=2))
-                env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb",
-                       **{v: str(self.settings.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
-                with open(self.store.log_path(rec.id), "ab") as log:
-                    proc = await asyncio.create_subprocess_exec(
-                        *self.command(rec.id, args), stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                        stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+            rec = await asyncio.to_thread(self.store.claim, kind, params)
         except JobError as exc:
             raise RequestError(str(exc), None, 409) from None
         except OSError as exc:
-            raise RequestError(f"cannot start a job under {self.store.root} ({exc.strerror or type(exc).__name__}): on a "
-                               "read-only artifacts volume change experts offline and pin experts.generation", None, 409) from None
+            raise self._cannot_write(exc) from None
+        try:
+            config = {**self.settings.config, "ray": {**self.settings.config.get("ray", {}), "address": "local"}}
+            self.store.config_path(rec.id).write_text(json.dumps(config, indent=2))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb",
+                   **{v: str(self.settings.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+            with open(self.store.log_path(rec.id), "ab") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.command(rec.id, args), stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                    stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as exc:
+            await asyncio.to_thread(self.store.finish_abnormally, rec.id, None, f"the job's command did not start ({exc})")
+            raise self._cannot_write(exc) from None
         task = asyncio.create_task(self._watch(rec.id, proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
         logger.info("admin job %s started: pid %s, %s %s", rec.id, proc.pid, kind, params)
         return rec
+
+    def _cannot_write(self, exc: OSError) -> RequestError:
+        return RequestError(f"cannot start a job under {self.store.root} ({exc.strerror or type(exc).__name__}): on a "
+                            "read-only artifacts volume change experts offline and pin experts.generation", None, 409)
 
     async def _watch(self, job_id: str, proc: asyncio.subprocess.Process) -> None:
         why = None
@@ -91,7 +99,7 @@ class AdminJobs:
         try:
             await asyncio.to_thread(self.store.finish_abnormally, job_id, code,
                                     why or f"the job's process ended ({code}) without recording an outcome")
-        except OSError:
+        except (OSError, ValueError):
             logger.exception("admin job %s: its record could not be written", job_id)
 
     @staticmethod
@@ -105,7 +113,8 @@ class AdminJobs:
         try:
             return self.store.get(job_id), self.store.log_tail(job_id)
         except JobError as exc:
-            raise RequestError(str(exc), "job_id", 422 if "invalid" in str(exc) else 404) from None
+            status = 422 if "invalid job id" in str(exc) else 409 if "damaged" in str(exc) else 404
+            raise RequestError(str(exc), "job_id", status) from None
 
     def list(self, limit: int) -> list[JobRecord]:
         return self.store.list(limit)

@@ -117,12 +117,15 @@ class AdminService:
         root = Path(self._jobs().settings.register_root).resolve()
         if "\x00" in adapter:
             raise RequestError("adapter: a path with a NUL byte", "adapter", 422)
-        path = (root / adapter).resolve()  # an absolute ``adapter`` replaces root: checked below like any other
-        if not path.is_relative_to(root):
-            raise RequestError(f"adapter {adapter!r} resolves to {path}, outside experts.register_root {root}: "
-                               "put the folder under it", "adapter", 422)
-        if not path.is_dir():
-            raise RequestError(f"adapter folder {path} does not exist (under experts.register_root {root})", "adapter", 422)
+        try:
+            path = (root / adapter).resolve()  # an absolute ``adapter`` replaces root: checked below like any other
+            if not path.is_relative_to(root):
+                raise RequestError(f"adapter {adapter!r} resolves to {path}, outside experts.register_root {root}: "
+                                   "put the folder under it", "adapter", 422)
+            if not path.is_dir():
+                raise RequestError(f"adapter folder {path} does not exist (under experts.register_root {root})", "adapter", 422)
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, no permission
+            raise RequestError(f"adapter {adapter!r}: {exc}", "adapter", 422) from None
         return path
 
     async def register(self, name: str, adapter: str, domain: str | None, replace: bool) -> JobResponse:
@@ -148,11 +151,11 @@ class AdminService:
 
     async def train(self, domain: str, steps: int | None) -> JobResponse:
         jobs = self._jobs()
-        self._check_domain(domain, "domain")
         try:
             check_expert_name(domain)
         except ValueError as exc:
             raise RequestError(str(exc), "domain", 422) from None
+        self._check_domain(domain, "domain")
         args = ["experts", "train", "--domain", domain, *(["--steps", str(steps)] if steps else [])]
         return JobResponse(job=await jobs.start("train", {"domain": domain, "steps": steps}, args))
 

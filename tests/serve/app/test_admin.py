@@ -256,6 +256,9 @@ def test_bad_register_and_train_input_is_a_4xx_and_starts_nothing(jobs_app, tmp_
     (root / "link-out").symlink_to(outside)
     (root / "empty").mkdir()
     _wrong_shapes(root / "wide")
+    shutil.copytree(root / "gamma", root / "smuggler")
+    (root / "smuggler" / "notes").symlink_to(tmp_path / "elsewhere" / "adapter_config.json")  # a file outside
+    (root / "loop").symlink_to(root / "loop")
     cases = [
         ({"name": "x", "adapter": "../elsewhere", "domain": "alpha"}, 422, "adapter", "outside experts.register_root"),
         ({"name": "x", "adapter": str(outside), "domain": "alpha"}, 422, "adapter", "outside experts.register_root"),
@@ -263,6 +266,9 @@ def test_bad_register_and_train_input_is_a_4xx_and_starts_nothing(jobs_app, tmp_
         ({"name": "x", "adapter": "nope", "domain": "alpha"}, 422, "adapter", "does not exist"),
         ({"name": "x", "adapter": "empty", "domain": "alpha"}, 422, "adapter", "adapter_config.json and adapter_model.safetensors missing"),
         ({"name": "x", "adapter": "wide", "domain": "alpha"}, 422, "adapter", "another base model"),
+        ({"name": "x", "adapter": "smuggler", "domain": "alpha"}, 422, "adapter", "symbolic links (notes)"),
+        ({"name": "x", "adapter": "loop", "domain": "alpha"}, 422, "adapter", "loop"),
+        ({"name": "x", "adapter": "a" * 5000, "domain": "alpha"}, 422, "adapter", ""),
         ({"name": "x", "adapter": "gamma", "domain": "nowhere"}, 422, "domain", "not found"),
         ({"name": "x", "adapter": "gamma", "domain": "../alpha"}, 422, "domain", "invalid dataset name"),
         ({"name": "../x", "adapter": "gamma", "domain": "alpha"}, 422, "name", "invalid expert name"),
@@ -293,8 +299,7 @@ def test_one_job_at_a_time_per_store(jobs_app):
     """A queued or running job holds the store's one slot: a second register/train is a 409 naming
     it; once it ended, the slot is free."""
     make, store, jobs, _ = jobs_app
-    with jobs.store.claim("train", {"domain": "alpha"}) as held:
-        pass
+    held = jobs.store.claim("train", {"domain": "alpha"})
     jobs.store.update(held.id, status="running")
     client = make()
     r = client.post("/admin/v1/experts/train", json={"domain": "alpha"}, headers=_auth(ADMIN))
@@ -315,6 +320,7 @@ def test_the_runner_kills_a_job_past_its_deadline_and_records_why(published, mod
     import sys
 
     from serve.app.admin.jobs import AdminJobs
+    from serve.app.errors import RequestError
     from serve.app.settings import AdminJobSettings
     from serve.artifacts.jobs import JobStore
 
@@ -338,3 +344,15 @@ def test_the_runner_kills_a_job_past_its_deadline_and_records_why(published, mod
     assert rec.status == "failed" and "job_timeout_s" in rec.error and "working" in rec.error and tail == ["working"]
     rec, _ = asyncio.run(run("import sys; print('boom'); sys.exit(3)"))
     assert rec.status == "failed" and rec.exit_code == 3 and "without recording an outcome" in rec.error
+
+    class Unstartable(Scripted):
+        def command(self, job_id, args):
+            return [str(tmp_path / "no-such-program")]
+
+    jobs = Unstartable(jobs.store, jobs.settings)
+    with pytest.raises(RequestError) as err:
+        asyncio.run(jobs.start("train", {"domain": "alpha"}, []))
+    assert err.value.status == 409
+    failed = jobs.store.list(1)[0]
+    assert failed.status == "failed" and "did not start" in failed.error  # the slot is free again
+    assert jobs.store.claim("train", {}).status == "queued"

@@ -272,3 +272,53 @@ def test_after_a_rollback_an_offline_change_starts_from_the_served_generation(tm
     (root / "DRAFT.json").unlink()
     store.activate(g1.id)
     assert draft_follows_current(cfg) is None and (root / "adapters" / "c").is_dir()
+
+
+def test_following_the_served_generation_keeps_adapters_never_published(tmp_path):
+    """experts.enabled leaves some draft adapters out of every generation: following the current
+    generation removes only what a generation published, never those (their only copy)."""
+    from serve.artifacts.experts import draft_follows_current, publish_draft
+    from serve.config import config_from_dict
+
+    root = tmp_path / "experts"
+    cfg = config_from_dict({"experts": {"dir": str(root), "enabled": ["a"]}}).absolutized()
+    _adapter(root / "adapters", "a", b"A1")
+    _adapter(root / "adapters", "wip", b"W1")  # not enabled: never published
+    _pilots("a").save(root / "pilots.npz")
+    g1 = publish_draft(cfg, "a")
+    cfg.experts.enabled = ["a", "wip"]
+    _pilots("a", "wip").save(root / "pilots.npz")
+    g2 = publish_draft(cfg, "a+wip")
+    _adapter(root / "adapters", "later", b"L1")  # trained with publish=False
+    store = GenerationStore(root)
+    store.rollback()
+    assert draft_follows_current(cfg) == g1.id
+    names = sorted(p.name for p in (root / "adapters").iterdir() if not p.name.startswith("."))
+    assert names == ["a", "later"], names  # wip: published in g2, not served; later: its only copy stays
+    store.get(g2.id).verify()
+
+
+def test_a_publish_after_the_served_generation_moved_mid_change_is_refused(tmp_path):
+    """An activate or rollback while a change (a training run) was being made is not undone by
+    its publish: refused, nothing published; `experts publish` (by hand) forces it."""
+    from serve.artifacts.experts import draft_follows_current, publish_draft
+    from serve.config import config_from_dict
+
+    root = tmp_path / "experts"
+    cfg = config_from_dict({"experts": {"dir": str(root)}}).absolutized()
+    _adapter(root / "adapters", "a", b"A1")
+    _pilots("a").save(root / "pilots.npz")
+    g1 = publish_draft(cfg, "a")
+    _adapter(root / "adapters", "b", b"B1")
+    _pilots("a", "b").save(root / "pilots.npz")
+    g2 = publish_draft(cfg, "a+b")
+    assert draft_follows_current(cfg) is None  # the change starts here ...
+    _adapter(root / "adapters", "c", b"C1")
+    _pilots("a", "b", "c").save(root / "pilots.npz")
+    store = GenerationStore(root)
+    store.rollback()  # ... someone rolls back while it runs ...
+    with pytest.raises(GenerationError, match=f"generation {g1.id} was made current while this change"):
+        publish_draft(cfg, "a+b+c")  # ... and its publish would have undone that
+    assert store.current_id() == g1.id and len(store.list()) == 2
+    forced = publish_draft(cfg, "by hand", force=True)
+    assert store.current_id() == forced.id and forced.experts == ["a", "b", "c"] and g2.id != forced.id

@@ -363,6 +363,12 @@ def test_capacity_blames_the_deployment_that_grew_not_the_replicas_packed_last()
     both = [Demand("A", 1, 3, cpu=4, gpu=0, memory=0), Demand("B", 1, 3, cpu=2, gpu=0, memory=0)]
     errors = pack(both, [GroupShape("cpu", 1, 2, cpu=8, gpu=0, memory=2**40)], "max")  # 12 + 6 > 16
     assert errors and all("together with the other deployments' replicas" in e for e in errors), errors
+    # placing the grown deployment last can fragment the pods: then it is not blamed alone when
+    # the plain largest-first packing of it at maximum (others at minimum) fits
+    three = [Demand("D", 1, 2, cpu=5, gpu=0, memory=0), Demand("A", 2, 2, cpu=3, gpu=0, memory=0),
+             Demand("B", 0, 1, cpu=1, gpu=0, memory=0)]  # D D A A fill 2 pods of 8 exactly; B is one too many
+    errors = pack(three, [GroupShape("cpu", 2, 2, cpu=8, gpu=0, memory=2**40)], "max")
+    assert len(errors) == 1 and errors[0].startswith("B: 1 of its 1") and "together" in errors[0], errors
     # at minimum: a deployment too large on its own is blamed, not the ones packed after it
     errors = pack([Demand("Huge", 3, 3, cpu=4, gpu=0, memory=0), Demand("Tiny", 2, 2, cpu=1, gpu=0, memory=0)],
                   [GroupShape("cpu", 1, 1, cpu=8, gpu=0, memory=2**40)], "min")
