@@ -32,18 +32,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>.json, replaced whole (a temporary file renamed over it)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict, out: Path = RESULTS) -> Path:
+    """<out>/<name>.json (default benchmarks/results), replaced whole (a temporary file renamed over it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
 
 
-def write_markdown(name: str, text: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
-    path.write_text(text)
+def write_markdown(name: str, text: str, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path

@@ -1,0 +1,298 @@
+"""Side by side in one run (issue 17): the Serve path against its own in-process ceiling and a
+naive server doing the same work, the same load generator, the same machine, model, index and
+queries; routerserve's cold start.
+
+    .venv/bin/python benchmarks/compare.py [--concurrency 1,16,32,64] [--rates 5,10,20,40]
+        [--duration 15] [--repeats 3] [--systems ceiling,routerserve,naive] [--smoke] [--set k=v]
+
+Systems, each alone on the machine in turn (the load generator — this process — shares the
+cores with it, noted in the result):
+  ceiling      RetrievalService in this process without Ray or HTTP (local encoder and shard
+               objects), the best of several batch sizes: base pass + routing + expert pass + search.
+  routerserve  `routerserve up` (retrieval only: llm.enabled=false) over HTTP: closed loop at each
+               concurrency (median of --repeats runs) and open loop at fixed arrival rates
+               (p50/p99 vs offered load, goodput = answers within --slo-ms per second). Its cold
+               start: seconds from `routerserve up` to the first 200 with every artifact cached.
+  naive        benchmarks/naive_server.py: FastAPI + uvicorn, the same work per request, nothing
+               batched across requests; the same closed and open loops.
+Still to come (issue 17): Infinity for /v1/embeddings, routerserve with @serve.batch, mixed
+experts, the default app with the LLM engines resident.
+
+--smoke (CI): seconds per system, no figure asserted; results go to --out (not benchmarks/results).
+Writes <out>/compare.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import numpy as np
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
+from reliability_common import REPO, RETRIEVAL_ONLY, LiveService, Record, closed_loop, open_loop  # noqa: E402
+from retrieval_load import _ceiling, _queries  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+NAIVE_PORT = 8010
+
+
+def summarize(records: list[Record], warmup_s: float, duration_s: float, slo_s: float | None = None) -> dict:
+    """Answers that started inside the measured window [warmup_s, duration_s): QPS of 200s,
+    latency percentiles, errors; goodput (200s within ``slo_s`` per second) when given."""
+    window = duration_s - warmup_s
+    inside = [r for r in records if warmup_s <= r.start_s < duration_s]
+    ok = [r.latency_s for r in inside if r.status == 200]
+    lat = np.asarray(ok) * 1e3
+    out = {
+        "requests": len(inside), "ok": len(ok), "errors": len(inside) - len(ok),
+        "qps": len(ok) / window,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
+    if slo_s is not None:
+        out["goodput"] = sum(x <= slo_s for x in ok) / window
+    return out
+
+
+def _median(runs: list[dict]) -> dict:
+    keys = [k for k in ("qps", "p50_ms", "p99_ms", "goodput") if all(r.get(k) is not None for r in runs) and k in runs[0]]
+    return {**{k: statistics.median(r[k] for r in runs) for k in keys},
+            "errors": sum(r["errors"] for r in runs), "runs": runs}
+
+
+def measure(url: str, qs: list[str], concurrency: list[int], rates: list[float], duration: float, warmup: float,
+            repeats: int, slo_s: float) -> dict:
+    """Closed loop at each concurrency (median of ``repeats``), then open loop at each rate."""
+    closed, opened = {}, {}
+    for c in concurrency:
+        runs = []
+        for _ in range(repeats):
+            recs = asyncio.run(closed_loop(url, qs, c, warmup + duration))
+            runs.append(summarize(recs, warmup, warmup + duration))
+        closed[str(c)] = _median(runs)
+        print(f"  closed c={c}: {closed[str(c)]['qps']:.1f} q/s p50 {closed[str(c)].get('p50_ms') or 0:.0f} ms "
+              f"p99 {closed[str(c)].get('p99_ms') or 0:.0f} ms", flush=True)
+    for rate in rates:
+        recs = asyncio.run(open_loop(url, qs, rate, duration))
+        opened[f"{rate:g}"] = {"offered": rate, **summarize(recs, 0.0, duration, slo_s)}
+        o = opened[f"{rate:g}"]
+        print(f"  open {rate:g}/s: {o['qps']:.1f} answered/s, goodput {o['goodput']:.1f}, p99 {o.get('p99_ms') or 0:.0f} ms, "
+              f"errors {o['errors']}", flush=True)
+    return {"closed": closed, "open": opened}
+
+
+class NaiveServer:
+    """benchmarks/naive_server.py in its own process group, with the same config overrides."""
+
+    def __init__(self, sets: list[str], log: Path, port: int = NAIVE_PORT):
+        self.sets, self.log, self.port = sets, log, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> "NaiveServer":
+        args = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--port", str(self.port)]
+        for s in self.sets:
+            args += ["--set", s]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 300:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"naive server exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                    print(f"[naive] healthy after {time.monotonic() - t0:.0f} s", flush=True)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.__exit__()
+        raise TimeoutError(f"naive server not healthy within 300 s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900) -> float:
+    """Seconds from ``t0`` until POST /v1/retrieve answers 200."""
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if httpx.post(f"{url}/v1/retrieve", json={"query": query, "top_k": 10}, timeout=30).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("no 200 from /v1/retrieve")
+
+
+def ratios(doc: dict, c: str) -> dict:
+    sys_ = doc["systems"]
+    rs = sys_.get("routerserve", {}).get("closed", {}).get(c, {})
+    naive = sys_.get("naive", {}).get("closed", {}).get(c, {})
+    ceiling = sys_.get("ceiling", {}).get("qps")
+    share = rs.get("qps") / ceiling if rs.get("qps") and ceiling else None
+    return {
+        f"ceiling_share_c{c}": share,
+        f"vs_naive_c{c}": rs["qps"] / naive["qps"] if rs.get("qps") and naive.get("qps") else None,
+        f"p99_over_p50_c{c}": rs["p99_ms"] / rs["p50_ms"] if rs.get("p99_ms") and rs.get("p50_ms") else None,
+        f"vs_infinity_c{c}": None,  # the Infinity comparison is the next step of issue 17
+        "mixed_vs_single": None,
+        "cold_start_s": sys_.get("routerserve", {}).get("cold_start_s"),
+    }
+
+
+def _fmt(x, spec=".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def render(doc: dict, out: Path) -> None:
+    s = doc["systems"]
+    lines = [f"# Side by side: /v1/retrieve — {doc['deployment']}", "",
+             f"`{doc['command']}` · commit {doc['commit']} · {doc['date']}", "",
+             f"Machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('logical_cpus', '?')} CPUs, GPU: {doc['machine'].get('gpu', '?')}. "
+             "The load generator (this process) shares the cores with the system under test; each system ran alone.",
+             f"Queries: {doc['queries']} test queries of {', '.join(doc['datasets'])}; top_k 10; closed loop "
+             f"{doc['duration_s']:g} s after {doc['warmup_s']:g} s warm-up, median of {doc['repeats']}; open loop "
+             f"{doc['duration_s']:g} s per rate, SLO {doc['slo_ms']:g} ms.", ""]
+    if "ceiling" in s:
+        c = s["ceiling"]
+        per_batch = ", ".join(f"batch {b['batch']}: {b['qps']:.1f}" for b in c["batches"])
+        lines += [f"**Ceiling** (in-process, no Ray, no HTTP): {c['qps']:.1f} q/s at batch {c['batch']} ({per_batch}).", ""]
+    if "routerserve" in s and s["routerserve"].get("cold_start_s") is not None:
+        lines += [f"**Cold start** (`routerserve up`, artifacts cached, to the first 200): "
+                  f"{s['routerserve']['cold_start_s']:.0f} s.", ""]
+    systems = [k for k in ("routerserve", "naive") if k in s]
+    lines += ["## Closed loop", "", "| concurrency | " + " | ".join(f"{k} q/s | p50 ms | p99 ms" for k in systems) + " |",
+              "|---|" + "---|---|---|" * len(systems)]
+    for c in doc["concurrency"]:
+        row = [str(c)]
+        for k in systems:
+            r = s[k]["closed"].get(str(c), {})
+            row += [_fmt(r.get("qps")), _fmt(r.get("p50_ms"), ".0f"), _fmt(r.get("p99_ms"), ".0f")]
+        lines.append("| " + " | ".join(row) + " |")
+    if doc["rates"]:
+        lines += ["", "## Open loop (offered load)", "",
+                  "| offered /s | " + " | ".join(f"{k} answered/s | goodput /s | p99 ms | errors" for k in systems) + " |",
+                  "|---|" + "---|---|---|---|" * len(systems)]
+        for rate in doc["rates"]:
+            row = [f"{rate:g}"]
+            for k in systems:
+                r = s[k]["open"].get(f"{rate:g}", {})
+                row += [_fmt(r.get("qps")), _fmt(r.get("goodput")), _fmt(r.get("p99_ms"), ".0f"), str(r.get("errors", "–"))]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Ratios (goals: issue 17)", "", "| ratio | value | goal |", "|---|---|---|"]
+    goals = {"ceiling_share": "≥ 0.8", "vs_naive": "≥ 1.5", "p99_over_p50": "≤ 3", "vs_infinity": "≥ 1.0",
+             "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s"}
+    for k, v in doc["ratios"].items():
+        goal = next((g for prefix, g in goals.items() if k.startswith(prefix)), "")
+        lines.append(f"| {k} | {_fmt(v, '.2f')} | {goal} |")
+    write_markdown("compare", "\n".join(lines) + "\n", out)
+    _plot(doc, out / "compare.png")
+
+
+def _plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = doc["systems"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in ("routerserve", "naive"):
+        if k not in s:
+            continue
+        cs = [c for c in doc["concurrency"] if s[k]["closed"].get(str(c), {}).get("qps") is not None]
+        a.plot(cs, [s[k]["closed"][str(c)]["qps"] for c in cs], marker="o", label=k)
+        rates = [r for r in doc["rates"] if s[k]["open"].get(f"{r:g}", {}).get("p99_ms") is not None]
+        b.plot(rates, [s[k]["open"][f"{r:g}"]["p99_ms"] for r in rates], marker="o", label=k)
+    if "ceiling" in s:
+        a.axhline(s["ceiling"]["qps"], color="gray", linestyle="--", label="in-process ceiling")
+    a.set(xlabel="concurrency (closed loop)", ylabel="answers / s", title="/v1/retrieve throughput")
+    b.set(xlabel="offered load (requests / s)", ylabel="p99 latency (ms)", title="latency vs offered load", yscale="log")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{doc['deployment']} · commit {doc['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@app.command()
+def main(
+    systems: str = typer.Option("ceiling,routerserve,naive", help="which systems, in this order"),
+    concurrency: str = typer.Option("1,16,32,64"),
+    rates: str = typer.Option("5,10,20,40", help="open-loop arrival rates (requests/s); empty: none"),
+    duration: float = typer.Option(15.0, help="seconds measured per run"),
+    warmup: float = typer.Option(3.0, help="closed loop: seconds before measuring"),
+    repeats: int = typer.Option(3),
+    slo_ms: float = typer.Option(1000.0, help="goodput counts answers within this"),
+    queries: int = typer.Option(512),
+    ceiling_batches: str = typer.Option("1,8,32,64"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="config override for every system (key=value)"),
+    smoke: bool = typer.Option(False, help="CI: seconds per system, nothing asserted"),
+    out: Path = typer.Option(RESULTS, help="where compare.{json,md,png} go"),
+    port: int = typer.Option(8000, help="routerserve's HTTP port"),
+    naive_port: int = typer.Option(NAIVE_PORT, help="the naive server's port"),
+):
+    from serve.config import load_config
+
+    sets = list(set_ or [])
+    if smoke:
+        concurrency, rates, duration, warmup, repeats, queries, ceiling_batches = "1,4", "4", 2.0, 0.5, 1, 16, "1,4"
+    cfg = load_config(None, RETRIEVAL_ONLY + sets).absolutized()
+    data_dir = cfg.resolve_data_dir(None)
+    qs = _queries(data_dir, cfg.corpus.datasets, queries)
+    conc = [int(c) for c in concurrency.split(",") if c]
+    rate_list = [float(r) for r in rates.split(",") if r]
+    doc = {"deployment": "retrieval-only app (llm.enabled=false)", "concurrency": conc, "rates": rate_list,
+           "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "slo_ms": slo_ms, "queries": len(qs),
+           "datasets": cfg.corpus.datasets, "smoke": smoke, "sets": sets, "systems": {}}
+    logs = out / "logs"
+    for system in systems.split(","):
+        print(f"[{system}]", flush=True)
+        if system == "ceiling":
+            batches = [_ceiling(cfg, data_dir, qs, b, repeats, 10) for b in (int(x) for x in ceiling_batches.split(","))]
+            best = max(batches, key=lambda b: b["qps"])
+            doc["systems"]["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
+            print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}", flush=True)
+        elif system == "routerserve":
+            t0 = time.monotonic()
+            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port=port) as svc:
+                cold = first_answer_s(svc.url, qs[0], t0)
+                print(f"  cold start {cold:.0f} s", flush=True)
+                doc["systems"]["routerserve"] = {"cold_start_s": cold, **measure(svc.url, qs, conc, rate_list, duration,
+                                                                                 warmup, repeats, slo_ms / 1e3)}
+        elif system == "naive":
+            with NaiveServer(RETRIEVAL_ONLY + sets, logs / "compare_naive.log", naive_port) as srv:
+                doc["systems"]["naive"] = measure(srv.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)
+        else:
+            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive")
+    doc["ratios"] = ratios(doc, str(max(conc)) if "32" not in map(str, conc) else "32")
+    doc.update(command=command_line(), commit=git_commit(), machine=machine(),
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(write_json("compare", doc, out))
+    render(doc, out)
+    print({k: v for k, v in doc["ratios"].items() if v is not None})
+
+
+if __name__ == "__main__":
+    app()
