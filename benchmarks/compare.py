@@ -15,8 +15,13 @@ cores with it, noted in the result):
                start: seconds from `routerserve up` to the first 200 with every artifact cached.
   naive        benchmarks/naive_server.py: FastAPI + uvicorn, the same work per request, nothing
                batched across requests; the same closed and open loops.
-Still to come (issue 17): Infinity for /v1/embeddings, routerserve with @serve.batch, mixed
-experts, the default app with the LLM engines resident.
+  embeddings   routerserve's /v1/embeddings, one text per request, closed loop.
+  infinity     Infinity (PyPI infinity-emb, torch engine, CPU; its own virtualenv under
+               benchmarks/.venvs/, created on first use) serving the same model folder: the same load.
+--label NAME stores a run's systems as <system>@NAME (e.g. the code before a change) and --merge
+adds them to an existing compare.json: before/after in one table.
+Still to come (issue 17): routerserve with @serve.batch, mixed experts, the default app with the
+LLM engines resident.
 
 --smoke (CI): seconds per system, no figure asserted; results go to --out (not benchmarks/results).
 Writes <out>/compare.{json,md,png}.
@@ -25,6 +30,7 @@ Writes <out>/compare.{json,md,png}.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -92,6 +98,101 @@ def measure(url: str, qs: list[str], concurrency: list[int], rates: list[float],
     return {"closed": closed, "open": opened}
 
 
+async def post_loop(url: str, path: str, bodies: list[dict], concurrency: int, duration_s: float,
+                    timeout_s: float = 60) -> list[Record]:
+    """Closed loop of POSTs to ``path`` (the same client for every system): ``concurrency``
+    clients, each sends the next body when its answer arrived."""
+    records: list[Record] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t_begin = time.perf_counter()
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() - t_begin < duration_s:
+                t0 = time.perf_counter()
+                try:
+                    status = (await client.post(f"{url}{path}", json=bodies[i % len(bodies)])).status_code
+                except httpx.HTTPError:
+                    status = 0
+                records.append(Record(t0 - t_begin, time.perf_counter() - t0, status, False, False))
+                i += concurrency
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return records
+
+
+def measure_embeddings(url: str, bodies: list[dict], concurrency: list[int], duration: float, warmup: float,
+                       repeats: int) -> dict:
+    closed = {}
+    for c in concurrency:
+        runs = [summarize(asyncio.run(post_loop(url, "/v1/embeddings", bodies, c, warmup + duration)), warmup, warmup + duration)
+                for _ in range(repeats)]
+        closed[str(c)] = _median(runs)
+        print(f"  embeddings c={c}: {closed[str(c)]['qps']:.1f} req/s p99 {closed[str(c)].get('p99_ms') or 0:.0f} ms "
+              f"errors {closed[str(c)]['errors']}", flush=True)
+    return {"closed": closed}
+
+
+INFINITY_PINS = ["torch==2.13.0", "infinity-emb[server,torch]==0.0.78"]  # a baseline only, never a project dependency
+
+
+class InfinityServer:
+    """Infinity (PyPI infinity-emb, torch engine, CPU) in its own virtualenv under
+    benchmarks/.venvs/infinity, created on first use, serving the same model folder."""
+
+    def __init__(self, model_dir: Path, served_name: str, log: Path, port: int):
+        self.model_dir, self.served_name, self.log, self.port = model_dir, served_name, log, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.venv = REPO / "benchmarks" / ".venvs" / "infinity"
+
+    def install(self) -> None:
+        exe = self.venv / "bin" / "infinity_emb"
+        if exe.is_file():
+            return
+        print(f"[infinity] creating {self.venv} ({' '.join(INFINITY_PINS)}; a few minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+        pip = [str(self.venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, INFINITY_PINS[0]], check=True, timeout=1800)  # torch first: PyPI's is the CPU build here
+        subprocess.run([*pip, *INFINITY_PINS], check=True, timeout=1800)
+
+    def __enter__(self) -> "InfinityServer":
+        self.install()
+        args = [str(self.venv / "bin" / "infinity_emb"), "v2", "--model-id", str(self.model_dir), "--engine", "torch",
+                "--device", "cpu", "--url-prefix", "/v1", "--served-model-name", self.served_name,
+                "--port", str(self.port), "--host", "127.0.0.1"]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
+                                     start_new_session=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 300:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"infinity exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    print(f"[infinity] healthy after {time.monotonic() - t0:.0f} s", flush=True)
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.__exit__()
+        raise TimeoutError(f"infinity not healthy within 300 s; see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class NaiveServer:
     """benchmarks/naive_server.py in its own process group, with the same config overrides."""
 
@@ -122,13 +223,7 @@ class NaiveServer:
         raise TimeoutError(f"naive server not healthy within 300 s; see {self.log}")
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        _stop(self.proc)
 
 
 def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900) -> float:
@@ -143,6 +238,12 @@ def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900) -> f
     raise TimeoutError("no 200 from /v1/retrieve")
 
 
+def _share(sys_: dict, a: str, b: str, c: str) -> float | None:
+    qa = sys_.get(a, {}).get("closed", {}).get(c, {}).get("qps")
+    qb = sys_.get(b, {}).get("closed", {}).get(c, {}).get("qps")
+    return qa / qb if qa and qb else None
+
+
 def ratios(doc: dict, c: str) -> dict:
     sys_ = doc["systems"]
     rs = sys_.get("routerserve", {}).get("closed", {}).get(c, {})
@@ -153,7 +254,7 @@ def ratios(doc: dict, c: str) -> dict:
         f"ceiling_share_c{c}": share,
         f"vs_naive_c{c}": rs["qps"] / naive["qps"] if rs.get("qps") and naive.get("qps") else None,
         f"p99_over_p50_c{c}": rs["p99_ms"] / rs["p50_ms"] if rs.get("p99_ms") and rs.get("p50_ms") else None,
-        f"vs_infinity_c{c}": None,  # the Infinity comparison is the next step of issue 17
+        f"vs_infinity_c{c}": _share(sys_, "embeddings", "infinity", c),
         "mixed_vs_single": None,
         "cold_start_s": sys_.get("routerserve", {}).get("cold_start_s"),
     }
@@ -179,7 +280,7 @@ def render(doc: dict, out: Path) -> None:
     if "routerserve" in s and s["routerserve"].get("cold_start_s") is not None:
         lines += [f"**Cold start** (`routerserve up`, artifacts cached, to the first 200): "
                   f"{s['routerserve']['cold_start_s']:.0f} s.", ""]
-    systems = [k for k in ("routerserve", "naive") if k in s]
+    systems = [k for k in s if k.split("@")[0] in ("routerserve", "naive")]
     lines += ["## Closed loop", "", "| concurrency | " + " | ".join(f"{k} q/s | p50 ms | p99 ms" for k in systems) + " |",
               "|---|" + "---|---|---|" * len(systems)]
     for c in doc["concurrency"]:
@@ -198,6 +299,19 @@ def render(doc: dict, out: Path) -> None:
                 r = s[k]["open"].get(f"{rate:g}", {})
                 row += [_fmt(r.get("qps")), _fmt(r.get("goodput")), _fmt(r.get("p99_ms"), ".0f"), str(r.get("errors", "–"))]
             lines.append("| " + " | ".join(row) + " |")
+    emb = [k for k in s if k.split("@")[0] in ("embeddings", "infinity")]
+    if emb:
+        lines += ["", "## /v1/embeddings, one text per request (closed loop)", "",
+                  "| concurrency | " + " | ".join(f"{k} req/s | p99 ms" for k in emb) + " |", "|---|" + "---|---|" * len(emb)]
+        for c in doc["concurrency"]:
+            row = [str(c)]
+            for k in emb:
+                r = s[k]["closed"].get(str(c), {})
+                row += [_fmt(r.get("qps")), _fmt(r.get("p99_ms"), ".0f")]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "embeddings: routerserve's /v1/embeddings (`@label`: the same at another code state, see "
+                  "the JSON's `labels`); infinity: Infinity " + INFINITY_PINS[1].split("==")[1] + " (torch engine, "
+                  "CPU) serving the same model folder."]
     lines += ["", "## Ratios (goals: issue 17)", "", "| ratio | value | goal |", "|---|---|---|"]
     goals = {"ceiling_share": "≥ 0.8", "vs_naive": "≥ 1.5", "p99_over_p50": "≤ 3", "vs_infinity": "≥ 1.0",
              "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s"}
@@ -216,16 +330,19 @@ def _plot(doc: dict, path: Path) -> None:
 
     s = doc["systems"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in ("routerserve", "naive"):
-        if k not in s:
+    for k in s:
+        if k == "ceiling":
             continue
         cs = [c for c in doc["concurrency"] if s[k]["closed"].get(str(c), {}).get("qps") is not None]
-        a.plot(cs, [s[k]["closed"][str(c)]["qps"] for c in cs], marker="o", label=k)
-        rates = [r for r in doc["rates"] if s[k]["open"].get(f"{r:g}", {}).get("p99_ms") is not None]
-        b.plot(rates, [s[k]["open"][f"{r:g}"]["p99_ms"] for r in rates], marker="o", label=k)
+        style = "--" if k.split("@")[0] in ("embeddings", "infinity") else "-"
+        a.plot(cs, [s[k]["closed"][str(c)]["qps"] for c in cs], marker="o", linestyle=style,
+               label=k + (" (/v1/embeddings)" if style == "--" else " (/v1/retrieve)"))
+        rates = [r for r in doc["rates"] if s[k].get("open", {}).get(f"{r:g}", {}).get("p99_ms") is not None]
+        if rates:
+            b.plot(rates, [s[k]["open"][f"{r:g}"]["p99_ms"] for r in rates], marker="o", label=k)
     if "ceiling" in s:
         a.axhline(s["ceiling"]["qps"], color="gray", linestyle="--", label="in-process ceiling")
-    a.set(xlabel="concurrency (closed loop)", ylabel="answers / s", title="/v1/retrieve throughput")
+    a.set(xlabel="concurrency (closed loop)", ylabel="answers / s", title="throughput (closed loop)")
     b.set(xlabel="offered load (requests / s)", ylabel="p99 latency (ms)", title="latency vs offered load", yscale="log")
     for ax in (a, b):
         ax.grid(alpha=0.3)
@@ -238,7 +355,7 @@ def _plot(doc: dict, path: Path) -> None:
 
 @app.command()
 def main(
-    systems: str = typer.Option("ceiling,routerserve,naive", help="which systems, in this order"),
+    systems: str = typer.Option("ceiling,routerserve,naive,embeddings,infinity", help="which systems, in this order"),
     concurrency: str = typer.Option("1,16,32,64"),
     rates: str = typer.Option("5,10,20,40", help="open-loop arrival rates (requests/s); empty: none"),
     duration: float = typer.Option(15.0, help="seconds measured per run"),
@@ -252,10 +369,15 @@ def main(
     out: Path = typer.Option(RESULTS, help="where compare.{json,md,png} go"),
     port: int = typer.Option(8000, help="routerserve's HTTP port"),
     naive_port: int = typer.Option(NAIVE_PORT, help="the naive server's port"),
+    infinity_port: int = typer.Option(7997, help="Infinity's port"),
+    label: Optional[str] = typer.Option(None, help="store this run's systems as '<system>@<label>' (e.g. a code "
+                                        "state before a change); recorded under 'labels' with the commit"),
+    merge: bool = typer.Option(False, help="update <out>/compare.json with this run's systems instead of replacing it"),
 ):
     from serve.config import load_config
 
     sets = list(set_ or [])
+    stamp = {"command": command_line(), "commit": git_commit()}  # the code state measured: taken before the run
     if smoke:
         concurrency, rates, duration, warmup, repeats, queries, ceiling_batches = "1,4", "4", 2.0, 0.5, 1, 16, "1,4"
     cfg = load_config(None, RETRIEVAL_ONLY + sets).absolutized()
@@ -267,28 +389,49 @@ def main(
            "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "slo_ms": slo_ms, "queries": len(qs),
            "datasets": cfg.corpus.datasets, "smoke": smoke, "sets": sets, "systems": {}}
     logs = out / "logs"
+    if merge and (out / "compare.json").is_file():
+        old = json.loads((out / "compare.json").read_text())
+        doc = {**old, "systems": old["systems"], "labels": old.get("labels", {})}
+    key = (lambda name: f"{name}@{label}") if label else (lambda name: name)
+    if label:
+        doc.setdefault("labels", {})[label] = dict(stamp)
+    emb_bodies = [{"model": cfg.model.served_name, "input": q} for q in qs]
+    run = {}
     for system in systems.split(","):
         print(f"[{system}]", flush=True)
         if system == "ceiling":
             batches = [_ceiling(cfg, data_dir, qs, b, repeats, 10) for b in (int(x) for x in ceiling_batches.split(","))]
             best = max(batches, key=lambda b: b["qps"])
-            doc["systems"]["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
+            run["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
             print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}", flush=True)
         elif system == "routerserve":
             t0 = time.monotonic()
             with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port=port) as svc:
                 cold = first_answer_s(svc.url, qs[0], t0)
                 print(f"  cold start {cold:.0f} s", flush=True)
-                doc["systems"]["routerserve"] = {"cold_start_s": cold, **measure(svc.url, qs, conc, rate_list, duration,
-                                                                                 warmup, repeats, slo_ms / 1e3)}
+                run["routerserve"] = {"cold_start_s": cold, **measure(svc.url, qs, conc, rate_list, duration,
+                                                                      warmup, repeats, slo_ms / 1e3)}
         elif system == "naive":
             with NaiveServer(RETRIEVAL_ONLY + sets, logs / "compare_naive.log", naive_port) as srv:
-                doc["systems"]["naive"] = measure(srv.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)
+                run["naive"] = measure(srv.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)
+        elif system == "embeddings":
+            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_embeddings.log", port=port) as svc:
+                run["embeddings"] = measure_embeddings(svc.url, emb_bodies, conc, duration, warmup, repeats)
+        elif system == "infinity":
+            from serve.artifacts.models import resolve_model
+
+            with InfinityServer(resolve_model(cfg.model.ref), cfg.model.served_name, logs / "compare_infinity.log",
+                                infinity_port) as inf:
+                bodies = [{**b, "input": [b["input"]]} for b in emb_bodies]
+                run["infinity"] = measure_embeddings(inf.url, bodies, conc, duration, warmup, repeats)
         else:
-            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive")
-    doc["ratios"] = ratios(doc, str(max(conc)) if "32" not in map(str, conc) else "32")
-    doc.update(command=command_line(), commit=git_commit(), machine=machine(),
-               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive, embeddings, infinity")
+    stamp["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    doc["systems"].update({key(name): {**figures, "measured": stamp} for name, figures in run.items()})
+    conc = doc["concurrency"]
+    doc["ratios"] = ratios(doc, str(max(conc)) if 32 not in conc else "32")
+    if not (merge and "commit" in doc):  # a merged run keeps the first run's header; each system has its stamp
+        doc.update(stamp, machine=machine())
     print(write_json("compare", doc, out))
     render(doc, out)
     print({k: v for k, v in doc["ratios"].items() if v is not None})

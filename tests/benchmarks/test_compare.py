@@ -52,14 +52,15 @@ def test_the_comparison_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
             "index.chunk_size=64", "index.encode_workers=1", "model.max_seq_length=128",
             "experts.training.default_domains=[scifact]", "experts.training.steps=4", "experts.training.max_queries=24",
             "experts.training.batch_size=8", f"data_dir={data_dir}"]
-    cmd = [sys.executable, str(REPO / "benchmarks" / "compare.py"), "--smoke", "--systems", "routerserve,ceiling,naive",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "compare.py"), "--smoke", "--systems", "routerserve,ceiling,naive,embeddings",
            "--out", str(out), "--port", str(_free_port()), "--naive-port", str(_free_port())]
     for s in sets:
         cmd += ["--set", s]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     doc = json.loads((out / "compare.json").read_text())
-    assert set(doc["systems"]) == {"routerserve", "ceiling", "naive"} and doc["smoke"] is True
+    assert set(doc["systems"]) == {"routerserve", "ceiling", "naive", "embeddings"} and doc["smoke"] is True
+    assert all(doc["systems"]["embeddings"]["closed"][c]["qps"] > 0 for c in ("1", "4"))
     for name in ("routerserve", "naive"):
         closed = doc["systems"][name]["closed"]
         assert set(closed) == {"1", "4"} and all(c["qps"] > 0 for c in closed.values()), (name, closed)
