@@ -107,6 +107,35 @@ class RoutedEncoder:
         return self.engine.encode(texts, expert or BASE), self.engine.count_tokens(texts)
 
 
+def embed_requests(encoder: RoutedEncoder, requests: list[dict]) -> list[dict]:
+    """Serve one batch made of several /v1/embeddings callers ({"texts": [...], "expert": name or
+    None}): every text of every request in one mixed-adapter pass (each row with its request's
+    expert, base rows untouched), split back per request ({"embeddings", "tokens"}). An unknown
+    expert fails its request alone ({"error"}), not the batch."""
+    results: list[dict | None] = [None] * len(requests)
+    good: list[int] = []
+    texts: list[str] = []
+    adapters: list[str] = []
+    for i, req in enumerate(requests):
+        try:
+            encoder.check_expert(req.get("expert"))
+        except UnknownExpertError as exc:
+            results[i] = {"error": str(exc)}
+            continue
+        good.append(i)
+        texts += list(req["texts"])
+        adapters += [req.get("expert") or BASE] * len(req["texts"])
+    if texts:
+        vectors = encoder.engine.encode(texts, adapters)
+        tokens = encoder.engine.count_tokens(texts)
+        pos = 0
+        for i in good:
+            n = len(requests[i]["texts"])
+            results[i] = {"embeddings": vectors[pos : pos + n], "tokens": tokens[pos : pos + n]}
+            pos += n
+    return results  # type: ignore[return-value]
+
+
 def route_and_encode_requests(encoder: RoutedEncoder, requests: list[dict]) -> list[dict]:
     """Serve one batch made of several callers' requests ({"queries": [...], "forced": [...]}).
 

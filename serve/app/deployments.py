@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from actors.index_store import DocStore
 from actors.llm_engines import OpenAIEngine, RetrieverEngine, TokenizerTokens
 from actors.router_r1 import Completion
-from actors.routed_encoder import UnknownExpertError, encoder_info, route_and_encode_requests
+from actors.routed_encoder import embed_requests, encoder_info, route_and_encode_requests
 from actors.search import ShardSearcher
 
 from serve.artifacts.generations import GenerationStore
@@ -69,6 +69,8 @@ class ExpertEncoderDeployment:
         self.base_model_ref = s.base_model_ref
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._batched = _batcher(self._run_batch, s.batching, size_fn=lambda request: len(request["queries"]))
+        # /v1/embeddings callers share forward passes too (one mixed-adapter pass per batch)
+        self._embed_batched = _batcher(self._run_embed_batch, s.batching, size_fn=lambda request: len(request["texts"]))
         self.in_flight = InFlight()
         self.stuck_after_s = s.stuck_after_s
 
@@ -104,15 +106,17 @@ class ExpertEncoderDeployment:
     async def route_and_encode(self, request: dict) -> dict:
         return await self._batched(request)
 
+    async def _run_embed_batch(self, requests: list[dict]) -> list[dict]:
+        generation, encoder = self.live.active  # the whole batch runs on one generation
+        with self.in_flight.track():
+            results = await asyncio.to_thread(embed_requests, encoder, requests)
+        self.metrics.observe("routerserve_encoder_batch_size", sum(len(r["texts"]) for r in requests), stage="embed")
+        for result in results:  # an expert removed since the ingress checked its (older) list: {"error"}
+            result["generation"] = generation
+        return results
+
     async def embed(self, texts: list[str], expert: str | None) -> dict:
-        generation, encoder = self.live.active
-        try:
-            with self.in_flight.track():
-                vectors, tokens = await asyncio.to_thread(encoder.embed, texts, expert)
-        except UnknownExpertError as exc:  # removed since the ingress checked its (older) list
-            return {"error": str(exc), "generation": generation}
-        self.metrics.observe("routerserve_encoder_batch_size", len(texts), stage="embed")
-        return {"embeddings": vectors, "tokens": tokens, "generation": generation}
+        return await self._embed_batched({"texts": texts, "expert": expert})
 
     def check_health(self) -> None:
         """Serve's health check: fails when a torch call has been running past limits.stuck_after_s."""
