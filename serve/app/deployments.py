@@ -118,6 +118,11 @@ class ExpertEncoderDeployment:
     async def embed(self, texts: list[str], expert: str | None) -> dict:
         return await self._embed_batched({"texts": texts, "expert": expert})
 
+    async def embed_many(self, requests: list[dict]) -> list[dict]:
+        """An ingress's batch of /v1/embeddings requests: each joins this replica's batcher, so
+        batches from several ingress replicas merge into one forward pass too."""
+        return list(await asyncio.gather(*(self._embed_batched(r) for r in requests)))
+
     def check_health(self) -> None:
         """Serve's health check: fails when a torch call has been running past limits.stuck_after_s."""
         self.in_flight.check(ENCODER, self.stuck_after_s)
@@ -177,6 +182,9 @@ class _HandleEncoderClient(_ReplicaCalls):
 
     async def embed(self, texts, expert):
         return await self._call("embed", texts, expert)
+
+    async def embed_many(self, requests):
+        return await self._call("embed_many", requests)
 
     async def info(self) -> dict:
         return await self._call("info")

@@ -20,7 +20,7 @@ import numpy as np
 
 from actors.encoder import BASE
 from actors.index_store import DocStore
-from actors.routed_encoder import RoutedEncoder, encoder_info, route_and_encode_requests
+from actors.routed_encoder import RoutedEncoder, embed_requests, encoder_info, route_and_encode_requests
 from actors.search import ShardSearcher, merge_topk
 
 from serve.config import LimitsConfig
@@ -44,6 +44,7 @@ from .protocol import (
 class EncoderClient(Protocol):
     async def route_and_encode(self, request: dict) -> dict: ...
     async def embed(self, texts: list[str], expert: str | None) -> dict: ...
+    async def embed_many(self, requests: list[dict]) -> list[dict]: ...
     async def info(self) -> dict: ...
 
 
@@ -65,6 +66,9 @@ class LocalEncoderClient:
     async def embed(self, texts: list[str], expert: str | None) -> dict:
         vectors, tokens = self.encoder.embed(texts, expert)
         return {"embeddings": vectors, "tokens": tokens}
+
+    async def embed_many(self, requests: list[dict]) -> list[dict]:
+        return embed_requests(self.encoder, requests)
 
     async def info(self) -> dict:
         return encoder_info(self.encoder, self.base_model)
@@ -115,15 +119,34 @@ class RetrievalService:
         self.retrieve_model, self.embedding_model = limited_request_models(limits, dim, served_name)
         # Alone each request is its own batch; Serve's ingress calls enable_batching(GreedyBatcher).
         self._submit: Callable[[RetrieveItem], Awaitable[dict]] = self._single
+        self._submit_embed: Callable[[dict], Awaitable[dict]] = self._embed_single
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
 
     def enable_batching(self, decorate: Callable) -> None:
-        """Batch concurrent requests: ``decorate`` wraps retrieve_many (serve.app.batching.GreedyBatcher)."""
+        """Batch concurrent requests: ``decorate`` wraps retrieve_many and embed_many
+        (serve.app.batching.GreedyBatcher, with the ingress's admission): one encoder call per
+        batch of /v1/retrieve requests, one per batch of /v1/embeddings requests."""
         self._submit = decorate(self.retrieve_many)
+        self._submit_embed = decorate(self.embed_many)
 
     async def _single(self, item: RetrieveItem) -> dict:
         return (await self.retrieve_many([item]))[0]
+
+    async def _embed_single(self, request: dict) -> dict:
+        return (await self.embed_many([request]))[0]
+
+    async def embed_many(self, requests: list[dict]) -> list[dict]:
+        """One encoder call for a batch of /v1/embeddings requests ({"texts", "expert"}). A failure
+        that is not one request's fault (the encoder down, the deadline passed) comes back as each
+        request's ``exception`` instead of raising (see retrieve_many)."""
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return list(await self.encoder.embed_many(requests))
+        except TimeoutError:
+            return [{"exception": self._deadline_error()} for _ in requests]
+        except RequestError as exc:
+            return [{"exception": exc} for _ in requests]
 
     async def encoder_info(self, refresh: bool = False) -> dict:
         """The encoder's experts, dim and policy, cached until a response shows another expert
@@ -266,7 +289,9 @@ class RetrievalService:
         texts = [req.input] if isinstance(req.input, str) else list(req.input)  # validated: 1..max texts
         if req.dimensions is not None and req.dimensions != info["dim"]:
             raise RequestError(f"dimensions must be {info['dim']} (this model's size) or omitted", "dimensions", 422)
-        result = await self._within_deadline(self.encoder.embed(texts, expert or None))
+        result = await self._within_deadline(self._submit_embed({"texts": texts, "expert": expert or None}))
+        if "exception" in result:
+            raise result["exception"]
         self._saw_generation(result.get("generation"))
         if "error" in result:  # the expert left the served generation after the check above
             raise RequestError(f"{result['error']} (generation {result.get('generation')})", "model", 404)

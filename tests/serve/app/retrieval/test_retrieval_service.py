@@ -338,7 +338,7 @@ def test_requests_beyond_the_waiting_room_are_refused_at_once(stack):
 
     service = _service_with(stack, _StuckShard, request_timeout_s=30, retry_after_s=2)
     batchers = []
-    service.enable_batching(lambda fn: batchers.append(GreedyBatcher(fn, 1, 1, 0.0, max_waiting=1)) or batchers[0])
+    service.enable_batching(lambda fn: batchers.append(GreedyBatcher(fn, 1, 1, 0.0, max_waiting=1)) or batchers[-1])
 
     async def main():
         held = [asyncio.ensure_future(service.retrieve(RetrieveRequest(query="a")))]
@@ -426,6 +426,9 @@ def test_an_expert_removed_live_is_a_404_and_the_expert_list_is_refreshed(stack)
                 return {"error": "unknown expert 'beta'; available: ['base', 'alpha']", "generation": "g000002"}
             return {**await real.embed(texts, expert), "generation": "g000002"}
 
+        async def embed_many(self, requests):
+            return [await self.embed(r["texts"], r["expert"]) for r in requests]
+
         async def route_and_encode(self, request):
             return await real.route_and_encode(request)
 
@@ -442,3 +445,48 @@ def test_an_expert_removed_live_is_a_404_and_the_expert_list_is_refreshed(stack)
         assert ok.status_code == 200 and ok.json()["experts_generation"] == "g000002"
     finally:
         service.encoder, service._info = real, None
+
+
+def test_concurrent_embedding_requests_share_one_encoder_call(stack):
+    """With the ingress's batching on, concurrent /v1/embeddings requests (different experts) go to
+    the encoder as one embed_many call and each gets exactly its own vectors; an encoder outage
+    is one error per request, not a retry of each request alone. Before: one encoder call per
+    request (the endpoint bypassed the batchers)."""
+    from serve.app.batching import GreedyBatcher
+    from serve.app.errors import overloaded
+    from serve.app.retrieval.service import LocalEncoderClient
+
+    base, calls = stack["service"], []
+
+    class Counting(LocalEncoderClient):
+        down = False
+
+        async def embed_many(self, requests):
+            calls.append([r["expert"] for r in requests])
+            if Counting.down:
+                raise overloaded("an ExpertEncoder replica was lost during the call; retry", 1)
+            return await super().embed_many(requests)
+
+    service = RetrievalService(Counting(base.encoder.encoder, "m"), base.shards, base.docs, base.limits, "mini")
+    service.enable_batching(lambda fn: GreedyBatcher(fn, 16, 1, 0.05))
+    client = TestClient(create_app(service))
+    bodies = [{"model": "mini", "input": "protein folding"}, {"model": "mini:alpha", "input": ["cells", "tissue"]},
+              {"model": "mini:beta", "input": "public policy"}]
+
+    async def main():
+        return await asyncio.gather(*(asyncio.to_thread(client.post, "/v1/embeddings", json=b) for b in bodies))
+
+    answers = asyncio.run(main())
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert len(calls) == 1 and sorted(calls[0], key=str) == sorted([None, "alpha", "beta"], key=str), calls
+    for body, r in zip(bodies, answers):
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        expert = body["model"].partition(":")[2] or None
+        alone = stack["engine"].encode(texts, expert or "base")
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, alone, atol=1e-5)
+    calls.clear()
+    Counting.down = True
+    answers = asyncio.run(main())
+    assert [r.status_code for r in answers] == [503, 503, 503] and len(calls) == 1, (calls, answers[0].text)
+    assert answers[0].headers["retry-after"] == "1"
