@@ -17,7 +17,7 @@ cores with it, noted in the result):
                batched across requests; the same closed and open loops.
   embeddings   routerserve's /v1/embeddings, one text per request, closed loop.
   infinity     Infinity (PyPI infinity-emb, torch engine, CPU; its own virtualenv under
-               benchmarks/.venvs/, created on first use) serving the same model folder: the same load.
+               .venvs/infinity, created on first use) serving the same model folder: the same load.
 --label NAME stores a run's systems as <system>@NAME (e.g. the code before a change) and --merge
 adds them to an existing compare.json: before/after in one table.
 Still to come (issue 17): routerserve with @serve.batch, mixed experts, the default app with the
@@ -139,12 +139,12 @@ INFINITY_PINS = ["torch==2.13.0", "infinity-emb[server,torch]==0.0.78"]  # a bas
 
 class InfinityServer:
     """Infinity (PyPI infinity-emb, torch engine, CPU) in its own virtualenv under
-    benchmarks/.venvs/infinity, created on first use, serving the same model folder."""
+    .venvs/infinity (repository root), created on first use, serving the same model folder."""
 
     def __init__(self, model_dir: Path, served_name: str, log: Path, port: int):
         self.model_dir, self.served_name, self.log, self.port = model_dir, served_name, log, port
         self.url = f"http://127.0.0.1:{port}"
-        self.venv = REPO / "benchmarks" / ".venvs" / "infinity"
+        self.venv = REPO / ".venvs" / "infinity"  # outside the source folders (linters, test discovery)
 
     def install(self) -> None:
         exe = self.venv / "bin" / "infinity_emb"
