@@ -16,12 +16,14 @@ cores with it, noted in the result):
   naive        benchmarks/naive_server.py: FastAPI + uvicorn, the same work per request, nothing
                batched across requests; the same closed and open loops.
   embeddings   routerserve's /v1/embeddings, one text per request, closed loop.
+  mixed        /v1/retrieve with the expert forced, round-robin over every served expert vs all
+               to one: the mixed-adapter batch (one forward over rows of different LoRA experts).
   infinity     Infinity (PyPI infinity-emb, torch engine, CPU; its own virtualenv under
                .venvs/infinity, created on first use) serving the same model folder: the same load.
 --label NAME stores a run's systems as <system>@NAME (e.g. the code before a change) and --merge
 adds them to an existing compare.json: before/after in one table.
-Still to come (issue 17): routerserve with @serve.batch, mixed experts, the default app with the
-LLM engines resident.
+Still to come (issue 17): routerserve with @serve.batch, the default app with the LLM engines
+resident.
 
 --smoke (CI): seconds per system, no figure asserted; results go to --out (not benchmarks/results).
 Writes <out>/compare.{json,md,png}.
@@ -134,6 +136,29 @@ def measure_embeddings(url: str, bodies: list[dict], concurrency: list[int], dur
     return {"closed": closed}
 
 
+def measure_mixed(url: str, qs: list[str], experts: list[str], concurrency: list[int], duration: float, warmup: float,
+                  repeats: int) -> dict:
+    """/v1/retrieve with every request's expert forced: spread round-robin over every expert of
+    the served generation (batches mix LoRA adapters in one forward pass) vs all to the first one;
+    the same queries, the same closed loop. The single and mixed runs alternate per repeat."""
+    if len(experts) < 2:
+        raise RuntimeError(f"mixed experts needs at least 2 experts; the served generation has {experts}")
+    bodies = {"single": [{"query": q, "top_k": 10, "expert": experts[0]} for q in qs],
+              "mixed": [{"query": q, "top_k": 10, "expert": experts[i % len(experts)]} for i, q in enumerate(qs)]}
+    out: dict = {"experts": experts, "single": {"closed": {}}, "mixed": {"closed": {}}}
+    for c in concurrency:
+        runs: dict[str, list] = {"single": [], "mixed": []}
+        for _ in range(repeats):
+            for kind in ("single", "mixed"):
+                recs = asyncio.run(post_loop(url, "/v1/retrieve", bodies[kind], c, warmup + duration))
+                runs[kind].append(summarize(recs, warmup, warmup + duration))
+        for kind in ("single", "mixed"):
+            out[kind]["closed"][str(c)] = _median(runs[kind])
+        print(f"  c={c}: single {out['single']['closed'][str(c)]['qps']:.1f}, mixed over {len(experts)} experts "
+              f"{out['mixed']['closed'][str(c)]['qps']:.1f} q/s", flush=True)
+    return out
+
+
 INFINITY_PINS = ["torch==2.13.0", "infinity-emb[server,torch]==0.0.78"]  # a baseline only, never a project dependency
 
 
@@ -244,6 +269,13 @@ def _share(sys_: dict, a: str, b: str, c: str) -> float | None:
     return qa / qb if qa and qb else None
 
 
+def _mixed_share(mixed: dict | None, c: str) -> float | None:
+    if not mixed:
+        return None
+    m, o = (mixed[k]["closed"].get(c, {}).get("qps") for k in ("mixed", "single"))
+    return m / o if m and o else None
+
+
 def ratios(doc: dict, c: str) -> dict:
     sys_ = doc["systems"]
     rs = sys_.get("routerserve", {}).get("closed", {}).get(c, {})
@@ -255,7 +287,7 @@ def ratios(doc: dict, c: str) -> dict:
         f"vs_naive_c{c}": rs["qps"] / naive["qps"] if rs.get("qps") and naive.get("qps") else None,
         f"p99_over_p50_c{c}": rs["p99_ms"] / rs["p50_ms"] if rs.get("p99_ms") and rs.get("p50_ms") else None,
         f"vs_infinity_c{c}": _share(sys_, "embeddings", "infinity", c),
-        "mixed_vs_single": None,
+        "mixed_vs_single": _mixed_share(sys_.get("mixed"), c),
         "cold_start_s": sys_.get("routerserve", {}).get("cold_start_s"),
     }
 
@@ -312,6 +344,15 @@ def render(doc: dict, out: Path) -> None:
         lines += ["", "embeddings: routerserve's /v1/embeddings (`@label`: the same at another code state, see "
                   "the JSON's `labels`); infinity: Infinity " + INFINITY_PINS[1].split("==")[1] + " (torch engine, "
                   "CPU) serving the same model folder."]
+    if "mixed" in s:
+        m = s["mixed"]
+        lines += ["", f"## Mixed experts: /v1/retrieve, expert forced, over {len(m['experts'])} experts "
+                  f"({', '.join(m['experts'])}) vs all to {m['experts'][0]}", "",
+                  "| concurrency | single q/s | p99 ms | mixed q/s | p99 ms |", "|---|---|---|---|---|"]
+        for c in doc["concurrency"]:
+            one, mix = m["single"]["closed"].get(str(c), {}), m["mixed"]["closed"].get(str(c), {})
+            lines.append(f"| {c} | {_fmt(one.get('qps'))} | {_fmt(one.get('p99_ms'), '.0f')} | {_fmt(mix.get('qps'))} | "
+                         f"{_fmt(mix.get('p99_ms'), '.0f')} |")
     lines += ["", "## Ratios (goals: issue 17)", "", "| ratio | value | goal |", "|---|---|---|"]
     goals = {"ceiling_share": "≥ 0.8", "vs_naive": "≥ 1.5", "p99_over_p50": "≤ 3", "vs_infinity": "≥ 1.0",
              "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s"}
@@ -331,7 +372,7 @@ def _plot(doc: dict, path: Path) -> None:
     s = doc["systems"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for k in s:
-        if k == "ceiling":
+        if k == "ceiling" or "closed" not in s[k]:  # mixed: its own table
             continue
         cs = [c for c in doc["concurrency"] if s[k]["closed"].get(str(c), {}).get("qps") is not None]
         style = "--" if k.split("@")[0] in ("embeddings", "infinity") else "-"
@@ -355,7 +396,7 @@ def _plot(doc: dict, path: Path) -> None:
 
 @app.command()
 def main(
-    systems: str = typer.Option("ceiling,routerserve,naive,embeddings,infinity", help="which systems, in this order"),
+    systems: str = typer.Option("ceiling,routerserve,naive,embeddings,mixed,infinity", help="which systems, in this order"),
     concurrency: str = typer.Option("1,16,32,64"),
     rates: str = typer.Option("5,10,20,40", help="open-loop arrival rates (requests/s); empty: none"),
     duration: float = typer.Option(15.0, help="seconds measured per run"),
@@ -417,6 +458,10 @@ def main(
         elif system == "embeddings":
             with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_embeddings.log", port=port) as svc:
                 run["embeddings"] = measure_embeddings(svc.url, emb_bodies, conc, duration, warmup, repeats)
+        elif system == "mixed":
+            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_mixed.log", port=port) as svc:
+                experts = [e["name"] for e in httpx.get(f"{svc.url}/v1/experts", timeout=30).json()["experts"]]
+                run["mixed"] = measure_mixed(svc.url, qs, experts, conc, duration, warmup, repeats)
         elif system == "infinity":
             from serve.artifacts.models import resolve_model
 
@@ -425,7 +470,7 @@ def main(
                 bodies = [{**b, "input": [b["input"]]} for b in emb_bodies]
                 run["infinity"] = measure_embeddings(inf.url, bodies, conc, duration, warmup, repeats)
         else:
-            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive, embeddings, infinity")
+            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive, embeddings, mixed, infinity")
     stamp["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     doc["systems"].update({key(name): {**figures, "measured": stamp} for name, figures in run.items()})
     conc = doc["concurrency"]

@@ -45,21 +45,23 @@ def _free_port() -> int:
 @pytest.mark.integration
 def test_the_comparison_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
     """One command from a clean state: `routerserve up` first builds the small index and trains
-    the one expert, then the ceiling and the naive server run on the same artifacts; the JSON,
-    markdown and PNG are written where asked, with every system's figures."""
+    two experts, then the ceiling, the naive server, /v1/embeddings and the mixed-expert load run
+    on the same artifacts; the JSON, markdown and PNG are written where asked, with every system's
+    figures."""
     out = tmp_path / "out"
     sets = [f"index.dir={tmp_path / 'index'}", f"experts.dir={tmp_path / 'experts'}", "corpus.max_docs_per_dataset=120",
             "index.chunk_size=64", "index.encode_workers=1", "model.max_seq_length=128",
-            "experts.training.default_domains=[scifact]", "experts.training.steps=4", "experts.training.max_queries=24",
+            "corpus.datasets=[scifact,nfcorpus]", "experts.training.default_domains=[scifact,nfcorpus]",
+            "experts.training.steps=4", "experts.training.max_queries=24",
             "experts.training.batch_size=8", f"data_dir={data_dir}"]
-    cmd = [sys.executable, str(REPO / "benchmarks" / "compare.py"), "--smoke", "--systems", "routerserve,ceiling,naive,embeddings",
-           "--out", str(out), "--port", str(_free_port()), "--naive-port", str(_free_port())]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "compare.py"), "--smoke",
+           "--systems", "routerserve,ceiling,naive,embeddings,mixed", "--out", str(out), "--port", str(_free_port()), "--naive-port", str(_free_port())]
     for s in sets:
         cmd += ["--set", s]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     doc = json.loads((out / "compare.json").read_text())
-    assert set(doc["systems"]) == {"routerserve", "ceiling", "naive", "embeddings"} and doc["smoke"] is True
+    assert set(doc["systems"]) == {"routerserve", "ceiling", "naive", "embeddings", "mixed"} and doc["smoke"] is True
     assert all(doc["systems"]["embeddings"]["closed"][c]["qps"] > 0 for c in ("1", "4"))
     for name in ("routerserve", "naive"):
         closed = doc["systems"][name]["closed"]
@@ -67,4 +69,5 @@ def test_the_comparison_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
         assert doc["systems"][name]["open"]["4"]["ok"] > 0
     assert doc["systems"]["ceiling"]["qps"] > 0 and doc["ratios"]["cold_start_s"] > 0
     assert doc["ratios"]["ceiling_share_c4"] is not None and doc["ratios"]["vs_naive_c4"] is not None
+    assert doc["ratios"]["mixed_vs_single"] is not None  # 2 experts: scifact and nfcorpus
     assert "## Closed loop" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
