@@ -25,8 +25,10 @@ def command_line() -> str:
 def git_commit() -> str:
     """HEAD's short hash, marked when tracked files differ from it (a result of uncommitted code)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode != 0
+        repo = Path(__file__).resolve().parent  # the repository this benchmark belongs to, wherever it is run from
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=repo).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, cwd=repo).returncode != 0
         return f"{head} + uncommitted changes" if dirty else head
     except Exception:
         return "unknown"

@@ -68,8 +68,9 @@ def summarize(records: list[Record], warmup_s: float, duration_s: float, slo_s: 
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
     }
-    if slo_s is not None:
+    if slo_s is not None:  # the open loop: what the service got done while the load lasted
         out["goodput"] = sum(x <= slo_s for x in ok) / window
+        out["completed_per_s"] = sum(1 for r in inside if r.status == 200 and r.start_s + r.latency_s <= duration_s) / window
     return out
 
 
@@ -95,7 +96,7 @@ def measure(url: str, qs: list[str], concurrency: list[int], rates: list[float],
         recs = asyncio.run(open_loop(url, qs, rate, duration))
         opened[f"{rate:g}"] = {"offered": rate, **summarize(recs, 0.0, duration, slo_s)}
         o = opened[f"{rate:g}"]
-        print(f"  open {rate:g}/s: {o['qps']:.1f} answered/s, goodput {o['goodput']:.1f}, p99 {o.get('p99_ms') or 0:.0f} ms, "
+        print(f"  open {rate:g}/s: {o['completed_per_s']:.1f} completed/s, goodput {o['goodput']:.1f}, p99 {o.get('p99_ms') or 0:.0f} ms, "
               f"errors {o['errors']}", flush=True)
     return {"closed": closed, "open": opened}
 
@@ -190,6 +191,13 @@ class InfinityServer:
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
                                      start_new_session=True)
+        try:
+            return self._wait_healthy()
+        except BaseException:  # a timeout, a crash, Ctrl-C: never leave the server running
+            _stop(self.proc)
+            raise
+
+    def _wait_healthy(self) -> "InfinityServer":
         t0 = time.monotonic()
         while time.monotonic() - t0 < 300:
             if self.proc.poll() is not None:
@@ -201,7 +209,6 @@ class InfinityServer:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        self.__exit__()
         raise TimeoutError(f"infinity not healthy within 300 s; see {self.log}")
 
     def __exit__(self, *exc) -> None:
@@ -209,13 +216,17 @@ class InfinityServer:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    """The server's whole process group (its own session): TERM, then KILL; also when the
+    server itself already exited and left children."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
-            proc.wait(30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            continue
 
 
 class NaiveServer:
@@ -233,6 +244,13 @@ class NaiveServer:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
+        try:
+            return self._wait_healthy()
+        except BaseException:  # a timeout, a crash, Ctrl-C: never leave the server running
+            _stop(self.proc)
+            raise
+
+    def _wait_healthy(self) -> "NaiveServer":
         t0 = time.monotonic()
         while time.monotonic() - t0 < 300:
             if self.proc.poll() is not None:
@@ -244,7 +262,6 @@ class NaiveServer:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        self.__exit__()
         raise TimeoutError(f"naive server not healthy within 300 s; see {self.log}")
 
     def __exit__(self, *exc) -> None:
@@ -323,13 +340,14 @@ def render(doc: dict, out: Path) -> None:
         lines.append("| " + " | ".join(row) + " |")
     if doc["rates"]:
         lines += ["", "## Open loop (offered load)", "",
-                  "| offered /s | " + " | ".join(f"{k} answered/s | goodput /s | p99 ms | errors" for k in systems) + " |",
+                  "| offered /s | " + " | ".join(f"{k} goodput /s | completed /s | p99 ms | errors" for k in systems) + " |",
                   "|---|" + "---|---|---|---|" * len(systems)]
         for rate in doc["rates"]:
             row = [f"{rate:g}"]
             for k in systems:
                 r = s[k]["open"].get(f"{rate:g}", {})
-                row += [_fmt(r.get("qps")), _fmt(r.get("goodput")), _fmt(r.get("p99_ms"), ".0f"), str(r.get("errors", "–"))]
+                row += [_fmt(r.get("goodput")), _fmt(r.get("completed_per_s")), _fmt(r.get("p99_ms"), ".0f"),
+                        str(r.get("errors", "–"))]
             lines.append("| " + " | ".join(row) + " |")
     emb = [k for k in s if k.split("@")[0] in ("embeddings", "infinity")]
     if emb:
@@ -353,6 +371,10 @@ def render(doc: dict, out: Path) -> None:
             one, mix = m["single"]["closed"].get(str(c), {}), m["mixed"]["closed"].get(str(c), {})
             lines.append(f"| {c} | {_fmt(one.get('qps'))} | {_fmt(one.get('p99_ms'), '.0f')} | {_fmt(mix.get('qps'))} | "
                          f"{_fmt(mix.get('p99_ms'), '.0f')} |")
+    lines += ["", "## Where each row was measured", "", "| system | commit | command |", "|---|---|---|"]
+    for k, v in s.items():
+        m = v.get("measured") or {"commit": doc.get("commit"), "command": doc.get("command")}
+        lines.append(f"| {k} | {m.get('commit')} | `{m.get('command')}` |")
     lines += ["", "## Ratios (goals: issue 17)", "", "| ratio | value | goal |", "|---|---|---|"]
     goals = {"ceiling_share": "≥ 0.8", "vs_naive": "≥ 1.5", "p99_over_p50": "≤ 3", "vs_infinity": "≥ 1.0",
              "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s"}

@@ -121,7 +121,9 @@ class ExpertEncoderDeployment:
     async def embed_many(self, requests: list[dict]) -> list[dict]:
         """An ingress's batch of /v1/embeddings requests: each joins this replica's batcher, so
         batches from several ingress replicas merge into one forward pass too."""
-        return list(await asyncio.gather(*(self._embed_batched(r) for r in requests)))
+        results = await asyncio.gather(*(self._embed_batched(r) for r in requests), return_exceptions=True)
+        # one request's failure is its own (the batcher retried it alone), never its neighbours'
+        return [{"exception": r} if isinstance(r, BaseException) else r for r in results]
 
     def check_health(self) -> None:
         """Serve's health check: fails when a torch call has been running past limits.stuck_after_s."""
@@ -225,8 +227,9 @@ class RetrievalIngress:
             s.served_name,
             s.dim,
         )
-        self.service.enable_batching(lambda fn: _batcher(fn, s.batching, max_waiting=s.limits.max_waiting,
-                                                         max_queue_wait_s=s.limits.max_queue_wait_s))
+        admission = dict(max_waiting=s.limits.max_waiting, max_queue_wait_s=s.limits.max_queue_wait_s)
+        self.service.enable_batching(lambda fn: _batcher(fn, s.batching, **admission),
+                                     lambda fn: _batcher(fn, s.batching, size_fn=lambda r: len(r["texts"]), **admission))
         self.chat = _HandleChatClient(chat, s.chat_models) if chat is not None else None
         jobs = AdminJobs(JobStore(s.experts_dir), s.jobs) if s.experts_dir is not None and s.jobs is not None else None
         self.admin = (AdminService(GenerationStore(s.experts_dir), s.generation_pin, encoder_client.info, jobs)

@@ -203,7 +203,7 @@ class DeploymentsConfig(_Strict):
     """Ray Serve options per deployment, validated with Serve's own DeploymentSchema."""
 
     ingress: dict[str, Any] = Field(
-        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 64,
+        default_factory=lambda: {"num_replicas": 1, "max_ongoing_requests": 384, "max_queued_requests": 64,
                                  "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                                  "ray_actor_options": {"num_cpus": 0.25}}
     )
@@ -252,12 +252,14 @@ class RouterServeConfig(_Strict):
         from ray.serve._private.config import DeploymentConfig
 
         opts, b = self.deployments.ingress, self.deployments.ingress_batching
-        need = self.limits.max_waiting + b.max_batch_size * b.max_concurrent_batches
+        # two batchers admit alike: /v1/retrieve's and /v1/embeddings' (serve.app.retrieval.service)
+        need = 2 * (self.limits.max_waiting + b.max_batch_size * b.max_concurrent_batches)
         have = opts.get("max_ongoing_requests", DeploymentConfig().max_ongoing_requests)  # Serve's default: 5
         if have < need:
             raise ValueError(
-                f"deployments.ingress.max_ongoing_requests: {have} is below limits.max_waiting + "
-                f"ingress_batching.max_batch_size x max_concurrent_batches = {need}; requests past it "
+                f"deployments.ingress.max_ongoing_requests: {have} is below 2 x (limits.max_waiting + "
+                f"ingress_batching.max_batch_size x max_concurrent_batches) = {need} (the retrieve and the "
+                f"embeddings batchers); requests past it "
                 "wait in Serve's proxy queue, outside the ingress's admission and deadline (raise it, "
                 "or lower limits.max_waiting)")
         return self

@@ -27,6 +27,7 @@ def test_summaries_count_only_the_measured_window_and_goodput_within_the_slo():
     s = summarize(recs, warmup_s=1.0, duration_s=3.0, slo_s=1.0)
     assert (s["requests"], s["ok"], s["errors"]) == (4, 3, 1)
     assert s["qps"] == pytest.approx(1.5) and s["goodput"] == pytest.approx(1.0)
+    assert s["completed_per_s"] == pytest.approx(1.0)  # the 2 s answer finished after the window
     assert s["p50_ms"] == pytest.approx(300.0)
     doc = {"systems": {"ceiling": {"qps": 100.0},
                        "routerserve": {"cold_start_s": 42.0, "closed": {"32": {"qps": 60.0, "p50_ms": 100.0, "p99_ms": 250.0}}},

@@ -123,12 +123,15 @@ class RetrievalService:
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
 
-    def enable_batching(self, decorate: Callable) -> None:
-        """Batch concurrent requests: ``decorate`` wraps retrieve_many and embed_many
-        (serve.app.batching.GreedyBatcher, with the ingress's admission): one encoder call per
-        batch of /v1/retrieve requests, one per batch of /v1/embeddings requests."""
+    def enable_batching(self, decorate: Callable, decorate_embed: Callable | None = None) -> None:
+        """Batch concurrent requests: ``decorate`` wraps retrieve_many, ``decorate_embed`` (when
+        given) embed_many (serve.app.batching.GreedyBatcher, with the ingress's admission; the
+        embeddings batcher sized by texts, so a one-text request never waits behind a batch of
+        thousands): one encoder call per batch of /v1/retrieve requests, one per batch of
+        /v1/embeddings requests."""
         self._submit = decorate(self.retrieve_many)
-        self._submit_embed = decorate(self.embed_many)
+        if decorate_embed is not None:
+            self._submit_embed = decorate_embed(self.embed_many)
 
     async def _single(self, item: RetrieveItem) -> dict:
         return (await self.retrieve_many([item]))[0]

@@ -338,7 +338,7 @@ def test_requests_beyond_the_waiting_room_are_refused_at_once(stack):
 
     service = _service_with(stack, _StuckShard, request_timeout_s=30, retry_after_s=2)
     batchers = []
-    service.enable_batching(lambda fn: batchers.append(GreedyBatcher(fn, 1, 1, 0.0, max_waiting=1)) or batchers[-1])
+    service.enable_batching(lambda fn: batchers.append(GreedyBatcher(fn, 1, 1, 0.0, max_waiting=1)) or batchers[0])
 
     async def main():
         held = [asyncio.ensure_future(service.retrieve(RetrieveRequest(query="a")))]
@@ -453,7 +453,8 @@ def test_concurrent_embedding_requests_share_one_encoder_call(stack):
     is one error per request, not a retry of each request alone. Before: one encoder call per
     request (the endpoint bypassed the batchers)."""
     from serve.app.batching import GreedyBatcher
-    from serve.app.errors import overloaded
+    from serve.app.errors import RequestError, overloaded
+    from serve.app.retrieval.protocol import EmbeddingRequest
     from serve.app.retrieval.service import LocalEncoderClient
 
     base, calls = stack["service"], []
@@ -468,25 +469,27 @@ def test_concurrent_embedding_requests_share_one_encoder_call(stack):
             return await super().embed_many(requests)
 
     service = RetrievalService(Counting(base.encoder.encoder, "m"), base.shards, base.docs, base.limits, "mini")
-    service.enable_batching(lambda fn: GreedyBatcher(fn, 16, 1, 0.05))
-    client = TestClient(create_app(service))
-    bodies = [{"model": "mini", "input": "protein folding"}, {"model": "mini:alpha", "input": ["cells", "tissue"]},
-              {"model": "mini:beta", "input": "public policy"}]
+    batchers = []
+    service.enable_batching(lambda fn: GreedyBatcher(fn, 16, 1, 0.05),
+                            lambda fn: batchers.append(GreedyBatcher(fn, 16, 1, 0.05, size_fn=lambda r: len(r["texts"])))
+                            or batchers[-1])
+    reqs = [EmbeddingRequest(model="mini", input="protein folding"), EmbeddingRequest(model="mini:alpha", input=["cells", "tissue"]),
+            EmbeddingRequest(model="mini:beta", input="public policy")]
 
-    async def main():
-        return await asyncio.gather(*(asyncio.to_thread(client.post, "/v1/embeddings", json=b) for b in bodies))
+    async def main():  # one event loop, as the ingress replica has
+        return await asyncio.gather(*(service.embeddings(r) for r in reqs), return_exceptions=True)
 
     answers = asyncio.run(main())
-    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert not [a for a in answers if isinstance(a, BaseException)], answers
     assert len(calls) == 1 and sorted(calls[0], key=str) == sorted([None, "alpha", "beta"], key=str), calls
-    for body, r in zip(bodies, answers):
-        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
-        expert = body["model"].partition(":")[2] or None
-        alone = stack["engine"].encode(texts, expert or "base")
-        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    assert batchers[0].batch_sizes == [4]  # sized by texts: 1 + 2 + 1
+    for req, answer in zip(reqs, answers):
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        alone = stack["engine"].encode(texts, req.model.partition(":")[2] or "base")
+        got = np.array([d.embedding for d in answer.data], dtype=np.float32)
         np.testing.assert_allclose(got, alone, atol=1e-5)
     calls.clear()
     Counting.down = True
     answers = asyncio.run(main())
-    assert [r.status_code for r in answers] == [503, 503, 503] and len(calls) == 1, (calls, answers[0].text)
-    assert answers[0].headers["retry-after"] == "1"
+    assert all(isinstance(a, RequestError) and a.status == 503 for a in answers) and len(calls) == 1, (calls, answers)
+    assert answers[0].headers == {"Retry-After": "1"}
