@@ -101,35 +101,11 @@ def measure(url: str, qs: list[str], concurrency: list[int], rates: list[float],
     return {"closed": closed, "open": opened}
 
 
-async def post_loop(url: str, path: str, bodies: list[dict], concurrency: int, duration_s: float,
-                    timeout_s: float = 60) -> list[Record]:
-    """Closed loop of POSTs to ``path`` (the same client for every system): ``concurrency``
-    clients, each sends the next body when its answer arrived."""
-    records: list[Record] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        t_begin = time.perf_counter()
-
-        async def worker(w: int) -> None:
-            i = w
-            while time.perf_counter() - t_begin < duration_s:
-                t0 = time.perf_counter()
-                try:
-                    status = (await client.post(f"{url}{path}", json=bodies[i % len(bodies)])).status_code
-                except httpx.HTTPError:
-                    status = 0
-                records.append(Record(t0 - t_begin, time.perf_counter() - t0, status, False, False))
-                i += concurrency
-
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return records
-
-
 def measure_embeddings(url: str, bodies: list[dict], concurrency: list[int], duration: float, warmup: float,
                        repeats: int) -> dict:
     closed = {}
     for c in concurrency:
-        runs = [summarize(asyncio.run(post_loop(url, "/v1/embeddings", bodies, c, warmup + duration)), warmup, warmup + duration)
+        runs = [summarize(asyncio.run(closed_loop(url, bodies, c, warmup + duration, path="/v1/embeddings")), warmup, warmup + duration)
                 for _ in range(repeats)]
         closed[str(c)] = _median(runs)
         print(f"  embeddings c={c}: {closed[str(c)]['qps']:.1f} req/s p99 {closed[str(c)].get('p99_ms') or 0:.0f} ms "
@@ -151,7 +127,7 @@ def measure_mixed(url: str, qs: list[str], experts: list[str], concurrency: list
         runs: dict[str, list] = {"single": [], "mixed": []}
         for _ in range(repeats):
             for kind in ("single", "mixed"):
-                recs = asyncio.run(post_loop(url, "/v1/retrieve", bodies[kind], c, warmup + duration))
+                recs = asyncio.run(closed_loop(url, bodies[kind], c, warmup + duration))
                 runs[kind].append(summarize(recs, warmup, warmup + duration))
         for kind in ("single", "mixed"):
             out[kind]["closed"][str(c)] = _median(runs[kind])
@@ -161,58 +137,6 @@ def measure_mixed(url: str, qs: list[str], experts: list[str], concurrency: list
 
 
 INFINITY_PINS = ["torch==2.13.0", "infinity-emb[server,torch]==0.0.78"]  # a baseline only, never a project dependency
-
-
-class InfinityServer:
-    """Infinity (PyPI infinity-emb, torch engine, CPU) in its own virtualenv under
-    .venvs/infinity (repository root), created on first use, serving the same model folder."""
-
-    def __init__(self, model_dir: Path, served_name: str, log: Path, port: int):
-        self.model_dir, self.served_name, self.log, self.port = model_dir, served_name, log, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.venv = REPO / ".venvs" / "infinity"  # outside the source folders (linters, test discovery)
-
-    def install(self) -> None:
-        exe = self.venv / "bin" / "infinity_emb"
-        if exe.is_file():
-            return
-        print(f"[infinity] creating {self.venv} ({' '.join(INFINITY_PINS)}; a few minutes)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
-        pip = [str(self.venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, INFINITY_PINS[0]], check=True, timeout=1800)  # torch first: PyPI's is the CPU build here
-        subprocess.run([*pip, *INFINITY_PINS], check=True, timeout=1800)
-
-    def __enter__(self) -> "InfinityServer":
-        self.install()
-        args = [str(self.venv / "bin" / "infinity_emb"), "v2", "--model-id", str(self.model_dir), "--engine", "torch",
-                "--device", "cpu", "--url-prefix", "/v1", "--served-model-name", self.served_name,
-                "--port", str(self.port), "--host", "127.0.0.1"]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
-                                     start_new_session=True)
-        try:
-            return self._wait_healthy()
-        except BaseException:  # a timeout, a crash, Ctrl-C: never leave the server running
-            _stop(self.proc)
-            raise
-
-    def _wait_healthy(self) -> "InfinityServer":
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 300:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"infinity exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    print(f"[infinity] healthy after {time.monotonic() - t0:.0f} s", flush=True)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"infinity not healthy within 300 s; see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        _stop(self.proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -229,43 +153,95 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-class NaiveServer:
-    """benchmarks/naive_server.py in its own process group, with the same config overrides."""
+class BaselineServer:
+    """A baseline server in its own process group: started with ``command()``/``env()``, waited
+    for on ``health`` (never left running when that fails), stopped with its whole group."""
 
-    def __init__(self, sets: list[str], log: Path, port: int = NAIVE_PORT):
-        self.sets, self.log, self.port = sets, log, port
+    name, health = "server", "/healthz"
+
+    def __init__(self, log: Path, port: int):
+        self.log, self.port = log, port
         self.url = f"http://127.0.0.1:{port}"
 
-    def __enter__(self) -> "NaiveServer":
-        args = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--port", str(self.port)]
-        for s in self.sets:
-            args += ["--set", s]
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def __enter__(self):
+        args = self.command()
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+                                     env=self.env(), start_new_session=True)
         try:
             return self._wait_healthy()
         except BaseException:  # a timeout, a crash, Ctrl-C: never leave the server running
             _stop(self.proc)
             raise
 
-    def _wait_healthy(self) -> "NaiveServer":
+    def _wait_healthy(self):
         t0 = time.monotonic()
         while time.monotonic() - t0 < 300:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"naive server exited ({self.proc.returncode}); see {self.log}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    print(f"[naive] healthy after {time.monotonic() - t0:.0f} s", flush=True)
+                if httpx.get(f"{self.url}{self.health}", timeout=5).status_code == 200:
+                    print(f"[{self.name}] healthy after {time.monotonic() - t0:.0f} s", flush=True)
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise TimeoutError(f"naive server not healthy within 300 s; see {self.log}")
+        raise TimeoutError(f"{self.name} not healthy within 300 s; see {self.log}")
 
     def __exit__(self, *exc) -> None:
         _stop(self.proc)
+
+
+class InfinityServer(BaselineServer):
+    """Infinity (PyPI infinity-emb, torch engine, CPU) in its own virtualenv under
+    .venvs/infinity (repository root), created on first use, serving the same model folder."""
+
+    name, health = "infinity", "/health"
+
+    def __init__(self, model_dir: Path, served_name: str, log: Path, port: int):
+        super().__init__(log, port)
+        self.model_dir, self.served_name = model_dir, served_name
+        self.venv = REPO / ".venvs" / "infinity"  # outside the source folders (linters, test discovery)
+
+    def command(self) -> list[str]:
+        exe = self.venv / "bin" / "infinity_emb"
+        if not exe.is_file():
+            print(f"[infinity] creating {self.venv} ({' '.join(INFINITY_PINS)}; a few minutes)", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+            pip = [str(self.venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+            subprocess.run([*pip, INFINITY_PINS[0]], check=True, timeout=1800)  # torch first: PyPI's is the CPU build here
+            subprocess.run([*pip, *INFINITY_PINS], check=True, timeout=1800)
+        return [str(exe), "v2", "--model-id", str(self.model_dir), "--engine", "torch", "--device", "cpu",
+                "--url-prefix", "/v1", "--served-model-name", self.served_name, "--port", str(self.port),
+                "--host", "127.0.0.1"]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+
+
+class NaiveServer(BaselineServer):
+    """benchmarks/naive_server.py, with the same config overrides."""
+
+    name = "naive"
+
+    def __init__(self, sets: list[str], log: Path, port: int = NAIVE_PORT):
+        super().__init__(log, port)
+        self.sets = sets
+
+    def command(self) -> list[str]:
+        args = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--port", str(self.port)]
+        for s in self.sets:
+            args += ["--set", s]
+        return args
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900) -> float:

@@ -152,10 +152,12 @@ class Record:
     server_s: float | None = None  # a 200's time inside the ingress (timings_ms.total_ms): the rest is proxy, network, client
 
 
-async def _send(client: httpx.AsyncClient, url: str, query: str, t_begin: float) -> Record:
+async def _send(client: httpx.AsyncClient, url: str, query: str | dict, t_begin: float, path: str = "/v1/retrieve") -> Record:
+    """One POST (a query string: a /v1/retrieve body with top_k 10; a dict: the body as it is)."""
     t0 = time.perf_counter()
     try:
-        r = await client.post(f"{url}/v1/retrieve", json={"query": query, "top_k": 10})
+        body = {"query": query, "top_k": 10} if isinstance(query, str) else query
+        r = await client.post(f"{url}{path}", json=body)
         status, retry, body = r.status_code, "retry-after" in r.headers, r.content
     except httpx.HTTPError:
         status, retry, body = 0, False, b""
@@ -171,8 +173,10 @@ async def _send(client: httpx.AsyncClient, url: str, query: str, t_begin: float)
     return Record(t0 - t_begin, t1 - t0, status, retry, json_error, server_s)
 
 
-async def closed_loop(url: str, qs: list[str], concurrency: int, duration_s: float, events=(), timeout_s: float = 60) -> list[Record]:
-    """``concurrency`` clients for ``duration_s``; ``events``: (at_s, callable) run at those times."""
+async def closed_loop(url: str, qs: list[str] | list[dict], concurrency: int, duration_s: float, events=(),
+                      timeout_s: float = 60, path: str = "/v1/retrieve") -> list[Record]:
+    """``concurrency`` clients for ``duration_s``, each sends the next of ``qs`` (queries, or whole
+    bodies for ``path``) when its answer arrived; ``events``: (at_s, callable) run at those times."""
     records: list[Record] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
@@ -181,7 +185,7 @@ async def closed_loop(url: str, qs: list[str], concurrency: int, duration_s: flo
         async def worker(w: int) -> None:
             i = w
             while time.perf_counter() - t_begin < duration_s:
-                records.append(await _send(client, url, qs[i % len(qs)], t_begin))
+                records.append(await _send(client, url, qs[i % len(qs)], t_begin, path))
                 i += concurrency
 
         async def scheduler() -> None:

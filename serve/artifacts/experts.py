@@ -70,6 +70,24 @@ def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> boo
     return pilots is not None and pilots.rule == pilot_rule(cfg)
 
 
+def adapter_under_root(root: str | os.PathLike, adapter: str | os.PathLike) -> Path:
+    """``adapter`` (relative to ``root``, or absolute) resolved, symlinks too, and required to be a
+    folder under ``root`` (experts.register_root); ValueError naming the problem otherwise."""
+    root = Path(root).resolve()
+    if "\x00" in str(adapter):
+        raise ValueError("adapter: a path with a NUL byte")
+    try:
+        path = (root / adapter).resolve()  # an absolute ``adapter`` replaces root: checked like any other
+        if not path.is_relative_to(root):
+            raise ValueError(f"adapter {str(adapter)!r} resolves to {path}, outside experts.register_root {root}: "
+                             "put the folder under it")
+        if not path.is_dir():
+            raise ValueError(f"adapter folder {path} does not exist (under experts.register_root {root})")
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, no permission
+        raise ValueError(f"adapter {str(adapter)!r}: {exc}") from None
+    return path
+
+
 def check_adapter_folder(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> list[str]:
     """Cheap checks that a folder is a peft LoRA adapter for the base model in ``model_dir``,
     without loading either (the admin API answers 422 before a job starts): adapter_config.json

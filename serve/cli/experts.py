@@ -272,13 +272,11 @@ def experts_add(
 def _check_registered(cfg, adapter: Path) -> None:
     """An admin job's adapter: still under experts.register_root, still a LoRA folder for the base
     model with no symlink inside (serve.artifacts.experts.check_adapter_folder)."""
-    from serve.artifacts.experts import check_adapter_folder
+    from serve.artifacts.experts import adapter_under_root, check_adapter_folder
     from serve.artifacts.models import resolve_model
 
-    root = cfg.experts.register_root_path().resolve()
-    if not adapter.resolve().is_relative_to(root):
-        raise ValueError(f"adapter {adapter} is no longer under experts.register_root {root}")
-    problems = check_adapter_folder(adapter, resolve_model(cfg.model.ref))
+    problems = check_adapter_folder(adapter_under_root(cfg.experts.register_root_path(), adapter),
+                                    resolve_model(cfg.model.ref))
     if problems:
         raise ValueError("; ".join(problems))
 

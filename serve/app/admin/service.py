@@ -16,7 +16,7 @@ from pathlib import Path
 
 from actors.beir import DatasetError, dataset_dir
 
-from serve.artifacts.experts import check_adapter_folder, remove_from_service
+from serve.artifacts.experts import adapter_under_root, check_adapter_folder, remove_from_service
 from serve.artifacts.generations import GenerationError, GenerationStore, check_expert_name
 
 from ..errors import RequestError
@@ -113,20 +113,10 @@ class AdminService:
             raise RequestError(str(exc), field, 422) from None
 
     def _adapter_under_root(self, adapter: str) -> Path:
-        """The adapter folder, resolved (symlinks too) and required to lie under experts.register_root."""
-        root = Path(self._jobs().settings.register_root).resolve()
-        if "\x00" in adapter:
-            raise RequestError("adapter: a path with a NUL byte", "adapter", 422)
         try:
-            path = (root / adapter).resolve()  # an absolute ``adapter`` replaces root: checked below like any other
-            if not path.is_relative_to(root):
-                raise RequestError(f"adapter {adapter!r} resolves to {path}, outside experts.register_root {root}: "
-                                   "put the folder under it", "adapter", 422)
-            if not path.is_dir():
-                raise RequestError(f"adapter folder {path} does not exist (under experts.register_root {root})", "adapter", 422)
-        except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, no permission
-            raise RequestError(f"adapter {adapter!r}: {exc}", "adapter", 422) from None
-        return path
+            return adapter_under_root(self._jobs().settings.register_root, adapter)
+        except ValueError as exc:
+            raise RequestError(str(exc), "adapter", 422) from None
 
     async def register(self, name: str, adapter: str, domain: str | None, replace: bool) -> JobResponse:
         """Checks what it can at once (name, path under the root, files, shapes against the base
