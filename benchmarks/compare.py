@@ -3,7 +3,7 @@ naive server doing the same work, the same load generator, the same machine, mod
 queries; routerserve's cold start.
 
     .venv/bin/python benchmarks/compare.py [--concurrency 1,16,32,64] [--rates 5,10,20,40]
-        [--duration 15] [--repeats 3] [--systems ceiling,routerserve,naive] [--smoke] [--set k=v]
+        [--duration 15] [--repeats 3] [--systems ceiling,routerserve,naive,...] [--smoke] [--set k=v]
 
 Systems, each alone on the machine in turn (the load generator — this process — shares the
 cores with it, noted in the result):
@@ -22,8 +22,12 @@ cores with it, noted in the result):
                .venvs/infinity, created on first use) serving the same model folder: the same load.
 --label NAME stores a run's systems as <system>@NAME (e.g. the code before a change) and --merge
 adds them to an existing compare.json: before/after in one table.
-Still to come (issue 17): routerserve with @serve.batch, the default app with the LLM engines
-resident.
+  serve-batch  the retrieval-only app with Ray Serve's @serve.batch in place of the GreedyBatcher
+               (deployments.*_batching.batcher=serve_batch, the same batch settings): the
+               deviation re-measured on every Ray upgrade.
+  default-app  the default config (both halves: the vLLM engines resident, idle): /v1/retrieve as a
+               user meets it, and its cold start.
+routerserve, embeddings and mixed run on one `routerserve up` when adjacent (the default order).
 
 --smoke (CI): seconds per system, no figure asserted; results go to --out (not benchmarks/results).
 Writes <out>/compare.{json,md,png}.
@@ -32,13 +36,16 @@ Writes <out>/compare.{json,md,png}.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +60,10 @@ from retrieval_load import _ceiling, _queries  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 NAIVE_PORT = 8010
+SYSTEMS = ("ceiling", "routerserve", "embeddings", "mixed", "serve-batch", "default-app", "naive", "infinity")
+ON_SHARED_SERVICE = ("routerserve", "embeddings", "mixed")  # adjacent ones share one `routerserve up`
+# serve-batch: only the batch formation differs (Ray Serve's @serve.batch, the same batch settings)
+SERVE_BATCH = ["deployments.ingress_batching.batcher=serve_batch", "deployments.encoder_batching.batcher=serve_batch"]
 
 
 def summarize(records: list[Record], warmup_s: float, duration_s: float, slo_s: float | None = None) -> dict:
@@ -244,16 +255,37 @@ class NaiveServer(BaselineServer):
         return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900) -> float:
-    """Seconds from ``t0`` until POST /v1/retrieve answers 200."""
-    while time.monotonic() - t0 < timeout_s:
+def first_answer_s(url: str, query: str, t0: float, timeout_s: float = 900,
+                   stop: threading.Event | None = None) -> float | None:
+    """Seconds from ``t0`` until POST /v1/retrieve answers 200 (None when ``stop`` is set first)."""
+    while time.monotonic() - t0 < timeout_s and not (stop and stop.is_set()):
         try:
             if httpx.post(f"{url}/v1/retrieve", json={"query": query, "top_k": 10}, timeout=30).status_code == 200:
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+    if stop and stop.is_set():
+        return None
     raise TimeoutError("no 200 from /v1/retrieve")
+
+
+@contextlib.contextmanager
+def started(sets: list[str], log: Path, port: int, query: str):
+    """`routerserve up` (LiveService) and its cold start with every artifact cached: seconds from
+    the launch to the first 200 from /v1/retrieve (polled while it starts: retrieval answers before
+    the LLM engines are up) and to every deployment up (/healthz 200, `up` printed "serving")."""
+    t0, stop = time.monotonic(), threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(first_answer_s, f"http://127.0.0.1:{port}", query, t0, stop=stop)
+        try:
+            with LiveService(sets, log, port=port) as svc:
+                ready = time.monotonic() - t0
+                cold = {"cold_start_s": first.result(), "all_ready_s": ready}
+                print(f"  cold start: first answer {cold['cold_start_s']:.0f} s, every deployment up {ready:.0f} s", flush=True)
+                yield svc, cold
+        finally:
+            stop.set()
 
 
 def _share(sys_: dict, a: str, b: str, c: str) -> float | None:
@@ -280,8 +312,11 @@ def ratios(doc: dict, c: str) -> dict:
         f"vs_naive_c{c}": rs["qps"] / naive["qps"] if rs.get("qps") and naive.get("qps") else None,
         f"p99_over_p50_c{c}": rs["p99_ms"] / rs["p50_ms"] if rs.get("p99_ms") and rs.get("p50_ms") else None,
         f"vs_infinity_c{c}": _share(sys_, "embeddings", "infinity", c),
+        f"vs_serve_batch_c{c}": _share(sys_, "routerserve", "serve-batch", c),
         "mixed_vs_single": _mixed_share(sys_.get("mixed"), c),
         "cold_start_s": sys_.get("routerserve", {}).get("cold_start_s"),
+        "default_app_cold_start_s": sys_.get("default-app", {}).get("cold_start_s"),
+        "default_app_all_ready_s": sys_.get("default-app", {}).get("all_ready_s"),
     }
 
 
@@ -302,10 +337,16 @@ def render(doc: dict, out: Path) -> None:
         c = s["ceiling"]
         per_batch = ", ".join(f"batch {b['batch']}: {b['qps']:.1f}" for b in c["batches"])
         lines += [f"**Ceiling** (in-process, no Ray, no HTTP): {c['qps']:.1f} q/s at batch {c['batch']} ({per_batch}).", ""]
-    if "routerserve" in s and s["routerserve"].get("cold_start_s") is not None:
-        lines += [f"**Cold start** (`routerserve up`, artifacts cached, to the first 200): "
-                  f"{s['routerserve']['cold_start_s']:.0f} s.", ""]
-    systems = [k for k in s if k.split("@")[0] in ("routerserve", "naive")]
+    colds = [f"{k} {v['cold_start_s']:.0f} s" + (f" (every deployment up: {v['all_ready_s']:.0f} s)" if v.get("all_ready_s") else "")
+             for k, v in s.items() if v.get("cold_start_s") is not None]
+    if colds:
+        lines += [f"**Cold start** (`routerserve up`, artifacts cached, to the first 200 from /v1/retrieve): "
+                  f"{', '.join(colds)}.", ""]
+    lines += ["routerserve: the retrieval-only app (llm.enabled=false); default-app: the default config, both halves "
+              "(the vLLM engines resident, idle); serve-batch: the retrieval-only app with Ray Serve's @serve.batch "
+              "in place of the GreedyBatcher (`" + " ".join(f"--set {x}" for x in SERVE_BATCH) + "`), the same batch "
+              "settings; naive: benchmarks/naive_server.py (FastAPI + uvicorn, nothing batched across requests).", ""]
+    systems = [k for k in s if k.split("@")[0] in ("routerserve", "default-app", "serve-batch", "naive")]
     lines += ["## Closed loop", "", "| concurrency | " + " | ".join(f"{k} q/s | p50 ms | p99 ms" for k in systems) + " |",
               "|---|" + "---|---|---|" * len(systems)]
     for c in doc["concurrency"]:
@@ -353,7 +394,9 @@ def render(doc: dict, out: Path) -> None:
         lines.append(f"| {k} | {m.get('commit')} | `{m.get('command')}` |")
     lines += ["", "## Ratios (goals: issue 17)", "", "| ratio | value | goal |", "|---|---|---|"]
     goals = {"ceiling_share": "≥ 0.8", "vs_naive": "≥ 1.5", "p99_over_p50": "≤ 3", "vs_infinity": "≥ 1.0",
-             "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s"}
+             "mixed_vs_single": "≥ 0.9", "cold_start_s": "≤ 60 s", "default_app_cold_start_s": "≤ 60 s",
+             "default_app_all_ready_s": "(the LLM engines up too)",
+             "vs_serve_batch": "(the GreedyBatcher's gain)"}
     for k, v in doc["ratios"].items():
         goal = next((g for prefix, g in goals.items() if k.startswith(prefix)), "")
         lines.append(f"| {k} | {_fmt(v, '.2f')} | {goal} |")
@@ -394,7 +437,8 @@ def _plot(doc: dict, path: Path) -> None:
 
 @app.command()
 def main(
-    systems: str = typer.Option("ceiling,routerserve,naive,embeddings,mixed,infinity", help="which systems, in this order"),
+    systems: str = typer.Option(",".join(SYSTEMS), help="which systems, in this order (routerserve, embeddings and "
+                                "mixed share one `routerserve up` when adjacent)"),
     concurrency: str = typer.Option("1,16,32,64"),
     rates: str = typer.Option("5,10,20,40", help="open-loop arrival rates (requests/s); empty: none"),
     duration: float = typer.Option(15.0, help="seconds measured per run"),
@@ -435,40 +479,49 @@ def main(
     if label:
         doc.setdefault("labels", {})[label] = dict(stamp)
     emb_bodies = [{"model": cfg.model.served_name, "input": q} for q in qs]
-    run = {}
-    for system in systems.split(","):
-        print(f"[{system}]", flush=True)
-        if system == "ceiling":
-            batches = [_ceiling(cfg, data_dir, qs, b, repeats, 10) for b in (int(x) for x in ceiling_batches.split(","))]
-            best = max(batches, key=lambda b: b["qps"])
-            run["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
-            print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}", flush=True)
-        elif system == "routerserve":
-            t0 = time.monotonic()
-            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port=port) as svc:
-                cold = first_answer_s(svc.url, qs[0], t0)
-                print(f"  cold start {cold:.0f} s", flush=True)
-                run["routerserve"] = {"cold_start_s": cold, **measure(svc.url, qs, conc, rate_list, duration,
-                                                                      warmup, repeats, slo_ms / 1e3)}
-        elif system == "naive":
-            with NaiveServer(RETRIEVAL_ONLY + sets, logs / "compare_naive.log", naive_port) as srv:
-                run["naive"] = measure(srv.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)
-        elif system == "embeddings":
-            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_embeddings.log", port=port) as svc:
+    order = [x for x in systems.split(",") if x]
+    unknown = sorted(set(order) - set(SYSTEMS))
+    if unknown:
+        raise typer.BadParameter(f"unknown system {unknown[0]!r}: {', '.join(SYSTEMS)}", param_hint="--systems")
+    run: dict = {}
+    with contextlib.ExitStack() as shared:
+        svc = None  # one `routerserve up` for adjacent systems of the retrieval-only app
+        for system in order:
+            print(f"[{system}]", flush=True)
+            if svc is not None and system not in ON_SHARED_SERVICE:
+                shared.close()
+                svc = None
+            if system in ON_SHARED_SERVICE and svc is None:
+                svc, cold = shared.enter_context(started(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port, qs[0]))
+            if system == "ceiling":
+                batches = [_ceiling(cfg, data_dir, qs, b, repeats, 10) for b in (int(x) for x in ceiling_batches.split(","))]
+                best = max(batches, key=lambda b: b["qps"])
+                run["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
+                print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}", flush=True)
+            elif system == "routerserve":
+                run["routerserve"] = {**cold, **measure(svc.url, qs, conc, rate_list, duration, warmup,
+                                                                      repeats, slo_ms / 1e3)}
+            elif system == "embeddings":
                 run["embeddings"] = measure_embeddings(svc.url, emb_bodies, conc, duration, warmup, repeats)
-        elif system == "mixed":
-            with LiveService(RETRIEVAL_ONLY + sets, logs / "compare_mixed.log", port=port) as svc:
+            elif system == "mixed":
                 experts = [e["name"] for e in httpx.get(f"{svc.url}/v1/experts", timeout=30).json()["experts"]]
                 run["mixed"] = measure_mixed(svc.url, qs, experts, conc, duration, warmup, repeats)
-        elif system == "infinity":
-            from serve.artifacts.models import resolve_model
+            elif system in ("serve-batch", "default-app"):
+                extra = SERVE_BATCH if system == "serve-batch" else []
+                app_sets = (RETRIEVAL_ONLY if system == "serve-batch" else []) + sets + extra
+                with started(app_sets, logs / f"compare_{system}.log", port, qs[0]) as (own, own_cold):
+                    run[system] = {**own_cold, "sets": extra or None,
+                                   **measure(own.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)}
+            elif system == "naive":
+                with NaiveServer(RETRIEVAL_ONLY + sets, logs / "compare_naive.log", naive_port) as srv:
+                    run["naive"] = measure(srv.url, qs, conc, rate_list, duration, warmup, repeats, slo_ms / 1e3)
+            elif system == "infinity":
+                from serve.artifacts.models import resolve_model
 
-            with InfinityServer(resolve_model(cfg.model.ref), cfg.model.served_name, logs / "compare_infinity.log",
-                                infinity_port) as inf:
-                bodies = [{**b, "input": [b["input"]]} for b in emb_bodies]
-                run["infinity"] = measure_embeddings(inf.url, bodies, conc, duration, warmup, repeats)
-        else:
-            raise typer.BadParameter(f"unknown system {system!r}: ceiling, routerserve, naive, embeddings, mixed, infinity")
+                with InfinityServer(resolve_model(cfg.model.ref), cfg.model.served_name, logs / "compare_infinity.log",
+                                    infinity_port) as inf:
+                    bodies = [{**b, "input": [b["input"]]} for b in emb_bodies]
+                    run["infinity"] = measure_embeddings(inf.url, bodies, conc, duration, warmup, repeats)
     stamp["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     doc["systems"].update({key(name): {**figures, "measured": stamp} for name, figures in run.items()})
     conc = doc["concurrency"]

@@ -82,12 +82,17 @@ class LiveService:
         import psutil
 
         family = self._descendants()
-        os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C: `up` shuts Serve down, the local cluster ends
+        # SIGTERM, not Ctrl-C's SIGINT: a shell's `&` starts the benchmark (and so `up`) with SIGINT
+        # ignored; `up` treats SIGTERM as Ctrl-C (Serve shut down, the local cluster ends). To `up`
+        # alone: its cluster's processes must outlive it until it has shut Serve down.
+        os.kill(self.proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
         try:
             self.proc.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+        print(f"[service] stopped (exit {self.proc.returncode}) after {time.monotonic() - t0:.0f} s", flush=True)
         time.sleep(3)
         for p in family:  # anything of this cluster that outlived its driver (GCS, raylet, workers)
             try:

@@ -20,6 +20,7 @@ while a burst on an idle service is taken whole (nothing has waited yet).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
@@ -31,6 +32,46 @@ R = TypeVar("R")
 class QueueFull(Exception):
     """The waiting room is full or too slow (max_waiting, max_queue_wait_s): refuse now instead of
     queueing without bound."""
+
+
+def _admit(waiting: int, oldest_arrival: float | None, max_waiting: int | None, max_queue_wait_s: float | None) -> None:
+    """The admission rule both batchers share: raise QueueFull when a newcomer should be refused."""
+    if max_waiting is not None and waiting >= max_waiting:
+        raise QueueFull(f"{waiting} requests are already waiting for a batch")
+    if max_queue_wait_s is not None and oldest_arrival is not None:
+        waited = time.monotonic() - oldest_arrival
+        if waited > max_queue_wait_s:
+            raise QueueFull(f"the oldest waiting request has waited {waited:.2f} s for a batch (over {max_queue_wait_s:g} s)")
+
+
+class _Failed:
+    """One item's exception, carried as its result (a batch answers item by item)."""
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+
+async def _isolated(fn: Callable[[list], Awaitable[Sequence]], items: list) -> list:
+    """``fn(items)``, or, when that raises, each item alone: one result or _Failed per item."""
+    try:
+        return list(await _call(fn, items))
+    except Exception as exc:  # noqa: BLE001 - the batcher lives on
+        if len(items) == 1:
+            return [_Failed(exc)]
+    out: list = []
+    for item in items:  # isolate the failure: each item alone
+        try:
+            out.append((await _call(fn, [item]))[0])
+        except Exception as one:  # noqa: BLE001
+            out.append(_Failed(one))
+    return out
+
+
+async def _call(fn: Callable[[list], Awaitable[Sequence]], items: list) -> Sequence:
+    results = await fn(items)
+    if len(results) != len(items):
+        raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+    return results
 
 
 class GreedyBatcher(Generic[T, R]):
@@ -76,13 +117,7 @@ class GreedyBatcher(Generic[T, R]):
         """Raise QueueFull when a newcomer should be refused now."""
         while self._waiting and self._waiting[0][2].done():  # callers that gave up wait for nothing
             self._waiting.popleft()
-        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self._waiting)} requests are already waiting for a batch")
-        if self.max_queue_wait_s is not None and self._waiting:
-            waited = time.monotonic() - self._waiting[0][0]
-            if waited > self.max_queue_wait_s:
-                raise QueueFull(f"the oldest waiting request has waited {waited:.2f} s for a batch "
-                                f"(over {self.max_queue_wait_s:g} s)")
+        _admit(len(self._waiting), self._waiting[0][0] if self._waiting else None, self.max_waiting, self.max_queue_wait_s)
 
     def _ensure_started(self) -> None:
         if self._worker is None or self._worker.done():
@@ -123,30 +158,73 @@ class GreedyBatcher(Generic[T, R]):
             live = [(item, fut) for item, fut in batch if not fut.done()]  # skip cancelled callers
             if not live:
                 return
-            try:
-                results = await self._call([item for item, _ in live])
-            except Exception as exc:  # noqa: BLE001 - the batcher lives on
-                if len(live) == 1:
-                    self._settle(live[0][1], exc=exc)
-                    return
-                for item, fut in live:  # isolate the failure: each item alone
-                    try:
-                        self._settle(fut, (await self._call([item]))[0])
-                    except Exception as one:  # noqa: BLE001
-                        self._settle(fut, exc=one)
-                return
-            for (_, fut), res in zip(live, results):
-                self._settle(fut, res)
+            outcomes = await _isolated(self.fn, [item for item, _ in live])
+            for (_, fut), res in zip(live, outcomes):
+                self._settle(fut, exc=res.exc) if isinstance(res, _Failed) else self._settle(fut, res)
         finally:
             self._slots.release()
-
-    async def _call(self, items: list) -> Sequence:
-        results = await self.fn(items)
-        if len(results) != len(items):
-            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-        return results
 
     @staticmethod
     def _settle(fut: asyncio.Future, result=None, exc: BaseException | None = None) -> None:
         if not fut.done():  # a caller that gave up (cancelled) is skipped
             fut.set_exception(exc) if exc is not None else fut.set_result(result)
+
+
+class ServeBatcher(Generic[T, R]):
+    """Ray Serve's own ``@serve.batch`` behind GreedyBatcher's interface
+    (``deployments.*_batching.batcher: serve_batch``): the same batch function, size function,
+    poison isolation and admission; only the batch formation is Serve's. Kept so the deviation
+    above is re-measured on every Ray upgrade (benchmarks/compare.py, system serve-batch).
+
+    Admission counts callers not yet taken into a batch (Serve's queue is not inspectable)."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Awaitable[Sequence[R]]],
+        max_batch_size: int = 32,
+        max_concurrent_batches: int = 1,
+        batch_wait_timeout_s: float = 0.0,
+        size_fn: Callable[[T], int] | None = None,
+        max_waiting: int | None = None,
+        max_queue_wait_s: float | None = None,
+    ):
+        from ray import serve
+
+        if max_batch_size < 1 or max_concurrent_batches < 1:
+            raise ValueError("max_batch_size and max_concurrent_batches must be >= 1")
+        self.fn = fn
+        self.size_fn = size_fn or (lambda _: 1)
+        self.max_waiting, self.max_queue_wait_s = max_waiting, max_queue_wait_s
+        self._pending: dict[int, float] = {}  # ticket -> arrival of callers not yet in a batch, oldest first
+        self._tickets = itertools.count()
+        self.batch_sizes: list[int] = []
+        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                                    max_concurrent_batches=max_concurrent_batches,
+                                    batch_size_fn=lambda batch: sum(self.size_fn(item) for _, item in batch))(self._run)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def admit(self) -> None:
+        _admit(len(self._pending), next(iter(self._pending.values()), None), self.max_waiting, self.max_queue_wait_s)
+
+    async def __call__(self, item: T) -> R:
+        self.admit()
+        ticket = next(self._tickets)
+        self._pending[ticket] = time.monotonic()
+        try:
+            result = await self._batched((ticket, item))
+        finally:
+            self._pending.pop(ticket, None)
+        if isinstance(result, _Failed):
+            raise result.exc
+        return result
+
+    async def _run(self, batch: list[tuple[int, T]]) -> list:
+        for ticket, _ in batch:
+            self._pending.pop(ticket, None)
+        items = [item for _, item in batch]
+        self.batch_sizes.append(sum(map(self.size_fn, items)))
+        del self.batch_sizes[:-1000]
+        return await _isolated(self.fn, items)

@@ -32,7 +32,7 @@ from serve.artifacts.jobs import JobStore
 
 from .admin.jobs import AdminJobs
 from .admin.service import AdminService
-from .batching import GreedyBatcher
+from .batching import GreedyBatcher, ServeBatcher
 from .chat.llm_pool import chat_template, load_tokenizers, make_engine, prompt_counters
 from .chat.protocol import ChatCompletionRequest
 from .chat.service import ChatService
@@ -46,9 +46,10 @@ from .settings import CONTROLLER, ENCODER, INGRESS
 from .settings import ControllerSettings, EncoderDeploymentSettings, EngineDeploymentSettings, IngressSettings, ShardDeploymentSettings
 
 
-def _batcher(fn, b, size_fn=None, max_waiting=None, max_queue_wait_s=None) -> GreedyBatcher:
-    return GreedyBatcher(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn,
-                         max_waiting=max_waiting, max_queue_wait_s=max_queue_wait_s)
+def _batcher(fn, b, size_fn=None, max_waiting=None, max_queue_wait_s=None) -> GreedyBatcher | ServeBatcher:
+    cls = ServeBatcher if b.batcher == "serve_batch" else GreedyBatcher
+    return cls(fn, b.max_batch_size, b.max_concurrent_batches, b.batch_wait_timeout_s, size_fn=size_fn,
+               max_waiting=max_waiting, max_queue_wait_s=max_queue_wait_s)
 
 
 @serve.deployment(name=ENCODER)

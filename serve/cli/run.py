@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,11 +127,18 @@ def up(
         serve.shutdown()
         return
     console.print("Ctrl-C to stop.")
+    # SIGTERM (a process manager, Kubernetes, `kill`) stops it as Ctrl-C does; also where SIGINT is
+    # ignored (a non-interactive shell's `&` starts it so)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def doctor(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, data_dir: Optional[Path] = DataOpt):

@@ -197,6 +197,10 @@ class BatchConfig(_Strict):
     max_batch_size: int = Field(32, ge=1)
     max_concurrent_batches: int = Field(1, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait before a batch forms when the queue is empty")
+    batcher: Literal["greedy", "serve_batch"] = Field(
+        "greedy", description="greedy: serve.app.batching.GreedyBatcher (a batch forms when a slot frees); serve_batch: "
+        "Ray Serve's @serve.batch (forms a batch when batch_wait_timeout_s expires), kept to re-measure the choice "
+        "(benchmarks/compare.py serve-batch)")
 
 
 class DeploymentsConfig(_Strict):

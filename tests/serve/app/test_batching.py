@@ -2,7 +2,21 @@ import asyncio
 
 import pytest
 
-from serve.app.batching import GreedyBatcher
+from serve.app.batching import GreedyBatcher, ServeBatcher
+
+BATCHERS = pytest.mark.parametrize("Batcher", [GreedyBatcher, ServeBatcher])
+
+
+@pytest.fixture(autouse=True)
+def _replica_context(monkeypatch):
+    """Serve's batch queue reads its replica's max_ongoing_requests (only to log a warning); these
+    tests run the real queue outside a replica, so that one lookup answers from here."""
+    from types import SimpleNamespace
+
+    import ray.serve.batching
+
+    ctx = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=1000))
+    monkeypatch.setattr(ray.serve.batching.serve, "get_replica_context", lambda: ctx)
 
 
 def test_batches_form_when_a_slot_frees_and_take_everything_queued():
@@ -31,7 +45,8 @@ def test_batches_form_when_a_slot_frees_and_take_everything_queued():
     assert seen == [[0], list(range(1, 10))]
 
 
-def test_max_batch_size_with_a_size_function():
+@BATCHERS
+def test_max_batch_size_with_a_size_function(Batcher):
     seen = []
 
     async def fn(items):
@@ -47,7 +62,8 @@ def test_max_batch_size_with_a_size_function():
     assert all(sum(batch) <= 5 for batch in seen) and sum(map(len, seen)) == 6
 
 
-def test_a_poison_item_fails_alone_and_the_batcher_survives():
+@BATCHERS
+def test_a_poison_item_fails_alone_and_the_batcher_survives(Batcher):
     calls = []
 
     async def fn(items):
@@ -67,7 +83,8 @@ def test_a_poison_item_fails_alone_and_the_batcher_survives():
     assert calls[0] == ["x", "bad", "y"] and calls[1:4] == [["x"], ["bad"], ["y"]]  # the batch, then one by one
 
 
-def test_wrong_result_count_is_an_error_not_a_hang():
+@BATCHERS
+def test_wrong_result_count_is_an_error_not_a_hang(Batcher):
     async def fn(items):
         return items[:-1]
 
@@ -78,7 +95,8 @@ def test_wrong_result_count_is_an_error_not_a_hang():
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
 
 
-def test_concurrent_slots_pipeline_batches():
+@BATCHERS
+def test_concurrent_slots_pipeline_batches(Batcher):
     active = 0
     peak = 0
 
@@ -97,7 +115,8 @@ def test_concurrent_slots_pipeline_batches():
     assert asyncio.run(main()) == list(range(9)) and peak == 3
 
 
-def test_invalid_settings():
+@BATCHERS
+def test_invalid_settings(Batcher):
     with pytest.raises(ValueError):
         GreedyBatcher(lambda x: x, max_batch_size=0)
 
@@ -195,3 +214,58 @@ def test_a_caller_that_gave_up_takes_no_room_in_a_batch():
 
     assert asyncio.run(main()) == ["held", "a", "b"]
     assert seen == [["held"], ["a", "b"]]  # the cancelled caller did not take the second seat
+
+
+def test_serve_batch_forms_batches_early_where_the_greedy_batcher_waits_for_a_slot():
+    """The deviation the switch exists to re-measure: with one slot busy, Serve's @serve.batch
+    forms the next batch when its wait timeout expires (then waits for the slot), so callers
+    arriving later go into a third batch; the greedy batcher takes all of them when the slot frees."""
+    def run(Batcher):
+        seen: list[list[int]] = []
+
+        async def fn(items):
+            seen.append(list(items))
+            await asyncio.sleep(0.05)
+            return items
+
+        async def main():
+            b = Batcher(fn, max_batch_size=32, max_concurrent_batches=1, batch_wait_timeout_s=0.005)
+            first = asyncio.ensure_future(b(0))
+            await asyncio.sleep(0.01)
+            early = asyncio.ensure_future(b(1))
+            await asyncio.sleep(0.02)  # past the wait timeout, the slot still busy
+            late = [asyncio.ensure_future(b(i)) for i in range(2, 6)]
+            return await asyncio.gather(first, early, *late)
+
+        assert asyncio.run(main()) == list(range(6))
+        return seen
+
+    assert run(GreedyBatcher) == [[0], [1, 2, 3, 4, 5]]
+    assert run(ServeBatcher) == [[0], [1], [2, 3, 4, 5]]
+
+
+def test_serve_batcher_admission_counts_callers_not_yet_in_a_batch():
+    from serve.app.batching import QueueFull
+
+    release = None
+
+    async def fn(items):
+        await release.wait()
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        b = ServeBatcher(fn, max_batch_size=1, max_waiting=2)
+        running = asyncio.ensure_future(b(0))
+        await asyncio.sleep(0.05)  # taken into the only batch slot
+        queued = [asyncio.ensure_future(b(i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        waiting = b.waiting
+        with pytest.raises(QueueFull):
+            await b(3)
+        release.set()
+        return waiting, await asyncio.gather(running, *queued), b.waiting
+
+    waiting, results, after = asyncio.run(main())
+    assert waiting == 2 and results == [0, 1, 2] and after == 0
