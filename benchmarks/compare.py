@@ -2,13 +2,14 @@
 naive server doing the same work, the same load generator, the same machine, model, index and
 queries; routerserve's cold start.
 
-    .venv/bin/python benchmarks/compare.py [--concurrency 1,16,32,64] [--rates 5,10,20,40]
+    .venv/bin/python benchmarks/compare.py [--concurrency 1,16,32,64] [--rates 5,10,20,40,60,80]
         [--duration 15] [--repeats 3] [--systems ceiling,routerserve,naive,...] [--smoke] [--set k=v]
 
 Systems, each alone on the machine in turn (the load generator — this process — shares the
 cores with it, noted in the result):
   ceiling      RetrievalService in this process without Ray or HTTP (local encoder and shard
-               objects), the best of several batch sizes: base pass + routing + expert pass + search.
+               objects), the best of several batch sizes, torch with 1 thread and with one per
+               CPU: base pass + routing + expert pass + search.
   routerserve  `routerserve up` (retrieval only: llm.enabled=false) over HTTP: closed loop at each
                concurrency (median of --repeats runs) and open loop at fixed arrival rates
                (p50/p99 vs offered load, goodput = answers within --slo-ms per second). Its cold
@@ -21,7 +22,8 @@ cores with it, noted in the result):
   infinity     Infinity (PyPI infinity-emb, torch engine, CPU; its own virtualenv under
                .venvs/infinity, created on first use) serving the same model folder: the same load.
 --label NAME stores a run's systems as <system>@NAME (e.g. the code before a change) and --merge
-adds them to an existing compare.json: before/after in one table.
+adds them to an existing compare.json: before/after in one table (an unlabeled --merge run
+replaces the header and the systems it measures, and keeps the others).
   serve-batch  the retrieval-only app with Ray Serve's @serve.batch in place of the GreedyBatcher
                (deployments.*_batching.batcher=serve_batch, the same batch settings): the
                deviation re-measured on every Ray upgrade.
@@ -335,8 +337,11 @@ def render(doc: dict, out: Path) -> None:
              f"{doc['duration_s']:g} s per rate, SLO {doc['slo_ms']:g} ms.", ""]
     if "ceiling" in s:
         c = s["ceiling"]
-        per_batch = ", ".join(f"batch {b['batch']}: {b['qps']:.1f}" for b in c["batches"])
-        lines += [f"**Ceiling** (in-process, no Ray, no HTTP): {c['qps']:.1f} q/s at batch {c['batch']} ({per_batch}).", ""]
+        per_batch = ", ".join(f"batch {b['batch']}" + (f" × {b['threads']} threads" if "threads" in b else "") + f": {b['qps']:.1f}"
+                              for b in c["batches"])
+        lines += [f"**Ceiling** (in-process, no Ray, no HTTP; the same RetrievalService code on local encoder and shard "
+                  f"objects): {c['qps']:.1f} q/s at batch {c['batch']}"
+                  + (f", {c['threads']} torch threads" if "threads" in c else "") + f" ({per_batch}).", ""]
     colds = [f"{k} {v['cold_start_s']:.0f} s" + (f" (every deployment up: {v['all_ready_s']:.0f} s)" if v.get("all_ready_s") else "")
              for k, v in s.items() if v.get("cold_start_s") is not None]
     if colds:
@@ -440,7 +445,7 @@ def main(
     systems: str = typer.Option(",".join(SYSTEMS), help="which systems, in this order (routerserve, embeddings and "
                                 "mixed share one `routerserve up` when adjacent)"),
     concurrency: str = typer.Option("1,16,32,64"),
-    rates: str = typer.Option("5,10,20,40", help="open-loop arrival rates (requests/s); empty: none"),
+    rates: str = typer.Option("5,10,20,40,60,80", help="open-loop arrival rates (requests/s); empty: none"),
     duration: float = typer.Option(15.0, help="seconds measured per run"),
     warmup: float = typer.Option(3.0, help="closed loop: seconds before measuring"),
     repeats: int = typer.Option(3),
@@ -473,8 +478,10 @@ def main(
            "datasets": cfg.corpus.datasets, "smoke": smoke, "sets": sets, "systems": {}}
     logs = out / "logs"
     if merge and (out / "compare.json").is_file():
+        # the old file's systems stay (each carries its own stamp: commit, command); a labeled run
+        # keeps the old header and parameters, an unlabeled one replaces them with its own
         old = json.loads((out / "compare.json").read_text())
-        doc = {**old, "systems": old["systems"], "labels": old.get("labels", {})}
+        doc = {**(old if label else doc), "systems": old["systems"], "labels": old.get("labels", {})}
     key = (lambda name: f"{name}@{label}") if label else (lambda name: name)
     if label:
         doc.setdefault("labels", {})[label] = dict(stamp)
@@ -493,11 +500,17 @@ def main(
                 svc = None
             if system in ON_SHARED_SERVICE and svc is None:
                 svc, cold = shared.enter_context(started(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port, qs[0]))
-            if system == "ceiling":
-                batches = [_ceiling(cfg, data_dir, qs, b, repeats, 10) for b in (int(x) for x in ceiling_batches.split(","))]
+            if system == "ceiling":  # every core may work: torch with 1 thread and with one per CPU
+                batches = []
+                for threads in sorted({1, os.cpu_count() or 1}):
+                    cfg_t = load_config(None, RETRIEVAL_ONLY + sets + [f"model.num_threads={threads}"]).absolutized()
+                    batches += [{**_ceiling(cfg_t, data_dir, qs, b, repeats, 10), "threads": threads}
+                                for b in (int(x) for x in ceiling_batches.split(","))]
+                    print("  " + ", ".join(f"batch {b['batch']}: {b['qps']:.1f}" for b in batches if b["threads"] == threads)
+                          + f" q/s ({threads} torch thread{'s' if threads > 1 else ''})", flush=True)
                 best = max(batches, key=lambda b: b["qps"])
-                run["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "batches": batches}
-                print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}", flush=True)
+                run["ceiling"] = {"qps": best["qps"], "batch": best["batch"], "threads": best["threads"], "batches": batches}
+                print(f"  best {best['qps']:.1f} q/s at batch {best['batch']}, {best['threads']} threads", flush=True)
             elif system == "routerserve":
                 run["routerserve"] = {**cold, **measure(svc.url, qs, conc, rate_list, duration, warmup,
                                                                       repeats, slo_ms / 1e3)}
@@ -526,7 +539,7 @@ def main(
     doc["systems"].update({key(name): {**figures, "measured": stamp} for name, figures in run.items()})
     conc = doc["concurrency"]
     doc["ratios"] = ratios(doc, str(max(conc)) if 32 not in conc else "32")
-    if not (merge and "commit" in doc):  # a merged run keeps the first run's header; each system has its stamp
+    if not (label and merge and "commit" in doc):  # a labeled merge keeps the header it joins
         doc.update(stamp, machine=machine())
     print(write_json("compare", doc, out))
     render(doc, out)

@@ -56,11 +56,16 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     return out
 
 
-def fold(raw: str, ours: tuple[str, ...] = ("serve/", "actors/")) -> dict:
-    """py-spy's collapsed stacks ("frame;frame;... count") folded to the top functions by self
-    samples and by inclusive samples (each function counted once per stack)."""
+OURS = ("serve", "actors", "benchmarks")
+
+
+def fold(raw: str) -> dict:
+    """py-spy's collapsed stacks ("frame;frame;... count") folded to the functions with the most
+    samples: self (on top of the stack), ours inclusive (anywhere on it), and the share of samples
+    whose stack passes through each top-level package."""
     self_n: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
+    libs: collections.Counter = collections.Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, n = line.rpartition(" ")
@@ -68,38 +73,32 @@ def fold(raw: str, ours: tuple[str, ...] = ("serve/", "actors/")) -> dict:
             continue
         frames = [_short(f) for f in stack.split(";")]
         total += int(n)
-        self_n[frames[-1]] += int(n)
-        for f in set(frames):
+        self_n[frames[-1][0]] += int(n)
+        for f in {f for f, _ in frames}:
             incl[f] += int(n)
+        for lib in {lib for _, lib in frames}:
+            libs[lib] += int(n)
     return {"samples": total, "self": self_n.most_common(15),
-            "inclusive": [(f, c) for f, c in incl.most_common(60) if any(o in f for o in ours) or "site-packages" not in f][:15],
-            "inclusive_libraries": _by_library(incl, total)}
+            "inclusive_ours": [(f, c) for f, c in incl.most_common() if _package(f) in OURS][:15],
+            "packages": [(lib, round(c / total, 3)) for lib, c in libs.most_common(12)] if total else []}
 
 
-def _short(frame: str) -> str:
-    """'fn (path/to/file.py:12)' → 'fn (pkg/file.py)' without line numbers: samples of one
-    function add up; site-packages paths keep their package."""
+def _short(frame: str) -> tuple[str, str]:
+    """'fn (pkg/mod.py:12)' → ('fn (pkg/mod.py)', 'pkg'): samples of one function add up."""
     m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
     if not m:
-        return frame
+        return frame, "?"
     fn, path = m.groups()
-    if "site-packages/" in path:
-        path = "site-packages/" + path.split("site-packages/", 1)[1]
-    elif str(REPO) in path:
-        path = path.split(str(REPO) + "/", 1)[1]
-    return f"{fn} ({path})"
+    for marker in ("site-packages/", str(REPO) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{fn} ({path})", _package(path)
 
 
-def _by_library(incl: collections.Counter, total: int) -> list:
-    """Share of samples whose stack passes through each top-level library (inclusive)."""
-    libs: collections.Counter = collections.Counter()
-    seen_per_lib: dict[str, int] = {}
-    for frame, n in incl.items():
-        m = re.search(r"site-packages/([A-Za-z0-9_]+)", frame)
-        if m:
-            seen_per_lib[m.group(1)] = max(seen_per_lib.get(m.group(1), 0), n)
-    libs.update(seen_per_lib)
-    return [(lib, round(n / total, 3) if total else 0) for lib, n in libs.most_common(10)]
+def _package(path_or_frame: str) -> str:
+    path = path_or_frame.rsplit("(", 1)[-1].rstrip(")")
+    top = path.split("/", 1)[0]
+    return top[:-3] if top.endswith(".py") else top
 
 
 def py_spy(pid: int, seconds: float, out: Path) -> dict | None:
@@ -204,11 +203,11 @@ def render(name: str, doc: dict, out: Path) -> None:
     for role_, prof in doc["profiles"].items():
         n = prof["samples"] or 1
         lines += ["", f"## {role_}: py-spy, {prof['samples']} samples", "",
-                  "Libraries on the stack (share of samples): " + ", ".join(f"{lib} {share:.0%}" for lib, share in prof["inclusive_libraries"]),
+                  "Packages on the stack (share of samples): " + ", ".join(f"{lib} {share:.0%}" for lib, share in prof["packages"]),
                   "", "| self: function | share |", "|---|---|"]
         lines += [f"| `{f}` | {c / n:.0%} |" for f, c in prof["self"][:10]]
-        lines += ["", "| inclusive: our code and the standard library | share |", "|---|---|"]
-        lines += [f"| `{f}` | {c / n:.0%} |" for f, c in prof["inclusive"][:10]]
+        lines += ["", "| inclusive: our functions | share |", "|---|---|"]
+        lines += [f"| `{f}` | {c / n:.0%} |" for f, c in prof["inclusive_ours"][:10]]
     write_markdown(name, "\n".join(lines) + "\n", out)
 
 
