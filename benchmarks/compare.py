@@ -328,13 +328,14 @@ def _fmt(x, spec=".1f") -> str:
 
 def render(doc: dict, out: Path) -> None:
     s = doc["systems"]
-    lines = [f"# Side by side: /v1/retrieve — {doc['deployment']}", "",
+    lines = ["# Side by side: /v1/retrieve and /v1/embeddings", "",
              f"`{doc['command']}` · commit {doc['commit']} · {doc['date']}", "",
              f"Machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('logical_cpus', '?')} CPUs, GPU: {doc['machine'].get('gpu', '?')}. "
              "The load generator (this process) shares the cores with the system under test; each system ran alone.",
              f"Queries: {doc['queries']} test queries of {', '.join(doc['datasets'])}; top_k 10; closed loop "
              f"{doc['duration_s']:g} s after {doc['warmup_s']:g} s warm-up, median of {doc['repeats']}; open loop "
-             f"{doc['duration_s']:g} s per rate, SLO {doc['slo_ms']:g} ms.", ""]
+             f"{doc['duration_s']:g} s per rate, SLO {doc['slo_ms']:g} ms (rows measured by another command, "
+             "see the table at the end, ran with that command's settings).", ""]
     if "ceiling" in s:
         c = s["ceiling"]
         per_batch = ", ".join(f"batch {b['batch']}" + (f" × {b['threads']} threads" if "threads" in b else "") + f": {b['qps']:.1f}"
@@ -434,7 +435,7 @@ def _plot(doc: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{doc['deployment']} · commit {doc['commit']}", fontsize=9)
+    fig.suptitle(f"compare.py · commit {doc['commit']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -473,7 +474,7 @@ def main(
     qs = _queries(data_dir, cfg.corpus.datasets, queries)
     conc = [int(c) for c in concurrency.split(",") if c]
     rate_list = [float(r) for r in rates.split(",") if r]
-    doc = {"deployment": "retrieval-only app (llm.enabled=false)", "concurrency": conc, "rates": rate_list,
+    doc = {"deployment": "routerserve, embeddings, mixed, serve-batch: the retrieval-only app (llm.enabled=false); default-app: the default config", "concurrency": conc, "rates": rate_list,
            "duration_s": duration, "warmup_s": warmup, "repeats": repeats, "slo_ms": slo_ms, "queries": len(qs),
            "datasets": cfg.corpus.datasets, "smoke": smoke, "sets": sets, "systems": {}}
     logs = out / "logs"
@@ -502,7 +503,7 @@ def main(
                 svc, cold = shared.enter_context(started(RETRIEVAL_ONLY + sets, logs / "compare_routerserve.log", port, qs[0]))
             if system == "ceiling":  # every core may work: torch with 1 thread and with one per CPU
                 batches = []
-                for threads in sorted({1, os.cpu_count() or 1}):
+                for threads in sorted({1, len(os.sched_getaffinity(0))}):
                     cfg_t = load_config(None, RETRIEVAL_ONLY + sets + [f"model.num_threads={threads}"]).absolutized()
                     batches += [{**_ceiling(cfg_t, data_dir, qs, b, repeats, 10), "threads": threads}
                                 for b in (int(x) for x in ceiling_batches.split(","))]

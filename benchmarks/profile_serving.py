@@ -105,7 +105,11 @@ def py_spy(pid: int, seconds: float, out: Path) -> dict | None:
     exe = Path(sys.executable).parent / "py-spy"
     cmd = [str(exe), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
            "--format", "raw", "--nonblocking", "--output", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no py-spy (the dev extra), or it hung
+        print(f"  py-spy on {pid} failed: {exc}", flush=True)
+        return None
     if run.returncode != 0 or not out.is_file():
         print(f"  py-spy on {pid} failed: {run.stderr.strip()[-300:]}", flush=True)
         return None
@@ -128,8 +132,7 @@ def main(
     sets = list(set_ or [])
     stamp = {"command": command_line(), "commit": git_commit()}
     cfg = load_config(None, RETRIEVAL_ONLY + sets)
-    qs = queries(512)
-    bodies = qs if path == "/v1/retrieve" else [{"model": cfg.model.served_name, "input": q} for q in qs]
+    bodies = request_bodies(path, cfg.model.served_name)
     name = "profile_" + path.rsplit("/", 1)[-1] + (f"_{label}" if label else "")
     logs = out / "logs"
     with LiveService(RETRIEVAL_ONLY + sets, logs / f"{name}.log", port=port) as svc:
@@ -164,8 +167,8 @@ def main(
             for r in targets:  # one after another: py-spy itself takes a core
                 print(f"  py-spy {r['role']} (pid {r['pid']}) {duration / top:.0f} s", flush=True)
                 prof = py_spy(r["pid"], max(duration / top, 3), logs / f"{name}_{r['pid']}.txt")
-                if prof:
-                    profiles[r["role"]] = prof
+                if prof:  # two replicas of one deployment: each its own profile
+                    profiles[f"{r['role']} (pid {r['pid']})"] = prof
         finally:
             load.terminate()
             load.wait(30)
@@ -177,14 +180,19 @@ def main(
     render(name, doc, out)
 
 
+def request_bodies(path: str, model: str) -> list:
+    """512 real queries as /v1/retrieve queries or /v1/embeddings bodies (one text each)."""
+    qs = queries(512)
+    return qs if path == "/v1/retrieve" else [{"model": model, "input": q} for q in qs]
+
+
 _LOAD_AGAIN = """
 import asyncio, sys
 sys.path.insert(0, "benchmarks")
-from reliability_common import closed_loop, queries
+from profile_serving import request_bodies
+from reliability_common import closed_loop
 url, path, c, d, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-qs = queries(512)
-bodies = qs if path == "/v1/retrieve" else [{"model": model, "input": q} for q in qs]
-asyncio.run(closed_loop(url, bodies, c, d, path=path))
+asyncio.run(closed_loop(url, request_bodies(path, model), c, d, path=path))
 """
 
 

@@ -67,7 +67,8 @@ class LiveService:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"routerserve up exited ({self.proc.returncode}); see {self.log}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200 and "serving" in self.log.read_text():
+                # "Ctrl-C to stop.": `up` has answered its sample query (and question) and stops on SIGTERM
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200 and "Ctrl-C to stop." in self.log.read_text():
                     print(f"[service] healthy after {time.monotonic() - t0:.0f} s", flush=True)
                     return self
             except httpx.HTTPError:

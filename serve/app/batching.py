@@ -51,19 +51,28 @@ class _Failed:
         self.exc = exc
 
 
-async def _isolated(fn: Callable[[list], Awaitable[Sequence]], items: list) -> list:
-    """``fn(items)``, or, when that raises, each item alone: one result or _Failed per item."""
+async def _isolated(fn: Callable[[list], Awaitable[Sequence]], items: list,
+                    answered: Callable[[int, object], None] | None = None,
+                    gone: Callable[[int], bool] | None = None) -> list:
+    """``fn(items)``, or, when that raises, each item alone: one result or _Failed per item.
+    Retried one by one, each result goes to ``answered(i, result)`` as soon as it is known, and
+    items whose caller is ``gone(i)`` are not retried."""
     try:
         return list(await _call(fn, items))
     except Exception as exc:  # noqa: BLE001 - the batcher lives on
         if len(items) == 1:
             return [_Failed(exc)]
     out: list = []
-    for item in items:  # isolate the failure: each item alone
+    for i, item in enumerate(items):  # isolate the failure: each item alone
+        if gone is not None and gone(i):
+            out.append(_Failed(asyncio.CancelledError()))
+            continue
         try:
             out.append((await _call(fn, [item]))[0])
         except Exception as one:  # noqa: BLE001
             out.append(_Failed(one))
+        if answered is not None:
+            answered(i, out[-1])
     return out
 
 
@@ -158,9 +167,12 @@ class GreedyBatcher(Generic[T, R]):
             live = [(item, fut) for item, fut in batch if not fut.done()]  # skip cancelled callers
             if not live:
                 return
-            outcomes = await _isolated(self.fn, [item for item, _ in live])
-            for (_, fut), res in zip(live, outcomes):
-                self._settle(fut, exc=res.exc) if isinstance(res, _Failed) else self._settle(fut, res)
+            def answer(i: int, res) -> None:
+                self._settle(live[i][1], exc=res.exc) if isinstance(res, _Failed) else self._settle(live[i][1], res)
+
+            outcomes = await _isolated(self.fn, [item for item, _ in live], answer, lambda i: live[i][1].done())
+            for i, res in enumerate(outcomes):
+                answer(i, res)  # settled already: no-op
         finally:
             self._slots.release()
 
@@ -176,7 +188,9 @@ class ServeBatcher(Generic[T, R]):
     poison isolation and admission; only the batch formation is Serve's. Kept so the deviation
     above is re-measured on every Ray upgrade (benchmarks/compare.py, system serve-batch).
 
-    Admission counts callers not yet taken into a batch (Serve's queue is not inspectable)."""
+    Admission counts callers whose batch has not started (queued, or in a batch Serve formed that
+    waits for a slot; Serve's queue is not inspectable). Serve also counts callers that gave up
+    while it forms a batch (GreedyBatcher skips them)."""
 
     def __init__(
         self,
@@ -198,9 +212,12 @@ class ServeBatcher(Generic[T, R]):
         self._pending: dict[int, float] = {}  # ticket -> arrival of callers not yet in a batch, oldest first
         self._tickets = itertools.count()
         self.batch_sizes: list[int] = []
+        # an item larger than a whole batch: Serve fails it; here it runs as a batch of its own
+        # (as in GreedyBatcher), so its size counts as at most max_batch_size
         self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                     max_concurrent_batches=max_concurrent_batches,
-                                    batch_size_fn=lambda batch: sum(self.size_fn(item) for _, item in batch))(self._run)
+                                    batch_size_fn=lambda batch: sum(min(self.size_fn(item), max_batch_size)
+                                                                    for _, item in batch))(self._run)
 
     @property
     def waiting(self) -> int:

@@ -96,6 +96,9 @@ def up(
     cfg = _load(config, set_)
     ddir = _data_dir(cfg, data_dir)
     ensure_ray(cfg.ray)
+    # SIGTERM (a process manager, Kubernetes, `kill`) stops it as Ctrl-C does; also where SIGINT is
+    # ignored (a non-interactive shell's `&` starts it so). After ray.init, which installs its own.
+    signal.signal(signal.SIGTERM, _interrupt)
     if prepare:
         from serve.artifacts.experts import ensure_generation, generation_store
         from serve.offline.training import train_default_experts
@@ -112,28 +115,25 @@ def up(
         gen = generation_store(cfg).current_id() if generation_store(cfg) else None
         console.print(f"expert generation: {gen or 'none published (the base model serves)'}")
     console.rule("serve")
-    serve.start(http_options=http_options(cfg))
-    serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    url = f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
-    health = wait_healthy(url)
-    console.print(f"[green]serving[/green] {url}  (docs: {url}/docs)  experts: {health.get('experts')}")
-    console.print(f"[bold]sample query:[/bold] {sample_query}")
-    query(sample_query, 5, None, url, False)
-    if cfg.llm.enabled and cfg.llm.router is not None:
-        console.print(f"[bold]sample question (model {cfg.llm.router.served_name}):[/bold] {sample_question}")
-        chat(sample_question, cfg.llm.router.served_name, None, url, False)
-    if once:
-        serve.shutdown()
-        return
-    console.print("Ctrl-C to stop.")
-    # SIGTERM (a process manager, Kubernetes, `kill`) stops it as Ctrl-C does; also where SIGINT is
-    # ignored (a non-interactive shell's `&` starts it so)
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        serve.start(http_options=http_options(cfg))
+        serve.run(build_app({"config": cfg, "data_dir": str(ddir)}), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+        host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+        url = f"http://{host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
+        health = wait_healthy(url)
+        console.print(f"[green]serving[/green] {url}  (docs: {url}/docs)  experts: {health.get('experts')}")
+        console.print(f"[bold]sample query:[/bold] {sample_query}")
+        query(sample_query, 5, None, url, False)
+        if cfg.llm.enabled and cfg.llm.router is not None:
+            console.print(f"[bold]sample question (model {cfg.llm.router.served_name}):[/bold] {sample_question}")
+            chat(sample_question, cfg.llm.router.served_name, None, url, False)
+        if once:
+            serve.shutdown()
+            return
+        console.print("Ctrl-C to stop.")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above), also while it starts
         serve.shutdown()
 
 

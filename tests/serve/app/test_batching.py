@@ -55,7 +55,7 @@ def test_max_batch_size_with_a_size_function(Batcher):
         return [len(x) for x in items]
 
     async def main():
-        b = GreedyBatcher(fn, max_batch_size=5, size_fn=len)
+        b = Batcher(fn, max_batch_size=5, size_fn=len)
         return await asyncio.gather(*(b("ab") for _ in range(6)))
 
     assert asyncio.run(main()) == [2] * 6
@@ -73,7 +73,7 @@ def test_a_poison_item_fails_alone_and_the_batcher_survives(Batcher):
         return [i.upper() for i in items]
 
     async def main():
-        b = GreedyBatcher(fn, max_batch_size=8, batch_wait_timeout_s=0.01)
+        b = Batcher(fn, max_batch_size=8, batch_wait_timeout_s=0.01)
         results = await asyncio.gather(b("x"), b("bad"), b("y"), return_exceptions=True)
         after = await b("ok")
         return results, after
@@ -89,7 +89,7 @@ def test_wrong_result_count_is_an_error_not_a_hang(Batcher):
         return items[:-1]
 
     async def main():
-        b = GreedyBatcher(fn, batch_wait_timeout_s=0.01)
+        b = Batcher(fn, batch_wait_timeout_s=0.01)
         return await asyncio.wait_for(asyncio.gather(b(1), b(2), return_exceptions=True), 2)
 
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
@@ -109,7 +109,7 @@ def test_concurrent_slots_pipeline_batches(Batcher):
         return items
 
     async def main():
-        b = GreedyBatcher(fn, max_batch_size=1, max_concurrent_batches=3)
+        b = Batcher(fn, max_batch_size=1, max_concurrent_batches=3)
         return await asyncio.gather(*(b(i) for i in range(9)))
 
     assert asyncio.run(main()) == list(range(9)) and peak == 3
@@ -118,7 +118,7 @@ def test_concurrent_slots_pipeline_batches(Batcher):
 @BATCHERS
 def test_invalid_settings(Batcher):
     with pytest.raises(ValueError):
-        GreedyBatcher(lambda x: x, max_batch_size=0)
+        Batcher(lambda x: x, max_batch_size=0)
 
 
 def test_newcomers_are_refused_while_the_oldest_waiting_caller_has_waited_too_long():
@@ -225,15 +225,15 @@ def test_serve_batch_forms_batches_early_where_the_greedy_batcher_waits_for_a_sl
 
         async def fn(items):
             seen.append(list(items))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.4)
             return items
 
         async def main():
             b = Batcher(fn, max_batch_size=32, max_concurrent_batches=1, batch_wait_timeout_s=0.005)
             first = asyncio.ensure_future(b(0))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             early = asyncio.ensure_future(b(1))
-            await asyncio.sleep(0.02)  # past the wait timeout, the slot still busy
+            await asyncio.sleep(0.15)  # past the wait timeout, the slot still busy
             late = [asyncio.ensure_future(b(i)) for i in range(2, 6)]
             return await asyncio.gather(first, early, *late)
 
@@ -269,3 +269,43 @@ def test_serve_batcher_admission_counts_callers_not_yet_in_a_batch():
 
     waiting, results, after = asyncio.run(main())
     assert waiting == 2 and results == [0, 1, 2] and after == 0
+
+
+@BATCHERS
+def test_an_item_larger_than_a_batch_runs_alone(Batcher):
+    async def fn(items):
+        return [len(x) for x in items]
+
+    async def main():
+        b = Batcher(fn, max_batch_size=4, size_fn=len)
+        return await asyncio.gather(b("abcdefgh"), b("ab"), b("a"))
+
+    assert asyncio.run(main()) == [8, 2, 1]
+
+
+def test_after_a_poison_batch_each_caller_is_answered_when_its_own_retry_ends():
+    done: list[str] = []  # items whose forward finished
+    seen_when_answered: dict[str, list[str]] = {}
+
+    async def fn(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        await asyncio.sleep(0.02)
+        done.extend(items)
+        return items
+
+    async def main():
+        b = GreedyBatcher(fn, max_batch_size=8, batch_wait_timeout_s=0.01)
+
+        async def call(x):
+            try:
+                await b(x)
+            except ValueError:
+                pass
+            seen_when_answered[x] = list(done)
+
+        await asyncio.gather(*(call(x) for x in ("a", "bad", "c", "d")))
+
+    asyncio.run(main())
+    # "a" is answered while "c" and "d" are still being retried, not after all of them
+    assert seen_when_answered["a"] == ["a"] and seen_when_answered["d"] == ["a", "c", "d"]
