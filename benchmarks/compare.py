@@ -93,16 +93,17 @@ def _median(runs: list[dict]) -> dict:
             "errors": sum(r["errors"] for r in runs), "runs": runs}
 
 
+def closed_run(url: str, bodies: list, c: int, duration: float, warmup: float, path: str = "/v1/retrieve") -> dict:
+    """One closed-loop run at concurrency ``c``, summarized over its measured window."""
+    return summarize(asyncio.run(closed_loop(url, bodies, c, warmup + duration, path=path)), warmup, warmup + duration)
+
+
 def measure(url: str, qs: list[str], concurrency: list[int], rates: list[float], duration: float, warmup: float,
             repeats: int, slo_s: float) -> dict:
     """Closed loop at each concurrency (median of ``repeats``), then open loop at each rate."""
     closed, opened = {}, {}
     for c in concurrency:
-        runs = []
-        for _ in range(repeats):
-            recs = asyncio.run(closed_loop(url, qs, c, warmup + duration))
-            runs.append(summarize(recs, warmup, warmup + duration))
-        closed[str(c)] = _median(runs)
+        closed[str(c)] = _median([closed_run(url, qs, c, duration, warmup) for _ in range(repeats)])
         print(f"  closed c={c}: {closed[str(c)]['qps']:.1f} q/s p50 {closed[str(c)].get('p50_ms') or 0:.0f} ms "
               f"p99 {closed[str(c)].get('p99_ms') or 0:.0f} ms", flush=True)
     for rate in rates:
@@ -118,9 +119,7 @@ def measure_embeddings(url: str, bodies: list[dict], concurrency: list[int], dur
                        repeats: int) -> dict:
     closed = {}
     for c in concurrency:
-        runs = [summarize(asyncio.run(closed_loop(url, bodies, c, warmup + duration, path="/v1/embeddings")), warmup, warmup + duration)
-                for _ in range(repeats)]
-        closed[str(c)] = _median(runs)
+        closed[str(c)] = _median([closed_run(url, bodies, c, duration, warmup, "/v1/embeddings") for _ in range(repeats)])
         print(f"  embeddings c={c}: {closed[str(c)]['qps']:.1f} req/s p99 {closed[str(c)].get('p99_ms') or 0:.0f} ms "
               f"errors {closed[str(c)]['errors']}", flush=True)
     return {"closed": closed}
@@ -140,8 +139,7 @@ def measure_mixed(url: str, qs: list[str], experts: list[str], concurrency: list
         runs: dict[str, list] = {"single": [], "mixed": []}
         for _ in range(repeats):
             for kind in ("single", "mixed"):
-                recs = asyncio.run(closed_loop(url, bodies[kind], c, warmup + duration))
-                runs[kind].append(summarize(recs, warmup, warmup + duration))
+                runs[kind].append(closed_run(url, bodies[kind], c, duration, warmup))
         for kind in ("single", "mixed"):
             out[kind]["closed"][str(c)] = _median(runs[kind])
         print(f"  c={c}: single {out['single']['closed'][str(c)]['qps']:.1f}, mixed over {len(experts)} experts "
@@ -306,12 +304,11 @@ def _mixed_share(mixed: dict | None, c: str) -> float | None:
 def ratios(doc: dict, c: str) -> dict:
     sys_ = doc["systems"]
     rs = sys_.get("routerserve", {}).get("closed", {}).get(c, {})
-    naive = sys_.get("naive", {}).get("closed", {}).get(c, {})
     ceiling = sys_.get("ceiling", {}).get("qps")
     share = rs.get("qps") / ceiling if rs.get("qps") and ceiling else None
     return {
         f"ceiling_share_c{c}": share,
-        f"vs_naive_c{c}": rs["qps"] / naive["qps"] if rs.get("qps") and naive.get("qps") else None,
+        f"vs_naive_c{c}": _share(sys_, "routerserve", "naive", c),
         f"p99_over_p50_c{c}": rs["p99_ms"] / rs["p50_ms"] if rs.get("p99_ms") and rs.get("p50_ms") else None,
         f"vs_infinity_c{c}": _share(sys_, "embeddings", "infinity", c),
         f"vs_serve_batch_c{c}": _share(sys_, "routerserve", "serve-batch", c),

@@ -52,28 +52,31 @@ class _Failed:
 
 
 async def _isolated(fn: Callable[[list], Awaitable[Sequence]], items: list,
-                    answered: Callable[[int, object], None] | None = None,
-                    gone: Callable[[int], bool] | None = None) -> list:
-    """``fn(items)``, or, when that raises, each item alone: one result or _Failed per item.
-    Retried one by one, each result goes to ``answered(i, result)`` as soon as it is known, and
-    items whose caller is ``gone(i)`` are not retried."""
+                    answered: Callable[[int, object], None] = lambda i, res: None,
+                    gone: Callable[[int], bool] = lambda i: False) -> list:
+    """``fn(items)``, or, when that raises, each item alone: one result or _Failed per item, each
+    also given to ``answered(i, result)`` as soon as it is known (retried one by one: each as its
+    own retry ends). Items whose caller is ``gone(i)`` are not retried."""
     try:
-        return list(await _call(fn, items))
+        out = list(await _call(fn, items))
     except Exception as exc:  # noqa: BLE001 - the batcher lives on
-        if len(items) == 1:
-            return [_Failed(exc)]
-    out: list = []
-    for i, item in enumerate(items):  # isolate the failure: each item alone
-        if gone is not None and gone(i):
-            out.append(_Failed(asyncio.CancelledError()))
-            continue
-        try:
-            out.append((await _call(fn, [item]))[0])
-        except Exception as one:  # noqa: BLE001
-            out.append(_Failed(one))
-        if answered is not None:
-            answered(i, out[-1])
+        if len(items) > 1:
+            return [await _alone(fn, item, i, answered, gone) for i, item in enumerate(items)]
+        out = [_Failed(exc)]
+    for i, res in enumerate(out):
+        answered(i, res)
     return out
+
+
+async def _alone(fn, item, i: int, answered: Callable[[int, object], None], gone: Callable[[int], bool]):
+    if gone(i):
+        return _Failed(asyncio.CancelledError())
+    try:
+        res = (await _call(fn, [item]))[0]
+    except Exception as one:  # noqa: BLE001
+        res = _Failed(one)
+    answered(i, res)
+    return res
 
 
 async def _call(fn: Callable[[list], Awaitable[Sequence]], items: list) -> Sequence:
@@ -83,7 +86,10 @@ async def _call(fn: Callable[[list], Awaitable[Sequence]], items: list) -> Seque
     return results
 
 
-class GreedyBatcher(Generic[T, R]):
+class _Batcher(Generic[T, R]):
+    """What both batchers share: the batch function, size function, admission limits, the bounded
+    record of batch sizes."""
+
     def __init__(
         self,
         fn: Callable[[list[T]], Awaitable[Sequence[R]]],
@@ -103,11 +109,20 @@ class GreedyBatcher(Generic[T, R]):
         self.size_fn = size_fn or (lambda _: 1)
         self.max_waiting = max_waiting  # callers queued for a batch slot; None: unbounded
         self.max_queue_wait_s = max_queue_wait_s  # the oldest caller's wait past which newcomers are refused
+        self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for metrics and tests
+
+    def _record(self, size: int) -> None:
+        self.batch_sizes.append(size)
+        del self.batch_sizes[:-1000]
+
+
+class GreedyBatcher(_Batcher[T, R]):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._waiting: deque[tuple[float, T, asyncio.Future]] = deque()  # (arrival, item, caller's future)
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for metrics and tests
 
     @property
     def waiting(self) -> int:
@@ -162,17 +177,15 @@ class GreedyBatcher(Generic[T, R]):
             asyncio.get_running_loop().create_task(self._run(batch, size))
     async def _run(self, batch: list, size: int) -> None:
         try:
-            self.batch_sizes.append(size)
-            del self.batch_sizes[:-1000]
+            self._record(size)
             live = [(item, fut) for item, fut in batch if not fut.done()]  # skip cancelled callers
             if not live:
                 return
+
             def answer(i: int, res) -> None:
                 self._settle(live[i][1], exc=res.exc) if isinstance(res, _Failed) else self._settle(live[i][1], res)
 
-            outcomes = await _isolated(self.fn, [item for item, _ in live], answer, lambda i: live[i][1].done())
-            for i, res in enumerate(outcomes):
-                answer(i, res)  # settled already: no-op
+            await _isolated(self.fn, [item for item, _ in live], answer, lambda i: live[i][1].done())
         finally:
             self._slots.release()
 
@@ -182,7 +195,7 @@ class GreedyBatcher(Generic[T, R]):
             fut.set_exception(exc) if exc is not None else fut.set_result(result)
 
 
-class ServeBatcher(Generic[T, R]):
+class ServeBatcher(_Batcher[T, R]):
     """Ray Serve's own ``@serve.batch`` behind GreedyBatcher's interface
     (``deployments.*_batching.batcher: serve_batch``): the same batch function, size function,
     poison isolation and admission; only the batch formation is Serve's. Kept so the deviation
@@ -192,31 +205,17 @@ class ServeBatcher(Generic[T, R]):
     waits for a slot; Serve's queue is not inspectable). Serve also counts callers that gave up
     while it forms a batch (GreedyBatcher skips them)."""
 
-    def __init__(
-        self,
-        fn: Callable[[list[T]], Awaitable[Sequence[R]]],
-        max_batch_size: int = 32,
-        max_concurrent_batches: int = 1,
-        batch_wait_timeout_s: float = 0.0,
-        size_fn: Callable[[T], int] | None = None,
-        max_waiting: int | None = None,
-        max_queue_wait_s: float | None = None,
-    ):
+    def __init__(self, *args, **kwargs):
         from ray import serve
 
-        if max_batch_size < 1 or max_concurrent_batches < 1:
-            raise ValueError("max_batch_size and max_concurrent_batches must be >= 1")
-        self.fn = fn
-        self.size_fn = size_fn or (lambda _: 1)
-        self.max_waiting, self.max_queue_wait_s = max_waiting, max_queue_wait_s
-        self._pending: dict[int, float] = {}  # ticket -> arrival of callers not yet in a batch, oldest first
+        super().__init__(*args, **kwargs)
+        self._pending: dict[int, float] = {}  # ticket -> arrival of callers whose batch has not started, oldest first
         self._tickets = itertools.count()
-        self.batch_sizes: list[int] = []
         # an item larger than a whole batch: Serve fails it; here it runs as a batch of its own
         # (as in GreedyBatcher), so its size counts as at most max_batch_size
-        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                                    max_concurrent_batches=max_concurrent_batches,
-                                    batch_size_fn=lambda batch: sum(min(self.size_fn(item), max_batch_size)
+        self._batched = serve.batch(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s,
+                                    max_concurrent_batches=self.max_concurrent_batches,
+                                    batch_size_fn=lambda batch: sum(min(self.size_fn(item), self.max_batch_size)
                                                                     for _, item in batch))(self._run)
 
     @property
@@ -242,6 +241,5 @@ class ServeBatcher(Generic[T, R]):
         for ticket, _ in batch:
             self._pending.pop(ticket, None)
         items = [item for _, item in batch]
-        self.batch_sizes.append(sum(map(self.size_fn, items)))
-        del self.batch_sizes[:-1000]
+        self._record(sum(map(self.size_fn, items)))
         return await _isolated(self.fn, items)
