@@ -3,10 +3,14 @@
     <index.dir>/<key>/                 key = content hash of (model, corpus files, encode settings)
         docs.parquet                   row -> doc_id, title, text, dataset
         chunks/chunk_00000.npy         base-model vectors, one file per encoding chunk (resumable)
-        shards-<S>/manifest.json       what the service loads
+        shards-<S>/manifest.json       what the service loads (index.factory Flat)
         shards-<S>/shard_000.faiss     exact inner-product index of rows [offset, offset+count)
+        trained/<type>-<h>.faiss       a trained empty index (index.factory + train_size: h), the
+                                       template every shard of that type is filled from
+        shards-<S>-<type>-<h>/…        the shards of a trained/approximate type
 
-Changing the shard count re-splits the cached vectors; it never re-encodes.
+Changing the shard count re-splits the cached vectors and refills the cached trained index; it
+never re-encodes nor re-trains.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +50,12 @@ class IndexManifest:
     num_docs: int
     shards: list[ShardEntry] = field(default_factory=list)
     encode_seconds: float = 0.0
+    factory: str = "Flat"  # the faiss.index_factory string of every shard (inner product)
+    knobs: list[str] = field(default_factory=list)  # its search knobs (actors.search.index_knobs)
+    trained_file: str | None = None  # the trained template the shards were filled from (relative to the key folder)
+    train_size: int = 0  # vectors it was trained on
+    train_seconds: float = 0.0  # 0 when the template was cached
+    fill_seconds: float = 0.0  # adding the vectors to every shard
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -70,8 +81,22 @@ def index_key(model_fingerprint: str, corpus_hashes: dict[str, str], settings: d
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def shards_dir(index_root: Path, num_shards: int) -> Path:
-    return Path(index_root) / f"shards-{num_shards}"
+def index_type_tag(factory: str, train_size: int) -> str:
+    """A path-safe name for an index type: the factory string's letters and digits, and a hash of
+    (factory, train_size), so two strings never share a folder."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", factory).strip("_")[:40] or "index"
+    digest = hashlib.sha256(json.dumps([factory, int(train_size)]).encode()).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+def shards_dir(index_root: Path, num_shards: int, factory: str = "Flat", train_size: int = 0) -> Path:
+    if factory == "Flat":  # the exact index keeps its folder of before index types existed
+        return Path(index_root) / f"shards-{num_shards}"
+    return Path(index_root) / f"shards-{num_shards}-{index_type_tag(factory, train_size)}"
+
+
+def trained_path(index_root: Path, factory: str, train_size: int) -> Path:
+    return Path(index_root) / "trained" / f"{index_type_tag(factory, train_size)}.faiss"
 
 
 class DocStore:

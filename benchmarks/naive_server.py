@@ -38,7 +38,8 @@ def build_app(cfg, data_dir: Path):
     _, adapters, pilots = served_experts(cfg)
     routed = RoutedEncoder(EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg)), pilots,
                            cfg.experts.policy)
-    shards = [ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=cfg.search.num_threads)
+    shards = [ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=cfg.search.num_threads,
+                            factory=manifest.factory, defaults=cfg.search.knob_defaults(manifest.knobs), mmap=cfg.search.mmap)
               for s in manifest.shards]
     docs = DocStore(folder.parent / "docs.parquet")
 

@@ -61,8 +61,11 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
     _, adapters, pilots = served_experts(cfg)  # the generation the service serves
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     routed = RoutedEncoder(engine, pilots, cfg.experts.policy)
-    shards = [LocalShardClient(ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=1)) for s in manifest.shards]
-    service = RetrievalService(LocalEncoderClient(routed), shards, DocStore(folder.parent / "docs.parquet"), cfg.limits, "m")
+    defaults = cfg.search.knob_defaults(manifest.knobs)
+    shards = [LocalShardClient(ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=1, factory=manifest.factory,
+                                             defaults=defaults, mmap=cfg.search.mmap)) for s in manifest.shards]
+    service = RetrievalService(LocalEncoderClient(routed), shards, DocStore(folder.parent / "docs.parquet"), cfg.limits, "m",
+                               manifest.dim, manifest.factory, defaults)
 
     async def run_once() -> float:
         t0 = time.perf_counter()

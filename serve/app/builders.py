@@ -99,10 +99,12 @@ def build_app(args: dict[str, Any]) -> Application:
             stuck_after_s=cfg.limits.stuck_after_s,
         )
     )
+    search_defaults = cfg.search.knob_defaults(manifest.knobs)  # the index's knobs, configured values
     shards = [
         SearchShardDeployment.options(name=shard_name(i), **options[shard_name(i)]).bind(
             settings=ShardDeploymentSettings(
                 index_path=str(folder / entry.file), offset=entry.offset,
+                factory=manifest.factory, search_defaults=search_defaults, mmap=cfg.search.mmap,
                 use_gpu=cfg.search.use_gpu, num_threads=cfg.search.num_threads,
                 stuck_after_s=cfg.limits.stuck_after_s,
             )
@@ -115,6 +117,8 @@ def build_app(args: dict[str, Any]) -> Application:
             limits=cfg.limits,
             served_name=cfg.model.served_name,
             dim=manifest.dim,
+            index_factory=manifest.factory,
+            search_defaults=search_defaults,
             batching=d.ingress_batching,
             api_keys_env=cfg.http.api_keys_env,
             admin_keys_env=cfg.http.admin_keys_env,

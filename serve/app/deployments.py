@@ -138,21 +138,24 @@ class ExpertEncoderDeployment:
 
 @serve.deployment(name="SearchShard")  # named SearchShard<i> by the builder (settings.shard_name)
 class SearchShardDeployment:
-    """One FAISS shard (exact inner product), answering with global row ids."""
+    """One FAISS shard (index.factory, inner product), answering with global row ids."""
 
     def __init__(self, settings: ShardDeploymentSettings):
         s = settings
-        self.shard = ShardSearcher(s.index_path, s.offset, use_gpu=s.use_gpu, num_threads=s.num_threads)
+        self.shard = ShardSearcher(s.index_path, s.offset, use_gpu=s.use_gpu, num_threads=s.num_threads,
+                                   factory=s.factory, defaults=s.search_defaults, mmap=s.mmap)
         self.label = Path(s.index_path).stem
         self.metrics = Metrics()
         self.in_flight = InFlight()
         self.stuck_after_s = s.stuck_after_s
 
-    async def search(self, queries: np.ndarray, k: int):
+    async def search(self, queries: np.ndarray, k: int, knobs: dict[str, int] | None = None):
         t0 = time.perf_counter()
+        knobs = self.shard.resolve_knobs(knobs)
         with self.in_flight.track():
-            out = await asyncio.to_thread(self.shard.search, queries, k)
-        self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label)
+            out = await asyncio.to_thread(self.shard.search, queries, k, knobs)
+        self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label,
+                             index=self.shard.factory, knob=",".join(f"{n}={v}" for n, v in sorted(knobs.items())))
         return out
 
     def check_health(self) -> None:
@@ -194,8 +197,8 @@ class _HandleEncoderClient(_ReplicaCalls):
 
 
 class _HandleShardClient(_ReplicaCalls):
-    async def search(self, queries, k):
-        return await self._call("search", queries, k)
+    async def search(self, queries, k, knobs=None):
+        return await self._call("search", queries, k, knobs)
 
     async def info(self) -> dict:
         return await self._call("info")
@@ -227,6 +230,8 @@ class RetrievalIngress:
             s.limits,
             s.served_name,
             s.dim,
+            s.index_factory,
+            s.search_defaults,
         )
         admission = dict(max_waiting=s.limits.max_waiting, max_queue_wait_s=s.limits.max_queue_wait_s)
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, **admission),

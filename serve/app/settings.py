@@ -80,6 +80,9 @@ class ShardDeploymentSettings(_Settings):
 
     index_path: str
     offset: int
+    factory: str = "Flat"  # index.factory (the manifest's): reported in answers and metrics
+    search_defaults: dict[str, int] = {}  # search.nprobe / ef_search, the ones this index has
+    mmap: bool = False  # search.mmap
     use_gpu: str
     num_threads: int | None
     stuck_after_s: float  # limits.stuck_after_s
@@ -104,6 +107,8 @@ class IngressSettings(_Settings):
     limits: LimitsConfig
     served_name: str
     dim: int  # the index's embedding size, declared in the API's request models
+    index_factory: str = "Flat"  # the shards' index type, in every /v1/retrieve answer
+    search_defaults: dict[str, int] = {}  # its search knobs' configured values: requests may set only these
     batching: BatchConfig
     api_keys_env: str | None = None
     admin_keys_env: str | None = None  # http.admin_keys_env: the admin API's own keys

@@ -43,14 +43,14 @@ def locate_index(cfg: RouterServeConfig, data_dir: Path) -> IndexLocation:
 
 def manifest_dir(cfg: RouterServeConfig, data_dir: Path) -> Path:
     loc = locate_index(cfg, data_dir)
-    return shards_dir(loc.root, cfg.index.num_shards)
+    return shards_dir(loc.root, cfg.index.num_shards, cfg.index.factory, cfg.index.train_size)
 
 
 def require_index(cfg: RouterServeConfig, data_dir: Path) -> Path:
     folder = manifest_dir(cfg, data_dir)
     if not (folder / "manifest.json").is_file():
         raise IndexNotBuiltError(
-            f"index for datasets {cfg.corpus.datasets} with {cfg.index.num_shards} shard(s) is not built "
+            f"index for datasets {cfg.corpus.datasets} ({cfg.index.factory}, {cfg.index.num_shards} shard(s)) is not built "
             f"(expected {folder}); run 'routerserve index build'"
         )
     return folder

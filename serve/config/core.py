@@ -40,17 +40,46 @@ class CorpusConfig(_Strict):
     max_docs_per_dataset: int | None = Field(None, ge=1)
 
 
+_PROBE_DIM = 384  # a factory string is built at this size when the config loads; whether its PQ/OPQ sizes
+                 # divide the model's own size is checked by `index build`, which knows it
+
+
 class IndexConfig(_Strict):
     dir: Path = Path(".routerserve/index")
     num_shards: int = Field(2, ge=1, le=256)
+    factory: str = Field("Flat", description="faiss.index_factory string (inner product) of every shard: Flat = exact; "
+                         "e.g. IVF4096,SQ8 / IVF16384,PQ32x8 / OPQ32,IVF4096,PQ32 / HNSW32 / HNSW32,SQ8")
+    train_size: int = Field(100_000, ge=1, description="vectors sampled (seeded) to train an index that needs "
+                            "training (IVF centroids, PQ/SQ codebooks); one trained index fills every shard")
     chunk_size: int = Field(512, ge=1, description="docs per resumable encoding chunk")
     encode_workers: int = Field(1, ge=1, description="Ray Data encoder actors")
     encode_num_cpus: float = Field(1.0, gt=0)
+
+    @field_validator("factory")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from actors.search import make_index
+
+        try:
+            make_index(value, _PROBE_DIM)
+        except ValueError as exc:
+            if "multiple of" not in str(exc):  # FAISS's reason: a config error naming index.factory
+                raise
+        return value
 
 
 class SearchConfig(_Strict):
     use_gpu: Literal["auto", "never", "always"] = "auto"
     num_threads: int | None = Field(1, ge=1)
+    nprobe: int = Field(16, ge=1, description="IVF indexes: lists visited per query unless a request sets nprobe "
+                        "(recall/speed: benchmarks/results/ann.md)")
+    ef_search: int = Field(64, ge=1, description="HNSW indexes: candidate list size unless a request sets ef_search")
+    mmap: bool = Field(True, description="shard replicas map their index file (faiss IO_FLAG_MMAP_IFC) instead of "
+                       "reading it: start without loading it, share its pages with replicas on the same node")
+
+    def knob_defaults(self, knobs) -> dict[str, int]:
+        """The configured values of these knobs (an index's: IndexManifest.knobs)."""
+        return {k: int(getattr(self, k)) for k in knobs}
 
 
 class ExpertTrainConfig(_Strict):
@@ -185,6 +214,8 @@ class LimitsConfig(_Strict):
         1.0, gt=0, description="latency-aware admission: while the oldest request waiting for a batch slot in an "
         "ingress replica has waited longer, newcomers are refused at once (503 + Retry-After); null: off")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of our own 503 refusals")
+    max_nprobe: int = Field(1024, ge=1, description="the largest nprobe a request may set (IVF indexes)")
+    max_ef_search: int = Field(1024, ge=1, description="the largest ef_search a request may set (HNSW indexes)")
     stuck_after_s: float = Field(
         60.0, gt=0, description="an encoder or shard replica whose oldest batch/search has run longer fails its "
         "Serve health check and is replaced (a wedged torch/FAISS call never ends on its own)")
@@ -266,6 +297,14 @@ class RouterServeConfig(_Strict):
                 f"embeddings batchers); requests past it "
                 "wait in Serve's proxy queue, outside the ingress's admission and deadline (raise it, "
                 "or lower limits.max_waiting)")
+        return self
+
+    @model_validator(mode="after")
+    def _search_knobs_within_limits(self) -> "RouterServeConfig":
+        for knob in ("nprobe", "ef_search"):
+            value, limit = getattr(self.search, knob), getattr(self.limits, f"max_{knob}")
+            if value > limit:
+                raise ValueError(f"search.{knob}: {value} is above limits.max_{knob} ({limit}), the most a request may set")
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ FAISS shard files plus the doc store. Cached and resumable by content hash; see 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ from actors.index_store import (
     IndexManifest,
     ShardEntry,
     shards_dir,
+    trained_path,
 )
-from actors.search import build_flat_index, split_ranges
+from actors.search import build_flat_index, factory_knobs, split_ranges
 
+from serve.artifacts.atomic import staged_dir
 from serve.artifacts.index import IndexLocation, locate_index
 from serve.artifacts.models import encoder_settings
-from serve.config import RouterServeConfig
+from serve.config import ConfigError, RouterServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,37 +48,135 @@ class _EncodeBatch:
 
 
 def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -> Path:
-    """Build (or reuse) the index; returns the folder holding manifest.json."""
+    """Build (or reuse) the index; returns the folder holding manifest.json.
+
+    index.factory Flat: exact shards, written here. Any other type: one index trained on a seeded
+    sample of index.train_size vectors (cached under trained/ by content hash), then every shard
+    filled from that template — both Ray tasks, so the same command runs on a cluster. The shard
+    folder appears whole or not at all (staged, then swapped in)."""
+    ix = cfg.index
     loc = locate_index(cfg, data_dir)
-    out = shards_dir(loc.root, cfg.index.num_shards)
+    out = shards_dir(loc.root, ix.num_shards, ix.factory, ix.train_size)
     if (out / "manifest.json").is_file():
         logger.info("index %s is up to date", out)
         return out
-    vectors, encode_seconds = _encode_corpus(cfg, data_dir, loc, progress)
-    n = vectors.shape[0]
-    import faiss
-
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (start, end) in enumerate(split_ranges(n, cfg.index.num_shards)):
-        name = f"shard_{i:03d}.faiss"
-        faiss.write_index(build_flat_index(vectors[start:end]), str(out / name))
-        entries.append(ShardEntry(name, start, end - start))
+    vectors, encode_seconds = _corpus_vectors(cfg, data_dir, loc, progress)
+    n, dim = vectors.shape
+    try:
+        knobs = factory_knobs(ix.factory, dim)
+    except ValueError as exc:
+        raise ConfigError(f"index.factory: {exc} (the model's vectors have {dim} dimensions)") from None
+    ranges = split_ranges(n, ix.num_shards)
+    names = [f"shard_{i:03d}.faiss" for i in range(len(ranges))]
     manifest = IndexManifest(
         key=loc.key,
         model_ref=cfg.model.ref,
         model_fingerprint=loc.model_fingerprint,
-        dim=int(vectors.shape[1]),
+        dim=int(dim),
         similarity=cfg.model.similarity,
         pooling=cfg.model.pooling,
         max_seq_length=cfg.model.max_seq_length,
         datasets=list(cfg.corpus.datasets),
         num_docs=n,
-        shards=entries,
+        shards=[ShardEntry(name, a, b - a) for name, (a, b) in zip(names, ranges)],
         encode_seconds=encode_seconds,
+        factory=ix.factory,
+        knobs=list(knobs),
     )
-    manifest.save(out)
+    import faiss
+
+    with staged_dir(out) as staging:
+        if ix.factory == "Flat":
+            t0 = time.perf_counter()
+            for name, (a, b) in zip(names, ranges):
+                faiss.write_index(build_flat_index(vectors[a:b]), str(staging / name))
+            manifest.fill_seconds = time.perf_counter() - t0
+        else:
+            _build_trained(cfg, loc, vectors, ranges, names, staging, manifest, progress)
+        manifest.save(staging)
     return out
+
+
+def _train_task(factory: str, sample: np.ndarray) -> np.ndarray:
+    import faiss
+
+    from actors.search import train_index
+
+    return faiss.serialize_index(train_index(factory, sample))
+
+
+def _fill_task(template: np.ndarray, vectors: np.ndarray, start: int, end: int) -> np.ndarray:
+    import faiss
+
+    from actors.search import fill_shard
+
+    return faiss.serialize_index(fill_shard(faiss.deserialize_index(template), vectors[start:end]))
+
+
+def _build_trained(cfg: RouterServeConfig, loc: IndexLocation, vectors: np.ndarray, ranges, names, staging: Path,
+                   manifest: IndexManifest, progress: bool) -> None:
+    """Train the template once (or reuse it) and fill every shard from it, as Ray tasks."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from serve.deploy.cluster import ensure_ray
+
+    ix = cfg.index
+    ensure_ray(cfg.ray)
+    task = {"num_cpus": ix.encode_num_cpus}
+    template_file = trained_path(loc.root, ix.factory, ix.train_size)
+    vectors_ref = ray.put(np.ascontiguousarray(vectors, dtype=np.float32))
+    size = min(ix.train_size, len(vectors))
+    if template_file.is_file():
+        template = np.fromfile(template_file, dtype=np.uint8)
+    else:
+        rows = np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))
+        t0 = time.perf_counter()
+        logger.info("training %s on %d of %d vectors", ix.factory, size, len(vectors))
+        try:
+            template = ray.get(ray.remote(**task)(_train_task).remote(ix.factory, vectors[rows]))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ValueError):  # too few vectors for the lists/codebooks: actors.search
+                raise ConfigError(f"index.factory: {cause}") from None
+            raise
+        manifest.train_seconds = time.perf_counter() - t0
+        template_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template_file.with_suffix(f".tmp-{os.getpid()}")
+        template.tofile(tmp)
+        os.replace(tmp, template_file)
+    manifest.trained_file = str(template_file.relative_to(loc.root))
+    manifest.train_size = size
+    t0 = time.perf_counter()
+    template_ref = ray.put(template)
+    pending = {ray.remote(**task)(_fill_task).remote(template_ref, vectors_ref, a, b): name
+               for name, (a, b) in zip(names, ranges)}
+    bar = tqdm(total=len(pending), desc=f"fill {ix.factory} shards", unit="shard", disable=not progress)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ray.get(done[0]).tofile(staging / pending.pop(done[0]))
+        bar.update(1)
+    bar.close()
+    manifest.fill_seconds = time.perf_counter() - t0
+
+
+def _corpus_vectors(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool,
+                    ) -> tuple[np.ndarray, float]:
+    """The corpus's base-model vectors. A union of datasets is the concatenation of the
+    per-dataset caches (what expert training encoded already): nothing is encoded twice."""
+    if len(cfg.corpus.datasets) == 1:
+        return _encode_corpus(cfg, data_dir, loc, progress)
+    t0 = time.perf_counter()
+    corpus = load_corpus_vectors(cfg, data_dir, list(cfg.corpus.datasets), progress)
+    docs_path = loc.root / DOCS_FILE
+    if not docs_path.is_file():
+        loc.root.mkdir(parents=True, exist_ok=True)
+        DocStore.write(docs_path, (d for name in cfg.corpus.datasets
+                                   for d in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)))
+    if len(DocStore(docs_path)) != len(corpus.vectors):
+        raise RuntimeError(f"{docs_path} lists {len(DocStore(docs_path))} documents for {len(corpus.vectors)} vectors; "
+                           "delete it and rebuild")
+    return np.ascontiguousarray(corpus.vectors, dtype=np.float32), time.perf_counter() - t0
 
 
 def _encode_corpus(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, progress: bool,

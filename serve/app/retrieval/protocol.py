@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model, field_validator
 
 from serve.config import LimitsConfig
 
@@ -29,6 +29,10 @@ class RetrieveRequest(_Request):
     top_k: Integer = Field(10, ge=1, description="number of hits, 1..limits.max_top_k")
     expert: Text | None = Field(None, description="force an expert by name, or 'base'; null or '' = route")
     include_text: StrictBool = Field(False, description="return each hit's text")
+    nprobe: integer(ge=1) | None = Field(None, description="IVF indexes: lists to visit (recall for speed); null: "
+                                         "the configured search.nprobe")
+    ef_search: integer(ge=1) | None = Field(None, description="HNSW indexes: candidate list size; null: the configured "
+                                            "search.ef_search")
 
 
 class Hit(BaseModel):
@@ -46,6 +50,8 @@ class RetrieveResponse(BaseModel):
     routing_scores: dict[str, float] = Field(..., description="policy score per expert (higher wins)")
     policy: str
     hits: list[Hit]
+    index: str = Field(..., description="the FAISS index type searched (its faiss.index_factory string; Flat = exact)")
+    search_params: dict[str, int] = Field(..., description="the search knobs this answer ran with ({} for Flat)")
     timings_ms: dict[str, float]
     experts_generation: str | None = Field(None, description="the expert generation that served it (gNNNNNN; null: no experts published)")
 
@@ -58,16 +64,41 @@ class EmbeddingRequest(_Request):
     user: StrictStr | None = None
 
 
+def _knob_fields(limits: LimitsConfig, index: str | None, knobs) -> tuple[dict, dict]:
+    """The search knob fields of the served RetrieveRequest: bounded by the limits; a knob the
+    index lacks is declared null-only, and a value for it is refused naming the index."""
+    fields, validators = {}, {}
+    for name, limit, what in (("nprobe", limits.max_nprobe, "IVF indexes: lists to visit"),
+                              ("ef_search", limits.max_ef_search, "HNSW indexes: candidate list size")):
+        if knobs is None or name in knobs:
+            fields[name] = (integer(ge=1, le=limit) | None,
+                            Field(None, description=f"{what}, 1..{limit}; null: the configured search.{name}"))
+            continue
+        fields[name] = (None, Field(None, description=f"this deployment's index ({index}) has no {name}: omit it"))
+
+        def refuse(value, name=name):
+            if value is not None:
+                raise ValueError(f"the index is {index!r}, which has no {name}")
+            return value
+
+        validators[f"_no_{name}"] = field_validator(name, mode="before")(refuse)
+    return fields, validators
+
+
 def limited_request_models(limits: LimitsConfig, dim: int | None, served_name: str | None = None,
+                           index: str | None = None, knobs=None,
                            ) -> tuple[type[RetrieveRequest], type[EmbeddingRequest]]:
     """RetrieveRequest and EmbeddingRequest with this deployment's limits declared (and enforced
     by validation); ``dim``: the embedding size, when known; ``served_name``: the model name,
-    given as the example of ``model``."""
+    given as the example of ``model``; ``index``/``knobs``: the index type and its search knobs,
+    when known (a request may set only those)."""
     text = query_text(limits.max_query_chars)
+    knob_fields, knob_validators = _knob_fields(limits, index, knobs)
     retrieve = create_model(
-        "RetrieveRequest", __base__=RetrieveRequest, __doc__=RetrieveRequest.__doc__,
+        "RetrieveRequest", __base__=RetrieveRequest, __doc__=RetrieveRequest.__doc__, __validators__=knob_validators,
         query=(text, Field(..., description=f"the search query (not blank, at most {limits.max_query_chars} characters)")),
         top_k=(Integer, Field(10, ge=1, le=limits.max_top_k, description=f"number of hits, 1..{limits.max_top_k}")),
+        **knob_fields,
     )
     size = integer(ge=dim, le=dim) if dim else Integer
     size_doc = f"must be {dim} (this model's size) or null" if dim else "the model's embedding size, or null"

@@ -5,7 +5,8 @@ protocols below. In Serve those clients wrap deployment handles (serve.app.deplo
 and the in-process benchmark they are local objects (LocalEncoderClient, LocalShardClient).
 
 Per batch of concurrent requests there is ONE encoder call (route + expert re-encode for every
-query of the batch) and ONE call per shard (the stacked query matrix), then an exact merge.
+query of the batch) and ONE call per shard (the stacked query matrix; one per shard per distinct set
+of search knobs when requests set nprobe/ef_search), then an exact merge per set.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class EncoderClient(Protocol):
 
 
 class ShardClient(Protocol):
-    async def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    async def search(self, queries: np.ndarray, k: int, knobs: dict[str, int] | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray]: ...
     async def info(self) -> dict: ...
 
 
@@ -78,8 +80,8 @@ class LocalShardClient:
     def __init__(self, shard: ShardSearcher):
         self.shard = shard
 
-    async def search(self, queries: np.ndarray, k: int):
-        return self.shard.search(queries, k)
+    async def search(self, queries: np.ndarray, k: int, knobs: dict[str, int] | None = None):
+        return self.shard.search(queries, k, knobs)
 
     async def info(self) -> dict:
         return self.shard.info()
@@ -94,6 +96,7 @@ class RetrieveItem:
     top_k: int
     expert: str | None
     include_text: bool
+    knobs: tuple[tuple[str, int], ...] = ()  # the search knobs it runs with (sorted (name, value) pairs)
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -106,8 +109,12 @@ class RetrievalService:
         limits: LimitsConfig,
         served_name: str,
         dim: int | None = None,
+        index: str = "Flat",
+        search_defaults: dict[str, int] | None = None,
     ):
-        """``dim``: the embedding size (the index's), declared in the API's request models."""
+        """``dim``: the embedding size (the index's), declared in the API's request models;
+        ``index``: the shards' factory string; ``search_defaults``: its search knobs and their
+        configured values (a request may set only these)."""
         if not shards:
             raise ValueError("at least one shard is required")
         self.encoder = encoder
@@ -115,8 +122,11 @@ class RetrievalService:
         self.docs = docs
         self.limits = limits
         self.served_name = served_name
+        self.index = index
+        self.search_defaults = dict(search_defaults or {})
         # the request models the HTTP API validates with: this deployment's limits declared
-        self.retrieve_model, self.embedding_model = limited_request_models(limits, dim, served_name)
+        self.retrieve_model, self.embedding_model = limited_request_models(limits, dim, served_name, index,
+                                                                           tuple(self.search_defaults))
         # Alone each request is its own batch; Serve's ingress calls enable_batching(GreedyBatcher).
         self._submit: Callable[[RetrieveItem], Awaitable[dict]] = self._single
         self._submit_embed: Callable[[dict], Awaitable[dict]] = self._embed_single
@@ -192,12 +202,26 @@ class RetrievalService:
         needs the encoder (the expert's name) is checked here."""
         query = req.query.strip()
         info = await self._check_expert_fresh(req.expert, f"unknown expert {req.expert!r}", "expert")
-        item = RetrieveItem(query, req.top_k, req.expert, req.include_text)
+        item = RetrieveItem(query, req.top_k, req.expert, req.include_text, self.search_knobs(req))
         result = await self._within_deadline(self._submit(item))
         if "error" in result:
             raise result["error"]
         result["timings_ms"]["total_ms"] = (time.perf_counter() - item.arrived) * 1e3
         return RetrieveResponse(query=query, policy=info["policy"], **result)
+
+    def search_knobs(self, req: RetrieveRequest) -> tuple[tuple[str, int], ...]:
+        """The configured knobs, overridden by the request's (bounded by its model); a knob this
+        index does not have is a 422 naming it."""
+        knobs = dict(self.search_defaults)
+        for name in ("nprobe", "ef_search"):
+            value = getattr(req, name, None)
+            if value is None:
+                continue
+            if name not in knobs:
+                has = f"its knob: {next(iter(knobs))}" if knobs else "exact search has no knob"
+                raise RequestError(f"{name}: the index is {self.index!r}, which has no {name} ({has})", name, 422)
+            knobs[name] = int(value)
+        return tuple(sorted(knobs.items()))
 
     async def _within_deadline(self, awaitable):
         """Every request answers within limits.request_timeout_s (504 past it) and is refused at
@@ -236,10 +260,16 @@ class RetrievalService:
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
+        groups: dict[tuple, list[int]] = {}  # items by search knobs: one call per shard per group (mostly one)
+        for i, it in enumerate(items):
+            groups.setdefault(it.knobs, []).append(i)
         # the shards get what is left of the batch's deadline, less a margin for the answer: a shard
         # that does not answer in time is named in a 503, not hidden behind a 504 for the request
         budget = max(0.01, SHARD_SHARE * self.limits.request_timeout_s - (time.perf_counter() - t0))
-        tasks = [asyncio.ensure_future(s.search(matrix, kmax)) for s in self.shards]
+        calls = [(knobs, rows, shard) for knobs, rows in groups.items() for shard in range(len(self.shards))]
+        tasks = [asyncio.ensure_future(self.shards[shard].search(matrix if len(groups) == 1 else matrix[rows], kmax,
+                                                                 dict(knobs)))
+                 for knobs, rows, shard in calls]
         try:
             _, late = await asyncio.wait(tasks, timeout=budget)
         finally:  # late shards, or all of them when this batch is cancelled
@@ -247,15 +277,19 @@ class RetrievalService:
                 task.cancel()
         parts = [TimeoutError(f"no answer within {budget:.2g} s") if t in late else t.exception() or t.result()
                  for t in tasks]
-        failed = [i for i, p in enumerate(parts) if isinstance(p, BaseException)]
+        failed = sorted({shard for (_, _, shard), p in zip(calls, parts) if isinstance(p, BaseException)})
         if failed:  # never a silently partial result: the answer names the missing shards
-            cause = parts[failed[0]]
+            cause = next(p for p in parts if isinstance(p, BaseException))
             why = (cause.message if isinstance(cause, RequestError)
                    else f"TimeoutError: {cause}" if isinstance(cause, TimeoutError) else type(cause).__name__)
             error = overloaded(f"search shard(s) {failed} failed ({why}); no partial results are returned",
                                self.limits.retry_after_s)
             return [{"error": error} for _ in items]
-        scores, ids = merge_topk(list(parts), kmax)
+        scores = np.full((len(items), kmax), -np.inf, dtype=np.float32)
+        ids = np.full((len(items), kmax), -1, dtype=np.int64)
+        for knobs, rows in groups.items():
+            s, r = merge_topk([p for (k, _, _), p in zip(calls, parts) if k == knobs], kmax)
+            scores[rows, : s.shape[1]], ids[rows, : r.shape[1]] = s, r
         t2 = time.perf_counter()
         timings = {
             "encode_ms": (t1 - t0) * 1e3,
@@ -276,6 +310,8 @@ class RetrievalService:
                     "forced": routed["forced"][i],
                     "routing_scores": routed["routing_scores"][i],
                     "hits": [Hit(**h) for h in hits],
+                    "index": self.index,
+                    "search_params": dict(it.knobs),
                     "timings_ms": dict(timings, queue_ms=(t0 - it.arrived) * 1e3),
                     "experts_generation": routed.get("generation"),
                 }

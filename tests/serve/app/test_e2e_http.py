@@ -1,11 +1,16 @@
 """End to end: a real local Ray cluster, the Ray Data index job, trained experts, the real Serve
-app, driven over real HTTP. Started once per module (≈1–2 min on 2 cores)."""
+app, driven over real HTTP. Started once per module (≈1–2 min on 2 cores).
+
+The index is an IVF index (trained as a Ray task, 3 shards filled from one template, memory-mapped
+by the shard replicas) searched with nprobe = its 8 lists by default: exhaustive, so answers equal
+exact search, while a request's own nprobe makes it approximate."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,7 +31,8 @@ def served(tmp_path_factory, data_dir, ray_session, http_port, small_served_conf
     from serve.offline.training import train_domain_expert
     from serve.offline.indexing import build_index
 
-    cfg = small_served_config(tmp_path_factory.mktemp("served"), http_port, 3, ["scifact", "nfcorpus"])
+    cfg = small_served_config(tmp_path_factory.mktemp("served"), http_port, 3, ["scifact", "nfcorpus"],
+                              index={"factory": "IVF8,Flat", "train_size": 200}, search={"nprobe": 8, "mmap": True})
     folder = build_index(cfg, data_dir, progress=False)
     for domain in ("scifact", "nfcorpus"):
         train_domain_expert(cfg, data_dir, domain, progress=False)
@@ -37,10 +43,10 @@ def served(tmp_path_factory, data_dir, ray_session, http_port, small_served_conf
 
     engine = EncoderEngine(resolve_model(cfg.model.ref), enabled_experts(cfg), encoder_settings(cfg))
     reference = RoutedEncoder(engine, PilotSet.load(pilots_path(cfg)), cfg.experts.policy)
-    vectors = np.concatenate([np.load(p) for p in sorted((folder.parent / "chunks").glob("chunk_*.npy"))])
-    import pyarrow.parquet as pq
+    from serve.offline.indexing import load_corpus_vectors
 
-    doc_ids = pq.read_table(folder.parent / "docs.parquet").column("doc_id").to_pylist()
+    corpus = load_corpus_vectors(cfg, data_dir, cfg.corpus.datasets, progress=False)
+    vectors, doc_ids = corpus.vectors, corpus.doc_ids
     yield {"url": url, "cfg": cfg, "folder": folder, "reference": reference, "vectors": vectors, "doc_ids": doc_ids, "data_dir": data_dir}
     serve.shutdown()
 
@@ -56,6 +62,7 @@ def test_health_and_experts(served):
     h = httpx.get(f"{served['url']}/healthz").json()
     assert h["status"] == "ok" and h["num_docs"] == 240 and len(h["shards"]) == 3
     assert sum(s["ntotal"] for s in h["shards"]) == 240
+    assert all(s["index"] == "IVF8,Flat" and s["knobs"] == {"nprobe": 8} and s["mmap"] for s in h["shards"])
     ex = httpx.get(f"{served['url']}/v1/experts").json()
     assert sorted(e["name"] for e in ex["experts"]) == ["nfcorpus", "scifact"]
     assert all(e["num_pilots"] >= 1 for e in ex["experts"])
@@ -74,6 +81,18 @@ def test_routed_retrieval_through_shards_equals_single_index(served, query):
     assert body["expert"] == expert and body["expert"] in ("scifact", "nfcorpus")
     assert [h["doc_id"] for h in body["hits"]] == ids
     assert body["hits"] == sorted(body["hits"], key=lambda h: -h["score"])
+    assert body["index"] == "IVF8,Flat" and body["search_params"] == {"nprobe": 8}
+
+
+def test_a_request_sets_the_search_knob_within_bounds(served):
+    url, q = served["url"], {"query": "Is red meat bad for your heart?", "top_k": 10, "expert": "base"}
+    exact = httpx.post(f"{url}/v1/retrieve", json=q, timeout=60).json()
+    one = httpx.post(f"{url}/v1/retrieve", json={**q, "nprobe": 1}, timeout=60).json()
+    assert one["search_params"] == {"nprobe": 1} and len(one["hits"]) == 10
+    assert [h["doc_id"] for h in one["hits"]] != [h["doc_id"] for h in exact["hits"]]  # one list of eight
+    for body, field in [({**q, "nprobe": 0}, "nprobe"), ({**q, "nprobe": 5000}, "nprobe"), ({**q, "ef_search": 8}, "ef_search")]:
+        r = httpx.post(f"{url}/v1/retrieve", json=body, timeout=30)
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
 
 
 def test_concurrent_requests_batch_and_mix_experts(served):
@@ -141,6 +160,8 @@ def test_openapi_is_served(served):
 
 
 def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
+    from actors.index_store import IndexManifest
+
     from serve.offline.indexing import build_index
 
     cfg, folder = served["cfg"], served["folder"]
@@ -148,9 +169,12 @@ def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
     stamp = manifest.stat().st_mtime_ns
     assert build_index(cfg, served["data_dir"], progress=False) == folder
     assert manifest.stat().st_mtime_ns == stamp  # cached: nothing rebuilt
-    chunks = sorted((folder.parent / "chunks").glob("chunk_*.npy"))
-    assert len(chunks) == 4  # 240 docs / 64 per chunk
-    kept = {p.name: p.stat().st_mtime_ns for p in chunks}
+    # the union's vectors are the two datasets' own caches (what expert training encoded): 2 x 2 chunks
+    chunks = sorted(Path(cfg.index.dir).glob("*/chunks/chunk_*.npy"))
+    assert len(chunks) == 4 and not (folder.parent / "chunks").exists()
+    kept = {p: p.stat().st_mtime_ns for p in chunks}
+    trained = folder.parent / IndexManifest.load(folder).trained_file
+    trained_stamp = trained.stat().st_mtime_ns
     lost = chunks[1]
     before = np.load(lost)
     lost.unlink()
@@ -159,8 +183,32 @@ def test_index_build_is_cached_and_resumes_after_losing_a_chunk(served):
     np.testing.assert_allclose(np.load(lost), before, atol=1e-5)
     for p in chunks:
         if p != lost:
-            assert p.stat().st_mtime_ns == kept[p.name]  # only the missing chunk was re-encoded
+            assert p.stat().st_mtime_ns == kept[p]  # only the missing chunk was re-encoded
     assert manifest.is_file()
+    rebuilt = IndexManifest.load(folder)
+    assert trained.stat().st_mtime_ns == trained_stamp and rebuilt.train_seconds == 0.0  # the template was reused
+
+
+def test_shards_of_one_trained_template_merge_to_the_same_answer_at_any_count(served):
+    """All shards share the trained quantizer: 2 shards and 3 shards give the same ids for the same
+    nprobe, also when it is approximate (nprobe 2 of 8 lists)."""
+    from actors.index_store import IndexManifest
+    from actors.search import ShardSearcher, merge_topk
+
+    from serve.offline.indexing import build_index
+
+    cfg = served["cfg"].model_copy(deep=True)
+    cfg.index.num_shards = 2
+    answers = []
+    queries = served["reference"].engine.encode(["salt intake", "vitamin D", "protein folding", "heart disease"])
+    for folder in (served["folder"], build_index(cfg, served["data_dir"], progress=False)):
+        m = IndexManifest.load(folder)
+        assert m.factory == "IVF8,Flat" and m.knobs == ["nprobe"]
+        shards = [ShardSearcher(folder / e.file, e.offset, factory=m.factory, defaults={"nprobe": 2}, mmap=True)
+                  for e in m.shards]
+        answers.append(merge_topk([s.search(queries, 10) for s in shards], 10)[1])
+    assert len(IndexManifest.load(folder).shards) == 2
+    np.testing.assert_array_equal(answers[0], answers[1])
 
 
 def test_cli_query_pretty_prints_a_served_answer(served):
@@ -192,7 +240,8 @@ def test_metrics_contract_from_a_real_scrape(served):
         ("ray_routerserve_routing_confidence_bucket", {"deployment": "ExpertEncoder"}),
         ("ray_routerserve_encoder_batch_size_bucket", {"stage": "route"}),
         ("ray_routerserve_encoder_batch_size_bucket", {"stage": "embed"}),
-        ("ray_routerserve_shard_search_latency_ms_bucket", {"deployment": "SearchShard0", "shard": "shard_000"}),
+        ("ray_routerserve_shard_search_latency_ms_bucket", {"deployment": "SearchShard0", "shard": "shard_000",
+                                                            "index": "IVF8,Flat", "knob": "nprobe=8"}),
         ("ray_routerserve_errors_total", {"endpoint": "/v1/retrieve", "reason": "422:validation",
                                           "deployment": "RetrievalIngress"}),
         ("ray_serve_num_http_requests_total", {"route": "/v1/retrieve"}),

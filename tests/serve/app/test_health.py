@@ -64,7 +64,7 @@ def test_a_shard_replica_whose_search_hangs_fails_its_health_check(tmp_path):
     release = threading.Event()
     real_search = replica.shard.search
 
-    def hanging_search(queries, k):
+    def hanging_search(queries, k, knobs=None):
         release.wait(10)
         return real_search(queries, k)
 

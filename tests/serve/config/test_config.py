@@ -28,12 +28,24 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"experts": {"training": {"positives": "all", "objective": "mined"}}}, "experts.training"),
         ({"experts": {"training": {"patience": 0}}}, "experts.training.patience"),
         ({"experts": {"training": {"patience": 50, "dev_fraction": 0}}}, "experts.training"),
+        ({"index": {"factory": "IVFx"}}, "index.factory"),  # FAISS cannot parse it
+        ({"index": {"factory": "IDMap,Flat"}}, "index.factory"),
+        ({"index": {"factory": "IVF1024,PQ"}}, "index.factory"),
+        ({"index": {"train_size": 0}}, "index.train_size"),
+        ({"search": {"nprobe": 0}}, "search.nprobe"),
+        ({"search": {"nprobe": 2000}}, "search.nprobe"),  # above limits.max_nprobe: a request could not set it
+        ({"search": {"ef_search": 64}, "limits": {"max_ef_search": 32}}, "search.ef_search"),
     ],
 )
 def test_config_errors_name_the_offending_key(data, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
     assert str(err.value).startswith(key), str(err.value)
+
+
+def test_an_index_type_that_needs_the_models_size_is_checked_by_the_build():
+    # PQ7 parses; whether 7 sub-quantizers divide the vectors is known only at `index build`
+    assert config_from_dict({"index": {"factory": "PQ7"}}).index.factory == "PQ7"
 
 
 def test_serve_deployment_options_validated_by_serve_schema():

@@ -56,6 +56,8 @@ def test_forced_base_and_expert(stack):
         ({"query": "ok", "colour": "red"}, 422, "unknown field"),
         ({"query": "ok \ud800 then"}, 422, "query: not valid Unicode text (a lone surrogate at character 3)"),
         ({"query": "ok", "expert": "\udfff"}, 422, "expert"),
+        ({"query": "ok", "nprobe": 4}, 422, "nprobe: the index is 'Flat', which has no nprobe"),
+        ({"query": "ok", "ef_search": 4}, 422, "ef_search: the index is 'Flat', which has no ef_search"),
     ],
 )
 def test_bad_retrieve_requests_are_4xx_json(stack, body, status, needle):
@@ -277,12 +279,12 @@ def test_a_poison_request_fails_alone_in_a_batch(stack):
 
 
 class _StuckShard(LocalShardClient):
-    async def search(self, queries, k):
+    async def search(self, queries, k, knobs=None):
         await asyncio.Event().wait()  # never answers
 
 
 class _BrokenShard(LocalShardClient):
-    async def search(self, queries, k):
+    async def search(self, queries, k, knobs=None):
         raise ConnectionError("replica died")
 
 
@@ -493,3 +495,59 @@ def test_concurrent_embedding_requests_share_one_encoder_call(stack):
     answers = asyncio.run(main())
     assert all(isinstance(a, RequestError) and a.status == 503 for a in answers) and len(calls) == 1, (calls, answers)
     assert answers[0].headers == {"Retry-After": "1"}
+
+
+# -- approximate indexes: the index type and its knob in every answer, per-request knobs ------------
+
+
+@pytest.fixture(scope="module")
+def ivf_service(stack, engine, mean_pilots, tmp_path_factory):
+    """The stack's 60 docs in 3 IVF shards filled from one trained template (nprobe 1 by default)."""
+    from actors.search import fill_shard, split_ranges, train_index
+
+    vectors = stack["vectors"]
+    template = train_index("IVF4,Flat", vectors)
+    shards = [ShardSearcher(index=fill_shard(template, vectors[a:b]), offset=a, factory="IVF4,Flat", defaults={"nprobe": 1})
+              for a, b in split_ranges(len(vectors), 3)]
+    path = tmp_path_factory.mktemp("ivf") / "d.parquet"
+    DocStore.write(path, stack["docs"])
+    pilots = mean_pilots(engine, {"alpha": ["cell biology", "protein"], "beta": ["debate", "policy"]})
+    return RetrievalService(LocalEncoderClient(RoutedEncoder(engine, pilots), "m"), [LocalShardClient(s) for s in shards],
+                            DocStore(path), LimitsConfig(max_nprobe=8), "mini", vectors.shape[1], "IVF4,Flat", {"nprobe": 1})
+
+
+def test_answers_name_the_index_and_the_knob_they_ran_with(ivf_service, stack):
+    c = TestClient(create_app(ivf_service))
+    q = {"query": "protein expression in cancer cells", "top_k": 10, "expert": "base"}
+    default = c.post("/v1/retrieve", json=q).json()
+    assert default["index"] == "IVF4,Flat" and default["search_params"] == {"nprobe": 1}
+    every_list = c.post("/v1/retrieve", json={**q, "nprobe": 4}).json()
+    assert every_list["search_params"] == {"nprobe": 4}
+    qv = stack["engine"].encode([q["query"]])[0]
+    exact = [stack["docs"][i].doc_id for i in np.argsort(-(stack["vectors"] @ qv), kind="stable")[:10]]
+    assert [h["doc_id"] for h in every_list["hits"]] == exact  # all 4 lists probed: exact
+    assert [h["doc_id"] for h in default["hits"]] != exact  # one list of four: approximate
+    flat = c.post("/v1/retrieve", json={"query": "x"}).json()
+    assert flat["index"] == "IVF4,Flat"
+    for body, needle in [({**q, "nprobe": 9}, "nprobe: Input should be less than or equal to 8"),
+                         ({**q, "nprobe": 0}, "nprobe: Input should be greater than or equal to 1"),
+                         ({**q, "ef_search": 16}, "the index is 'IVF4,Flat', which has no ef_search")]:
+        r = c.post("/v1/retrieve", json=body)
+        assert r.status_code == 422 and needle in r.json()["error"]["message"], r.text
+    spec = c.get("/openapi.json").json()["components"]["schemas"]["RetrieveRequest"]["properties"]
+    assert "maximum" in json.dumps(spec["nprobe"]) and "has no ef_search" in spec["ef_search"]["description"]
+
+
+def test_a_batch_mixing_knobs_answers_each_as_alone(ivf_service):
+    from serve.app.retrieval.service import RetrieveItem
+
+    queries = ["insulin resistance", "protein folding", "vitamin D", "gene expression"]
+    knobs = [(("nprobe", 1),), (("nprobe", 4),), (("nprobe", 2),), (("nprobe", 4),)]
+
+    def items():
+        return [RetrieveItem(q, 5, "base", False, k) for q, k in zip(queries, knobs)]
+
+    together = asyncio.run(ivf_service.retrieve_many(items()))
+    alone = [asyncio.run(ivf_service.retrieve_many([it]))[0] for it in items()]
+    for t, a, k in zip(together, alone, knobs):
+        assert [h.doc_id for h in t["hits"]] == [h.doc_id for h in a["hits"]] and t["search_params"] == dict(k)
