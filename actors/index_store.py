@@ -100,33 +100,63 @@ def trained_path(index_root: Path, factory: str, train_size: int) -> Path:
 
 
 class DocStore:
-    """Row id -> (doc_id, title, text, dataset), loaded from docs.parquet."""
+    """Row id -> (doc_id, title, text, dataset), read on demand from a memory-mapped Arrow file.
+
+    docs.parquet is the artifact `index build` writes (compact, portable); beside it docs.arrow,
+    the same table as an uncompressed Arrow IPC file, is what a replica maps: opening it reads
+    nothing, a hit reads its own row, and replicas on one node share the pages — so a replica's
+    memory does not grow with the corpus (100 M documents' text would not fit in each ingress).
+    docs.arrow is written by ``write`` and, for stores written before it existed, converted once
+    from docs.parquet (batch by batch, atomically) by the first reader."""
+
+    COLUMNS = ("doc_id", "title", "text", "dataset")
 
     def __init__(self, path: str | os.PathLike):
+        import pyarrow as pa
+
+        arrow, parquet = self.arrow_path(path), Path(path)
+        if not arrow.is_file() or (parquet.is_file() and arrow.stat().st_mtime_ns < parquet.stat().st_mtime_ns):
+            self._convert(parquet, arrow)
+        table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()  # zero-copy: views into the map
+        self._columns = {c: table.column(c) for c in self.COLUMNS}
+        self._rows = table.num_rows
+
+    @staticmethod
+    def arrow_path(path: str | os.PathLike) -> Path:
+        return Path(path).with_suffix(".arrow")
+
+    @staticmethod
+    def _convert(parquet: Path, arrow: Path, batch_rows: int = 65536) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(str(path))
-        self.doc_id = table.column("doc_id").to_pylist()
-        self.title = table.column("title").to_pylist()
-        self.text = table.column("text").to_pylist()
-        self.dataset = table.column("dataset").to_pylist()
+        source = pq.ParquetFile(str(parquet))
+        tmp = arrow.with_name(f".{arrow.name}.tmp-{os.getpid()}")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
+            for batch in source.iter_batches(batch_size=batch_rows):
+                writer.write_batch(batch)
+        os.replace(tmp, arrow)
 
     def __len__(self) -> int:
-        return len(self.doc_id)
+        return self._rows
+
+    def field(self, column: str, row: int):
+        return self._columns[column][row].as_py()
 
     def hit(self, row: int, score: float, include_text: bool) -> dict:
         out = {
-            "doc_id": self.doc_id[row],
-            "dataset": self.dataset[row],
+            "doc_id": self.field("doc_id", row),
+            "dataset": self.field("dataset", row),
             "score": float(score),
-            "title": self.title[row],
+            "title": self.field("title", row),
         }
         if include_text:
-            out["text"] = self.text[row]
+            out["text"] = self.field("text", row)
         return out
 
     @staticmethod
     def write(path: str | os.PathLike, docs) -> int:
+        """docs.parquet and its docs.arrow, each written to a temporary name and renamed."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -139,4 +169,5 @@ class DocStore:
         tmp = Path(str(path) + ".tmp")
         pq.write_table(pa.table(cols), str(tmp))
         os.replace(tmp, path)
+        DocStore._convert(Path(path), DocStore.arrow_path(path))
         return len(cols["doc_id"])

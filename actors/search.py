@@ -141,6 +141,13 @@ def _list_count(index) -> int | None:
     return int(ivf.nlist) if ivf is not None else None
 
 
+def training_sample(vectors: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """The rows an index is trained on: ``size`` drawn without replacement (seeded), in row order."""
+    if size >= len(vectors):
+        return vectors
+    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))]
+
+
 def train_index(factory: str, sample: np.ndarray):
     """An empty index of ``factory`` trained on ``sample`` (IVF centroids, PQ/SQ codebooks); one
     trained index is the template of every shard (fill_shard). Indexes that need no training

@@ -495,9 +495,9 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     monitor = render_podmonitor(cfg)
     if monitor is not None:
         files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)
-    files["capacity.md"] = (
+    files["packing.md"] = (
         "<!-- Rendered by `routerserve k8s render` (serve/deploy/k8s_capacity.py); do not edit. -->\n"
-        f"# Capacity of `{cfg.k8s.name}`: worker groups and the Serve replicas packed onto them\n\n"
+        f"# Packing of `{cfg.k8s.name}`: worker groups and the Serve replicas packed onto them\n\n"
         + capacity_table(render_rayservice(cfg, serve_doc)))
     if cfg.k8s.monitoring.grafana_dashboard:
         dashboard = render_dashboard(cfg)

@@ -207,7 +207,7 @@ def capacity(rayservice: dict[str, Any]) -> list[str]:
 
 def capacity_table(rayservice: dict[str, Any]) -> str:
     """Markdown: per worker group, its pods, CPUs and GPUs at minimum and maximum, and what the
-    Serve replicas packed onto it take there (k8s/capacity.md, re-rendered with the manifests)."""
+    Serve replicas packed onto it take there (k8s/packing.md, re-rendered with the manifests)."""
     demands = serve_demands(rayservice["spec"]["serveConfigV2"])
     groups = worker_groups(rayservice)
     used: dict[str, dict[str, dict[str, float]]] = {"min": {}, "max": {}}

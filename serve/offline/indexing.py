@@ -23,7 +23,7 @@ from actors.index_store import (
     shards_dir,
     trained_path,
 )
-from actors.search import build_flat_index, factory_knobs, split_ranges
+from actors.search import build_flat_index, factory_knobs, split_ranges, training_sample
 
 from serve.artifacts.atomic import staged_dir
 from serve.artifacts.index import IndexLocation, locate_index
@@ -130,11 +130,10 @@ def _build_trained(cfg: RouterServeConfig, loc: IndexLocation, vectors: np.ndarr
     if template_file.is_file():
         template = np.fromfile(template_file, dtype=np.uint8)
     else:
-        rows = np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))
         t0 = time.perf_counter()
         logger.info("training %s on %d of %d vectors", ix.factory, size, len(vectors))
         try:
-            template = ray.get(ray.remote(**task)(_train_task).remote(ix.factory, vectors[rows]))
+            template = ray.get(ray.remote(**task)(_train_task).remote(ix.factory, training_sample(vectors, size)))
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ValueError):  # too few vectors for the lists/codebooks: actors.search

@@ -91,12 +91,13 @@ def qualify(dataset: str, doc_id: str) -> str:
 
 
 def search_run(
-    query_vectors: np.ndarray, qids: list[str], corpus: Corpus, k: int, drop_self: bool, domain: str
+    query_vectors: np.ndarray, qids: list[str], corpus: Corpus, k: int, drop_self: bool, domain: str, searcher=None,
 ) -> dict[str, dict[str, float]]:
-    """Top-k run {qid: {dataset/doc_id: score}} by exact inner product (FAISS flat)."""
+    """Top-k run {qid: {dataset/doc_id: score}} by exact inner product (FAISS flat), or with
+    ``searcher`` (an actors.search.ShardSearcher over ``corpus.vectors``, e.g. an approximate one)."""
     from actors.search import ShardSearcher, build_flat_index
 
-    searcher = ShardSearcher(index=build_flat_index(corpus.vectors), use_gpu="auto")
+    searcher = searcher or ShardSearcher(index=build_flat_index(corpus.vectors), use_gpu="auto")
     scores, ids = searcher.search(query_vectors, k + (1 if drop_self else 0))
     run: dict[str, dict[str, float]] = {}
     for qi, qid in enumerate(qids):

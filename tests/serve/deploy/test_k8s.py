@@ -598,11 +598,30 @@ def test_the_cluster_resolves_llm_models_read_only_and_validation_names_a_missin
 
 
 def test_the_capacity_table_sums_what_the_packing_placed(rayservice):
-    """k8s/capacity.md: at minimum the CPU group holds 2 × (ingress 1 + 2 shards × 2 + controller
+    """k8s/packing.md: at minimum the CPU group holds 2 × (ingress 1 + 2 shards × 2 + controller
     0.5) = 11 CPUs in 8 replicas; the GPU group encoder + 2 engines = 5 CPUs and ¾ GPU."""
     from serve.deploy.k8s_capacity import capacity_table
 
     table = capacity_table(rayservice)
     assert "| cpu | 2 / 4 | 16 / 32 | 0 / 0 | 8 / 16 | 11 / 22 | 0 / 0 |" in table
     assert "| gpu | 1 / 4 | 8 / 32 | 1 / 4 | 3 / 12 | 5 / 16 | 0.75 / 3 |" in table
-    assert table in (K8S / "capacity.md").read_text()
+    assert table in (K8S / "packing.md").read_text()
+
+
+def test_the_capacity_plan_is_a_fresh_render_that_validates():
+    """k8s/CAPACITY.md's plan (configs/capacity-100m.yaml → k8s/capacity-100m/): committed fresh,
+    valid, every deployment's replicas packed onto the CPU pods at minimum and maximum scale."""
+    plan = load_config(REPO / "configs" / "capacity-100m.yaml")
+    assert plan.k8s.out_dir == Path("k8s/capacity-100m")
+    assert check_rendered(plan, REPO / plan.k8s.out_dir) == []
+    objects = load_objects(REPO / plan.k8s.out_dir)
+    report = validate_objects(objects, REPO.parent / "shared" / "k8s", plan.k8s.kubernetes_version, build=False,
+                              ray_version=ray.__version__)
+    assert all(found == [] for found in report.values()), report
+    serve_apps = render_serve_config(plan)["applications"][0]
+    shards = [d for d in serve_apps["deployments"] if d["name"].startswith("SearchShard")]
+    assert len(shards) == plan.index.num_shards == 8
+    assert all(d["autoscaling_config"]["min_replicas"] == 2 and d["ray_actor_options"]["num_cpus"] == 4 for d in shards)
+    assert plan.index.factory == "IVF4096,SQ8" and plan.search.nprobe == 64
+    text = (REPO / "k8s" / "CAPACITY.md").read_text()
+    assert "configs/capacity-100m.yaml" in text and "[ann]" in text and "[compare]" in text
