@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DOCS_FILE = "docs.parquet"
@@ -115,9 +118,18 @@ class DocStore:
         import pyarrow as pa
 
         arrow, parquet = self.arrow_path(path), Path(path)
+        table = None
         if not arrow.is_file() or (parquet.is_file() and arrow.stat().st_mtime_ns < parquet.stat().st_mtime_ns):
-            self._convert(parquet, arrow)
-        table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()  # zero-copy: views into the map
+            try:
+                self._convert(parquet, arrow)
+            except OSError as exc:  # a read-only artifacts volume holding an older index: load it instead
+                import pyarrow.parquet as pq
+
+                logger.warning("doc store %s has no Arrow copy and none can be written (%s): loading it into memory; "
+                               "rebuild the index to map it", parquet, exc)
+                table = pq.read_table(str(parquet))
+        if table is None:
+            table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()  # zero-copy: views into the map
         self._columns = {c: table.column(c) for c in self.COLUMNS}
         self._rows = table.num_rows
 
@@ -132,10 +144,13 @@ class DocStore:
 
         source = pq.ParquetFile(str(parquet))
         tmp = arrow.with_name(f".{arrow.name}.tmp-{os.getpid()}")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
-            for batch in source.iter_batches(batch_size=batch_rows):
-                writer.write_batch(batch)
-        os.replace(tmp, arrow)
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
+                for batch in source.iter_batches(batch_size=batch_rows):
+                    writer.write_batch(batch)
+            os.replace(tmp, arrow)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return self._rows

@@ -56,3 +56,19 @@ def test_index_type_folders_are_path_safe_and_distinct(tmp_path):
     tag = index_type_tag("OPQ16,IVF64/../x,PQ16", 1)
     assert "/" not in tag and ".." not in tag
     assert trained_path(tmp_path, "HNSW32", 10).parent == tmp_path / "trained"
+
+
+def test_a_store_on_a_read_only_volume_without_its_copy_is_loaded_instead(tmp_path, caplog, monkeypatch):
+    import errno
+
+    path = tmp_path / "docs.parquet"
+    DocStore.write(path, _docs(20))
+    (tmp_path / "docs.arrow").unlink()  # written by an older version, on a volume mounted read-only
+
+    def read_only(parquet, arrow, batch_rows=65536):  # what writing there raises (root ignores mode bits)
+        raise OSError(errno.EROFS, "Read-only file system", str(arrow))
+
+    monkeypatch.setattr(DocStore, "_convert", staticmethod(read_only))
+    store = DocStore(path)
+    assert len(store) == 20 and store.hit(7, 0.0, False)["doc_id"] == "d7"
+    assert "loading it into memory" in caplog.text and not (tmp_path / "docs.arrow").exists()
