@@ -15,6 +15,7 @@ never re-encodes nor re-trains.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -109,24 +110,30 @@ class DocStore:
     the same table as an uncompressed Arrow IPC file, is what a replica maps: opening it reads
     nothing, a hit reads its own row, and replicas on one node share the pages — so a replica's
     memory does not grow with the corpus (100 M documents' text would not fit in each ingress).
-    docs.arrow is written by ``write`` and, for stores written before it existed, converted once
-    from docs.parquet (batch by batch, atomically) by the first reader."""
+    docs.arrow carries the fingerprint of the parquet it was made from (size and row count, in
+    its schema metadata): written by ``write``, and converted again by a reader only when it is
+    missing or its fingerprint differs (one process at a time: a lock file beside it). On a
+    volume where it cannot be written (read-only: EROFS, EACCES, EPERM) the parquet is loaded into
+    memory instead, with a warning — correct, but the memory the map would have saved."""
 
     COLUMNS = ("doc_id", "title", "text", "dataset")
+    FINGERPRINT = b"routerserve.parquet"
 
     def __init__(self, path: str | os.PathLike):
         import pyarrow as pa
 
         arrow, parquet = self.arrow_path(path), Path(path)
         table = None
-        if not arrow.is_file() or (parquet.is_file() and arrow.stat().st_mtime_ns < parquet.stat().st_mtime_ns):
+        if not self._fresh(parquet, arrow):
             try:
-                self._convert(parquet, arrow)
-            except OSError as exc:  # a read-only artifacts volume holding an older index: load it instead
+                self._convert_once(parquet, arrow)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
                 import pyarrow.parquet as pq
 
-                logger.warning("doc store %s has no Arrow copy and none can be written (%s): loading it into memory; "
-                               "rebuild the index to map it", parquet, exc)
+                logger.warning("doc store %s: its Arrow copy is missing or stale and cannot be written (%s): loading "
+                               "it into memory; rebuild the index where the volume is writable to map it", parquet, exc)
                 table = pq.read_table(str(parquet))
         if table is None:
             table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()  # zero-copy: views into the map
@@ -137,15 +144,50 @@ class DocStore:
     def arrow_path(path: str | os.PathLike) -> Path:
         return Path(path).with_suffix(".arrow")
 
-    @staticmethod
-    def _convert(parquet: Path, arrow: Path, batch_rows: int = 65536) -> None:
+    @classmethod
+    def _fingerprint(cls, parquet: Path) -> bytes:
+        import pyarrow.parquet as pq
+
+        return json.dumps([parquet.stat().st_size, pq.ParquetFile(str(parquet)).metadata.num_rows]).encode()
+
+    @classmethod
+    def _fresh(cls, parquet: Path, arrow: Path) -> bool:
+        """docs.arrow exists and was made from this docs.parquet (or there is no parquet beside it)."""
+        import pyarrow as pa
+
+        if not arrow.is_file():
+            return False
+        if not parquet.is_file():
+            return True
+        try:
+            meta = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).schema.metadata or {}
+        except pa.ArrowInvalid:  # torn or foreign: convert again
+            return False
+        return meta.get(cls.FINGERPRINT) == cls._fingerprint(parquet)
+
+    @classmethod
+    def _convert_once(cls, parquet: Path, arrow: Path) -> None:
+        """Convert under an exclusive lock; a process that waited finds it done."""
+        import fcntl
+
+        with open(arrow.with_name(f".{arrow.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not cls._fresh(parquet, arrow):
+                cls._convert(parquet, arrow)
+
+    @classmethod
+    def _convert(cls, parquet: Path, arrow: Path, batch_rows: int = 65536) -> None:
+        import socket
+        import uuid
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         source = pq.ParquetFile(str(parquet))
-        tmp = arrow.with_name(f".{arrow.name}.tmp-{os.getpid()}")
+        schema = source.schema_arrow.with_metadata({cls.FINGERPRINT: cls._fingerprint(parquet)})
+        tmp = arrow.with_name(f".{arrow.name}.tmp-{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for batch in source.iter_batches(batch_size=batch_rows):
                     writer.write_batch(batch)
             os.replace(tmp, arrow)

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 # faiss 1.15 skips BLAS for query batches below this threshold (slow for batches of 20-64).
 _BLAS_THRESHOLD = 8
-KNOBS = ("nprobe", "ef_search")  # the search-time knobs an index may have (index_knobs)
 
 
 def faiss_gpu_count() -> int:
@@ -97,12 +96,6 @@ def factory_knobs(factory: str, dim: int) -> tuple[str, ...]:
     return index_knobs(make_index(factory, dim))
 
 
-def search_parameters(index, knobs: dict[str, int]):
-    """``faiss.SearchParameters`` for one call with these knob values (None: nothing to set), and
-    the objects it refers to (keep them alive while it is used: SWIG does not)."""
-    return _params_from_layout(_param_layout(index), knobs)
-
-
 def _param_layout(index) -> tuple[str | None, list[tuple[str, float]]]:
     """What search parameters this (CPU) index takes: the inner kind ("ivf", "hnsw" or None) and
     its wrappers outermost first; kept apart from the index so a GPU copy is parametrized alike."""
@@ -134,7 +127,8 @@ def _params_from_layout(layout, knobs: dict[str, int]):
     return params, keep
 
 
-def _list_count(index) -> int | None:
+def ivf_lists(index) -> int | None:
+    """nlist of an IVF index (through wrappers); None for other types."""
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
@@ -155,7 +149,7 @@ def train_index(factory: str, sample: np.ndarray):
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     index = make_index(factory, sample.shape[1])
     if not index.is_trained:
-        nlist = _list_count(index)
+        nlist = ivf_lists(index)
         if nlist is not None and len(sample) < nlist:
             raise ValueError(f"{factory!r}: training needs at least one vector per IVF list ({nlist}); "
                              f"{len(sample)} given (fewer lists, or more vectors)")

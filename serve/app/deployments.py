@@ -12,6 +12,7 @@ serve.app.retrieval / serve.app.chat, each constructed from one settings object 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,10 +41,13 @@ from .errors import overloaded
 from .health import InFlight
 from .ingress import api_keys_from_env, create_app
 from .live_experts import LiveExperts, encoder_builder
-from .metrics import Metrics, record_routing
+from .metrics import Metrics, knob_label, record_routing
 from .retrieval.service import RetrievalService
 from .settings import CONTROLLER, ENCODER, INGRESS
 from .settings import ControllerSettings, EncoderDeploymentSettings, EngineDeploymentSettings, IngressSettings, ShardDeploymentSettings
+
+
+logger = logging.getLogger(__name__)
 
 
 def _batcher(fn, b, size_fn=None, max_waiting=None, max_queue_wait_s=None) -> GreedyBatcher | ServeBatcher:
@@ -151,11 +155,15 @@ class SearchShardDeployment:
 
     async def search(self, queries: np.ndarray, k: int, knobs: dict[str, int] | None = None):
         t0 = time.perf_counter()
+        extra = sorted(set(knobs or {}) - set(self.shard.knobs))
+        if extra:  # the ingress validated the request against another index (a rollout changing index.factory)
+            logger.warning("shard %s (%s) has no search knob %s: searching with its own", self.label, self.shard.factory, extra)
+            knobs = {n: v for n, v in knobs.items() if n in self.shard.knobs}
         knobs = self.shard.resolve_knobs(knobs)
         with self.in_flight.track():
             out = await asyncio.to_thread(self.shard.search, queries, k, knobs)
         self.metrics.observe("routerserve_shard_search_latency_ms", (time.perf_counter() - t0) * 1e3, shard=self.label,
-                             index=self.shard.factory, knob=",".join(f"{n}={v}" for n, v in sorted(knobs.items())))
+                             index=self.shard.factory, knob=knob_label(knobs, self.shard.defaults))
         return out
 
     def check_health(self) -> None:

@@ -102,6 +102,18 @@ class Metrics:
         self._get(name).set(value, tags={k: str(v) for k, v in tags.items()})
 
 
+def knob_label(knobs: dict[str, int], defaults: dict[str, int]) -> str:
+    """The ``knob`` label of a search: ``nprobe=16`` at the configured value; a request's own
+    value as its power-of-two bucket (``nprobe<=128``), so clients cannot mint a series per value."""
+    parts = []
+    for name, value in sorted(knobs.items()):
+        if value == defaults.get(name):
+            parts.append(f"{name}={value}")
+        else:
+            parts.append(f"{name}<={1 << max(0, int(value) - 1).bit_length()}")
+    return ",".join(parts)
+
+
 def record_routing(metrics, result: dict) -> None:
     """One encoder batch result (``route_and_encode_requests`` item): experts chosen, margins."""
     for expert, forced, scores in zip(result["experts"], result["forced"], result["routing_scores"]):

@@ -55,6 +55,20 @@ class IndexConfig(_Strict):
     encode_workers: int = Field(1, ge=1, description="Ray Data encoder actors")
     encode_num_cpus: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _enough_to_train(self) -> "IndexConfig":
+        """An IVF index needs at least one training vector per list (FAISS's k-means refuses fewer)."""
+        from actors.search import ivf_lists, make_index
+
+        try:
+            lists = ivf_lists(make_index(self.factory, _PROBE_DIM))
+        except ValueError:  # a size that does not divide the probe: index build checks it
+            return self
+        if lists is not None and self.train_size < lists:
+            raise ValueError(f"train_size: {self.train_size} vectors cannot train {self.factory}'s {lists} lists "
+                             f"(at least one vector per list; FAISS advises 39)")
+        return self
+
     @field_validator("factory")
     @classmethod
     def _parses(cls, value: str) -> str:
@@ -103,6 +117,10 @@ class ExpertTrainConfig(_Strict):
         description="full_corpus: softmax over every doc of the domain's base index; "
         "mined: in-batch + hard_negatives mined from the base index",
     )
+    negatives: Literal["domain", "union"] = Field(
+        "domain", description="domain: the softmax (or the mined negatives) and the dev selection over the domain's "
+        "own documents; union: over the served index's corpora (corpus.datasets, plus the domain): what the "
+        "expert is searched against when served — other domains' documents are negatives, never positives")
     positives: Literal["best", "all"] = Field(
         "best",
         description="objective 'full_corpus': train towards each query's best-graded judged doc only, "

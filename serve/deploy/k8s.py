@@ -59,7 +59,10 @@ def dump_yaml(doc: Any) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
 
 
-HEADER = "# Rendered by `routerserve k8s render` from configs/local.yaml (k8s section). Do not edit:\n# change the config and re-render; a test diffs this file against a fresh render.\n"
+def header(cfg: RouterServeConfig) -> str:
+    return (f"# Rendered by `routerserve k8s render` from the config of `{cfg.k8s.name}` (its k8s section; k8s.out_dir: "
+            f"{cfg.k8s.out_dir}). Do not edit:\n# change the config and re-render; a test diffs this file against a fresh "
+            "render.\n")
 
 
 def cluster_config(cfg: RouterServeConfig) -> RouterServeConfig:
@@ -480,21 +483,21 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     """File name → text, everything ``k8s render`` writes."""
     serve_doc = render_serve_config(cfg)
     files = {
-        "rayservice.yaml": HEADER + dump_yaml(render_rayservice(cfg, serve_doc)),
-        "serve-config.yaml": HEADER + dump_yaml(serve_doc),
+        "rayservice.yaml": header(cfg) + dump_yaml(render_rayservice(cfg, serve_doc)),
+        "serve-config.yaml": header(cfg) + dump_yaml(serve_doc),
     }
     pvc = render_pvc(cfg)
     if pvc is not None:
-        files["artifacts-pvc.yaml"] = HEADER + dump_yaml(pvc)
+        files["artifacts-pvc.yaml"] = header(cfg) + dump_yaml(pvc)
     policy = render_network_policy(cfg)
     if policy is not None:
-        files["networkpolicy.yaml"] = HEADER + dump_yaml(policy)
+        files["networkpolicy.yaml"] = header(cfg) + dump_yaml(policy)
     budgets = render_disruption_budgets(cfg)
     if budgets:
-        files["disruption-budgets.yaml"] = HEADER + "---\n".join(dump_yaml(b) for b in budgets)
+        files["disruption-budgets.yaml"] = header(cfg) + "---\n".join(dump_yaml(b) for b in budgets)
     monitor = render_podmonitor(cfg)
     if monitor is not None:
-        files["podmonitor.yaml"] = HEADER + dump_yaml(monitor)
+        files["podmonitor.yaml"] = header(cfg) + dump_yaml(monitor)
     files["packing.md"] = (
         "<!-- Rendered by `routerserve k8s render` (serve/deploy/k8s_capacity.py); do not edit. -->\n"
         f"# Packing of `{cfg.k8s.name}`: worker groups and the Serve replicas packed onto them\n\n"
@@ -502,7 +505,7 @@ def render_all(cfg: RouterServeConfig) -> dict[str, str]:
     if cfg.k8s.monitoring.grafana_dashboard:
         dashboard = render_dashboard(cfg)
         files["grafana-dashboard.json"] = json.dumps(dashboard, indent=2) + "\n"
-        files["grafana-dashboard-configmap.yaml"] = HEADER + dump_yaml(render_dashboard_configmap(cfg, dashboard))
+        files["grafana-dashboard-configmap.yaml"] = header(cfg) + dump_yaml(render_dashboard_configmap(cfg, dashboard))
     return files
 
 

@@ -60,12 +60,12 @@ def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -
     if (out / "manifest.json").is_file():
         logger.info("index %s is up to date", out)
         return out
+    declared = _model_dim(loc.model_path)
+    if declared is not None:  # a factory that cannot hold these vectors fails before hours of encoding
+        _index_knobs(ix.factory, declared)
     vectors, encode_seconds = _corpus_vectors(cfg, data_dir, loc, progress)
     n, dim = vectors.shape
-    try:
-        knobs = factory_knobs(ix.factory, dim)
-    except ValueError as exc:
-        raise ConfigError(f"index.factory: {exc} (the model's vectors have {dim} dimensions)") from None
+    knobs = _index_knobs(ix.factory, dim)
     ranges = split_ranges(n, ix.num_shards)
     names = [f"shard_{i:03d}.faiss" for i in range(len(ranges))]
     manifest = IndexManifest(
@@ -97,6 +97,23 @@ def build_index(cfg: RouterServeConfig, data_dir: Path, progress: bool = True) -
     return out
 
 
+def _model_dim(model_path: Path) -> int | None:
+    """The embedding size the model declares (transformers config.json: hidden_size), if it does."""
+    import json
+
+    try:
+        return int(json.loads((Path(model_path) / "config.json").read_text())["hidden_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def _index_knobs(factory: str, dim: int) -> tuple[str, ...]:
+    try:
+        return factory_knobs(factory, dim)
+    except ValueError as exc:
+        raise ConfigError(f"index.factory: {exc} (the model's vectors have {dim} dimensions)") from None
+
+
 def _train_task(factory: str, sample: np.ndarray) -> np.ndarray:
     import faiss
 
@@ -105,12 +122,12 @@ def _train_task(factory: str, sample: np.ndarray) -> np.ndarray:
     return faiss.serialize_index(train_index(factory, sample))
 
 
-def _fill_task(template: np.ndarray, vectors: np.ndarray, start: int, end: int) -> np.ndarray:
+def _fill_task(template: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     import faiss
 
     from actors.search import fill_shard
 
-    return faiss.serialize_index(fill_shard(faiss.deserialize_index(template), vectors[start:end]))
+    return faiss.serialize_index(fill_shard(faiss.deserialize_index(template), vectors))
 
 
 def _build_trained(cfg: RouterServeConfig, loc: IndexLocation, vectors: np.ndarray, ranges, names, staging: Path,
@@ -125,7 +142,6 @@ def _build_trained(cfg: RouterServeConfig, loc: IndexLocation, vectors: np.ndarr
     ensure_ray(cfg.ray)
     task = {"num_cpus": ix.encode_num_cpus}
     template_file = trained_path(loc.root, ix.factory, ix.train_size)
-    vectors_ref = ray.put(np.ascontiguousarray(vectors, dtype=np.float32))
     size = min(ix.train_size, len(vectors))
     if template_file.is_file():
         template = np.fromfile(template_file, dtype=np.uint8)
@@ -148,14 +164,19 @@ def _build_trained(cfg: RouterServeConfig, loc: IndexLocation, vectors: np.ndarr
     manifest.train_size = size
     t0 = time.perf_counter()
     template_ref = ray.put(template)
-    pending = {ray.remote(**task)(_fill_task).remote(template_ref, vectors_ref, a, b): name
+    fill = ray.remote(**task)(_fill_task)  # each task is sent its own rows only
+    pending = {fill.remote(template_ref, ray.put(np.ascontiguousarray(vectors[a:b], dtype=np.float32))): name
                for name, (a, b) in zip(names, ranges)}
     bar = tqdm(total=len(pending), desc=f"fill {ix.factory} shards", unit="shard", disable=not progress)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ray.get(done[0]).tofile(staging / pending.pop(done[0]))
-        bar.update(1)
-    bar.close()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ray.get(done[0]).tofile(staging / pending.pop(done[0]))
+            bar.update(1)
+    finally:  # a failed shard: the others stop too (the staged folder is then discarded)
+        for ref in pending:
+            ray.cancel(ref)
+        bar.close()
     manifest.fill_seconds = time.perf_counter() - t0
 
 
@@ -172,9 +193,11 @@ def _corpus_vectors(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, 
         loc.root.mkdir(parents=True, exist_ok=True)
         DocStore.write(docs_path, (d for name in cfg.corpus.datasets
                                    for d in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)))
-    if len(DocStore(docs_path)) != len(corpus.vectors):
-        raise RuntimeError(f"{docs_path} lists {len(DocStore(docs_path))} documents for {len(corpus.vectors)} vectors; "
-                           "delete it and rebuild")
+    store = DocStore(docs_path)
+    listed = [(store.field("dataset", r), store.field("doc_id", r)) for r in range(len(store))]
+    if listed != list(zip(corpus.datasets, corpus.doc_ids)):  # row i of the store is row i of the vectors
+        raise RuntimeError(f"{docs_path} does not list the documents of {cfg.corpus.datasets} in the order of their "
+                           f"vectors ({len(store)} rows for {len(corpus.vectors)} vectors); delete it and rebuild")
     return np.ascontiguousarray(corpus.vectors, dtype=np.float32), time.perf_counter() - t0
 
 

@@ -35,16 +35,33 @@ def test_a_store_written_before_the_arrow_copy_is_converted_once_and_kept_fresh(
     assert DocStore(path).hit(4, 1.0, False)["doc_id"] == "d4"
     arrow = tmp_path / "docs.arrow"
     stamp = arrow.stat().st_mtime_ns
+    os.utime(arrow, ns=(stamp - 10**10, stamp - 10**10))  # copied without times (cp -r): older than the parquet
+    stamp = arrow.stat().st_mtime_ns
     DocStore(path)
-    assert arrow.stat().st_mtime_ns == stamp  # converted once
+    assert arrow.stat().st_mtime_ns == stamp  # its fingerprint matches: not converted again
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"doc_id": ["x"], "title": ["t"], "text": [""], "dataset": ["s"]}), str(path))
-    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # the parquet is newer than its copy
-    store = DocStore(path)
+    store = DocStore(path)  # another parquet: the copy is stale and made again
     assert len(store) == 1 and store.hit(0, 0.0, False)["doc_id"] == "x"
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]  # written under a temporary name, then renamed
+
+
+def test_processes_opening_a_store_at_once_convert_it_once(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "docs.parquet"
+    DocStore.write(path, _docs(3000))
+    (tmp_path / "docs.arrow").unlink()
+    with ProcessPoolExecutor(4) as pool:
+        sizes = list(pool.map(_open_len, [str(path)] * 4))
+    assert sizes == [3000] * 4
+    assert sorted(os.listdir(tmp_path)) == [".docs.arrow.lock", "docs.arrow", "docs.parquet"]
+
+
+def _open_len(path: str) -> int:
+    return len(DocStore(path))
 
 
 def test_index_type_folders_are_path_safe_and_distinct(tmp_path):
@@ -58,17 +75,27 @@ def test_index_type_folders_are_path_safe_and_distinct(tmp_path):
     assert trained_path(tmp_path, "HNSW32", 10).parent == tmp_path / "trained"
 
 
-def test_a_store_on_a_read_only_volume_without_its_copy_is_loaded_instead(tmp_path, caplog, monkeypatch):
+def test_a_store_on_a_read_only_volume_without_a_fresh_copy_is_loaded_instead(tmp_path, caplog, monkeypatch):
     import errno
 
     path = tmp_path / "docs.parquet"
     DocStore.write(path, _docs(20))
-    (tmp_path / "docs.arrow").unlink()  # written by an older version, on a volume mounted read-only
+    stale = tmp_path / "other"
+    stale.mkdir()
+    DocStore.write(stale / "docs.parquet", _docs(5))
+    os.replace(stale / "docs.arrow", tmp_path / "docs.arrow")  # a copy made from another parquet
 
-    def read_only(parquet, arrow, batch_rows=65536):  # what writing there raises (root ignores mode bits)
+    def read_only(parquet, arrow):  # what writing there raises (root ignores mode bits)
         raise OSError(errno.EROFS, "Read-only file system", str(arrow))
 
-    monkeypatch.setattr(DocStore, "_convert", staticmethod(read_only))
+    monkeypatch.setattr(DocStore, "_convert_once", staticmethod(read_only))
     store = DocStore(path)
-    assert len(store) == 20 and store.hit(7, 0.0, False)["doc_id"] == "d7"
-    assert "loading it into memory" in caplog.text and not (tmp_path / "docs.arrow").exists()
+    assert len(store) == 20 and store.hit(7, 0.0, False)["doc_id"] == "d7"  # the parquet's rows, not the stale copy's
+    assert "loading it into memory" in caplog.text
+
+    def disk_full(parquet, arrow):
+        raise OSError(errno.ENOSPC, "No space left on device", str(arrow))
+
+    monkeypatch.setattr(DocStore, "_convert_once", staticmethod(disk_full))
+    with pytest.raises(OSError, match="No space"):  # not hidden behind a load of everything into memory
+        DocStore(path)

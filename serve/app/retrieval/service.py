@@ -297,6 +297,11 @@ class RetrievalService:
             "batch_size": float(len(items)),
             **{k: float(v) for k, v in routed["timings_ms"].items()},
         }
+        # the doc store is memory-mapped: a hit may wait on the disk, so the answers are made off the event loop
+        return await asyncio.to_thread(self._answers, items, scores, ids, routed, timings, t0)
+
+    def _answers(self, items: list[RetrieveItem], scores: np.ndarray, ids: np.ndarray, routed: dict, timings: dict,
+                 t0: float) -> list[dict]:
         out = []
         for i, it in enumerate(items):
             hits = [

@@ -84,3 +84,26 @@ def test_a_shard_replica_whose_search_hangs_fails_its_health_check(tmp_path):
         replica.check_health()  # the call came back: healthy again
 
     asyncio.run(main())
+
+
+def test_a_shard_given_a_knob_its_index_lacks_searches_with_its_own(tmp_path, caplog):
+    """The ingress validated the request against another index type (a rollout changing
+    index.factory): the shard answers with its own knobs and says so, instead of failing."""
+    import faiss
+
+    from actors.search import fill_shard, train_index
+    from serve.app.deployments import SearchShardDeployment
+    from serve.app.settings import ShardDeploymentSettings
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 8)).astype(np.float32)
+    path = tmp_path / "shard_000.faiss"
+    faiss.write_index(fill_shard(train_index("IVF4,Flat", vectors), vectors), str(path))
+    replica = SearchShardDeployment.func_or_class(ShardDeploymentSettings(
+        index_path=str(path), offset=0, factory="IVF4,Flat", search_defaults={"nprobe": 2}, mmap=True, use_gpu="never",
+        num_threads=1, stuck_after_s=5))
+    q = vectors[:3]
+    want = replica.shard.search(q, 5, {"nprobe": 2})
+    got = asyncio.run(replica.search(q, 5, {"ef_search": 64}))
+    np.testing.assert_array_equal(got[1], want[1])
+    assert "has no search knob ['ef_search']" in caplog.text

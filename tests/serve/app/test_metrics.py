@@ -145,3 +145,14 @@ def test_dashboard_panels_filter_by_namespace_and_leave_out_probes():
         if "http" in expr:
             assert 'route!="/healthz"' in expr and 'route!~"/-/.*"' in expr, title
     assert {t for t, _, _ in dashboard_panels()} >= {"GPU utilisation % by node and GPU", "GPU memory used by node and GPU"}
+
+
+def test_the_knob_label_names_the_default_and_buckets_what_requests_set():
+    from serve.app.metrics import knob_label
+
+    assert knob_label({}, {}) == ""
+    assert knob_label({"nprobe": 16}, {"nprobe": 16}) == "nprobe=16"
+    labels = {knob_label({"nprobe": n}, {"nprobe": 16}) for n in range(1, 1025)}
+    assert len(labels) <= 12  # a client cannot mint a series per value
+    assert knob_label({"nprobe": 100}, {"nprobe": 16}) == "nprobe<=128" and knob_label({"nprobe": 1}, {"nprobe": 16}) == "nprobe<=1"
+    assert knob_label({"nprobe": 64}, {"nprobe": 16}) == "nprobe<=64"

@@ -32,6 +32,7 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"index": {"factory": "IDMap,Flat"}}, "index.factory"),
         ({"index": {"factory": "IVF1024,PQ"}}, "index.factory"),
         ({"index": {"train_size": 0}}, "index.train_size"),
+        ({"index": {"factory": "IVF4096,SQ8", "train_size": 1000}}, "index.train_size"),  # fewer than one per list
         ({"search": {"nprobe": 0}}, "search.nprobe"),
         ({"search": {"nprobe": 2000}}, "search.nprobe"),  # above limits.max_nprobe: a request could not set it
         ({"search": {"ef_search": 64}, "limits": {"max_ef_search": 32}}, "search.ef_search"),

@@ -527,8 +527,8 @@ def test_answers_name_the_index_and_the_knob_they_ran_with(ivf_service, stack):
     exact = [stack["docs"][i].doc_id for i in np.argsort(-(stack["vectors"] @ qv), kind="stable")[:10]]
     assert [h["doc_id"] for h in every_list["hits"]] == exact  # all 4 lists probed: exact
     assert [h["doc_id"] for h in default["hits"]] != exact  # one list of four: approximate
-    flat = c.post("/v1/retrieve", json={"query": "x"}).json()
-    assert flat["index"] == "IVF4,Flat"
+    plain = c.post("/v1/retrieve", json={"query": "x"}).json()
+    assert plain["index"] == "IVF4,Flat" and plain["search_params"] == {"nprobe": 1}
     for body, needle in [({**q, "nprobe": 9}, "nprobe: Input should be less than or equal to 8"),
                          ({**q, "nprobe": 0}, "nprobe: Input should be greater than or equal to 1"),
                          ({**q, "ef_search": 16}, "the index is 'IVF4,Flat', which has no ef_search")]:
@@ -538,16 +538,35 @@ def test_answers_name_the_index_and_the_knob_they_ran_with(ivf_service, stack):
     assert "maximum" in json.dumps(spec["nprobe"]) and "has no ef_search" in spec["ef_search"]["description"]
 
 
-def test_a_batch_mixing_knobs_answers_each_as_alone(ivf_service):
+def test_a_batch_mixing_knobs_searches_each_group_with_its_own(ivf_service, stack):
+    """One batch, three nprobe values: one search call per shard per value, and every item's hits
+    are the exact merge of the shards searched at ITS nprobe (not its neighbours')."""
+    from actors.search import merge_topk
     from serve.app.retrieval.service import RetrieveItem
 
-    queries = ["insulin resistance", "protein folding", "vitamin D", "gene expression"]
-    knobs = [(("nprobe", 1),), (("nprobe", 4),), (("nprobe", 2),), (("nprobe", 4),)]
+    queries = ["insulin resistance", "protein folding", "vitamin D", "gene expression", "cancer cells"]
+    knobs = [(("nprobe", 1),), (("nprobe", 4),), (("nprobe", 2),), (("nprobe", 4),), (("nprobe", 1),)]
+    calls = []
+    for client in ivf_service.shards:
+        search = client.search
 
-    def items():
-        return [RetrieveItem(q, 5, "base", False, k) for q, k in zip(queries, knobs)]
+        async def counted(q, k, kn=None, search=search):
+            calls.append(dict(kn or {}))
+            return await search(q, k, kn)
 
-    together = asyncio.run(ivf_service.retrieve_many(items()))
-    alone = [asyncio.run(ivf_service.retrieve_many([it]))[0] for it in items()]
-    for t, a, k in zip(together, alone, knobs):
-        assert [h.doc_id for h in t["hits"]] == [h.doc_id for h in a["hits"]] and t["search_params"] == dict(k)
+        client.search = counted
+    try:
+        answers = asyncio.run(ivf_service.retrieve_many([RetrieveItem(q, 5, "base", False, k) for q, k in zip(queries, knobs)]))
+    finally:
+        for client in ivf_service.shards:
+            del client.search
+    assert sorted(c["nprobe"] for c in calls) == [1, 1, 1, 2, 2, 2, 4, 4, 4]  # 3 shards x 3 distinct values
+    vectors = stack["engine"].encode(queries)
+    shards = [c.shard for c in ivf_service.shards]
+    differ = 0
+    for i, (a, k) in enumerate(zip(answers, knobs)):
+        _, want = merge_topk([s.search(vectors[i : i + 1], 5, dict(k)) for s in shards], 5)
+        assert [h.doc_id for h in a["hits"]] == [stack["docs"][j].doc_id for j in want[0]] and a["search_params"] == dict(k)
+        _, other = merge_topk([s.search(vectors[i : i + 1], 5, {"nprobe": 4 if k[0][1] == 1 else 1}) for s in shards], 5)
+        differ += list(other[0]) != list(want[0])
+    assert differ >= 1  # the knob changes answers here: a mixed-up group would show
