@@ -103,6 +103,13 @@ def train_domain_expert(
                                  on_docs=lambda done, total: stage(f"base vectors of {domain}", done, total))
     examples = domain_examples(cfg, data_dir, domain, corpus)
     examples, dev_examples = split_dev(examples, train.dev_fraction)
+    if train.negatives == "union":  # train and choose the step against what serving searches
+        names = list(dict.fromkeys([*cfg.corpus.datasets, domain]))
+        stage(f"base vectors of {', '.join(names)}")
+        union = load_corpus_vectors(cfg, data_dir, names, progress)
+        offset = union_offset(union, domain, corpus)
+        examples, dev_examples = shift_rows(examples, offset), shift_rows(dev_examples, offset)
+        corpus = union
     settings = encoder_settings(cfg)
     base = EncoderEngine(model_path, None, settings)
     texts = [t for _, t, _, _ in examples]
@@ -141,6 +148,8 @@ def train_domain_expert(
             ).hexdigest(),
             query_ids_sha256=hashlib.sha256(",".join(q for q, _, _, _ in examples).encode()).hexdigest(),
             skip_top=train.skip_top,
+            negatives=train.negatives,
+            negatives_datasets=sorted(set(corpus.datasets)),
         ))
     if pilots:  # this domain's pilots, against every expert present now
         stage(f"pilots of {domain}")
@@ -149,6 +158,26 @@ def train_domain_expert(
             stage("publishing")
             report["generation"] = publish_draft(cfg, f"trained expert {domain}").id
     return report
+
+
+def union_offset(union, domain: str, corpus) -> int:
+    """Where ``domain``'s rows start in ``union`` (a concatenation of per-dataset caches, see
+    load_corpus_vectors); checked row by row against the domain's own corpus (doc ids repeat
+    across datasets, so a row is (dataset, doc id))."""
+    try:
+        offset = union.datasets.index(domain)
+    except ValueError:
+        raise ValueError(f"domain {domain!r} is not in the union {sorted(set(union.datasets))}") from None
+    n = len(corpus.doc_ids)
+    if (union.doc_ids[offset : offset + n] != corpus.doc_ids or union.datasets[offset : offset + n] != [domain] * n
+            or not np.array_equal(union.vectors[offset : offset + n], corpus.vectors)):
+        raise ValueError(f"the union's rows of {domain!r} are not its own corpus's rows; rebuild the vector caches")
+    return offset
+
+
+def shift_rows(examples: list, offset: int) -> list:
+    """(qid, text, best row, judged rows) examples with their rows moved by ``offset``."""
+    return [(q, t, best + offset, {r + offset for r in rows}) for q, t, best, rows in examples]
 
 
 def _finish_report(out_dir: Path, report: dict, title: str, extra: dict) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from actors.beir import load_qrels, seeded_half_split
 from serve.config import config_from_dict
-from serve.artifacts.experts import enabled_experts, generation_store, load_pilots
+from serve.artifacts.experts import adapters_root, enabled_experts, generation_store, load_pilots
 from serve.offline.ir import training_queries
 from serve.artifacts.experts import remove_expert
 from serve.offline.training import adapter_settings, add_expert, train_domain_expert
@@ -343,3 +343,39 @@ def test_a_failed_replace_keeps_the_old_adapter(plain_cfg, data_dir, random_adap
     with pytest.raises(OSError, match="no space"):
         add_expert(plain_cfg, data_dir, "nf-ext", random_adapters["beta"], domain="nfcorpus", replace=True, progress=False)
     assert _folder_hash(add_root / "nf-ext") == before and sorted(os.listdir(add_root)) == ["nf-ext"]
+
+
+def test_union_rows_of_a_domain_are_its_own_rows_shifted():
+    from serve.offline.indexing import Corpus
+    from serve.offline.training import shift_rows, union_offset
+
+    rng = np.random.default_rng(0)
+    a = Corpus("a", ["1", "2", "3"], ["a"] * 3, rng.standard_normal((3, 4)).astype(np.float32))
+    b = Corpus("b", ["1", "2"], ["b"] * 2, rng.standard_normal((2, 4)).astype(np.float32))  # ids repeat across datasets
+    union = Corpus("a+b", a.doc_ids + b.doc_ids, a.datasets + b.datasets, np.concatenate([a.vectors, b.vectors]))
+    assert union_offset(union, "a", a) == 0 and union_offset(union, "b", b) == 3
+    examples = [("q1", "text", 1, {0, 1})]
+    shifted = shift_rows(examples, 3)
+    assert shifted == [("q1", "text", 4, {3, 4})]
+    assert [union.doc_ids[r] for r in sorted(shifted[0][3])] == [b.doc_ids[r] for r in sorted(examples[0][3])]
+    with pytest.raises(ValueError, match="not in the union"):
+        union_offset(union, "c", b)
+    stale = Corpus("b", ["1", "9"], ["b"] * 2, b.vectors)
+    with pytest.raises(ValueError, match="not its own corpus's rows"):
+        union_offset(union, "b", stale)
+
+
+def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_dir):
+    """experts.training.negatives: union — the full-corpus softmax and the dev selection run over
+    the served index's corpora (corpus.datasets + the domain), as the expert is searched when served."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.corpus.datasets = ["scifact", "nfcorpus"]
+    cfg.experts.training.negatives = "union"
+    cfg.experts.training.objective = "full_corpus"
+    report = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
+    saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
+    assert report["corpus_size"] == 600 and saved["negatives"] == "union"  # 300 + 300: both corpora
+    assert saved["negatives_datasets"] == ["nfcorpus", "scifact"]
+    cfg.experts.training.negatives = "domain"
+    own = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
+    assert own["corpus_size"] == 300
