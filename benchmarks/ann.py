@@ -43,7 +43,7 @@ import numpy as np
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
+from common import RESULTS, command_line, fmt, git_commit, machine, write_json, write_markdown  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 GOAL = {"recall_at_10": 0.95, "speedup_vs_flat": 10.0, "ndcg_drop": 0.5}  # issue 18's goal at 1 M vectors
@@ -277,12 +277,11 @@ class _WithKnobs:
         return self.searcher.search(queries, k, self.knobs)
 
 
-def ndcg_rows(sets: dict, vectors_of: dict, configs: list[tuple[str, dict]], train_size: int) -> list[dict]:
-    """nDCG@10 of the routed test queries over the union of every dataset, per index config."""
+def ndcg_rows(sets: dict, corpus, configs: list[tuple[str, dict]], train_size: int) -> list[dict]:
+    """nDCG@10 of the routed test queries over ``corpus`` (the union of every dataset), per index config."""
     from serve.offline.beir_eval import SELF_RETRIEVAL_DOMAINS
     from serve.offline.ir import measures, per_query, search_run
 
-    corpus = vectors_of["corpus"]
     ndcg_m, _ = measures()
     rows, built = [], {}
     for factory, knobs in configs:
@@ -345,7 +344,7 @@ def measure(
     for item in ndcg.split(";"):
         factory, *knob = item.split()
         configs.append((factory, {k: int(v) for k, v in (x.split("=") for x in knob)}))
-    ndcg_table = ndcg_rows(sets, {"corpus": corpus}, configs, train_size)
+    ndcg_table = ndcg_rows(sets, corpus, configs, train_size)
     calib = None
     if synthetic_n:
         print("[calibration] synthetic vs real at the real size", flush=True)
@@ -400,6 +399,7 @@ def synthetic_dataset(root: Path, name: str, vectors: np.ndarray, sets: list[str
     return loc.root
 
 
+@app.command("serve")
 def serve_command(
     vectors: int = typer.Option(1_000_000, help="synthetic vectors (the measure command's generator, same seed)"),
     shards: int = typer.Option(4),
@@ -465,8 +465,6 @@ def serve_command(
     render(doc, out)
 
 
-app.command("serve")(serve_command)
-
 
 @app.command("docstore")
 def docstore_command(rows: int = typer.Option(1_000_000), text_chars: int = typer.Option(1000),
@@ -503,10 +501,6 @@ def docstore_command(rows: int = typer.Option(1_000_000), text_chars: int = type
 # -- report ---------------------------------------------------------------------------------------------
 
 
-def _fmt(x, spec=".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
 def render(doc: dict, out: Path) -> None:
     write_markdown("ann", render_markdown(doc), out)
     if doc.get("rows"):
@@ -541,7 +535,7 @@ def render_markdown(doc: dict) -> str:
         for r in doc["rows"]:
             lines.append(f"| {r['vectors']} ({r['n']:,}) | `{r['index']}` | {r['knob'] or '–'} | {r['recall_at_10']:.3f} | "
                          f"{r['qps_batch1']:.0f} | {r['qps_batch64']:.0f} | {r['speedup_vs_flat']:.1f} | "
-                         f"{_fmt(r.get('memory_mib'), '.0f')} | {r['build_s']:.1f} |")
+                         f"{fmt(r.get('memory_mib'), '.0f')} | {r['build_s']:.1f} |")
         goal = chosen_rows(doc)
         lines += ["", f"**Goal** (largest set: recall@10 ≥ {GOAL['recall_at_10']} at ≥ {GOAL['speedup_vs_flat']:g}× flat's "
                   "batch-1 QPS): " + ("; ".join(f"`{r['index']}` {r['knob']}: recall {r['recall_at_10']:.3f} at "
@@ -593,7 +587,7 @@ def render_markdown(doc: dict) -> str:
                   "| index | knob | first answer s | " + " | ".join(f"c={c} q/s (p99 ms)" for c in cs) + " |",
                   "|---" * (len(cs) + 3) + "|"]
         for s_ in sv["systems"].values():
-            lines.append(f"| `{s_['index']}` | {s_['knob'] or '–'} | {_fmt(s_.get('cold_start_s'), '.0f')} | "
+            lines.append(f"| `{s_['index']}` | {s_['knob'] or '–'} | {fmt(s_.get('cold_start_s'), '.0f')} | "
                          + " | ".join(f"{s_['closed'][c]['qps']:.1f} ({s_['closed'][c]['p99_ms']:.0f})" for c in cs) + " |")
     return "\n".join(lines) + "\n"
 

@@ -51,3 +51,8 @@ def write_markdown(name: str, text: str, out: Path = RESULTS) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def fmt(x, spec: str = ".1f") -> str:
+    """A figure for a markdown table; "–" when it was not measured."""
+    return "–" if x is None else format(x, spec)

@@ -56,7 +56,7 @@ import numpy as np
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
+from common import RESULTS, command_line, fmt, git_commit, machine, write_json, write_markdown  # noqa: E402
 from reliability_common import REPO, RETRIEVAL_ONLY, LiveService, Record, closed_loop, open_loop  # noqa: E402
 from retrieval_load import _ceiling, _queries  # noqa: E402
 
@@ -319,10 +319,6 @@ def ratios(doc: dict, c: str) -> dict:
     }
 
 
-def _fmt(x, spec=".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
 def render(doc: dict, out: Path) -> None:
     s = doc["systems"]
     lines = ["# Side by side: /v1/retrieve and /v1/embeddings", "",
@@ -356,7 +352,7 @@ def render(doc: dict, out: Path) -> None:
         row = [str(c)]
         for k in systems:
             r = s[k]["closed"].get(str(c), {})
-            row += [_fmt(r.get("qps")), _fmt(r.get("p50_ms"), ".0f"), _fmt(r.get("p99_ms"), ".0f")]
+            row += [fmt(r.get("qps")), fmt(r.get("p50_ms"), ".0f"), fmt(r.get("p99_ms"), ".0f")]
         lines.append("| " + " | ".join(row) + " |")
     if doc["rates"]:
         lines += ["", "## Open loop (offered load)", "",
@@ -366,7 +362,7 @@ def render(doc: dict, out: Path) -> None:
             row = [f"{rate:g}"]
             for k in systems:
                 r = s[k]["open"].get(f"{rate:g}", {})
-                row += [_fmt(r.get("goodput")), _fmt(r.get("completed_per_s")), _fmt(r.get("p99_ms"), ".0f"),
+                row += [fmt(r.get("goodput")), fmt(r.get("completed_per_s")), fmt(r.get("p99_ms"), ".0f"),
                         str(r.get("errors", "–"))]
             lines.append("| " + " | ".join(row) + " |")
     emb = [k for k in s if k.split("@")[0] in ("embeddings", "infinity")]
@@ -377,7 +373,7 @@ def render(doc: dict, out: Path) -> None:
             row = [str(c)]
             for k in emb:
                 r = s[k]["closed"].get(str(c), {})
-                row += [_fmt(r.get("qps")), _fmt(r.get("p99_ms"), ".0f")]
+                row += [fmt(r.get("qps")), fmt(r.get("p99_ms"), ".0f")]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "embeddings: routerserve's /v1/embeddings (`@label`: the same at another code state, see "
                   "the JSON's `labels`); infinity: Infinity " + INFINITY_PINS[1].split("==")[1] + " (torch engine, "
@@ -389,8 +385,8 @@ def render(doc: dict, out: Path) -> None:
                   "| concurrency | single q/s | p99 ms | mixed q/s | p99 ms |", "|---|---|---|---|---|"]
         for c in doc["concurrency"]:
             one, mix = m["single"]["closed"].get(str(c), {}), m["mixed"]["closed"].get(str(c), {})
-            lines.append(f"| {c} | {_fmt(one.get('qps'))} | {_fmt(one.get('p99_ms'), '.0f')} | {_fmt(mix.get('qps'))} | "
-                         f"{_fmt(mix.get('p99_ms'), '.0f')} |")
+            lines.append(f"| {c} | {fmt(one.get('qps'))} | {fmt(one.get('p99_ms'), '.0f')} | {fmt(mix.get('qps'))} | "
+                         f"{fmt(mix.get('p99_ms'), '.0f')} |")
     lines += ["", "## Where each row was measured", "", "| system | commit | command |", "|---|---|---|"]
     for k, v in s.items():
         m = v.get("measured") or {"commit": doc.get("commit"), "command": doc.get("command")}
@@ -402,7 +398,7 @@ def render(doc: dict, out: Path) -> None:
              "vs_serve_batch": "(the GreedyBatcher's gain)"}
     for k, v in doc["ratios"].items():
         goal = next((g for prefix, g in goals.items() if k.startswith(prefix)), "")
-        lines.append(f"| {k} | {_fmt(v, '.2f')} | {goal} |")
+        lines.append(f"| {k} | {fmt(v, '.2f')} | {goal} |")
     write_markdown("compare", "\n".join(lines) + "\n", out)
     _plot(doc, out / "compare.png")
 

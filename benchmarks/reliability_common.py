@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, git_commit, machine  # noqa: E402
+from common import RESULTS, command_line, fmt, git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = RESULTS / "reliability"
@@ -294,10 +294,6 @@ def save_alternative(section: str, label: str, data: dict) -> Path:
     return _update(change)
 
 
-def _fmt(x, spec=".1f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
 def _head(title: str, section: dict, what: str) -> list[str]:
     """A section's title and the line saying how it was produced."""
     return [f"## {title}", "", f"Command: `{section['command']}` (commit {section['commit']}, {section['date']}); {what}.", ""]
@@ -309,15 +305,15 @@ def _overload_notes(o: dict) -> list[str]:
     inside = o.get("admitted_in_ingress_p99_ms")
     fast = o["rejected_fast_with_retry_after_share"] or 0
     if fast < 0.9:
-        notes.append(f"Missed: {fast:.0%} of the refusals came within 100 ms (p50 {_fmt(o['rejection_p50_ms'], '.0f')} ms, "
-                     f"p99 {_fmt(o['rejection_p99_ms'], '.0f')} ms). The ingress refuses at once (an asyncio check, no "
+        notes.append(f"Missed: {fast:.0%} of the refusals came within 100 ms (p50 {fmt(o['rejection_p50_ms'], '.0f')} ms, "
+                     f"p99 {fmt(o['rejection_p99_ms'], '.0f')} ms). The ingress refuses at once (an asyncio check, no "
                      "batch), but every request first crosses Serve's HTTP proxy, one Python process that on 2 cores "
                      f"competes with the encoder and with the load generator sending {o['offered_rps']:.0f} requests/s.")
     ratio = (o["admitted_p99_ms"] or 0) / (o["unloaded_p99_ms"] or 1)
     if ratio > 3:
         where = "" if inside is None else (
             f" Of an admitted request's time, the ingress (its queue and its batch) took p50 "
-            f"{_fmt(o.get('admitted_in_ingress_p50_ms'), '.0f')} / p99 {inside:.0f} ms: limits.max_queue_wait_s bounds it; "
+            f"{fmt(o.get('admitted_in_ingress_p50_ms'), '.0f')} / p99 {inside:.0f} ms: limits.max_queue_wait_s bounds it; "
             "the rest is spent before the ingress, in the proxy, for the reason above.")
         notes.append(f"Missed: admitted p99 is {ratio:.0f}× the unloaded p99.{where} Even alone the ingress cannot meet "
                      "3× the unloaded p99 at capacity on this host: capacity comes from large batches (up to 32 "
@@ -347,8 +343,8 @@ def render(doc: dict) -> None:
         for run in f["runs"]:
             lines.append(f"| {run['replicas']} | {run['requests']} | {run['success_rate']:.2%} | {run['max_latency_s']:.1f} | "
                          f"{run['over_deadline']} | {run['refused_with_retry_after']} / {run['failures']} | "
-                         f"{_fmt(run['recovery_s']['shard'])} / {_fmt(run['recovery_s']['encoder'])} | "
-                         f"{_fmt(run['replaced_s']['shard'])} / {_fmt(run['replaced_s']['encoder'])} |")
+                         f"{fmt(run['recovery_s']['shard'])} / {fmt(run['recovery_s']['encoder'])} | "
+                         f"{fmt(run['replaced_s']['shard'])} / {fmt(run['replaced_s']['encoder'])} |")
         lines += ["", f"Goals: ≥ 99 % success with 2 replicas, no request past its deadline ({f['deadline_s']:g} s), "
                   "recovery ≤ 30 s. Recovery: from the kill until 10 requests in a row succeeded; replaced: until "
                   "Serve's new replica process was up. Per-second success and latency: reliability.png.", ""]
@@ -361,10 +357,10 @@ def render(doc: dict) -> None:
             lines.append(
                 f"| {row['label']} | {row['capacity_rps']:.1f} | {row['offered_rps']:.1f} | {row['rejected_share']:.1%} | "
                 f"{row['rejected_with_retry_after_share']:.1%} | {row['rejected_fast_with_retry_after_share']:.1%} | "
-                f"{_fmt(row['rejection_p50_ms'], '.0f')} / {_fmt(row['rejection_p99_ms'], '.0f')} | "
-                f"{_fmt(row['admitted_p50_ms'], '.0f')} / {_fmt(row['admitted_p99_ms'], '.0f')} | "
-                f"{_fmt(row.get('admitted_in_ingress_p50_ms'), '.0f')} / {_fmt(row.get('admitted_in_ingress_p99_ms'), '.0f')} | "
-                f"{_fmt(row['unloaded_p99_ms'], '.0f')} | {row.get('over_deadline', '–')} | {row['goodput_rps']:.1f} |")
+                f"{fmt(row['rejection_p50_ms'], '.0f')} / {fmt(row['rejection_p99_ms'], '.0f')} | "
+                f"{fmt(row['admitted_p50_ms'], '.0f')} / {fmt(row['admitted_p99_ms'], '.0f')} | "
+                f"{fmt(row.get('admitted_in_ingress_p50_ms'), '.0f')} / {fmt(row.get('admitted_in_ingress_p99_ms'), '.0f')} | "
+                f"{fmt(row['unloaded_p99_ms'], '.0f')} | {row.get('over_deadline', '–')} | {row['goodput_rps']:.1f} |")
         lines += ["", "Goals: ≥ 90 % of rejected requests are 503 + Retry-After answered in ≤ 100 ms; admitted p99 ≤ 3× "
                   "unloaded p99; no request answered past its deadline (limits.request_timeout_s, as the client saw it). "
                   "The other rows ran with `--alternative LABEL --set …` (commands, commits and dates in the JSON); "

@@ -56,30 +56,22 @@ class IndexConfig(_Strict):
     encode_num_cpus: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
-    def _enough_to_train(self) -> "IndexConfig":
-        """An IVF index needs at least one training vector per list (FAISS's k-means refuses fewer)."""
+    def _builds_and_trains(self) -> "IndexConfig":
+        """index.factory parses (FAISS's reason otherwise), and an IVF index gets at least one
+        training vector per list (FAISS's k-means refuses fewer)."""
         from actors.search import ivf_lists, make_index
 
         try:
-            lists = ivf_lists(make_index(self.factory, _PROBE_DIM))
-        except ValueError:  # a size that does not divide the probe: index build checks it
-            return self
+            index = make_index(self.factory, _PROBE_DIM)
+        except ValueError as exc:
+            if "multiple of" in str(exc):  # a size that does not divide the probe: index build checks it
+                return self
+            raise ValueError(f"factory: {exc}") from None
+        lists = ivf_lists(index)
         if lists is not None and self.train_size < lists:
             raise ValueError(f"train_size: {self.train_size} vectors cannot train {self.factory}'s {lists} lists "
                              f"(at least one vector per list; FAISS advises 39)")
         return self
-
-    @field_validator("factory")
-    @classmethod
-    def _parses(cls, value: str) -> str:
-        from actors.search import make_index
-
-        try:
-            make_index(value, _PROBE_DIM)
-        except ValueError as exc:
-            if "multiple of" not in str(exc):  # FAISS's reason: a config error naming index.factory
-                raise
-        return value
 
 
 class SearchConfig(_Strict):

@@ -193,11 +193,13 @@ def _corpus_vectors(cfg: RouterServeConfig, data_dir: Path, loc: IndexLocation, 
         loc.root.mkdir(parents=True, exist_ok=True)
         DocStore.write(docs_path, (d for name in cfg.corpus.datasets
                                    for d in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)))
-    store = DocStore(docs_path)
-    listed = [(store.field("dataset", r), store.field("doc_id", r)) for r in range(len(store))]
-    if listed != list(zip(corpus.datasets, corpus.doc_ids)):  # row i of the store is row i of the vectors
+    import pyarrow.parquet as pq
+
+    listed = pq.read_table(docs_path, columns=["dataset", "doc_id"])  # two columns, not the store's text
+    if (listed.column("dataset").to_pylist() != corpus.datasets
+            or listed.column("doc_id").to_pylist() != corpus.doc_ids):  # row i of the store is row i of the vectors
         raise RuntimeError(f"{docs_path} does not list the documents of {cfg.corpus.datasets} in the order of their "
-                           f"vectors ({len(store)} rows for {len(corpus.vectors)} vectors); delete it and rebuild")
+                           f"vectors ({listed.num_rows} rows for {len(corpus.vectors)} vectors); delete it and rebuild")
     return np.ascontiguousarray(corpus.vectors, dtype=np.float32), time.perf_counter() - t0
 
 
