@@ -1,7 +1,9 @@
 """RoutedEncoder: the RouterRetriever query path inside one encoder replica.
 
 1. embed every query with the base model (adapters disabled);
-2. score experts with the routing policy over the pilot embeddings, pick the best per query;
+2. score experts with the routing policy over the pilot embeddings, pick the best per query —
+   or the base model, below every pilot's confidence floor or for an expert its base guard holds
+   back (actors.routing.route);
 3. encode the queries again in ONE mixed-adapter forward pass (each row with its own expert).
 
 Queries routed to (or forced to) the base model reuse their first-pass embedding.
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoder import BASE, EncoderEngine
-from .routing import PilotSet, choose, get_policy
+from .routing import PilotSet, get_policy, route
 
 
 @dataclass
@@ -71,12 +73,7 @@ class RoutedEncoder:
         t0 = time.perf_counter()
         base = self.engine.encode(queries, BASE)
         t1 = time.perf_counter()
-        if self.experts:
-            scores = self.policy.score(base, self.pilots)
-            chosen = choose(scores, self.experts)
-        else:
-            scores = np.zeros((len(queries), 0), dtype=np.float32)
-            chosen = [BASE] * len(queries)
+        chosen, scores = route(base, self.pilots, self.policy)
         final_expert = [f if f is not None else c for f, c in zip(forced, chosen)]
         t2 = time.perf_counter()
         out = base.copy()
@@ -184,5 +181,7 @@ def encoder_info(encoder: RoutedEncoder, base_model: str) -> dict:
         "pilot_rule": encoder.pilots.rule,
         "dim": encoder.engine.dim,
         "device": encoder.engine.device,
-        "experts": [{"name": e, "num_pilots": counts.get(e, 0)} for e in encoder.experts],
+        "experts": [{"name": e, "num_pilots": counts.get(e, 0), "routed": e not in encoder.pilots.unrouted,
+                     "guard": encoder.pilots.guards.get(e)} for e in encoder.experts],
+        "confidence_floor": bool((~np.isnan(encoder.pilots.floors)).any()),
     }

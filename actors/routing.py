@@ -9,10 +9,21 @@ A policy is one small class with one method, registered by name (RouteLLM style)
 Pilot embeddings (RouterRetriever, arXiv 2409.02685) are base-model embeddings of representative
 training queries, each labelled with the expert it should go to. Similarity is cosine: queries
 and pilots are L2-normalised here whatever the encoder's own convention.
+
+Two safeguards sit around the policy (``route``), both recorded in the pilot file when the pilots
+are built (serve.offline.pilots), both chosen on training queries only:
+
+* the **confidence floor** — each pilot carries a floor: the cosine its domain's training queries
+  reach to their nearest own-domain pilot at ``experts.confidence_quantile``. A query below every
+  pilot's floor belongs to no known domain and goes to the base model (unseen domains are not
+  handed to an expert trained for another);
+* the **base guard** — an expert that did not beat the base model on its domain's dev queries in
+  the served index is not routed to (``guards[expert]["routed"]`` false): its queries go to base.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +49,8 @@ class PilotSet:
     domains: list[str] = field(default_factory=list)
     base_model: str = ""
     rule: str = ""  # how the pilots were grouped (serve.artifacts.experts.pilot_rule); "" = not recorded
+    floors: np.ndarray | None = None  # [P] confidence floor per pilot (cosine); NaN / None: no floor
+    guards: dict[str, dict] = field(default_factory=dict)  # expert -> its base guard (dev nDCG@10, routed)
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -47,8 +60,18 @@ class PilotSet:
             raise ValueError("one expert name per pilot embedding is required")
         if self.domains and len(self.domains) != len(self.experts):
             raise ValueError("domains, when given, must have one entry per pilot")
+        n = self.embeddings.shape[0]
+        self.floors = np.full(n, np.nan, np.float32) if self.floors is None else np.asarray(self.floors, np.float32).reshape(-1)
+        if self.floors.shape[0] != n:
+            raise ValueError("floors, when given, must have one entry per pilot")
         self.experts = [str(e) for e in self.experts]
         self.domains = [str(d) for d in self.domains]
+        self.guards = {str(k): dict(v) for k, v in (self.guards or {}).items()}
+
+    @property
+    def unrouted(self) -> set[str]:
+        """Experts the base guard keeps out of routing (forcing one by name still works)."""
+        return {e for e, g in self.guards.items() if not g.get("routed", True)}
 
     @property
     def dim(self) -> int:
@@ -62,12 +85,21 @@ class PilotSet:
     def restrict(self, experts: list[str]) -> "PilotSet":
         """Only the pilots of ``experts`` (an expert removed from service loses its pilots)."""
         keep = [i for i, e in enumerate(self.experts) if e in set(experts)]
+        return self._rows(keep, {e: g for e, g in self.guards.items() if e in set(experts)})
+
+    def without_domains(self, domains: list[str]) -> "PilotSet":
+        """Without the pilots built from ``domains``' queries (leave-one-domain-out evaluation)."""
+        return self._rows([i for i, d in enumerate(self.domains) if d not in set(domains)], self.guards)
+
+    def _rows(self, keep: list[int], guards: dict) -> "PilotSet":
         return PilotSet(
             self.embeddings[keep],
             [self.experts[i] for i in keep],
             [self.domains[i] for i in keep] if self.domains else [],
             self.base_model,
             self.rule,
+            self.floors[keep],
+            guards,
         )
 
     @classmethod
@@ -87,6 +119,8 @@ class PilotSet:
             domains=np.array(self.domains, dtype=str),
             base_model=np.array(self.base_model, dtype=str),
             rule=np.array(self.rule, dtype=str),
+            floors=self.floors,
+            guards=np.array(json.dumps(self.guards, sort_keys=True), dtype=str),
         )
         with open(tmp, "rb") as fh:  # on disk before it replaces the old file
             os.fsync(fh.fileno())
@@ -105,6 +139,8 @@ class PilotSet:
                 data["domains"].tolist() if "domains" in data else [],
                 str(data["base_model"]) if "base_model" in data else "",
                 str(data["rule"]) if "rule" in data else "",
+                data["floors"] if "floors" in data else None,  # files from before the floor: none
+                json.loads(str(data["guards"])) if "guards" in data else {},
             )
 
 
@@ -130,6 +166,8 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
         [current.domains[i] for i in keep] + new.domains,
         new.base_model or current.base_model,
         new.rule,
+        np.concatenate([current.floors[keep], new.floors]),
+        {**current.guards, **new.guards},
     )
 
 
@@ -199,6 +237,38 @@ class PilotNearestPolicy(RoutingPolicy):
 
     def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
         return _per_expert(queries, pilots, np.max)
+
+
+def confident(queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
+    """[n_queries] bool: the query reaches the floor of at least one pilot (pilots without a floor
+    always count as reached, so a pilot file from before the floor gates nothing)."""
+    sims, _, _ = _pilot_similarities(queries, pilots)
+    floors = np.where(np.isnan(pilots.floors), -np.inf, pilots.floors)
+    return (sims >= floors[None, :]).any(axis=1) if sims.shape[1] else np.zeros(sims.shape[0], bool)
+
+
+def domain_floor(queries: np.ndarray, domain_pilots: np.ndarray, quantile: float) -> float:
+    """The confidence floor of one domain's pilots: the ``quantile`` of its training queries'
+    cosine to their nearest pilot of the domain (quantile 0.05: 95 % of them clear it)."""
+    sims = l2_normalize(np.atleast_2d(queries)) @ l2_normalize(np.atleast_2d(domain_pilots)).T
+    return float(np.quantile(sims.max(axis=1), quantile))
+
+
+def route(queries: np.ndarray, pilots: PilotSet, policy: RoutingPolicy,
+          gate: bool = True) -> tuple[list[str], np.ndarray]:
+    """(chosen encoder per query, [n, n_experts] policy scores): the policy's best expert, or the
+    base model where the query is below every pilot's confidence floor or the best expert is held
+    back by its base guard. ``gate=False``: the bare policy (the paper's rule)."""
+    from .encoder import BASE
+
+    names = pilots.expert_names
+    scores = policy.score(queries, pilots) if names else np.zeros((np.atleast_2d(queries).shape[0], 0), np.float32)
+    chosen = choose(scores, names)
+    if not gate:
+        return chosen, scores
+    ok = confident(queries, pilots) if names else np.zeros(len(chosen), bool)
+    held = pilots.unrouted
+    return [c if good and c not in held else BASE for c, good in zip(chosen, ok)], scores
 
 
 def choose(scores: np.ndarray, names: list[str]) -> list[str]:

@@ -9,8 +9,10 @@
    experts.pilot_margin=0 --set experts.pilot_min_queries=1`` for the paper's), rebuilt when the
    pilots on disk follow another rule;
 3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
-union setting. Writes benchmarks/results/<name>.{json,md,png} and <name>_union.*; the JSON
-holds both settings, the command, versions and the machine. Test queries are never used for
+union setting, and leave-one-domain-out in the union (``lodo``: each domain routed without its
+expert and its pilots; the classifier and the multi-task adapter, trained on every domain, sit
+that one out). Writes benchmarks/results/<name>.{json,md,png}, <name>_union.* and <name>_lodo.*;
+the JSON holds every setting, the command, versions and the machine. Test queries are never used for
 training or pilots (see serve/evaluation.py). Encoding and training dominate the run time.
 """
 
@@ -35,8 +37,9 @@ def main(
     experts_dir: Path = typer.Option(Path(".routerserve/experts-beir3")),
     steps: int = typer.Option(600, help="training steps per expert (multi-task: steps × #domains)"),
     max_queries: int = typer.Option(2000, help="training queries per domain"),
-    policies: str = typer.Option("base,multitask,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle"),
-    settings: str = typer.Option("per_domain,union"),
+    policies: str = typer.Option("base,multitask,pilot_mean,pilot_mean_ungated,pilot_nearest,dataset_router,classifier,"
+                                 "dataset_oracle,instance_oracle"),
+    settings: str = typer.Option("per_domain,union,lodo"),
     name: str = typer.Option("beir"),
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     set_: Optional[list[str]] = typer.Option(None, "--set"),
@@ -78,13 +81,16 @@ def main(
         "commit": git_commit(),
         "machine": machine(),
         "training": cfg.experts.training.model_dump(),
-        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries},
+        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
+                       "confidence_quantile": cfg.experts.confidence_quantile, "base_guard": cfg.experts.base_guard},
         "train_seconds": train_seconds,
     }
     query_embeddings: dict = {}  # the same experts in both settings: encode each test query once
     for i, setting in enumerate(settings.split(",")):
         console.rule(f"eval {setting}")
-        result = evaluate(cfg, ddir, doms, pols, setting, embedding_cache=query_embeddings)
+        trained_on_all = ("classifier", "multitask") if setting == "lodo" else ()
+        result = evaluate(cfg, ddir, doms, [p for p in pols if p not in trained_on_all], setting,
+                          embedding_cache=query_embeddings)
         result["command"] = combined["command"]
         stem = RESULTS / (name if i == 0 else f"{name}_{setting}")
         write_report(result, stem)

@@ -63,7 +63,10 @@ def load_pilots(cfg: RouterServeConfig) -> PilotSet | None:
 
 def pilot_rule(cfg: RouterServeConfig) -> str:
     """The grouping rule the config asks for, as recorded in pilots.npz (``PilotSet.rule``)."""
-    return f"best_expert margin={cfg.experts.pilot_margin:g} min_queries={cfg.experts.pilot_min_queries}"
+    e = cfg.experts
+    return (f"best_expert margin={e.pilot_margin:g} min_queries={e.pilot_min_queries}"
+            + ("" if e.confidence_quantile is None else f" confidence_quantile={e.confidence_quantile:g}")
+            + (" base_guard" if e.base_guard else ""))
 
 
 def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> bool:

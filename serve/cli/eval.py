@@ -21,7 +21,7 @@ def eval_beir(
         "base,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle",
         help="also: multitask (after `experts train-multitask`)",
     ),
-    setting: str = typer.Option("per_domain", help="per_domain | union"),
+    setting: str = typer.Option("per_domain", help="per_domain | union | lodo (the union, each domain without its expert)"),
     max_queries: Optional[int] = typer.Option(None, help="first N test queries per domain (smoke runs)"),
     out: Path = typer.Option(Path("benchmarks/results/beir_eval"), help="output stem (.json/.md/.png)"),
     config: Optional[Path] = ConfigOpt,

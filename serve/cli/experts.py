@@ -101,16 +101,16 @@ def experts_train_multitask(
 @experts_app.command("list")
 def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """The experts of the served generation (experts.generation: the current one, or the pinned
-    one) and their pilot counts."""
+    one), their pilot counts and whether the base guard lets the router send queries to them."""
     from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, pilots_follow_config, served_experts
 
     cfg = _load(config, set_)
     with exit_on(GenerationError, FileNotFoundError):
         gen, adapters, pilots = served_experts(cfg)
-    table = Table("expert", "adapter", "pilots")
+    table = Table("expert", "adapter", "pilots", "routed")
     for name, path in adapters.items():
         n = sum(1 for e in (pilots.experts if pilots else []) if e == name)
-        table.add_row(name, str(path), str(n))
+        table.add_row(name, str(path), str(n), "no" if pilots is not None and name in pilots.unrouted else "yes")
     if gen is None:
         draft = sorted(enabled_experts(cfg))
         console.print(f"no generation published under {cfg.experts.dir}"
@@ -118,9 +118,18 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
         return
     console.print(f"generation {gen.id} ({gen.manifest.get('reason', '')}, {gen.manifest.get('created_at', '')})")
     console.print(table if table.row_count else "no experts in it: the base model serves every query")
+    for name, g in sorted((pilots.guards if pilots is not None else {}).items()):
+        if name in adapters:
+            console.print(_guard_line(name, g))
     if pilots is not None:
         stale = "" if pilots_follow_config(pilots, cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
+
+
+def _guard_line(name: str, g: dict) -> str:
+    return (f"base guard of {name}: nDCG@10 {100 * g['expert_ndcg10']:.1f} vs base {100 * g['base_ndcg10']:.1f} on "
+            f"{g['num_queries']} {g['queries']} queries of {g['domain']} in {'+'.join(g['index'])} → "
+            + ("routed" if g["routed"] else "NOT routed: its queries go to the base model"))
 
 
 def _store(cfg):
@@ -370,6 +379,10 @@ def pilots_build(
     for domain, per in wins.items():
         table.add_row(domain, ", ".join(f"{e} ({n})" for e, n in per.items()))
     console.print(table)
-    from serve.artifacts.experts import publish_draft
+    from serve.artifacts.experts import load_pilots, publish_draft
+
+    for name, g in sorted(load_pilots(cfg).guards.items()):
+        if g["domain"] in wins:
+            console.print(_guard_line(name, g))
 
     console.print(f"generation {publish_draft(cfg, f'pilots of {sorted(wins)} rebuilt').id} is current")

@@ -150,6 +150,12 @@ class ExpertsConfig(_Strict):
                                 "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
     pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
                                    "domain's own pilot (paper: 1)")
+    confidence_quantile: float | None = Field(0.3, ge=0.0, lt=1.0, description="each domain's pilots get a "
+                                              "confidence floor: the cosine its training queries reach to their nearest "
+                                              "own pilot at this quantile; a query below every floor (a domain no expert "
+                                              "knows) goes to the base model. null: no floor")
+    base_guard: bool = Field(True, description="an expert that does not beat the base model on its domain's dev "
+                             "queries, searched in the served index, is not routed to (forcing it still works)")
     training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
     generation: str = Field("current", description="the expert generation the service serves: 'current' follows "
                             "<dir>/CURRENT.json (activate/rollback switch every replica live); 'gNNNNNN' pins one "

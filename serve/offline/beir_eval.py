@@ -7,12 +7,16 @@ same cached index `routerserve index build` writes). Metrics come from ir-measur
 Settings:
 * ``per_domain`` — BEIR style: each domain's test queries against its own corpus;
 * ``union`` — all corpora in one index, as a served deployment sees them (a hit from another
-  domain's corpus is simply not relevant).
+  domain's corpus is simply not relevant);
+* ``lodo`` — the union, leave-one-domain-out: each domain's queries are routed as if its expert
+  and its pilots did not exist (a domain no expert knows); the other experts are the candidates.
 
 Policies here (more register the same way):
   base            the base model for every query
-  pilot_mean      RouterRetriever: mean cosine to each expert's pilots (paper)
-  pilot_nearest   nearest pilot (released code)
+  pilot_mean      RouterRetriever: mean cosine to each expert's pilots (paper), as served: below
+                  every pilot's confidence floor, or to an expert its base guard holds back → base
+  pilot_mean_ungated  the same policy without the floor and the guard (the paper's bare rule)
+  pilot_nearest   nearest pilot (released code), with the floor and the guard
   dataset_router  the expert trained on the query's own dataset (knows the dataset label)
   classifier      ExpertClassifierRouter-style: softmax regression on base embeddings trained to
                   predict the expert of each training query's domain
@@ -36,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from actors.encoder import BASE, EncoderEngine
-from actors.routing import choose, get_policy
+from actors.routing import get_policy, route
 
 from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, pilots_follow_config, served_experts
 from serve.artifacts.models import encoder_settings, resolve_model
@@ -86,17 +90,17 @@ def _base(run: DomainRun) -> list[str]:
     return [BASE] * len(run.qids)
 
 
-def _pilot_policy(name: str) -> PolicyFn:
+def _pilot_policy(name: str, gate: bool = True) -> PolicyFn:
     def fn(run: DomainRun) -> list[str]:
         if not run.experts:
             return [BASE] * len(run.qids)
-        pilots = run.pilots.restrict(run.experts)
-        return choose(get_policy(name).score(run.embeddings[BASE], pilots), pilots.expert_names)
+        return route(run.embeddings[BASE], run.pilots.restrict(run.experts), get_policy(name), gate)[0]
 
     return fn
 
 
 eval_policy("pilot_mean")(_pilot_policy("pilot_mean"))
+eval_policy("pilot_mean_ungated")(_pilot_policy("pilot_mean", gate=False))
 eval_policy("pilot_nearest")(_pilot_policy("pilot_nearest"))
 
 
@@ -164,8 +168,10 @@ def evaluate(
     unknown = [p for p in policies if p not in _EVAL_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; available: {eval_policies()}")
-    if setting not in ("per_domain", "union"):
-        raise ValueError("setting must be 'per_domain' or 'union'")
+    if setting not in ("per_domain", "union", "lodo"):
+        raise ValueError("setting must be 'per_domain', 'union' or 'lodo'")
+    if setting == "lodo" and "classifier" in policies:
+        raise ValueError("policy classifier is trained on every expert's domain: it has no leave-one-domain-out form")
     t0 = time.perf_counter()
     gen, adapters, pilots = served_experts(cfg)  # what the service serves: the current (or pinned) generation
     if pilots is not None and not pilots_follow_config(pilots, cfg):
@@ -182,10 +188,9 @@ def evaluate(
             raise ValueError("policy multitask needs the multi-task adapter ('routerserve experts train-multitask')")
         extra[MULTITASK] = mt
     engine = EncoderEngine(resolve_model(cfg.model.ref), {**{e: adapters[e] for e in experts}, **extra}, encoder_settings(cfg))
-    encoders = [BASE, *experts]  # candidates of the oracles: the base model and the routed experts
     classifier = _train_classifier(cfg, data_dir, engine, experts) if "classifier" in policies else None
     ndcg_m, recall_m = measures()
-    union = load_corpus_vectors(cfg, data_dir, domains, progress) if setting == "union" else None
+    union = load_corpus_vectors(cfg, data_dir, domains, progress) if setting != "per_domain" else None
     scores: dict[str, dict[str, float]] = {p: {} for p in policies}
     recall: dict[str, dict[str, float]] = {p: {} for p in policies}
     confusion: dict[str, dict[str, int]] = {p: {} for p in policies}
@@ -204,7 +209,12 @@ def evaluate(
             qrels = {q: qrels[q] for q in qids}
         counts[domain] = len(qids)
         texts = [queries[q] for q in qids]
-        scored = encoders + list(extra)
+        known, known_pilots = experts, pilots
+        if setting == "lodo":  # the domain's own expert and every pilot built from its queries: gone
+            known = [e for e in experts if e != domain]
+            known_pilots = pilots.without_domains([domain]) if pilots is not None else None
+        candidates = [BASE, *known]  # the oracles choose among these
+        scored = candidates + list(extra)
         cache = embedding_cache if embedding_cache is not None else {}
         emb = {}
         for name in scored:
@@ -217,7 +227,8 @@ def evaluate(
         pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in scored}
         pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in scored}
         ctx = DomainRun(
-            domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in encoders}, pilots, experts, classifier
+            domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in candidates}, known_pilots, known,
+            classifier,
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)
@@ -240,7 +251,9 @@ def evaluate(
         "num_queries": counts,
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
         "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
-                       "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts)},
+                       "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts),
+                       "confidence_quantile": cfg.experts.confidence_quantile, "base_guard": cfg.experts.base_guard},
+        "guards": {e: g for e, g in (pilots.guards if pilots is not None else {}).items() if e in experts},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -263,6 +276,16 @@ def write_report(result: dict, stem: Path) -> list[Path]:
         lines.append(f"Pilots: {rule['num_pilots']}, grouping rule " + ("of the paper (best expert per training query)" if paper else
                      f"with margin {rule['margin']} and groups of ≥ {rule['min_queries']} queries (a deviation from "
                      f"the paper, selected on training queries: benchmarks/pilot_margin.py)"))
+        if rule.get("confidence_quantile") is not None:
+            lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
+                         "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest)")
+    for e, g in (result.get("guards") or {}).items():
+        lines.append(f"Base guard of {e}: dev nDCG@10 {100 * g['expert_ndcg10']:.1f} vs base {100 * g['base_ndcg10']:.1f} on "
+                     f"{g['num_queries']} {g['queries']} queries of {g['domain']} in {'+'.join(g['index'])} → "
+                     + ("routed" if g["routed"] else "NOT routed (its queries go to base)"))
+    if result["setting"] == "lodo":
+        lines.append("Leave-one-domain-out: each domain's queries are routed without its own expert and its pilots "
+                     "(the oracles choose among base and the other experts).")
     lines += [
         "",
         "| policy | " + " | ".join(domains) + " | avg |",

@@ -128,3 +128,37 @@ def per_query(qrels, run, measure) -> dict[str, float]:
 
     values = {m.query_id: m.value for m in ir_measures.iter_calc([measure], qrels, run)}
     return {q: values.get(q, 0.0) for q in qrels}
+
+
+def dev_scorer(domain: str, dev_examples: list, corpus):
+    """(dev queries, score_fn): mean nDCG@10 (ir-measures, judged docs binary) over the domain."""
+    from ir_measures import nDCG
+
+    qids = [q for q, _, _, _ in dev_examples]
+    qrels = examples_qrels(domain, dev_examples, corpus)
+
+    def score(vectors: np.ndarray) -> float:
+        run = search_run(vectors, qids, corpus, 10, domain in SELF_RETRIEVAL_DOMAINS, domain)
+        return float(np.mean(list(per_query(qrels, run, nDCG @ 10).values())))
+
+    return [t for _, t, _, _ in dev_examples], score
+
+
+def union_offset(union, domain: str, corpus) -> int:
+    """Where ``domain``'s rows start in ``union`` (a concatenation of per-dataset caches, see
+    load_corpus_vectors); checked row by row against the domain's own corpus (doc ids repeat
+    across datasets, so a row is (dataset, doc id))."""
+    try:
+        offset = union.datasets.index(domain)
+    except ValueError:
+        raise ValueError(f"domain {domain!r} is not in the union {sorted(set(union.datasets))}") from None
+    n = len(corpus.doc_ids)
+    if (union.doc_ids[offset : offset + n] != corpus.doc_ids or union.datasets[offset : offset + n] != [domain] * n
+            or not np.array_equal(union.vectors[offset : offset + n], corpus.vectors)):
+        raise ValueError(f"the union's rows of {domain!r} are not its own corpus's rows; rebuild the vector caches")
+    return offset
+
+
+def shift_rows(examples: list, offset: int) -> list:
+    """(qid, text, best row, judged rows) examples with their rows moved by ``offset``."""
+    return [(q, t, best + offset, {r + offset for r in rows}) for q, t, best, rows in examples]

@@ -5,6 +5,14 @@ each query the expert whose adapter gives the best nDCG@10 on the domain's corpu
 domain's queries by that best expert, and average each group's BASE-model embeddings. That gives
 at most one pilot per (domain, expert) pair. Rebuilding a domain replaces only that domain's
 pilots; adding a domain needs no router training.
+
+With the pilots, two safeguards are recorded (actors.routing.route applies them):
+* each pilot's **confidence floor** (``experts.confidence_quantile``): the cosine its domain's
+  training queries reach to their nearest own-domain pilot at that quantile;
+* the owner expert's **base guard** (``experts.base_guard``): its nDCG@10 and the base model's on
+  the domain's dev queries (the ones training held out to choose the step), searched in the index
+  the service searches (every ``corpus.datasets`` corpus when the domain is one of them). An
+  expert that does not beat base there is not routed to.
 """
 
 from __future__ import annotations
@@ -15,14 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from actors.encoder import BASE, EncoderEngine
-from actors.routing import PilotSet, replace_domains
+from actors.routing import PilotSet, domain_floor, replace_domains
 
 from serve.artifacts.experts import enabled_experts, load_pilots, pilot_rule, pilots_path
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import RouterServeConfig
 
 from .indexing import load_corpus_vectors
-from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run
+from .ir import (SELF_RETRIEVAL_DOMAINS, dev_scorer, domain_examples, examples_qrels, per_query, search_run, shift_rows,
+                 split_dev, union_offset)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +56,9 @@ def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: 
 
 
 def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], domain: str,
-                       base_model: str, rule: str = "") -> tuple[PilotSet, dict[str, int]]:
-    """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries."""
+                       base_model: str, rule: str = "", floor_quantile: float | None = None) -> tuple[PilotSet, dict[str, int]]:
+    """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries; with
+    ``floor_quantile``, every pilot of the domain gets the domain's confidence floor."""
     embs, names, wins = [], [], {}
     for j, e in enumerate(experts):
         members = best == j
@@ -56,7 +66,9 @@ def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], d
             embs.append(base[members].mean(axis=0))
             names.append(e)
             wins[e] = int(members.sum())
-    return PilotSet(np.stack(embs), names, [domain] * len(names), base_model, rule), wins
+    embs = np.stack(embs)
+    floor = np.nan if floor_quantile is None else domain_floor(base, embs, floor_quantile)
+    return PilotSet(embs, names, [domain] * len(names), base_model, rule, np.full(len(names), floor)), wins
 
 
 def expert_table(engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus) -> np.ndarray:
@@ -84,6 +96,7 @@ def domain_pilots(
     margin: float = 0.0,
     min_queries: int = 1,
     rule: str = "",
+    floor_quantile: float | None = None,
 ) -> tuple[PilotSet, dict[str, int]]:
     """Pilots of one domain and how many of its queries each expert won. Ties (e.g. every expert
     scores 0) go to the domain's own expert: ``owner``, else the expert named like the domain."""
@@ -95,7 +108,29 @@ def domain_pilots(
     owner = owner or domain
     own = experts.index(owner) if owner in experts else 0
     best = best_experts(table, own, margin, min_queries, names=experts)
-    return pilots_from_groups(base, best, experts, domain, base_model, rule)
+    return pilots_from_groups(base, best, experts, domain, base_model, rule, floor_quantile)
+
+
+def serving_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
+    """The corpora a query of ``domain`` is searched in when served: the served index's datasets
+    when the domain is one of them, else (its documents are not served) the domain's own."""
+    return list(dict.fromkeys(cfg.corpus.datasets)) if domain in cfg.corpus.datasets else [domain]
+
+
+def base_guard(engine: EncoderEngine, expert: str, domain: str, examples: list, corpus, serving, dev_fraction: float) -> dict:
+    """The base guard of ``expert`` (owner of ``domain``): mean nDCG@10 of the base model and of the
+    expert on the domain's dev queries (``split_dev``, the queries training held out), searched in
+    ``serving`` (the served index's vectors; ``corpus`` is the domain's own). A domain too small to
+    hold dev queries out is judged on all its training queries (said in ``queries``)."""
+    _, dev = split_dev(examples, dev_fraction)
+    which = "dev" if dev else "training"
+    dev = dev or examples
+    if serving is not corpus:
+        dev = shift_rows(dev, union_offset(serving, domain, corpus))
+    texts, score = dev_scorer(domain, dev, serving)
+    base, own = score(engine.encode(texts, BASE)), score(engine.encode(texts, expert))
+    return {"domain": domain, "queries": which, "num_queries": len(texts), "index": sorted(set(serving.datasets)),
+            "base_ndcg10": round(base, 6), "expert_ndcg10": round(own, 6), "routed": bool(own > base)}
 
 
 def build_pilots(
@@ -129,10 +164,19 @@ def build_pilots(
         examples = domain_examples(cfg, data_dir, domain, corpus)
         qids = [q for q, _, _, _ in examples]
         qrels = examples_qrels(domain, examples, corpus)
+        owner = (owners or {}).get(domain, domain)
         new, wins = domain_pilots(
-            engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, (owners or {}).get(domain),
-            cfg.experts.pilot_margin, cfg.experts.pilot_min_queries, rule,
+            engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, owner,
+            cfg.experts.pilot_margin, cfg.experts.pilot_min_queries, rule, cfg.experts.confidence_quantile,
         )
+        if cfg.experts.base_guard and owner in engine.experts:
+            names = serving_datasets(cfg, domain)
+            serving = corpus if names == [domain] else load_corpus_vectors(cfg, data_dir, names, progress)
+            new.guards[owner] = guard = base_guard(engine, owner, domain, examples, corpus, serving,
+                                                   cfg.experts.training.dev_fraction)
+            if not guard["routed"]:
+                logger.warning("expert %s does not beat the base model on %s's %s queries in %s (nDCG@10 %.4f vs %.4f): "
+                               "not routed to", owner, domain, guard["queries"], names, guard["expert_ndcg10"], guard["base_ndcg10"])
         current = replace_domains(current, new)
         report[domain] = wins
     current.save(pilots_path(cfg))

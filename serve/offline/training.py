@@ -42,7 +42,7 @@ from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import ExpertTrainConfig, RouterServeConfig
 
 from .indexing import load_corpus_vectors
-from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run, split_dev, training_queries
+from .ir import dev_scorer, domain_examples, shift_rows, split_dev, training_queries, union_offset
 from .pilots import build_pilots
 
 OnProgress = Callable[..., None]  # (stage, done=None, total=None): an admin job's progress (JobReporter.progress)
@@ -53,20 +53,6 @@ logger = logging.getLogger(__name__)
 def check_domain(domain: str) -> str:
     """A domain names a dataset folder under the data dir and its expert's adapter folder."""
     return check_expert_name(check_dataset_name(domain))
-
-
-def dev_scorer(domain: str, dev_examples: list, corpus):
-    """(dev queries, score_fn): mean nDCG@10 (ir-measures, judged docs binary) over the domain."""
-    from ir_measures import nDCG
-
-    qids = [q for q, _, _, _ in dev_examples]
-    qrels = examples_qrels(domain, dev_examples, corpus)
-
-    def score(vectors: np.ndarray) -> float:
-        run = search_run(vectors, qids, corpus, 10, domain in SELF_RETRIEVAL_DOMAINS, domain)
-        return float(np.mean(list(per_query(qrels, run, nDCG @ 10).values())))
-
-    return [t for _, t, _, _ in dev_examples], score
 
 
 def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: bool = True) -> AdapterTrainSettings:
@@ -158,26 +144,6 @@ def train_domain_expert(
             stage("publishing")
             report["generation"] = publish_draft(cfg, f"trained expert {domain}").id
     return report
-
-
-def union_offset(union, domain: str, corpus) -> int:
-    """Where ``domain``'s rows start in ``union`` (a concatenation of per-dataset caches, see
-    load_corpus_vectors); checked row by row against the domain's own corpus (doc ids repeat
-    across datasets, so a row is (dataset, doc id))."""
-    try:
-        offset = union.datasets.index(domain)
-    except ValueError:
-        raise ValueError(f"domain {domain!r} is not in the union {sorted(set(union.datasets))}") from None
-    n = len(corpus.doc_ids)
-    if (union.doc_ids[offset : offset + n] != corpus.doc_ids or union.datasets[offset : offset + n] != [domain] * n
-            or not np.array_equal(union.vectors[offset : offset + n], corpus.vectors)):
-        raise ValueError(f"the union's rows of {domain!r} are not its own corpus's rows; rebuild the vector caches")
-    return offset
-
-
-def shift_rows(examples: list, offset: int) -> list:
-    """(qid, text, best row, judged rows) examples with their rows moved by ``offset``."""
-    return [(q, t, best + offset, {r + offset for r in rows}) for q, t, best, rows in examples]
 
 
 def _finish_report(out_dir: Path, report: dict, title: str, extra: dict) -> None:

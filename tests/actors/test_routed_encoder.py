@@ -34,3 +34,26 @@ def test_embed_requests_share_one_mixed_adapter_pass_and_fail_alone(engine, mean
         np.testing.assert_allclose(got["embeddings"], alone, atol=1e-5)
         assert got["tokens"] == engine.count_tokens(req["texts"])
     assert not np.allclose(out[1]["embeddings"], engine.encode(["cells divide"], BASE), atol=1e-3)  # alpha applied
+
+
+def test_a_guarded_expert_is_not_routed_to_but_can_be_forced_and_says_why(engine, mean_pilots):
+    """The base guard in the serving path: queries nearest alpha's pilot go to base (their
+    first-pass embedding), forcing alpha still encodes with alpha, and /v1/experts' info says alpha
+    is held back and why."""
+    from actors.routed_encoder import encoder_info, route_and_encode_requests
+
+    pilots = mean_pilots(engine, {"alpha": ["cell biology", "proteins fold"], "beta": ["public policy", "tax law"]})
+    open_batch = RoutedEncoder(engine, pilots).route_and_encode(["cell biology", "tax law"])
+    assert [q.expert for q in open_batch.queries] == ["alpha", "beta"]
+    evidence = {"domain": "alpha", "queries": "dev", "num_queries": 10, "index": ["alpha"], "base_ndcg10": 0.5,
+                "expert_ndcg10": 0.45, "routed": False}
+    pilots.guards = {"alpha": evidence}
+    guarded = RoutedEncoder(engine, pilots)
+    out = route_and_encode_requests(guarded, [{"queries": ["cell biology", "tax law"]},
+                                              {"queries": ["cell biology"], "forced": ["alpha"]}])
+    assert out[0]["experts"] == ["base", "beta"] and out[1]["experts"] == ["alpha"]
+    np.testing.assert_allclose(out[0]["embeddings"][0], engine.encode(["cell biology"], BASE)[0], atol=1e-5)
+    np.testing.assert_allclose(out[1]["embeddings"][0], engine.encode(["cell biology"], "alpha")[0], atol=1e-5)
+    info = {e["name"]: e for e in encoder_info(guarded, "m")["experts"]}
+    assert info["alpha"]["routed"] is False and info["alpha"]["guard"] == evidence
+    assert info["beta"]["routed"] is True and info["beta"]["guard"] is None

@@ -82,3 +82,67 @@ def test_replace_domains_keeps_other_domains(rng):
     everything = PilotSet(np.ones((2, 4)), ["b", "a"], ["d1", "d2"], "m", "margin=0.5")
     assert replace_domains(cur, everything).rule == "margin=0.5"
 
+
+
+def _two_domains():
+    """Experts A and B with one pilot each on the x / y axes, each with a floor of cos 0.8."""
+    return PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["A", "B"], ["da", "db"], "m", "r", np.array([0.8, 0.8]))
+
+
+def test_the_confidence_floor_sends_queries_of_no_known_domain_to_base():
+    from actors.routing import route
+
+    pilots = _two_domains()
+    near_a, near_b, far = [1, 0.1, 0], [0.1, 1, 0.2], [0.3, 0.3, 1]  # far: cos ≈ 0.28 to both pilots
+    chosen, scores = route(_unit([near_a, near_b, far]), pilots, get_policy("pilot_mean"))
+    assert chosen == ["A", "B", "base"] and scores.shape == (3, 2)
+    assert route(_unit([far]), pilots, get_policy("pilot_mean"), gate=False)[0] == ["A"]  # the bare rule picks one
+    unfloored = PilotSet(pilots.embeddings, pilots.experts, pilots.domains)  # a file from before the floor
+    assert route(_unit([far]), unfloored, get_policy("pilot_mean"))[0] == ["A"]
+    assert route(_unit([far]), PilotSet.empty(3), get_policy("pilot_mean"))[0] == ["base"]
+
+
+def test_the_base_guard_holds_an_expert_back_and_only_that_one():
+    from actors.routing import route
+
+    pilots = _two_domains()
+    pilots.guards = {"A": {"routed": False, "base_ndcg10": 0.5, "expert_ndcg10": 0.4}, "B": {"routed": True}}
+    assert pilots.unrouted == {"A"}
+    chosen, _ = route(_unit([[1, 0.1, 0], [0.1, 1, 0]]), pilots, get_policy("pilot_mean"))
+    assert chosen == ["base", "B"]
+    assert route(_unit([[1, 0.1, 0]]), pilots, get_policy("pilot_mean"), gate=False)[0] == ["A"]
+
+
+def test_domain_floor_is_the_quantile_of_the_nearest_own_pilot(rng):
+    from actors.routing import domain_floor
+
+    queries = _unit(rng.normal(size=(200, 6)))
+    own = _unit(rng.normal(size=(2, 6)))
+    nearest = (queries @ own.T).max(axis=1)
+    floor = domain_floor(queries * 5.0, own, 0.1)  # cosine: the norms do not matter
+    assert np.mean(nearest >= floor) == pytest.approx(0.9, abs=0.01)
+    assert domain_floor(queries, own, 0.0) == pytest.approx(nearest.min(), abs=1e-6)
+
+
+def test_floors_and_guards_survive_save_load_restrict_and_replace(tmp_path):
+    from actors.routing import replace_domains
+
+    pilots = _two_domains()
+    pilots.guards = {"A": {"routed": False}}
+    back = PilotSet.load(pilots.save(tmp_path))
+    np.testing.assert_allclose(back.floors, [0.8, 0.8])
+    assert back.guards == {"A": {"routed": False}} and back.unrouted == {"A"}
+    only_b = back.restrict(["B"])
+    assert only_b.experts == ["B"] and only_b.floors.tolist() == pytest.approx([0.8]) and only_b.guards == {}
+    no_da = back.without_domains(["da"])
+    assert no_da.domains == ["db"] and no_da.guards == {"A": {"routed": False}}
+    new = PilotSet(_unit([[0, 0, 1]]), ["A"], ["da"], "m", "r", np.array([0.5]), {"A": {"routed": True}})
+    merged = replace_domains(back, new)  # da's pilots rebuilt: its expert's guard is the new one
+    assert merged.domains == ["db", "da"] and merged.floors.tolist() == pytest.approx([0.8, 0.5])
+    assert merged.unrouted == set()
+    legacy = tmp_path / "legacy.npz"  # a pilot file written before floors and guards
+    np.savez(legacy, embeddings=pilots.embeddings, experts=np.array(pilots.experts), domains=np.array(pilots.domains))
+    old = PilotSet.load(legacy)
+    assert np.isnan(old.floors).all() and old.guards == {} and old.unrouted == set()
+    with pytest.raises(ValueError, match="floors"):
+        PilotSet(np.ones((2, 3)), ["a", "b"], floors=np.ones(3))

@@ -8,7 +8,7 @@ exactly what the service accepts and a request outside it is a 422 naming the fi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model, field_validator
 
@@ -135,11 +135,16 @@ class EmbeddingResponse(BaseModel):
 class ExpertInfo(BaseModel):
     name: str
     num_pilots: int
+    routed: bool = Field(True, description="false: the base guard holds it back (it did not beat the base model on "
+                         "its domain's dev queries in the served index); its queries go to base, forcing it still works")
+    guard: dict[str, Any] | None = Field(None, description="the guard's evidence: dev nDCG@10 of base and expert, "
+                                         "the dev queries, the index searched (null: pilots built before the guard)")
 
 
 class ExpertsResponse(BaseModel):
     base_model: str
     policy: str
     pilot_rule: str = ""  # how the pilots were grouped ("" = not recorded in the pilot file)
+    confidence_floor: bool = Field(False, description="queries below every pilot's confidence floor go to base")
     experts: list[ExpertInfo]
     experts_generation: str | None = Field(None, description="the generation these experts belong to (gNNNNNN)")

@@ -359,6 +359,7 @@ class RetrievalService:
             base_model=info["base_model"],
             policy=info["policy"],
             pilot_rule=info.get("pilot_rule", ""),
+            confidence_floor=info.get("confidence_floor", False),
             experts=[ExpertInfo(**e) for e in info["experts"]],
             experts_generation=info.get("generation"),
         )

@@ -59,7 +59,10 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
 
     experts = tmp_path / "experts"
     shutil.copytree(random_adapters["alpha"], experts / "adapters" / "alpha")
-    PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1").save(experts)
+    guard = {"alpha": {"domain": "scifact", "queries": "dev", "num_queries": 12, "index": ["nfcorpus", "scifact"],
+                       "base_ndcg10": 0.5, "expert_ndcg10": 0.25, "routed": False}}
+    PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1",
+             guards=guard).save(experts)
     args = ["experts", "list", "--set", f"experts.dir={experts}", "--set", "experts.pilot_margin=0.5"]
     r = runner.invoke(app, args)  # the list is what the service serves: a published generation
     assert r.exit_code == 0 and "no generation published" in r.output and "experts publish" in r.output, r.output
@@ -69,6 +72,10 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
     assert r.exit_code == 0, r.output
     assert "generation g000001" in r.output
     assert "alpha" in r.output and "│ 2 " in r.output.replace("  ", " ")
-    assert "pilot rule: best_expert margin=0 min_queries=1" in r.output and "routerserve pilots build" in r.output
-    same = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1"])
+    text = " ".join(r.output.split())  # rich wraps long lines
+    assert "nDCG@10 25.0 vs base 50.0 on 12 dev queries of scifact in nfcorpus+scifact → NOT routed" in text
+    assert "│ no " in r.output.replace("  ", " ")  # the base guard holds alpha back
+    assert "pilot rule: best_expert margin=0 min_queries=1" in text and "routerserve pilots build" in text
+    same = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1",
+                               "--set", "experts.confidence_quantile=null", "--set", "experts.base_guard=false"])
     assert same.exit_code == 0 and "pilots build" not in same.output

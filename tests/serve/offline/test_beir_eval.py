@@ -18,7 +18,7 @@ def eval_result(tmp_path_factory, data_dir, ray_session):
     cfg = config_from_dict(
         {
             "model": {"max_seq_length": 96},
-            "corpus": {"max_docs_per_dataset": 300},
+            "corpus": {"datasets": ["scifact", "nfcorpus"], "max_docs_per_dataset": 300},  # the served index
             "index": {"dir": str(root / "index"), "encode_workers": 1, "chunk_size": 128},
             "experts": {
                 "dir": str(root / "experts"),
@@ -32,8 +32,13 @@ def eval_result(tmp_path_factory, data_dir, ray_session):
     per_domain = evaluate(
         cfg, data_dir, ["scifact", "nfcorpus"], [*DEFAULT_POLICIES, "multitask"], max_queries=25, progress=False
     )
-    union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean"], "union", max_queries=25, progress=False)
-    return {"per_domain": per_domain, "union": union, "root": root}
+    union = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean", "pilot_mean_ungated"], "union",
+                     max_queries=25, progress=False)
+    lodo = evaluate(cfg, data_dir, ["scifact", "nfcorpus"], ["base", "pilot_mean", "pilot_mean_ungated", "dataset_router",
+                                                             "dataset_oracle"], "lodo", max_queries=25, progress=False)
+    with pytest.raises(ValueError, match="classifier"):
+        evaluate(cfg, data_dir, ["scifact"], ["classifier"], "lodo", max_queries=2, progress=False)
+    return {"per_domain": per_domain, "union": union, "lodo": lodo, "root": root}
 
 
 def test_result_shape_and_ranges(eval_result):
@@ -73,9 +78,39 @@ def test_routing_confusion_counts_every_query(eval_result):
 
 def test_union_setting_runs_over_one_index(eval_result):
     u = eval_result["union"]
-    assert u["setting"] == "union" and set(u["policies"]) == {"base", "pilot_mean"}
+    assert u["setting"] == "union" and set(u["policies"]) == {"base", "pilot_mean", "pilot_mean_ungated"}
     # a bigger corpus can only push relevant docs down: union base <= per-domain base (+ float noise)
     assert u["policies"]["base"]["avg"] <= eval_result["per_domain"]["policies"]["base"]["avg"] + 1e-9
+
+
+def test_the_served_rule_keeps_guarded_experts_out_and_the_bare_rule_does_not(eval_result):
+    """pilot_mean is routed as served (floor + base guard, recorded in the result); the ungated
+    variant is the bare policy: it never sends a query to base while experts exist."""
+    u = eval_result["union"]
+    assert set(u["guards"]) == {"scifact", "nfcorpus"} and u["pilot_rule"]["base_guard"] is True
+    for expert, guard in u["guards"].items():
+        assert guard["index"] == ["nfcorpus", "scifact"] and guard["queries"] == "dev"  # corpus.datasets
+        assert guard["routed"] == (guard["expert_ndcg10"] > guard["base_ndcg10"])
+        if not guard["routed"]:
+            assert all(expert not in row for row in u["routing"]["pilot_mean"].values())
+    assert all("base" not in row for row in u["routing"]["pilot_mean_ungated"].values())
+
+
+def test_leave_one_domain_out_routes_without_the_domains_expert(eval_result):
+    r = eval_result["lodo"]
+    assert r["setting"] == "lodo" and r["experts"] == ["scifact", "nfcorpus"]
+    for domain, other in (("scifact", "nfcorpus"), ("nfcorpus", "scifact")):
+        for policy, rows in r["routing"].items():
+            assert domain not in rows[domain], (policy, rows[domain])  # its own expert does not exist here
+            assert sum(rows[domain].values()) == r["num_queries"][domain]
+        assert r["routing"]["dataset_router"][domain] == {"base": r["num_queries"][domain]}
+        assert r["routing"]["pilot_mean_ungated"][domain] == {other: r["num_queries"][domain]}  # the only expert left
+        assert set(r["routing"]["pilot_mean"][domain]) <= {"base", other}
+        # the oracle chooses between base and the other expert only
+        assert r["policies"]["dataset_oracle"][domain] == pytest.approx(
+            max(r["policies"]["base"][domain], r["policies"]["pilot_mean_ungated"][domain]))
+    # the union's figures for base are the same queries in the same index
+    assert r["policies"]["base"] == pytest.approx(eval_result["union"]["policies"]["base"])
 
 
 def test_report_files(eval_result, tmp_path):

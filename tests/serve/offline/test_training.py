@@ -83,17 +83,17 @@ def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_chang
 
     train_domain_expert(cfg, data_dir, "scifact", progress=False)
     train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
-    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1"
+    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1 confidence_quantile=0.3 base_guard"
     margin = cfg.model_copy(deep=True)
     margin.experts.pilot_margin, margin.experts.pilot_min_queries = 0.5, 10
     # the evaluation refuses pilots grouped by another rule than the one it would report
-    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1'.*routerserve pilots build"):
+    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1 confidence_quantile=0.3 base_guard'.*routerserve pilots build"):
         evaluate(margin, data_dir, ["scifact"], ["pilot_mean"], max_queries=2, progress=False)
     # rebuilding one domain under the new rule rebuilds every domain: the file never mixes rules
     wins = build_pilots(margin, data_dir, ["nfcorpus"], progress=False)
     assert sorted(wins) == ["nfcorpus", "scifact"]
     pilots = load_pilots(margin)
-    assert pilots.rule == "best_expert margin=0.5 min_queries=10"
+    assert pilots.rule == "best_expert margin=0.5 min_queries=10 confidence_quantile=0.3 base_guard"
     # 8 training queries < 10: every query folds into its own domain's pilot, one pilot per domain
     assert sorted(zip(pilots.domains, pilots.experts)) == [("nfcorpus", "nfcorpus"), ("scifact", "scifact")]
     # `up` (train_default_experts) trains nothing here but brings the pilots back to the config's rule
@@ -347,7 +347,7 @@ def test_a_failed_replace_keeps_the_old_adapter(plain_cfg, data_dir, random_adap
 
 def test_union_rows_of_a_domain_are_its_own_rows_shifted():
     from serve.offline.indexing import Corpus
-    from serve.offline.training import shift_rows, union_offset
+    from serve.offline.ir import shift_rows, union_offset
 
     rng = np.random.default_rng(0)
     a = Corpus("a", ["1", "2", "3"], ["a"] * 3, rng.standard_normal((3, 4)).astype(np.float32))
@@ -379,3 +379,38 @@ def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_
     cfg.experts.training.negatives = "domain"
     own = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
     assert own["corpus_size"] == 300
+
+
+def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_index(cfg, data_dir, model_path, tmp_path):
+    """Pilot building records each domain's floor and its owner expert's base guard, scored on
+    the served index (corpus.datasets). An adapter that IS the base model (LoRA B = 0) does not
+    beat base — not routed to, in the pilot file, the generation and `/v1/experts`' source; with
+    experts.base_guard off nothing is judged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from actors.routing import get_policy, route
+
+    same = tmp_path / "same-as-base"
+    get_peft_model(AutoModel.from_pretrained(str(model_path)),
+                   LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])).save_pretrained(str(same))
+    cfg = cfg.model_copy(deep=True)
+    cfg.corpus.datasets = ["scifact", "nfcorpus"]
+    add_expert(cfg, data_dir, "nf-same", same, domain="nfcorpus", progress=False)
+    pilots = generation_store(cfg).current().load_pilots()
+    guard = pilots.guards["nf-same"]
+    assert guard["domain"] == "nfcorpus" and guard["index"] == ["nfcorpus", "scifact"]
+    assert guard["queries"] == "training" and guard["num_queries"] == 8  # 8 < 30 queries: no dev split
+    assert guard["expert_ndcg10"] == pytest.approx(guard["base_ndcg10"], abs=1e-6) and guard["routed"] is False
+    assert pilots.unrouted == {"nf-same"} and not np.isnan(pilots.floors).any()
+    # the domain's own training queries are routed, within the floor, and then held back to base
+    examples = training_queries(data_dir, "nfcorpus", 8)
+    from actors.encoder import EncoderEngine
+    from serve.artifacts.models import encoder_settings, resolve_model
+
+    base = EncoderEngine(resolve_model(cfg.model.ref), None, encoder_settings(cfg)).encode([t for _, t, _ in examples])
+    assert route(base, pilots, get_policy("pilot_mean"))[0] == ["base"] * len(examples)
+    assert route(base, pilots, get_policy("pilot_mean"), gate=False)[0] == ["nf-same"] * len(examples)
+    cfg.experts.base_guard = False
+    add_expert(cfg, data_dir, "nf-same", same, domain="nfcorpus", replace=True, progress=False)
+    assert load_pilots(cfg).guards == {} and load_pilots(cfg).unrouted == set()

@@ -1,0 +1,172 @@
+"""The confidence floor's quantile (experts.confidence_quantile), chosen on TRAINING queries only.
+
+    .venv/bin/python benchmarks/confidence_floor.py --experts-dir .routerserve/union-negatives/union \
+        --cache .routerserve/confidence-floor --set 'corpus.datasets=[scifact,nfcorpus,arguana,cranfield,npl]'
+
+A query below every pilot's confidence floor goes to the base model: that protects queries of a
+domain no expert knows. Each domain's floor is the cosine its training queries reach to their
+nearest own-domain pilot at quantile q — so q is the share of a known domain's queries the floor
+also sends to base. q is chosen by leave-one-domain-out over the training queries: for each domain
+d, its expert and every pilot built from its queries are dropped, the other domains' floors are
+set at q, and d's training queries are routed (pilot_mean, in the union index of every domain);
+their nDCG@10 is read from a per-query table of base and every expert. Selected: the smallest q
+on the grid at which every held-out domain stays within ``--tolerance`` of base (else the q with
+the best worst-case). The cost on known domains is reported beside it: their DEV queries (held out
+from training) routed with every expert present. No test query is read. Writes
+benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+QUANTILES = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+
+
+def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path) -> dict:
+    """Base embeddings, dev mask and per-query nDCG@10 (columns: base, then engine.experts) of the
+    domain's training queries searched in the union of ``domains`` (cached)."""
+    from ir_measures import nDCG
+
+    from actors.encoder import BASE
+    from serve.offline.indexing import load_corpus_vectors
+    from serve.offline.ir import (SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run,
+                                  shift_rows, split_dev, union_offset)
+
+    path = cache / f"{domain}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    own = load_corpus_vectors(cfg, data_dir, [domain], False)
+    union = load_corpus_vectors(cfg, data_dir, domains, False)
+    examples = domain_examples(cfg, data_dir, domain, own)
+    dev = {q for q, _, _, _ in split_dev(examples, cfg.experts.training.dev_fraction)[1]}
+    examples = shift_rows(examples, union_offset(union, domain, own))
+    qids, texts = [q for q, _, _, _ in examples], [t for _, t, _, _ in examples]
+    qrels = examples_qrels(domain, examples, union)
+    cols, base = [], None
+    for name in [BASE, *engine.experts]:
+        vectors = engine.encode(texts, name)
+        base = vectors if name == BASE else base
+        scores = per_query(qrels, search_run(vectors, qids, union, 10, domain in SELF_RETRIEVAL_DOMAINS, domain), nDCG @ 10)
+        cols.append([scores[q] for q in qids])
+    out = {"qids": qids, "base": base, "dev": np.array([q in dev for q in qids]), "table": np.array(cols).T,
+           "experts": list(engine.experts)}
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
+def with_floors(pilots, data: dict, quantile: float | None):
+    """``pilots`` with every domain's floor set at ``quantile`` of its training queries (None: no floor)."""
+    from actors.routing import PilotSet, domain_floor
+
+    floors = np.full(len(pilots.experts), np.nan, np.float32)
+    if quantile is not None:
+        for d in set(pilots.domains):
+            rows = [i for i, x in enumerate(pilots.domains) if x == d]
+            floors[rows] = domain_floor(data[d]["base"], pilots.embeddings[rows], quantile)
+    return PilotSet(pilots.embeddings, pilots.experts, pilots.domains, pilots.base_model, pilots.rule, floors, pilots.guards)
+
+
+def routed(pilots, part: dict, rows: np.ndarray) -> tuple[float, float, float]:
+    """(routed nDCG@10, base nDCG@10, share sent to base) of ``part``'s queries at ``rows``."""
+    from actors.encoder import BASE
+    from actors.routing import get_policy, route
+
+    cols = [BASE, *part["experts"]]
+    chosen, _ = route(part["base"][rows], pilots, get_policy("pilot_mean"))
+    table = part["table"][rows]
+    score = float(np.mean([table[i, cols.index(c)] for i, c in enumerate(chosen)]))
+    return score, float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen]))
+
+
+@app.command()
+def main(
+    domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
+    experts_dir: Path = typer.Option(Path(".routerserve/union-negatives/union")),
+    max_queries: int = typer.Option(2000, help="as in beir_eval.py: the same training sample"),
+    tolerance: float = typer.Option(0.005, help="a held-out domain may fall this far below base (nDCG@10, 0-1)"),
+    cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
+    name: str = typer.Option("confidence_floor"),
+    set_: Optional[list[str]] = typer.Option(None, "--set"),
+):
+    from rich.console import Console
+
+    from actors.encoder import EncoderEngine
+    from serve.artifacts.experts import served_experts
+    from serve.artifacts.models import encoder_settings, resolve_model
+    from serve.config import load_config
+
+    console = Console()
+    t0 = time.perf_counter()
+    doms = domains.split(",")
+    cfg = load_config(None, [f"experts.dir={experts_dir}", f"experts.training.max_queries={max_queries}",
+                             *(set_ or [])]).absolutized()
+    data_dir = cfg.resolve_data_dir()
+    gen, adapters, pilots = served_experts(cfg)
+    if pilots is None or not set(doms) <= set(pilots.domains):
+        raise SystemExit(f"{experts_dir}: build the pilots of {doms} first (`routerserve pilots build`)")
+    engine = EncoderEngine(resolve_model(cfg.model.ref), {d: adapters[d] for d in doms}, encoder_settings(cfg))
+    data = {}
+    for d in doms:
+        console.print(f"table of {d}'s training queries …")
+        data[d] = _table(cfg, data_dir, d, doms, engine, cache)
+    grid = []
+    for q in [None, *QUANTILES]:
+        row = {"quantile": q, "held_out": {}, "known": {}}
+        for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
+            others = [e for e in doms if e != d]
+            fold = with_floors(pilots.without_domains([d]).restrict(others), data, q)
+            score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])))
+            row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
+        full = with_floors(pilots.restrict(doms), data, q)
+        for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
+            score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]))
+            row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
+        row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
+        row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values()]))
+        grid.append(row)
+        console.print(f"q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev {100 * row['known_dev_delta']:+.2f} "
+                      + " ".join(f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))
+    ok = [r for r in grid if r["quantile"] is not None and r["worst_held_out_delta"] >= -tolerance]
+    best = ok[0] if ok else max((r for r in grid if r["quantile"] is not None), key=lambda r: r["worst_held_out_delta"])
+    doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
+           "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_quantile": best["quantile"],
+           "num_queries": {d: {"training": len(data[d]["qids"]), "dev": int(data[d]["dev"].sum())} for d in doms},
+           "grid": grid, "test_queries_read": 0, "seconds": time.perf_counter() - t0}
+    console.print(f"selected experts.confidence_quantile = {best['quantile']}")
+    console.print(write_json(name, doc, RESULTS))
+    write_markdown(name, render(doc, doms), RESULTS)
+
+
+def render(doc: dict, doms: list[str]) -> str:
+    lines = ["# The confidence floor's quantile, chosen on training queries (issue 19)", "",
+             f"`{doc['command']}` · commit {doc['commit']} · {doc['date']} · {doc['machine'].get('cpu', '?')} · pilots: "
+             f"{doc['pilot_rule']}", "",
+             "Held out: each domain's TRAINING queries routed without its expert and its pilots (the union index of every "
+             "domain; pilot_mean), nDCG@10 minus base, and the share sent to base. Known: every domain's DEV queries with "
+             f"every expert present. Selected: the smallest quantile keeping every held-out domain within "
+             f"{100 * doc['tolerance']:.1f} of base → **{doc['selected_quantile']}**. Test queries read: 0.", "",
+             "| quantile | " + " | ".join(f"held-out {d}" for d in doms) + " | worst held-out | known dev (mean Δ) |",
+             "|---|" + "---|" * (len(doms) + 2)]
+    for r in doc["grid"]:
+        q = "none" if r["quantile"] is None else f"{r['quantile']:g}"
+        cells = [f"{100 * (v['routed'] - v['base']):+.2f} ({100 * v['to_base']:.0f}% base)" for v in r["held_out"].values()]
+        lines.append(f"| {q} | " + " | ".join(cells) + f" | {100 * r['worst_held_out_delta']:+.2f} | {100 * r['known_dev_delta']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app()
