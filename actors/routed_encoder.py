@@ -26,6 +26,7 @@ class RoutedQuery:
     expert: str
     routing_scores: dict[str, float]
     forced: bool
+    how: str = "routed"  # forced | routed | floor (no pilot's floor reached) | guard (held back by its base guard)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class RoutedEncoder:
         t0 = time.perf_counter()
         base = self.engine.encode(queries, BASE)
         t1 = time.perf_counter()
-        chosen, scores = route(base, self.pilots, self.policy)
+        chosen, scores, how = route(base, self.pilots, self.policy)
         final_expert = [f if f is not None else c for f, c in zip(forced, chosen)]
         t2 = time.perf_counter()
         out = base.copy()
@@ -87,6 +88,7 @@ class RoutedEncoder:
                 expert=final_expert[i],
                 routing_scores={n: float(scores[i, j]) for j, n in enumerate(self.experts)},
                 forced=forced[i] is not None,
+                how="forced" if forced[i] is not None else how[i],
             )
             for i in range(len(queries))
         ]
@@ -166,6 +168,7 @@ def route_and_encode_requests(encoder: RoutedEncoder, requests: list[dict]) -> l
                 "experts": [q.expert for q in part],
                 "forced": [q.forced for q in part],
                 "routing_scores": [q.routing_scores for q in part],
+                "how": [q.how for q in part],
                 "timings_ms": dict(batch.timings_ms, encoder_batch_queries=float(len(queries))),
             }
     return results  # type: ignore[return-value]

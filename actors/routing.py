@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -254,21 +254,32 @@ def domain_floor(queries: np.ndarray, domain_pilots: np.ndarray, quantile: float
     return float(np.quantile(sims.max(axis=1), quantile))
 
 
-def route(queries: np.ndarray, pilots: PilotSet, policy: RoutingPolicy,
-          gate: bool = True) -> tuple[list[str], np.ndarray]:
-    """(chosen encoder per query, [n, n_experts] policy scores): the policy's best expert, or the
-    base model where the query is below every pilot's confidence floor or the best expert is held
-    back by its base guard. ``gate=False``: the bare policy (the paper's rule)."""
+class Routing(NamedTuple):
+    """Per query: the encoder chosen, the policy's scores [n, n_experts], and how it was chosen —
+    ``routed`` (the policy's pick), ``floor`` (below every pilot's confidence floor: base) or
+    ``guard`` (the policy's pick is held back by its base guard: base)."""
+
+    chosen: list[str]
+    scores: np.ndarray
+    how: list[str]
+
+
+def route(queries: np.ndarray, pilots: PilotSet, policy: RoutingPolicy, gate: bool = True) -> Routing:
+    """The policy's best expert per query, or the base model where the query is below every
+    pilot's confidence floor or the best expert is held back by its base guard. ``gate=False``:
+    the bare policy (the paper's rule)."""
     from .encoder import BASE
 
     names = pilots.expert_names
     scores = policy.score(queries, pilots) if names else np.zeros((np.atleast_2d(queries).shape[0], 0), np.float32)
     chosen = choose(scores, names)
-    if not gate:
-        return chosen, scores
-    ok = confident(queries, pilots) if names else np.zeros(len(chosen), bool)
-    held = pilots.unrouted
-    return [c if good and c not in held else BASE for c, good in zip(chosen, ok)], scores
+    how = ["routed"] * len(chosen)
+    if gate and names:
+        held = pilots.unrouted
+        for i, ok in enumerate(confident(queries, pilots)):
+            if not ok or chosen[i] in held:
+                chosen[i], how[i] = BASE, "guard" if ok else "floor"
+    return Routing(chosen, scores, how)
 
 
 def choose(scores: np.ndarray, names: list[str]) -> list[str]:

@@ -85,7 +85,7 @@ def routed(pilots, part: dict, rows: np.ndarray) -> tuple[float, float, float]:
     from actors.routing import get_policy, route
 
     cols = [BASE, *part["experts"]]
-    chosen, _ = route(part["base"][rows], pilots, get_policy("pilot_mean"))
+    chosen = route(part["base"][rows], pilots, get_policy("pilot_mean")).chosen
     table = part["table"][rows]
     score = float(np.mean([table[i, cols.index(c)] for i, c in enumerate(chosen)]))
     return score, float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen]))

@@ -35,7 +35,8 @@ CATALOG: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
         MetricSpec("routerserve_expert_selected", "counter",
-                   "Queries per expert (base = no adapter); how = routed by the policy or forced by the request",
+                   "Queries per expert (base = no adapter); how = forced by the request, routed by the policy, or "
+                   "sent to base by the confidence floor (floor) or an expert's base guard (guard)",
                    ("expert", "how")),
         MetricSpec("routerserve_routing_confidence", "histogram",
                    "Margin of the chosen expert's policy score over the runner-up (cosine units; 0 = a tie)",
@@ -116,9 +117,9 @@ def knob_label(knobs: dict[str, int], defaults: dict[str, int]) -> str:
 
 def record_routing(metrics, result: dict) -> None:
     """One encoder batch result (``route_and_encode_requests`` item): experts chosen, margins."""
-    for expert, forced, scores in zip(result["experts"], result["forced"], result["routing_scores"]):
-        metrics.inc("routerserve_expert_selected", expert=expert, how="forced" if forced else "routed")
-        if not forced and len(scores) >= 2:
+    for expert, how, scores in zip(result["experts"], result["how"], result["routing_scores"]):
+        metrics.inc("routerserve_expert_selected", expert=expert, how=how)
+        if how == "routed" and len(scores) >= 2:  # the margin of the policy's own pick
             top, second = sorted(scores.values(), reverse=True)[:2]
             metrics.observe("routerserve_routing_confidence", top - second, expert=expert)
 

@@ -17,9 +17,13 @@ from serve.config import ConfigError, load_config
 from .common import ConfigOpt, DataOpt, SetOpt, _data_dir, _load, _request, console, wait_healthy
 
 
+_SELECTED_BY = {"forced": "forced", "routed": "routed", "floor": "no domain's confidence floor reached: base",
+                "guard": "the routed expert is held back by its base guard: base"}
+
+
 def _print_result(result: dict) -> None:
     console.print(
-        f"[bold]expert:[/bold] {result['expert']}{' (forced)' if result['forced'] else ''}   "
+        f"[bold]expert:[/bold] {result['expert']} ({_SELECTED_BY.get(result.get('selected_by'), result.get('selected_by'))})   "
         f"[bold]policy:[/bold] {result['policy']}   "
         + "  ".join(f"{k}={v:.3f}" for k, v in result["routing_scores"].items())
     )

@@ -94,7 +94,7 @@ def _pilot_policy(name: str, gate: bool = True) -> PolicyFn:
     def fn(run: DomainRun) -> list[str]:
         if not run.experts:
             return [BASE] * len(run.qids)
-        return route(run.embeddings[BASE], run.pilots.restrict(run.experts), get_policy(name), gate)[0]
+        return route(run.embeddings[BASE], run.pilots.restrict(run.experts), get_policy(name), gate).chosen
 
     return fn
 

@@ -52,6 +52,7 @@ def test_a_guarded_expert_is_not_routed_to_but_can_be_forced_and_says_why(engine
     out = route_and_encode_requests(guarded, [{"queries": ["cell biology", "tax law"]},
                                               {"queries": ["cell biology"], "forced": ["alpha"]}])
     assert out[0]["experts"] == ["base", "beta"] and out[1]["experts"] == ["alpha"]
+    assert out[0]["how"] == ["guard", "routed"] and out[1]["how"] == ["forced"]  # why each went where it went
     np.testing.assert_allclose(out[0]["embeddings"][0], engine.encode(["cell biology"], BASE)[0], atol=1e-5)
     np.testing.assert_allclose(out[1]["embeddings"][0], engine.encode(["cell biology"], "alpha")[0], atol=1e-5)
     info = {e["name"]: e for e in encoder_info(guarded, "m")["experts"]}

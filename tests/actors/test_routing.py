@@ -94,8 +94,8 @@ def test_the_confidence_floor_sends_queries_of_no_known_domain_to_base():
 
     pilots = _two_domains()
     near_a, near_b, far = [1, 0.1, 0], [0.1, 1, 0.2], [0.3, 0.3, 1]  # far: cos ≈ 0.28 to both pilots
-    chosen, scores = route(_unit([near_a, near_b, far]), pilots, get_policy("pilot_mean"))
-    assert chosen == ["A", "B", "base"] and scores.shape == (3, 2)
+    chosen, scores, how = route(_unit([near_a, near_b, far]), pilots, get_policy("pilot_mean"))
+    assert chosen == ["A", "B", "base"] and scores.shape == (3, 2) and how == ["routed", "routed", "floor"]
     assert route(_unit([far]), pilots, get_policy("pilot_mean"), gate=False)[0] == ["A"]  # the bare rule picks one
     unfloored = PilotSet(pilots.embeddings, pilots.experts, pilots.domains)  # a file from before the floor
     assert route(_unit([far]), unfloored, get_policy("pilot_mean"))[0] == ["A"]
@@ -108,8 +108,8 @@ def test_the_base_guard_holds_an_expert_back_and_only_that_one():
     pilots = _two_domains()
     pilots.guards = {"A": {"routed": False, "base_ndcg10": 0.5, "expert_ndcg10": 0.4}, "B": {"routed": True}}
     assert pilots.unrouted == {"A"}
-    chosen, _ = route(_unit([[1, 0.1, 0], [0.1, 1, 0]]), pilots, get_policy("pilot_mean"))
-    assert chosen == ["base", "B"]
+    chosen, _, how = route(_unit([[1, 0.1, 0], [0.1, 1, 0], [0.3, 0.3, 1]]), pilots, get_policy("pilot_mean"))
+    assert chosen == ["base", "B", "base"] and how == ["guard", "routed", "floor"]
     assert route(_unit([[1, 0.1, 0]]), pilots, get_policy("pilot_mean"), gate=False)[0] == ["A"]
 
 

@@ -47,6 +47,10 @@ class RetrieveResponse(BaseModel):
     query: str
     expert: str = Field(..., description="the expert whose adapter encoded the query ('base' = none)")
     forced: bool = Field(..., description="true when the request named the expert")
+    selected_by: Literal["forced", "routed", "floor", "guard"] = Field(
+        ..., description="forced: the request named the expert; routed: the policy's pick; floor: the query reached no "
+        "pilot's confidence floor (a domain no expert knows), so base; guard: the policy's pick is held back by its "
+        "base guard, so base")
     routing_scores: dict[str, float] = Field(..., description="policy score per expert (higher wins)")
     policy: str
     hits: list[Hit]

@@ -313,6 +313,7 @@ class RetrievalService:
                 {
                     "expert": routed["experts"][i],
                     "forced": routed["forced"][i],
+                    "selected_by": routed["how"][i],
                     "routing_scores": routed["routing_scores"][i],
                     "hits": [Hit(**h) for h in hits],
                     "index": self.index,

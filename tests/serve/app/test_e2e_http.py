@@ -78,7 +78,7 @@ def test_routed_retrieval_through_shards_equals_single_index(served, query):
     assert r.status_code == 200, r.text
     body = r.json()
     expert, ids = _expected_ids(served, query, None, 10)
-    assert body["expert"] == expert and body["expert"] in ("scifact", "nfcorpus")
+    assert body["expert"] == expert and body["expert"] in ("scifact", "nfcorpus") and body["selected_by"] == "routed"
     assert [h["doc_id"] for h in body["hits"]] == ids
     assert body["hits"] == sorted(body["hits"], key=lambda h: -h["score"])
     assert body["index"] == "IVF8,Flat" and body["search_params"] == {"nprobe": 8}
@@ -112,7 +112,7 @@ def test_concurrent_requests_batch_and_mix_experts(served):
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     bodies = [r.json() for r in responses]
     for q, e, body in zip(queries, experts, bodies):
-        assert body["expert"] == e and body["forced"]
+        assert body["expert"] == e and body["forced"] and body["selected_by"] == "forced"
         assert [h["doc_id"] for h in body["hits"]] == _expected_ids(served, q, e, 5)[1]
     # Concurrent requests were served in shared batches (one encoder call for several queries).
     assert max(b["timings_ms"]["encoder_batch_queries"] for b in bodies) > 1

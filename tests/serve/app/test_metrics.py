@@ -54,13 +54,16 @@ def test_dashboard_queries_only_known_series():
 def test_record_routing_counts_experts_and_margins():
     sink = Sink()
     record_routing(sink, {
-        "experts": ["scifact", "base", "nfcorpus"],
-        "forced": [False, True, False],
+        "experts": ["scifact", "base", "nfcorpus", "base", "base"],
+        "forced": [False, True, False, False, False],
+        "how": ["routed", "forced", "routed", "floor", "guard"],
         "routing_scores": [{"scifact": 0.61, "nfcorpus": 0.58}, {"scifact": 0.1, "nfcorpus": 0.2},
-                           {"scifact": 0.40, "nfcorpus": 0.40}],
+                           {"scifact": 0.40, "nfcorpus": 0.40}, {"scifact": 0.2, "nfcorpus": 0.1},
+                           {"scifact": 0.9, "nfcorpus": 0.1}],
     })
     assert [t for _, t in sink.of("routerserve_expert_selected")] == [
-        {"expert": "scifact", "how": "routed"}, {"expert": "base", "how": "forced"}, {"expert": "nfcorpus", "how": "routed"}]
+        {"expert": "scifact", "how": "routed"}, {"expert": "base", "how": "forced"}, {"expert": "nfcorpus", "how": "routed"},
+        {"expert": "base", "how": "floor"}, {"expert": "base", "how": "guard"}]  # base by the floor / a guard: said so
     margins = sink.of("routerserve_routing_confidence")
     assert [round(v, 6) for v, _ in margins] == [0.03, 0.0] and margins[0][1] == {"expert": "scifact"}
 
