@@ -239,11 +239,21 @@ class PilotNearestPolicy(RoutingPolicy):
         return _per_expert(queries, pilots, np.max)
 
 
+def describe_guard(expert: str, g: dict) -> str:
+    """One line: the base guard's figures and verdict for ``expert``."""
+    return (f"base guard of {expert}: nDCG@10 {100 * g['expert_ndcg10']:.1f} vs base {100 * g['base_ndcg10']:.1f} on "
+            f"{g['num_queries']} {g['queries']} queries of {g['domain']} in {'+'.join(g['index'])} → "
+            + ("routed" if g["routed"] else "NOT routed: its queries go to the base model"))
+
+
 def confident(queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
-    """[n_queries] bool: the query reaches the floor of at least one pilot (pilots without a floor
-    always count as reached, so a pilot file from before the floor gates nothing)."""
+    """[n_queries] bool: the query reaches the floor of at least one pilot. A pilot set without any
+    floor (a file from before the floor, or experts.confidence_quantile null) gates nothing; in a
+    floored set a pilot without a floor cannot be reached (it never turns the gate off)."""
     sims, _, _ = _pilot_similarities(queries, pilots)
-    floors = np.where(np.isnan(pilots.floors), -np.inf, pilots.floors)
+    if np.isnan(pilots.floors).all():
+        return np.ones(sims.shape[0], bool)
+    floors = np.where(np.isnan(pilots.floors), np.inf, pilots.floors)
     return (sims >= floors[None, :]).any(axis=1) if sims.shape[1] else np.zeros(sims.shape[0], bool)
 
 

@@ -18,6 +18,8 @@ benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import sys
 import time
@@ -34,7 +36,7 @@ app = typer.Typer(add_completion=False)
 QUANTILES = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
 
 
-def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path) -> dict:
+def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path, key: str) -> dict:
     """Base embeddings, dev mask and per-query nDCG@10 (columns: base, then engine.experts) of the
     domain's training queries searched in the union of ``domains`` (cached)."""
     from ir_measures import nDCG
@@ -44,7 +46,7 @@ def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: 
     from serve.offline.ir import (SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run,
                                   shift_rows, split_dev, union_offset)
 
-    path = cache / f"{domain}.pkl"
+    path = cache / f"{domain}-{key}.pkl"  # another expert set, sample or union: other tables
     if path.is_file():
         return pickle.loads(path.read_bytes())
     own = load_corpus_vectors(cfg, data_dir, [domain], False)
@@ -118,10 +120,12 @@ def main(
     if pilots is None or not set(doms) <= set(pilots.domains):
         raise SystemExit(f"{experts_dir}: build the pilots of {doms} first (`routerserve pilots build`)")
     engine = EncoderEngine(resolve_model(cfg.model.ref), {d: adapters[d] for d in doms}, encoder_settings(cfg))
+    key = hashlib.sha256(json.dumps([doms, {d: str(adapters[d]) for d in doms}, max_queries,
+                                     cfg.corpus.max_docs_per_dataset]).encode()).hexdigest()[:12]
     data = {}
     for d in doms:
         console.print(f"table of {d}'s training queries …")
-        data[d] = _table(cfg, data_dir, d, doms, engine, cache)
+        data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
     grid = []
     for q in [None, *QUANTILES]:
         row = {"quantile": q, "held_out": {}, "known": {}}
@@ -135,7 +139,7 @@ def main(
             score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]))
             row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
         row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
-        row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values()]))
+        row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
         grid.append(row)
         console.print(f"q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev {100 * row['known_dev_delta']:+.2f} "
                       + " ".join(f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))

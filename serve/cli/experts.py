@@ -102,6 +102,7 @@ def experts_train_multitask(
 def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt):
     """The experts of the served generation (experts.generation: the current one, or the pinned
     one), their pilot counts and whether the base guard lets the router send queries to them."""
+    from actors.routing import describe_guard
     from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, pilots_follow_config, served_experts
 
     cfg = _load(config, set_)
@@ -120,16 +121,10 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     console.print(table if table.row_count else "no experts in it: the base model serves every query")
     for name, g in sorted((pilots.guards if pilots is not None else {}).items()):
         if name in adapters:
-            console.print(_guard_line(name, g))
+            console.print(describe_guard(name, g))
     if pilots is not None:
         stale = "" if pilots_follow_config(pilots, cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
-
-
-def _guard_line(name: str, g: dict) -> str:
-    return (f"base guard of {name}: nDCG@10 {100 * g['expert_ndcg10']:.1f} vs base {100 * g['base_ndcg10']:.1f} on "
-            f"{g['num_queries']} {g['queries']} queries of {g['domain']} in {'+'.join(g['index'])} → "
-            + ("routed" if g["routed"] else "NOT routed: its queries go to the base model"))
 
 
 def _store(cfg):
@@ -362,9 +357,10 @@ def pilots_build(
     data_dir: Optional[Path] = DataOpt,
 ):
     """Group each domain's training queries by their best expert (nDCG@10); mean base embedding
-    per (domain, expert) = one pilot. Other domains' pilots are kept, unless they were grouped by
-    another rule (experts.pilot_margin / pilot_min_queries): then every domain is rebuilt. The
-    draft is then published as the current generation."""
+    per (domain, expert) = one pilot, with the domain's confidence floor and its expert's base guard
+    (dev nDCG@10 vs base in the served index). Other domains' pilots are kept, unless they were
+    grouped by another rule (experts.pilot_margin / pilot_min_queries / confidence_quantile /
+    base_guard): then every domain is rebuilt. The draft is then published as the current generation."""
     from serve.deploy.cluster import ensure_ray
     from serve.offline.pilots import build_pilots
 
@@ -379,10 +375,11 @@ def pilots_build(
     for domain, per in wins.items():
         table.add_row(domain, ", ".join(f"{e} ({n})" for e, n in per.items()))
     console.print(table)
+    from actors.routing import describe_guard
     from serve.artifacts.experts import load_pilots, publish_draft
 
     for name, g in sorted(load_pilots(cfg).guards.items()):
         if g["domain"] in wins:
-            console.print(_guard_line(name, g))
+            console.print(describe_guard(name, g))
 
     console.print(f"generation {publish_draft(cfg, f'pilots of {sorted(wins)} rebuilt').id} is current")

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from actors.encoder import BASE, EncoderEngine
-from actors.routing import get_policy, route
+from actors.routing import describe_guard, get_policy, route
 
 from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, pilots_follow_config, served_experts
 from serve.artifacts.models import encoder_settings, resolve_model
@@ -170,8 +170,9 @@ def evaluate(
         raise ValueError(f"unknown policies {unknown}; available: {eval_policies()}")
     if setting not in ("per_domain", "union", "lodo"):
         raise ValueError("setting must be 'per_domain', 'union' or 'lodo'")
-    if setting == "lodo" and "classifier" in policies:
-        raise ValueError("policy classifier is trained on every expert's domain: it has no leave-one-domain-out form")
+    trained_on_all = [p for p in ("classifier", "multitask") if p in policies]
+    if setting == "lodo" and trained_on_all:
+        raise ValueError(f"policies {trained_on_all} are trained on every domain: they have no leave-one-domain-out form")
     t0 = time.perf_counter()
     gen, adapters, pilots = served_experts(cfg)  # what the service serves: the current (or pinned) generation
     if pilots is not None and not pilots_follow_config(pilots, cfg):
@@ -191,6 +192,8 @@ def evaluate(
     classifier = _train_classifier(cfg, data_dir, engine, experts) if "classifier" in policies else None
     ndcg_m, recall_m = measures()
     union = load_corpus_vectors(cfg, data_dir, domains, progress) if setting != "per_domain" else None
+    # a domain's own expert (lodo drops it): as its base guard recorded, else named like the domain
+    owner_of = {g["domain"]: e for e, g in (pilots.guards if pilots is not None else {}).items()}
     scores: dict[str, dict[str, float]] = {p: {} for p in policies}
     recall: dict[str, dict[str, float]] = {p: {} for p in policies}
     confusion: dict[str, dict[str, int]] = {p: {} for p in policies}
@@ -211,7 +214,8 @@ def evaluate(
         texts = [queries[q] for q in qids]
         known, known_pilots = experts, pilots
         if setting == "lodo":  # the domain's own expert and every pilot built from its queries: gone
-            known = [e for e in experts if e != domain]
+            own = owner_of.get(domain, domain)
+            known = [e for e in experts if e != own]
             known_pilots = pilots.without_domains([domain]) if pilots is not None else None
         candidates = [BASE, *known]  # the oracles choose among these
         scored = candidates + list(extra)
@@ -280,9 +284,7 @@ def write_report(result: dict, stem: Path) -> list[Path]:
             lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
                          "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest)")
     for e, g in (result.get("guards") or {}).items():
-        lines.append(f"Base guard of {e}: dev nDCG@10 {100 * g['expert_ndcg10']:.1f} vs base {100 * g['base_ndcg10']:.1f} on "
-                     f"{g['num_queries']} {g['queries']} queries of {g['domain']} in {'+'.join(g['index'])} → "
-                     + ("routed" if g["routed"] else "NOT routed (its queries go to base)"))
+        lines.append(describe_guard(e, g)[0].upper() + describe_guard(e, g)[1:])
     if result["setting"] == "lodo":
         lines.append("Leave-one-domain-out: each domain's queries are routed without its own expert and its pilots "
                      "(the oracles choose among base and the other experts).")

@@ -112,16 +112,22 @@ def domain_pilots(
 
 
 def serving_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
-    """The corpora a query of ``domain`` is searched in when served: the served index's datasets
-    when the domain is one of them, else (its documents are not served) the domain's own."""
-    return list(dict.fromkeys(cfg.corpus.datasets)) if domain in cfg.corpus.datasets else [domain]
+    """The corpora a query of ``domain`` meets when served: the served index's datasets
+    (``corpus.datasets``), plus the domain's own where they lack it (its judged documents must be
+    there to score it). Training with ``negatives: union`` and the base guard both use this."""
+    return list(dict.fromkeys([*cfg.corpus.datasets, domain]))
+
+
+GUARD_EPSILON = 1e-4  # nDCG@10 (0-1): a smaller edge over base is float noise (e.g. a step-0 adapter), not a win
 
 
 def base_guard(engine: EncoderEngine, expert: str, domain: str, examples: list, corpus, serving, dev_fraction: float) -> dict:
     """The base guard of ``expert`` (owner of ``domain``): mean nDCG@10 of the base model and of the
     expert on the domain's dev queries (``split_dev``, the queries training held out), searched in
     ``serving`` (the served index's vectors; ``corpus`` is the domain's own). A domain too small to
-    hold dev queries out is judged on all its training queries (said in ``queries``)."""
+    hold dev queries out is judged on all its training queries (said in ``queries``: the expert
+    trained on those, so that verdict favours it). Routed only when the expert wins by more than
+    ``GUARD_EPSILON``."""
     _, dev = split_dev(examples, dev_fraction)
     which = "dev" if dev else "training"
     dev = dev or examples
@@ -130,7 +136,7 @@ def base_guard(engine: EncoderEngine, expert: str, domain: str, examples: list, 
     texts, score = dev_scorer(domain, dev, serving)
     base, own = score(engine.encode(texts, BASE)), score(engine.encode(texts, expert))
     return {"domain": domain, "queries": which, "num_queries": len(texts), "index": sorted(set(serving.datasets)),
-            "base_ndcg10": round(base, 6), "expert_ndcg10": round(own, 6), "routed": bool(own > base)}
+            "base_ndcg10": round(base, 6), "expert_ndcg10": round(own, 6), "routed": bool(own > base + GUARD_EPSILON)}
 
 
 def build_pilots(
@@ -143,11 +149,15 @@ def build_pilots(
     """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain.
     ``owners``: domain → its own expert where the names differ (``experts add --domain``).
     When the pilots on disk were grouped by another rule than the config's (``experts.pilot_margin``,
-    ``experts.pilot_min_queries``; files without a recorded rule count as another), every domain
-    that has pilots is rebuilt too, so the file never mixes rules."""
+    ``pilot_min_queries``, ``confidence_quantile``, ``base_guard``; files without a recorded rule
+    count as another), every domain that has pilots is rebuilt too, so the file never mixes rules."""
     adapters = enabled_experts(cfg)
     current = load_pilots(cfg)
     rule = pilot_rule(cfg)
+    # each domain's own expert: as given, else as its last guard recorded (``experts add --domain``
+    # names it differently from the domain), else the expert named like the domain
+    owners = {**{g["domain"]: e for e, g in (current.guards if current is not None else {}).items() if e in adapters},
+              **(owners or {})}
     if not domains:  # the domains that have pilots, plus every expert named after a dataset
         domains = list(dict.fromkeys(current.domains)) if current is not None else []
         domains += [a for a in adapters if a not in domains and (Path(data_dir) / a / "corpus.jsonl").is_file()]
@@ -159,19 +169,27 @@ def build_pilots(
         domains, current = [*domains, *stale], None
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}
+    served = None
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples = domain_examples(cfg, data_dir, domain, corpus)
         qids = [q for q, _, _, _ in examples]
         qrels = examples_qrels(domain, examples, corpus)
-        owner = (owners or {}).get(domain, domain)
+        owner = owners.get(domain, domain)
         new, wins = domain_pilots(
             engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, owner,
             cfg.experts.pilot_margin, cfg.experts.pilot_min_queries, rule, cfg.experts.confidence_quantile,
         )
         if cfg.experts.base_guard and owner in engine.experts:
             names = serving_datasets(cfg, domain)
-            serving = corpus if names == [domain] else load_corpus_vectors(cfg, data_dir, names, progress)
+            if names == [domain]:
+                serving = corpus
+            elif domain in cfg.corpus.datasets:  # the served index's vectors, loaded once for its domains
+                if served is None:
+                    served = load_corpus_vectors(cfg, data_dir, names, progress)
+                serving = served
+            else:
+                serving = load_corpus_vectors(cfg, data_dir, names, progress)
             new.guards[owner] = guard = base_guard(engine, owner, domain, examples, corpus, serving,
                                                    cfg.experts.training.dev_fraction)
             if not guard["routed"]:

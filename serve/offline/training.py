@@ -43,7 +43,7 @@ from serve.config import ExpertTrainConfig, RouterServeConfig
 
 from .indexing import load_corpus_vectors
 from .ir import dev_scorer, domain_examples, shift_rows, split_dev, training_queries, union_offset
-from .pilots import build_pilots
+from .pilots import build_pilots, serving_datasets
 
 OnProgress = Callable[..., None]  # (stage, done=None, total=None): an admin job's progress (JobReporter.progress)
 
@@ -90,7 +90,7 @@ def train_domain_expert(
     examples = domain_examples(cfg, data_dir, domain, corpus)
     examples, dev_examples = split_dev(examples, train.dev_fraction)
     if train.negatives == "union":  # train and choose the step against what serving searches
-        names = list(dict.fromkeys([*cfg.corpus.datasets, domain]))
+        names = serving_datasets(cfg, domain)
         stage(f"base vectors of {', '.join(names)}")
         union = load_corpus_vectors(cfg, data_dir, names, progress)
         offset = union_offset(union, domain, corpus)

@@ -99,6 +99,8 @@ def test_the_confidence_floor_sends_queries_of_no_known_domain_to_base():
     assert route(_unit([far]), pilots, get_policy("pilot_mean"), gate=False)[0] == ["A"]  # the bare rule picks one
     unfloored = PilotSet(pilots.embeddings, pilots.experts, pilots.domains)  # a file from before the floor
     assert route(_unit([far]), unfloored, get_policy("pilot_mean"))[0] == ["A"]
+    half = PilotSet(pilots.embeddings, pilots.experts, pilots.domains, floors=np.array([np.nan, 0.8]))
+    assert route(_unit([near_a, near_b, far]), half, get_policy("pilot_mean")).how == ["floor", "routed", "floor"]
     assert route(_unit([far]), PilotSet.empty(3), get_policy("pilot_mean"))[0] == ["base"]
 
 

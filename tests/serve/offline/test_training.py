@@ -411,6 +411,12 @@ def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_
     base = EncoderEngine(resolve_model(cfg.model.ref), None, encoder_settings(cfg)).encode([t for _, t, _ in examples])
     assert route(base, pilots, get_policy("pilot_mean"))[0] == ["base"] * len(examples)
     assert route(base, pilots, get_policy("pilot_mean"), gate=False)[0] == ["nf-same"] * len(examples)
+    # a full rebuild (another rule) keeps judging nf-same as nfcorpus's own expert: the guard says so
+    from serve.offline.pilots import build_pilots
+
+    cfg.experts.confidence_quantile = 0.5
+    build_pilots(cfg, data_dir, progress=False)
+    assert load_pilots(cfg).guards["nf-same"]["domain"] == "nfcorpus" and load_pilots(cfg).unrouted == {"nf-same"}
     cfg.experts.base_guard = False
     add_expert(cfg, data_dir, "nf-same", same, domain="nfcorpus", replace=True, progress=False)
     assert load_pilots(cfg).guards == {} and load_pilots(cfg).unrouted == set()
