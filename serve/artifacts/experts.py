@@ -69,8 +69,21 @@ def pilot_rule(cfg: RouterServeConfig) -> str:
             + (" base_guard" if e.base_guard else ""))
 
 
+def serving_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
+    """The corpora a query of ``domain`` meets when served: the served index's datasets
+    (``corpus.datasets``), plus the domain's own where they lack it (its judged documents must be
+    there to score it). Training with ``negatives: union`` and the base guard both use this."""
+    return list(dict.fromkeys([*cfg.corpus.datasets, domain]))
+
+
+def stale_guards(pilots: PilotSet, cfg: RouterServeConfig) -> list[str]:
+    """Experts whose base guard was judged in another index than the config serves now."""
+    return sorted(e for e, g in pilots.guards.items() if sorted(g["index"]) != sorted(serving_datasets(cfg, g["domain"])))
+
+
 def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> bool:
-    return pilots is not None and pilots.rule == pilot_rule(cfg)
+    """Grouped by the config's rule, and every base guard judged in the index it serves."""
+    return pilots is not None and pilots.rule == pilot_rule(cfg) and not stale_guards(pilots, cfg)
 
 
 def adapter_under_root(root: str | os.PathLike, adapter: str | os.PathLike) -> Path:

@@ -103,7 +103,7 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     """The experts of the served generation (experts.generation: the current one, or the pinned
     one), their pilot counts and whether the base guard lets the router send queries to them."""
     from actors.routing import describe_guard
-    from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, pilots_follow_config, served_experts
+    from serve.artifacts.experts import adapters_root, enabled_experts, pilot_rule, served_experts, stale_guards
 
     cfg = _load(config, set_)
     with exit_on(GenerationError, FileNotFoundError):
@@ -123,7 +123,10 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
         if name in adapters:
             console.print(describe_guard(name, g))
     if pilots is not None:
-        stale = "" if pilots_follow_config(pilots, cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
+        stale = "" if pilots.rule == pilot_rule(cfg) else f" [yellow](config asks {pilot_rule(cfg)!r}: run `routerserve pilots build`)[/yellow]"
+        if stale_guards(pilots, cfg):
+            stale += (f" [yellow](the base guards of {stale_guards(pilots, cfg)} were judged in another index than corpus.datasets "
+                      f"{cfg.corpus.datasets}: run `routerserve pilots build`)[/yellow]")
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from actors.encoder import BASE, EncoderEngine
 from actors.routing import describe_guard, get_policy, route
 
-from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, pilots_follow_config, served_experts
+from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, served_experts, stale_guards
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import RouterServeConfig
 
@@ -175,11 +175,16 @@ def evaluate(
         raise ValueError(f"policies {trained_on_all} are trained on every domain: they have no leave-one-domain-out form")
     t0 = time.perf_counter()
     gen, adapters, pilots = served_experts(cfg)  # what the service serves: the current (or pinned) generation
-    if pilots is not None and not pilots_follow_config(pilots, cfg):
+    if pilots is not None and pilots.rule != pilot_rule(cfg):
         raise ValueError(
             f"the pilots of generation {gen.id} in {cfg.experts.dir} were grouped by {pilots.rule or 'an unrecorded rule'!r}, the config "
             f"(experts.pilot_margin, experts.pilot_min_queries) asks {pilot_rule(cfg)!r}: "
             "rebuild them first ('routerserve pilots build')"
+        )
+    if pilots is not None and stale_guards(pilots, cfg):
+        raise ValueError(
+            f"the base guards of {stale_guards(pilots, cfg)} in generation {gen.id} were judged in another index than "
+            f"corpus.datasets {cfg.corpus.datasets} serves: rebuild the pilots first ('routerserve pilots build')"
         )
     experts = [e for e in (pilots.expert_names if pilots else []) if e in adapters]
     extra = {}

@@ -25,7 +25,7 @@ import numpy as np
 from actors.encoder import BASE, EncoderEngine
 from actors.routing import PilotSet, domain_floor, replace_domains
 
-from serve.artifacts.experts import enabled_experts, load_pilots, pilot_rule, pilots_path
+from serve.artifacts.experts import enabled_experts, load_pilots, pilot_rule, pilots_follow_config, pilots_path, serving_datasets
 from serve.artifacts.models import encoder_settings, resolve_model
 from serve.config import RouterServeConfig
 
@@ -111,13 +111,6 @@ def domain_pilots(
     return pilots_from_groups(base, best, experts, domain, base_model, rule, floor_quantile)
 
 
-def serving_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
-    """The corpora a query of ``domain`` meets when served: the served index's datasets
-    (``corpus.datasets``), plus the domain's own where they lack it (its judged documents must be
-    there to score it). Training with ``negatives: union`` and the base guard both use this."""
-    return list(dict.fromkeys([*cfg.corpus.datasets, domain]))
-
-
 GUARD_EPSILON = 1e-4  # nDCG@10 (0-1): a smaller edge over base is float noise (e.g. a step-0 adapter), not a win
 
 
@@ -161,11 +154,12 @@ def build_pilots(
     if not domains:  # the domains that have pilots, plus every expert named after a dataset
         domains = list(dict.fromkeys(current.domains)) if current is not None else []
         domains += [a for a in adapters if a not in domains and (Path(data_dir) / a / "corpus.jsonl").is_file()]
-    if current is not None and current.rule != rule:  # rebuild every domain on disk, under this rule
+    if current is not None and not pilots_follow_config(current, cfg):  # rebuild every domain on disk, under this rule
         stale = [d for d in dict.fromkeys(current.domains) if d not in domains]
         if stale:
-            logger.warning("pilots on disk were grouped by %r, the config asks %r: rebuilding %s too",
-                           current.rule or "an unrecorded rule", rule, stale)
+            logger.warning("pilots on disk were grouped by %r (guards judged in %s), the config asks %r (index %s): "
+                           "rebuilding %s too", current.rule or "an unrecorded rule",
+                           sorted({"+".join(g["index"]) for g in current.guards.values()}), rule, cfg.corpus.datasets, stale)
         domains, current = [*domains, *stale], None
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}

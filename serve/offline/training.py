@@ -35,6 +35,7 @@ from serve.artifacts.experts import (
     multitask_dir,
     pilots_follow_config,
     publish_draft,
+    serving_datasets,
 )
 from serve.artifacts.atomic import staged_dir
 from serve.artifacts.generations import check_expert_name
@@ -43,7 +44,7 @@ from serve.config import ExpertTrainConfig, RouterServeConfig
 
 from .indexing import load_corpus_vectors
 from .ir import dev_scorer, domain_examples, shift_rows, split_dev, training_queries, union_offset
-from .pilots import build_pilots, serving_datasets
+from .pilots import build_pilots
 
 OnProgress = Callable[..., None]  # (stage, done=None, total=None): an admin job's progress (JobReporter.progress)
 

@@ -59,7 +59,7 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
 
     experts = tmp_path / "experts"
     shutil.copytree(random_adapters["alpha"], experts / "adapters" / "alpha")
-    guard = {"alpha": {"domain": "scifact", "queries": "dev", "num_queries": 12, "index": ["nfcorpus", "scifact"],
+    guard = {"alpha": {"domain": "scifact", "queries": "dev", "num_queries": 12, "index": ["cranfield", "nfcorpus", "scifact"],
                        "base_ndcg10": 0.5, "expert_ndcg10": 0.25, "routed": False}}
     PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1",
              guards=guard).save(experts)
@@ -73,9 +73,12 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
     assert "generation g000001" in r.output
     assert "alpha" in r.output and "│ 2 " in r.output.replace("  ", " ")
     text = " ".join(r.output.split())  # rich wraps long lines
-    assert "nDCG@10 25.0 vs base 50.0 on 12 dev queries of scifact in nfcorpus+scifact → NOT routed" in text
+    assert "nDCG@10 25.0 vs base 50.0 on 12 dev queries of scifact in cranfield+nfcorpus+scifact → NOT routed" in text
     assert "│ no " in r.output.replace("  ", " ")  # the base guard holds alpha back
     assert "pilot rule: best_expert margin=0 min_queries=1" in text and "routerserve pilots build" in text
-    same = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1",
-                               "--set", "experts.confidence_quantile=null", "--set", "experts.base_guard=false"])
+    same = [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1",
+            "--set", "experts.confidence_quantile=null", "--set", "experts.base_guard=false"]
+    moved = runner.invoke(app, [*same, "--set", "corpus.datasets=[scifact]"])  # the served index changed since
+    assert moved.exit_code == 0 and "base guards of ['alpha'] were judged in another index" in " ".join(moved.output.split())
+    same = runner.invoke(app, same)
     assert same.exit_code == 0 and "pilots build" not in same.output

@@ -417,6 +417,13 @@ def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_
     cfg.experts.confidence_quantile = 0.5
     build_pilots(cfg, data_dir, progress=False)
     assert load_pilots(cfg).guards["nf-same"]["domain"] == "nfcorpus" and load_pilots(cfg).unrouted == {"nf-same"}
+    # the served index changes: the guard was judged elsewhere, so the pilots no longer follow the config
+    from serve.artifacts.experts import pilots_follow_config, stale_guards
+
+    cfg.corpus.datasets = ["nfcorpus"]
+    assert stale_guards(load_pilots(cfg), cfg) == ["nf-same"] and not pilots_follow_config(load_pilots(cfg), cfg)
+    build_pilots(cfg, data_dir, ["nfcorpus"], progress=False)
+    assert load_pilots(cfg).guards["nf-same"]["index"] == ["nfcorpus"] and pilots_follow_config(load_pilots(cfg), cfg)
     cfg.experts.base_guard = False
     add_expert(cfg, data_dir, "nf-same", same, domain="nfcorpus", replace=True, progress=False)
     assert load_pilots(cfg).guards == {} and load_pilots(cfg).unrouted == set()
