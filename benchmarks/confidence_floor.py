@@ -43,6 +43,7 @@ def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: 
 
     from actors.encoder import BASE
     from serve.offline.indexing import load_corpus_vectors
+    from serve.offline.pilots import expert_table
     from serve.offline.ir import (SELF_RETRIEVAL_DOMAINS, domain_examples, examples_qrels, per_query, search_run,
                                   shift_rows, split_dev, union_offset)
 
@@ -56,13 +57,10 @@ def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: 
     examples = shift_rows(examples, union_offset(union, domain, own))
     qids, texts = [q for q, _, _, _ in examples], [t for _, t, _, _ in examples]
     qrels = examples_qrels(domain, examples, union)
-    cols, base = [], None
-    for name in [BASE, *engine.experts]:
-        vectors = engine.encode(texts, name)
-        base = vectors if name == BASE else base
-        scores = per_query(qrels, search_run(vectors, qids, union, 10, domain in SELF_RETRIEVAL_DOMAINS, domain), nDCG @ 10)
-        cols.append([scores[q] for q in qids])
-    out = {"qids": qids, "base": base, "dev": np.array([q in dev for q in qids]), "table": np.array(cols).T,
+    base = engine.encode(texts, BASE)
+    scores = per_query(qrels, search_run(base, qids, union, 10, domain in SELF_RETRIEVAL_DOMAINS, domain), nDCG @ 10)
+    table = np.column_stack([[scores[q] for q in qids], expert_table(engine, domain, qids, texts, qrels, union)])
+    out = {"qids": qids, "base": base, "dev": np.array([q in dev for q in qids]), "table": table,
            "experts": list(engine.experts)}
     cache.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(out))

@@ -289,7 +289,7 @@ def write_report(result: dict, stem: Path) -> list[Path]:
             lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
                          "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest)")
     for e, g in (result.get("guards") or {}).items():
-        lines.append(describe_guard(e, g)[0].upper() + describe_guard(e, g)[1:])
+        lines.append(describe_guard(e, g))
     if result["setting"] == "lodo":
         lines.append("Leave-one-domain-out: each domain's queries are routed without its own expert and its pilots "
                      "(the oracles choose among base and the other experts).")

@@ -163,7 +163,7 @@ def build_pilots(
         domains, current = [*domains, *stale], None
     engine = EncoderEngine(resolve_model(cfg.model.ref), adapters, encoder_settings(cfg))
     report = {}
-    served = None
+    served: dict[tuple[str, ...], object] = {}
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples = domain_examples(cfg, data_dir, domain, corpus)
@@ -178,12 +178,10 @@ def build_pilots(
             names = serving_datasets(cfg, domain)
             if names == [domain]:
                 serving = corpus
-            elif domain in cfg.corpus.datasets:  # the served index's vectors, loaded once for its domains
-                if served is None:
-                    served = load_corpus_vectors(cfg, data_dir, names, progress)
-                serving = served
-            else:
-                serving = load_corpus_vectors(cfg, data_dir, names, progress)
+            else:  # the served index's vectors: loaded once for every domain searched in it
+                if tuple(names) not in served:
+                    served[tuple(names)] = load_corpus_vectors(cfg, data_dir, names, progress)
+                serving = served[tuple(names)]
             new.guards[owner] = guard = base_guard(engine, owner, domain, examples, corpus, serving,
                                                    cfg.experts.training.dev_fraction)
             if not guard["routed"]:
