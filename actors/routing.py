@@ -7,8 +7,10 @@ A policy is one small class with one method, registered by name (RouteLLM style)
         def score(self, queries, pilots) -> np.ndarray: ...   # [n_queries, n_experts]
 
 Pilot embeddings (RouterRetriever, arXiv 2409.02685) are base-model embeddings of representative
-training queries, each labelled with the expert it should go to. Similarity is cosine: queries
-and pilots are L2-normalised here whatever the encoder's own convention.
+training queries, each labelled with the expert it should go to: the mean of a group of training
+queries. The pilot file also keeps the groups' **members** (each training query's base embedding
+and the pilot it joined), which ``pilot_knn`` routes by. Similarity is cosine: queries, pilots and
+members are L2-normalised here whatever the encoder's own convention.
 
 Two safeguards sit around the policy (``route``), both recorded in the pilot file when the pilots
 are built (serve.offline.pilots), both chosen on training queries only:
@@ -51,6 +53,8 @@ class PilotSet:
     rule: str = ""  # how the pilots were grouped (serve.artifacts.experts.pilot_rule); "" = not recorded
     floors: np.ndarray | None = None  # [P] confidence floor per pilot (cosine); NaN / None: no floor
     guards: dict[str, dict] = field(default_factory=dict)  # expert -> its base guard (dev nDCG@10, routed)
+    members: np.ndarray | None = None  # [M, D] base embeddings of the training queries behind the pilots
+    member_pilot: np.ndarray | None = None  # [M] the pilot (row) each member joined; None / empty: no members
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -67,6 +71,15 @@ class PilotSet:
         self.experts = [str(e) for e in self.experts]
         self.domains = [str(d) for d in self.domains]
         self.guards = {str(k): dict(v) for k, v in (self.guards or {}).items()}
+        dim = self.embeddings.shape[1]
+        self.members = (np.zeros((0, dim), np.float32) if self.members is None
+                        else np.asarray(self.members, np.float32).reshape(-1, dim))
+        self.member_pilot = (np.zeros(0, np.int64) if self.member_pilot is None
+                             else np.asarray(self.member_pilot, np.int64).reshape(-1))
+        if self.member_pilot.shape[0] != self.members.shape[0]:
+            raise ValueError("member_pilot must name one pilot per member")
+        if self.member_pilot.size and (self.member_pilot.min() < 0 or self.member_pilot.max() >= n):
+            raise ValueError("member_pilot names a pilot that does not exist")
 
     @property
     def unrouted(self) -> set[str]:
@@ -91,7 +104,17 @@ class PilotSet:
         """Without the pilots built from ``domains``' queries (leave-one-domain-out evaluation)."""
         return self._rows([i for i, d in enumerate(self.domains) if d not in set(domains)], self.guards)
 
+    def without_members(self, rows: np.ndarray) -> "PilotSet":
+        """Without the members at ``rows`` (an evaluation on queries that are members: no query
+        may find itself)."""
+        keep = np.setdiff1d(np.arange(self.members.shape[0]), np.asarray(rows, np.int64))
+        return PilotSet(self.embeddings, self.experts, self.domains, self.base_model, self.rule, self.floors,
+                        self.guards, self.members[keep], self.member_pilot[keep])
+
     def _rows(self, keep: list[int], guards: dict) -> "PilotSet":
+        new_row = np.full(self.embeddings.shape[0], -1, np.int64)
+        new_row[keep] = np.arange(len(keep))
+        mine = new_row[self.member_pilot] >= 0  # members follow their pilot
         return PilotSet(
             self.embeddings[keep],
             [self.experts[i] for i in keep],
@@ -100,6 +123,8 @@ class PilotSet:
             self.rule,
             self.floors[keep],
             guards,
+            self.members[mine],
+            new_row[self.member_pilot[mine]],
         )
 
     @classmethod
@@ -121,6 +146,8 @@ class PilotSet:
             rule=np.array(self.rule, dtype=str),
             floors=self.floors,
             guards=np.array(json.dumps(self.guards, sort_keys=True), dtype=str),
+            members=self.members,
+            member_pilot=self.member_pilot,
         )
         with open(tmp, "rb") as fh:  # on disk before it replaces the old file
             os.fsync(fh.fileno())
@@ -141,6 +168,8 @@ class PilotSet:
                 str(data["rule"]) if "rule" in data else "",
                 data["floors"] if "floors" in data else None,  # files from before the floor: none
                 json.loads(str(data["guards"])) if "guards" in data else {},
+                data["members"] if "members" in data else None,  # files from before members: none
+                data["member_pilot"] if "member_pilot" in data else None,
             )
 
 
@@ -153,6 +182,7 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
         raise ValueError("current pilots carry no domains; rebuild them with 'routerserve pilots build'")
     doomed = set(new.domains)
     keep = [i for i, d in enumerate(current.domains) if d not in doomed]
+    kept = current._rows(keep, current.guards)
     if keep and current.dim != new.dim:
         raise ValueError("pilot dimensions differ")
     if keep and current.rule != new.rule:
@@ -168,6 +198,8 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
         new.rule,
         np.concatenate([current.floors[keep], new.floors]),
         {**current.guards, **new.guards},
+        np.concatenate([kept.members, new.members]),
+        np.concatenate([kept.member_pilot, new.member_pilot + len(keep)]),
     )
 
 
@@ -237,6 +269,34 @@ class PilotNearestPolicy(RoutingPolicy):
 
     def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
         return _per_expert(queries, pilots, np.max)
+
+
+@register_policy("pilot_knn")
+class PilotKnnPolicy(RoutingPolicy):
+    """Instance-level pilots: an expert's score is the mean cosine of the query's ``K`` most similar
+    pilot MEMBERS (training queries) labelled with it — each training query votes where the pilot
+    rule put it, so a domain's queries are not averaged into one point. An expert with fewer members
+    averages over those it has; a pilot set without members (a file from before them) scores by the
+    pilots themselves (nearest pilot). K chosen on dev queries (benchmarks/confidence_floor.py)."""
+
+    K: ClassVar[int] = 1
+
+    def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
+        names = pilots.expert_names
+        if not pilots.members.shape[0]:
+            return _per_expert(queries, pilots, np.max)
+        q = l2_normalize(np.atleast_2d(queries))
+        sims = q @ l2_normalize(pilots.members).T
+        col = {n: i for i, n in enumerate(names)}
+        label = np.array([col[pilots.experts[p]] for p in pilots.member_pilot], dtype=np.int64)
+        out = np.full((q.shape[0], len(names)), -1.0, dtype=np.float32)
+        for j in range(len(names)):
+            own = sims[:, label == j]
+            if own.shape[1] == 0:  # an expert whose members were all dropped: its pilots stand in
+                own = q @ l2_normalize(pilots.embeddings[[i for i, e in enumerate(pilots.experts) if e == names[j]]]).T
+            k = min(self.K, own.shape[1])
+            out[:, j] = -np.mean(np.partition(-own, k - 1, axis=1)[:, :k], axis=1)
+        return out
 
 
 def describe_guard(expert: str, g: dict) -> str:

@@ -1,4 +1,5 @@
-"""The confidence floor's quantile (experts.confidence_quantile), chosen on TRAINING queries only.
+"""The routing policy (experts.policy) and its confidence floor (experts.confidence_quantile), chosen on
+TRAINING and DEV queries only.
 
     .venv/bin/python benchmarks/confidence_floor.py --experts-dir .routerserve/union-negatives/union \
         --cache .routerserve/confidence-floor --set 'corpus.datasets=[scifact,nfcorpus,arguana,cranfield,npl]'
@@ -12,7 +13,10 @@ set at q, and d's training queries are routed (pilot_mean, in the union index of
 their nDCG@10 is read from a per-query table of base and every expert. Selected: the smallest q
 on the grid at which every held-out domain stays within ``--tolerance`` of base (else the q with
 the best worst-case). The cost on known domains is reported beside it: their DEV queries (held out
-from training) routed with every expert present. No test query is read. Writes
+from training) routed with every expert present (for ``pilot_knn``, the dev queries' own member
+rows dropped: no query finds itself). The grid runs for each routing policy of ``--policies``
+(``pilot_knn:K`` sets the policy's K); the policy with the best known-dev gain at its selected
+quantile is the one to serve (experts.policy). No test query is read. Writes
 benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
 """
 
@@ -76,16 +80,42 @@ def with_floors(pilots, data: dict, quantile: float | None):
         for d in set(pilots.domains):
             rows = [i for i, x in enumerate(pilots.domains) if x == d]
             floors[rows] = domain_floor(data[d]["base"], pilots.embeddings[rows], quantile)
-    return PilotSet(pilots.embeddings, pilots.experts, pilots.domains, pilots.base_model, pilots.rule, floors, pilots.guards)
+    return PilotSet(pilots.embeddings, pilots.experts, pilots.domains, pilots.base_model, pilots.rule, floors, pilots.guards,
+                    pilots.members, pilots.member_pilot)
 
 
-def routed(pilots, part: dict, rows: np.ndarray) -> tuple[float, float, float]:
+def policy_of(spec: str):
+    """A routing policy by name; ``pilot_knn:K`` with its K set."""
+    from actors.routing import get_policy
+
+    name, _, k = spec.partition(":")
+    policy = get_policy(name)
+    if k:
+        policy.K = int(k)
+    return policy
+
+
+def without_dev_members(pilots, data: dict):
+    """``pilots`` without the members that are dev queries. A domain's members are its training
+    queries in ``data``'s row order (the same sample); checked, not assumed."""
+    domain_of = np.array(pilots.domains)[pilots.member_pilot] if pilots.members.shape[0] else np.array([])
+    drop = []
+    for d, part in data.items():
+        rows = np.flatnonzero(domain_of == d)
+        if len(rows) != len(part["qids"]) or not np.allclose(pilots.members[rows], part["base"], atol=1e-4):
+            raise SystemExit(f"the pilots' members of {d} are not its training queries: rebuild the pilots with this "
+                             "config (`routerserve pilots build`)")
+        drop += list(rows[part["dev"]])
+    return pilots.without_members(np.array(drop, np.int64))
+
+
+def routed(pilots, part: dict, rows: np.ndarray, policy) -> tuple[float, float, float]:
     """(routed nDCG@10, base nDCG@10, share sent to base) of ``part``'s queries at ``rows``."""
     from actors.encoder import BASE
-    from actors.routing import get_policy, route
+    from actors.routing import route
 
     cols = [BASE, *part["experts"]]
-    chosen = route(part["base"][rows], pilots, get_policy("pilot_mean")).chosen
+    chosen = route(part["base"][rows], pilots, policy).chosen
     table = part["table"][rows]
     score = float(np.mean([table[i, cols.index(c)] for i, c in enumerate(chosen)]))
     return score, float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen]))
@@ -99,6 +129,7 @@ def main(
     tolerance: float = typer.Option(0.005, help="a held-out domain may fall this far below base (nDCG@10, 0-1)"),
     cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
     name: str = typer.Option("confidence_floor"),
+    policies: str = typer.Option("pilot_mean,pilot_knn:1,pilot_knn:3,pilot_knn:5"),
     set_: Optional[list[str]] = typer.Option(None, "--set"),
 ):
     from rich.console import Console
@@ -124,49 +155,64 @@ def main(
     for d in doms:
         console.print(f"table of {d}'s training queries …")
         data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
-    grid = []
-    for q in [None, *QUANTILES]:
-        row = {"quantile": q, "held_out": {}, "known": {}}
-        for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
-            others = [e for e in doms if e != d]
-            fold = with_floors(pilots.without_domains([d]).restrict(others), data, q)
-            score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])))
-            row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
-        full = with_floors(pilots.restrict(doms), data, q)
-        for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
-            score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]))
-            row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
-        row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
-        row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
-        grid.append(row)
-        console.print(f"q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev {100 * row['known_dev_delta']:+.2f} "
-                      + " ".join(f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))
-    ok = [r for r in grid if r["quantile"] is not None and r["worst_held_out_delta"] >= -tolerance]
-    best = ok[0] if ok else max((r for r in grid if r["quantile"] is not None), key=lambda r: r["worst_held_out_delta"])
+    results = {}
+    for spec in policies.split(","):
+        policy = policy_of(spec)
+        grid = []
+        for q in [None, *QUANTILES]:
+            row = {"quantile": q, "held_out": {}, "known": {}}
+            for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
+                others = [e for e in doms if e != d]
+                fold = with_floors(pilots.without_domains([d]).restrict(others), data, q)
+                score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
+                row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
+            full = without_dev_members(with_floors(pilots.restrict(doms), data, q), data)
+            for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
+                score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
+                row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
+            row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
+            row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
+            grid.append(row)
+            console.print(f"{spec} q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev "
+                          f"{100 * row['known_dev_delta']:+.2f} " + " ".join(
+                              f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))
+        ok = [r for r in grid if r["quantile"] is not None and r["worst_held_out_delta"] >= -tolerance]
+        best = ok[0] if ok else max((r for r in grid if r["quantile"] is not None), key=lambda r: r["worst_held_out_delta"])
+        results[spec] = {"grid": grid, "selected_quantile": best["quantile"], "known_dev_delta": best["known_dev_delta"],
+                         "worst_held_out_delta": best["worst_held_out_delta"]}
+    chosen = max(results, key=lambda p: results[p]["known_dev_delta"])
     doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
-           "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_quantile": best["quantile"],
+           "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_policy": chosen,
+           "selected_quantile": results[chosen]["selected_quantile"], "policies": results,
            "num_queries": {d: {"training": len(data[d]["qids"]), "dev": int(data[d]["dev"].sum())} for d in doms},
-           "grid": grid, "test_queries_read": 0, "seconds": time.perf_counter() - t0}
-    console.print(f"selected experts.confidence_quantile = {best['quantile']}")
+           "test_queries_read": 0, "seconds": time.perf_counter() - t0}
+    console.print(f"selected experts.policy = {chosen}, experts.confidence_quantile = {doc['selected_quantile']}")
     console.print(write_json(name, doc, RESULTS))
     write_markdown(name, render(doc, doms), RESULTS)
 
 
 def render(doc: dict, doms: list[str]) -> str:
-    lines = ["# The confidence floor's quantile, chosen on training queries (issue 19)", "",
+    lines = ["# The routing policy and its confidence floor, chosen on training queries (issue 19)", "",
              f"`{doc['command']}` · commit {doc['commit']} · {doc['date']} · {doc['machine'].get('cpu', '?')} · pilots: "
              f"{doc['pilot_rule']}", "",
              "Held out: each domain's TRAINING queries routed without its expert and its pilots (the union index of every "
-             "domain; pilot_mean), nDCG@10 minus base, and the share sent to base. Known: every domain's DEV queries with "
-             f"every expert present. Selected: the smallest quantile keeping every held-out domain within "
-             f"{100 * doc['tolerance']:.1f} of base → **{doc['selected_quantile']}**. Test queries read: 0.", "",
-             "| quantile | " + " | ".join(f"held-out {d}" for d in doms) + " | worst held-out | known dev (mean Δ) |",
-             "|---|" + "---|" * (len(doms) + 2)]
-    for r in doc["grid"]:
-        q = "none" if r["quantile"] is None else f"{r['quantile']:g}"
-        cells = [f"{100 * (v['routed'] - v['base']):+.2f} ({100 * v['to_base']:.0f}% base)" for v in r["held_out"].values()]
-        lines.append(f"| {q} | " + " | ".join(cells) + f" | {100 * r['worst_held_out_delta']:+.2f} | {100 * r['known_dev_delta']:+.2f} |")
+             "domain), nDCG@10 minus base, and the share sent to base. Known: every domain's DEV queries with every expert "
+             "present (pilot_knn: their own member rows dropped). Per policy, the selected quantile is the smallest keeping "
+             f"every held-out domain within {100 * doc['tolerance']:.1f} of base; the policy with the best known-dev gain there "
+             f"is selected → **{doc['selected_policy']}, quantile {doc['selected_quantile']}**. Test queries read: 0.", "",
+             "| policy | selected quantile | worst held-out | known dev (mean Δ) |", "|---|---|---|---|"]
+    for spec, r in doc["policies"].items():
+        lines.append(f"| {spec} | {r['selected_quantile']} | {100 * r['worst_held_out_delta']:+.2f} | {100 * r['known_dev_delta']:+.2f} |")
+    for spec, r in doc["policies"].items():
+        lines += ["", f"## {spec}", "",
+                  "| quantile | " + " | ".join(f"held-out {d}" for d in doms) + " | worst held-out | known dev (mean Δ) |",
+                  "|---|" + "---|" * (len(doms) + 2)]
+        for row in r["grid"]:
+            q = "none" if row["quantile"] is None else f"{row['quantile']:g}"
+            cells = [f"{100 * (v['routed'] - v['base']):+.2f} ({100 * v['to_base']:.0f}% base)" for v in row["held_out"].values()]
+            lines.append(f"| {q} | " + " | ".join(cells) + f" | {100 * row['worst_held_out_delta']:+.2f} | "
+                         f"{100 * row['known_dev_delta']:+.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,8 +82,10 @@ def stale_guards(pilots: PilotSet, cfg: RouterServeConfig) -> list[str]:
 
 
 def pilots_follow_config(pilots: PilotSet | None, cfg: RouterServeConfig) -> bool:
-    """Grouped by the config's rule, and every base guard judged in the index it serves."""
-    return pilots is not None and pilots.rule == pilot_rule(cfg) and not stale_guards(pilots, cfg)
+    """Grouped by the config's rule, every base guard judged in the index it serves, and the
+    pilots' members kept (files from before them lack what ``pilot_knn`` routes by)."""
+    return (pilots is not None and pilots.rule == pilot_rule(cfg) and not stale_guards(pilots, cfg)
+            and (pilots.members.shape[0] > 0 or pilots.embeddings.shape[0] == 0))
 
 
 def adapter_under_root(root: str | os.PathLike, adapter: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate routing policies.")
 def eval_beir(
     domains: str = typer.Option("scifact,nfcorpus,cranfield", help="comma-separated datasets"),
     policies: str = typer.Option(
-        "base,pilot_mean,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle",
+        "base,pilot_mean,pilot_knn,pilot_nearest,dataset_router,classifier,dataset_oracle,instance_oracle",
         help="also: multitask (after `experts train-multitask`)",
     ),
     setting: str = typer.Option("per_domain", help="per_domain | union | lodo (the union, each domain without its expert)"),

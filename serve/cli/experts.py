@@ -127,6 +127,8 @@ def experts_list(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
         if stale_guards(pilots, cfg):
             stale += (f" [yellow](the base guards of {stale_guards(pilots, cfg)} were judged in another index than corpus.datasets "
                       f"{cfg.corpus.datasets}: run `routerserve pilots build`)[/yellow]")
+        if pilots.embeddings.shape[0] and not pilots.members.shape[0]:
+            stale += " [yellow](no members kept, from before them: the pilot_knn policy needs `routerserve pilots build`)[/yellow]"
         console.print(f"pilot rule: {pilots.rule or 'not recorded'}{stale}")
 
 

@@ -145,7 +145,8 @@ GENERATION_ID_PATTERN = r"^g(\d{6})$"  # expert generation ids (serve.artifacts.
 class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
-    policy: str = "pilot_mean"
+    policy: str = Field("pilot_knn", description="the routing policy (actors.routing): pilot_knn, the nearest pilot "
+                        "member (training query); pilot_mean, the paper's mean pilot similarity; pilot_nearest")
     pilot_margin: float = Field(0.0, ge=0.0, le=1.0, description="a training query joins another expert's pilot "
                                 "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
     pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "

@@ -17,6 +17,7 @@ Policies here (more register the same way):
                   every pilot's confidence floor, or to an expert its base guard holds back → base
   pilot_mean_ungated  the same policy without the floor and the guard (the paper's bare rule)
   pilot_nearest   nearest pilot (released code), with the floor and the guard
+  pilot_knn       the K most similar pilot members (training queries), with the floor and the guard
   dataset_router  the expert trained on the query's own dataset (knows the dataset label)
   classifier      ExpertClassifierRouter-style: softmax regression on base embeddings trained to
                   predict the expert of each training query's domain
@@ -52,7 +53,7 @@ from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, eval_queries, measures,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle", "instance_oracle"]
+DEFAULT_POLICIES = ["base", "pilot_mean", "pilot_knn", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle", "instance_oracle"]
 
 
 @dataclass
@@ -102,6 +103,7 @@ def _pilot_policy(name: str, gate: bool = True) -> PolicyFn:
 eval_policy("pilot_mean")(_pilot_policy("pilot_mean"))
 eval_policy("pilot_mean_ungated")(_pilot_policy("pilot_mean", gate=False))
 eval_policy("pilot_nearest")(_pilot_policy("pilot_nearest"))
+eval_policy("pilot_knn")(_pilot_policy("pilot_knn"))
 
 
 @eval_policy("dataset_router")
@@ -186,6 +188,9 @@ def evaluate(
             f"the base guards of {stale_guards(pilots, cfg)} in generation {gen.id} were judged in another index than "
             f"corpus.datasets {cfg.corpus.datasets} serves: rebuild the pilots first ('routerserve pilots build')"
         )
+    if "pilot_knn" in policies and pilots is not None and not pilots.members.shape[0]:
+        raise ValueError(f"policy pilot_knn routes by the pilots' members, which the pilots of generation {gen.id} lack "
+                         "(a file from before them): rebuild them first ('routerserve pilots build')")
     experts = [e for e in (pilots.expert_names if pilots else []) if e in adapters]
     extra = {}
     if "multitask" in policies:
@@ -287,7 +292,7 @@ def write_report(result: dict, stem: Path) -> list[Path]:
                      f"the paper, selected on training queries: benchmarks/pilot_margin.py)"))
         if rule.get("confidence_quantile") is not None:
             lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
-                         "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest)")
+                         "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest, pilot_knn)")
     for e, g in (result.get("guards") or {}).items():
         lines.append(describe_guard(e, g))
     if result["setting"] == "lodo":
@@ -305,7 +310,7 @@ def write_report(result: dict, stem: Path) -> list[Path]:
     paths[1].write_text("\n".join(lines) + "\n")
 
     policies = list(result["policies"])
-    routed = [p for p in policies if p in ("pilot_mean", "pilot_nearest")] or policies[:1]
+    routed = [p for p in policies if p in ("pilot_mean", "pilot_nearest", "pilot_knn")] or policies[:1]
     fig, axes = plt.subplots(1, 1 + len(routed), figsize=(6 + 4 * len(routed), 4.2))
     ax = axes[0]
     width = 0.8 / max(len(policies), 1)

@@ -3,7 +3,8 @@
 For each domain: take its training queries (the same sample the expert was trained on), find for
 each query the expert whose adapter gives the best nDCG@10 on the domain's corpus, group the
 domain's queries by that best expert, and average each group's BASE-model embeddings. That gives
-at most one pilot per (domain, expert) pair. Rebuilding a domain replaces only that domain's
+at most one pilot per (domain, expert) pair; each group's queries are kept as the pilot's members
+(the ``pilot_knn`` policy routes by them). Rebuilding a domain replaces only that domain's
 pilots; adding a domain needs no router training.
 
 With the pilots, two safeguards are recorded (actors.routing.route applies them):
@@ -57,18 +58,22 @@ def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: 
 
 def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], domain: str,
                        base_model: str, rule: str = "", floor_quantile: float | None = None) -> tuple[PilotSet, dict[str, int]]:
-    """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries; with
+    """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries; the
+    queries themselves are kept as the pilots' members (in ``base``'s row order); with
     ``floor_quantile``, every pilot of the domain gets the domain's confidence floor."""
     embs, names, wins = [], [], {}
+    member_pilot = np.zeros(len(best), np.int64)
     for j, e in enumerate(experts):
         members = best == j
         if members.any():
+            member_pilot[members] = len(embs)
             embs.append(base[members].mean(axis=0))
             names.append(e)
             wins[e] = int(members.sum())
     embs = np.stack(embs)
     floor = np.nan if floor_quantile is None else domain_floor(base, embs, floor_quantile)
-    return PilotSet(embs, names, [domain] * len(names), base_model, rule, np.full(len(names), floor)), wins
+    return PilotSet(embs, names, [domain] * len(names), base_model, rule, np.full(len(names), floor),
+                    members=base, member_pilot=member_pilot), wins
 
 
 def expert_table(engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus) -> np.ndarray:

@@ -148,3 +148,55 @@ def test_floors_and_guards_survive_save_load_restrict_and_replace(tmp_path):
     assert np.isnan(old.floors).all() and old.guards == {} and old.unrouted == set()
     with pytest.raises(ValueError, match="floors"):
         PilotSet(np.ones((2, 3)), ["a", "b"], floors=np.ones(3))
+
+
+def _with_members():
+    # expert A's pilot is the mean of two far-apart queries; B's of two queries near each other.
+    a1, a2 = _unit([1.0, 0.0, 0.0]), _unit([0.0, 1.0, 0.0])
+    b1, b2 = _unit([0.9, 0.3, 0.3]), _unit([0.9, 0.3, -0.3])
+    members = np.stack([a1, a2, b1, b2])
+    return PilotSet(np.stack([(a1 + a2) / 2, (b1 + b2) / 2]), ["A", "B"], ["dA", "dB"], "m",
+                    members=members, member_pilot=[0, 0, 1, 1])
+
+
+def test_pilot_knn_votes_by_training_queries_not_by_their_mean():
+    pilots = _with_members()
+    q = _unit([[1.0, 0.05, 0.0]])  # one of A's training queries, far from A's averaged pilot
+    assert choose(get_policy("pilot_mean").score(q, pilots), pilots.expert_names) == ["B"]
+    knn = get_policy("pilot_knn")
+    knn.K = 1
+    got = knn.score(q, pilots)
+    np.testing.assert_allclose(got[0, 0], float(q[0] @ pilots.members[0]), rtol=1e-5)
+    assert choose(got, pilots.expert_names) == ["A"]
+    knn.K = 5  # more than an expert has: the mean over all of its members
+    np.testing.assert_allclose(knn.score(q, pilots)[0], [(q @ pilots.members[:2].T).mean(), (q @ pilots.members[2:].T).mean()],
+                               rtol=1e-5)
+
+
+def test_members_follow_their_pilots_through_restrict_save_and_replace(tmp_path):
+    from actors.routing import replace_domains
+
+    pilots = _with_members()
+    only_b = pilots.restrict(["B"])
+    np.testing.assert_array_equal(only_b.members, pilots.members[2:])
+    assert only_b.member_pilot.tolist() == [0, 0]
+    assert pilots.without_domains(["dB"]).member_pilot.tolist() == [0, 0]
+    loaded = PilotSet.load(pilots.save(tmp_path))
+    np.testing.assert_array_equal(loaded.members, pilots.members)
+    assert loaded.member_pilot.tolist() == [0, 0, 1, 1]
+    # dA rebuilt with one pilot and one member: B's members keep pointing at B's pilot
+    new = PilotSet(_unit([[0.0, 0.0, 1.0]]), ["A"], ["dA"], "m", members=_unit([[0.0, 0.0, 1.0]]), member_pilot=[0])
+    out = replace_domains(pilots, new)
+    assert out.experts == ["B", "A"] and out.member_pilot.tolist() == [0, 0, 1]
+    np.testing.assert_array_equal(out.members[2], new.members[0])
+    assert pilots.without_members([0, 2]).member_pilot.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="names a pilot that does not exist"):
+        PilotSet(np.zeros((1, 3)), ["A"], members=np.zeros((1, 3)), member_pilot=[1])
+
+
+def test_pilot_knn_without_members_scores_by_the_pilots(tmp_path):
+    # a file from before members: np.savez without the keys → the nearest pilot
+    pilots = _with_members()
+    old = PilotSet(pilots.embeddings, pilots.experts, pilots.domains)
+    q = _unit([[0.2, 0.9, 0.1]])
+    np.testing.assert_allclose(get_policy("pilot_knn").score(q, old), get_policy("pilot_nearest").score(q, old))

@@ -29,10 +29,11 @@ def _data():
 
 
 def test_floors_are_set_per_domain_and_gate_the_route():
-    from confidence_floor import routed, with_floors
+    from confidence_floor import policy_of, routed, with_floors
 
     from actors.routing import PilotSet, domain_floor
 
+    mean = policy_of("pilot_mean")
     data = _data()
     pilots = PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["a", "b"], ["a", "b"], "m", "r")
     floored = with_floors(pilots, data, 0.3)
@@ -40,14 +41,38 @@ def test_floors_are_set_per_domain_and_gate_the_route():
                                                      domain_floor(data["b"]["base"], pilots.embeddings[1:], 0.3)])
     assert np.isnan(with_floors(pilots, data, None).floors).all()
     rows = np.arange(50)
-    score, base, to_base = routed(with_floors(pilots, data, None), data["a"], rows)
+    score, base, to_base = routed(with_floors(pilots, data, None), data["a"], rows, mean)
     assert (score, base, to_base) == pytest.approx((0.8, 0.5, 0.0))  # every query of a to expert a
-    score, base, to_base = routed(floored, data["a"], rows)
+    score, base, to_base = routed(floored, data["a"], rows, mean)
     assert to_base == pytest.approx(0.3, abs=0.04)  # ~30 % below a's own floor (none reach b's)
     assert score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
     # b held out: only a's pilot is left, and its floor keeps most of b's queries at base
-    score, _, to_base = routed(with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3), data["b"], rows)
+    score, _, to_base = routed(with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3), data["b"], rows, mean)
     assert to_base > 0.9 and score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
+
+
+def test_known_check_drops_the_dev_queries_own_members():
+    """pilot_knn on a dev query that is also a member would find itself (cosine 1): its row goes."""
+    from confidence_floor import policy_of, routed, with_floors, without_dev_members
+
+    from actors.routing import PilotSet
+
+    data = _data()
+    members = np.concatenate([data["a"]["base"], data["b"]["base"]])
+    pilots = PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["a", "b"], ["a", "b"], "m", "r", members=members,
+                      member_pilot=[0] * 50 + [1] * 50)
+    knn = policy_of("pilot_knn:1")
+    assert knn.K == 1 and policy_of("pilot_knn:3").K == 3
+    kept = without_dev_members(with_floors(pilots, data, 0.3), data)
+    assert kept.members.shape[0] == 80 and kept.member_pilot.tolist() == [0] * 40 + [1] * 40
+    np.testing.assert_array_equal(kept.members[:40], data["a"]["base"][10:])
+    rows = np.flatnonzero(data["a"]["dev"])
+    score, base, _ = routed(kept, data["a"], rows, knn)
+    assert base == pytest.approx(0.5) and 0.5 <= score <= 0.8
+    # members that are not the domain's training queries in order: refused, not silently misaligned
+    shuffled = PilotSet(pilots.embeddings, pilots.experts, pilots.domains, members=members[::-1], member_pilot=[0] * 50 + [1] * 50)
+    with pytest.raises(SystemExit, match="members of a are not its training queries"):
+        without_dev_members(shuffled, data)
 
 
 def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
@@ -57,7 +82,10 @@ def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
     grid = [{"quantile": q, "held_out": {"a": cell}, "known": {"a": cell}, "worst_held_out_delta": -0.01,
              "known_dev_delta": 0.03} for q in (None, 0.3)]
     doc = {"command": "confidence_floor.py", "commit": "abc", "date": "today", "machine": {"cpu": "x"}, "pilot_rule": "r",
-           "tolerance": 0.005, "selected_quantile": 0.3, "grid": grid}
+           "tolerance": 0.005, "selected_policy": "pilot_knn:1", "selected_quantile": 0.3,
+           "policies": {"pilot_knn:1": {"grid": grid, "selected_quantile": 0.3, "worst_held_out_delta": -0.01,
+                                        "known_dev_delta": 0.03}}}
     md = render(doc, ["a"])
-    assert "→ **0.3**. Test queries read: 0." in md
+    assert "→ **pilot_knn:1, quantile 0.3**. Test queries read: 0." in md
+    assert "| pilot_knn:1 | 0.3 | -1.00 | +3.00 |" in md
     assert "| none | -1.00 (90% base) | -1.00 | +3.00 |" in md and "| 0.3 | -1.00 (90% base) | -1.00 | +3.00 |" in md

@@ -62,7 +62,7 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
     guard = {"alpha": {"domain": "scifact", "queries": "dev", "num_queries": 12, "index": ["cranfield", "nfcorpus", "scifact"],
                        "base_ndcg10": 0.5, "expert_ndcg10": 0.25, "routed": False}}
     PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1",
-             guards=guard).save(experts)
+             guards=guard, members=np.ones((3, 384)), member_pilot=[0, 1, 1]).save(experts)
     args = ["experts", "list", "--set", f"experts.dir={experts}", "--set", "experts.pilot_margin=0.5"]
     r = runner.invoke(app, args)  # the list is what the service serves: a published generation
     assert r.exit_code == 0 and "no generation published" in r.output and "experts publish" in r.output, r.output

@@ -43,7 +43,8 @@ def eval_result(tmp_path_factory, data_dir, ray_session):
 
 def test_result_shape_and_ranges(eval_result):
     r = eval_result["per_domain"]
-    assert set(r["policies"]) == {"base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "multitask", "dataset_oracle", "instance_oracle"}
+    assert set(r["policies"]) == {"base", "pilot_mean", "pilot_knn", "pilot_nearest", "dataset_router", "classifier", "multitask",
+                                  "dataset_oracle", "instance_oracle"}
     for per in [*r["policies"].values(), *r["recall@100"].values()]:
         assert set(per) == {"scifact", "nfcorpus", "avg"}
         assert all(0.0 <= v <= 1.0 for v in per.values())
@@ -61,7 +62,7 @@ def test_result_shape_and_ranges(eval_result):
 def test_oracles_bound_the_other_policies(eval_result):
     p = eval_result["per_domain"]["policies"]
     for d in ("scifact", "nfcorpus"):
-        for other in ("base", "pilot_mean", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle"):
+        for other in ("base", "pilot_mean", "pilot_knn", "pilot_nearest", "dataset_router", "classifier", "dataset_oracle"):
             assert p["instance_oracle"][d] >= p[other][d] - 1e-9
         for single in ("base", "dataset_router"):
             assert p["dataset_oracle"][d] >= p[single][d] - 1e-9

@@ -100,6 +100,20 @@ def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_chang
     cfg.experts.training.default_domains = ["scifact", "nfcorpus"]
     assert train_default_experts(cfg, data_dir, progress=False) == []
     assert load_pilots(cfg).rule == pilot_rule(cfg)
+    # a file from before the pilots kept their members: stale too (pilot_knn routes by them); the
+    # evaluation refuses it, and `up` rebuilds it
+    from actors.routing import PilotSet
+    from serve.artifacts.experts import pilots_follow_config, pilots_path, publish_draft
+
+    old = load_pilots(cfg)
+    bare = PilotSet(old.embeddings, old.experts, old.domains, old.base_model, old.rule, old.floors, old.guards)
+    bare.save(pilots_path(cfg))
+    assert not pilots_follow_config(load_pilots(cfg), cfg)
+    publish_draft(cfg, "pilots from before members")
+    with pytest.raises(ValueError, match="pilot_knn routes by the pilots' members"):
+        evaluate(cfg, data_dir, ["scifact"], ["pilot_knn"], max_queries=2, progress=False)
+    assert train_default_experts(cfg, data_dir, progress=False) == []
+    assert load_pilots(cfg).members.shape[0] == load_pilots(cfg).member_pilot.shape[0] > 0
 
 
 def test_add_external_adapter_builds_only_its_domains_pilots(cfg, data_dir, random_adapters, tmp_path):
@@ -200,6 +214,9 @@ def test_domain_pilots_group_queries_by_their_best_expert(engine, data_dir):
         if members:
             row = pilots.experts.index(name)
             np.testing.assert_allclose(pilots.embeddings[row], base[members].mean(axis=0), atol=1e-5)
+            # the group's queries are kept as the pilot's members, in the queries' order
+            assert np.flatnonzero(pilots.member_pilot == row).tolist() == members
+    np.testing.assert_allclose(pilots.members, base, atol=1e-6)
 
 
 def test_best_experts_margin_and_minimum_group_size():
