@@ -166,7 +166,10 @@ def _joint_dev(parts: list[tuple[list[str], object]]):
 
 def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list[str], progress: bool = True) -> dict:
     """One adapter trained on every domain's training data (the paper's multi-task baseline);
-    positives and hard negatives come from each query's own domain index."""
+    positives and hard negatives come from each query's own domain index (``negatives: union``:
+    from the served index). Full-corpus softmax:
+    over every domain's documents; with ``negatives: union`` over the served index (the domains'
+    and ``corpus.datasets``'s corpora, as the experts get it), the dev selection scored there too."""
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
     train = cfg.experts.training
@@ -175,22 +178,34 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     texts, positives, hard, groups = [], [], [], []
     vectors, targets, judged, offset = [], [], [], 0
     dev_parts = []  # (dev queries, score_fn) per domain: the same dev selection as the experts get
+    union = None
+    if train.negatives == "union":
+        union = load_corpus_vectors(cfg, data_dir, list(dict.fromkeys([*cfg.corpus.datasets, *domains])), progress)
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
         examples, dev_examples = split_dev(domain_examples(cfg, data_dir, domain, corpus), train.dev_fraction)
+        space = corpus
+        if union is not None:  # rows of the served index, which is also the softmax's
+            shift = union_offset(union, domain, corpus)
+            examples, dev_examples, space = shift_rows(examples, shift), shift_rows(dev_examples, shift), union
         if dev_examples:
-            dev_parts.append(dev_scorer(domain, dev_examples, corpus))
+            dev_parts.append(dev_scorer(domain, dev_examples, space))
         t = [x for _, x, _, _ in examples]
         texts += t
         groups += [domains.index(domain)] * len(t)  # one domain per batch
-        positives.append(corpus.vectors[[b for _, _, b, _ in examples]])
-        vectors.append(corpus.vectors)
-        targets += [offset + b for _, _, b, _ in examples]
-        judged += [{offset + r for r in rows} for _, _, _, rows in examples]
-        offset += corpus.vectors.shape[0]
+        positives.append(space.vectors[[b for _, _, b, _ in examples]])
+        if union is None:  # the domains' corpora side by side
+            vectors.append(corpus.vectors)
+            targets += [offset + b for _, _, b, _ in examples]
+            judged += [{offset + r for r in rows} for _, _, _, rows in examples]
+            offset += corpus.vectors.shape[0]
+        else:
+            targets += [b for _, _, b, _ in examples]
+            judged += [set(rows) for _, _, _, rows in examples]
         if train.objective == "mined" and train.hard_negatives > 0:
-            rows = mine_hard_negatives(base.encode(t), corpus.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
-            hard.append(corpus.vectors[rows])
+            rows = mine_hard_negatives(base.encode(t), space.vectors, [r for _, _, _, r in examples], train.hard_negatives, train.skip_top)
+            hard.append(space.vectors[rows])
+    softmax = union.vectors if union is not None else (np.concatenate(vectors) if vectors else None)
     with staged_dir(multitask_dir(cfg)) as out_dir:
         report = train_query_adapter(
             model_path,
@@ -202,13 +217,15 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
             progress=progress,
             hard_negatives=np.concatenate(hard) if hard else None,
             # full corpus: every domain's docs (other domains' docs are easy negatives)
-            corpus=(np.concatenate(vectors), targets, judged) if train.objective == "full_corpus" else None,
+            corpus=(softmax, targets, judged) if train.objective == "full_corpus" else None,
             dev=_joint_dev(dev_parts) if dev_parts else None,
             eval_every=train.eval_every,
             groups=groups,
             name=MULTITASK,
         )
-        _finish_report(out_dir, report, f"multi-task adapter: {len(texts)} queries", {"domain": "+".join(domains)})
+        _finish_report(out_dir, report, f"multi-task adapter: {len(texts)} queries", {
+            "domain": "+".join(domains), "negatives": train.negatives,
+            "negatives_datasets": sorted(set(union.datasets)) if union is not None else sorted(domains)})
     return report
 
 

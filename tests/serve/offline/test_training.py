@@ -398,6 +398,24 @@ def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_
     assert own["corpus_size"] == 300
 
 
+def test_the_multitask_adapter_trained_against_the_union_sees_every_served_corpus(cfg, data_dir):
+    """The multi-task baseline under negatives: union gets what the experts get: the served
+    index's corpora (corpus.datasets + its domains) in its softmax, not only its domains'."""
+    from serve.artifacts.experts import multitask_dir
+    from serve.offline.training import train_multitask_expert
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.corpus.datasets = ["scifact", "nfcorpus", "cranfield"]
+    cfg.experts.training.objective = "full_corpus"
+    cfg.experts.training.negatives = "union"
+    report = train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
+    saved = json.loads((multitask_dir(cfg) / "train_report.json").read_text())
+    assert report["corpus_size"] == 900 and saved["negatives_datasets"] == ["cranfield", "nfcorpus", "scifact"]
+    cfg.experts.training.negatives = "domain"
+    own = train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
+    assert own["corpus_size"] == 600  # its two domains side by side
+
+
 def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_index(cfg, data_dir, model_path, tmp_path):
     """Pilot building records each domain's floor and its owner expert's base guard, scored on
     the served index (corpus.datasets). An adapter that IS the base model (LoRA B = 0) does not
