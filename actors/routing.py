@@ -288,7 +288,7 @@ class PilotKnnPolicy(RoutingPolicy):
         q = l2_normalize(np.atleast_2d(queries))
         sims = q @ l2_normalize(pilots.members).T
         col = {n: i for i, n in enumerate(names)}
-        label = np.array([col[pilots.experts[p]] for p in pilots.member_pilot], dtype=np.int64)
+        label = np.array([col[e] for e in pilots.experts], dtype=np.int64)[pilots.member_pilot]  # member → expert column
         out = np.full((q.shape[0], len(names)), -1.0, dtype=np.float32)
         for j in range(len(names)):
             own = sims[:, label == j]

@@ -165,11 +165,10 @@ def _joint_dev(parts: list[tuple[list[str], object]]):
 
 
 def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list[str], progress: bool = True) -> dict:
-    """One adapter trained on every domain's training data (the paper's multi-task baseline);
-    positives and hard negatives come from each query's own domain index (``negatives: union``:
-    from the served index). Full-corpus softmax:
-    over every domain's documents; with ``negatives: union`` over the served index (the domains'
-    and ``corpus.datasets``'s corpora, as the experts get it), the dev selection scored there too."""
+    """One adapter trained on every domain's training data (the paper's multi-task baseline).
+    ``negatives: domain``: positives, hard negatives and dev scoring in each query's own domain
+    index, the full-corpus softmax over every domain's documents side by side. ``negatives: union``:
+    all of them in the served index (``corpus.datasets`` + the domains), as the experts get it."""
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
     train = cfg.experts.training
