@@ -9,7 +9,7 @@ domain no expert knows. Each domain's floor is the cosine its training queries r
 nearest own-domain pilot at quantile q — so q is the share of a known domain's queries the floor
 also sends to base. q is chosen by leave-one-domain-out over the training queries: for each domain
 d, its expert and every pilot built from its queries are dropped, the other domains' floors are
-set at q, and d's training queries are routed (pilot_mean, in the union index of every domain);
+set at q, and d's training queries are routed (by the policy, in the union index of every domain);
 their nDCG@10 is read from a per-query table of base and every expert. Selected: the smallest q
 on the grid at which every held-out domain stays within ``--tolerance`` of base (else the q with
 the best worst-case). The cost on known domains is reported beside it: their DEV queries (held out
@@ -193,7 +193,7 @@ def main(
 
 
 def render(doc: dict, doms: list[str]) -> str:
-    lines = ["# The routing policy and its confidence floor, chosen on training queries (issue 19)", "",
+    lines = ["# The routing policy and its confidence floor, chosen on training and dev queries (issue 19)", "",
              f"`{doc['command']}` · commit {doc['commit']} · {doc['date']} · {doc['machine'].get('cpu', '?')} · pilots: "
              f"{doc['pilot_rule']}", "",
              "Held out: each domain's TRAINING queries routed without its expert and its pilots (the union index of every "
