@@ -82,3 +82,10 @@ def test_experts_list_shows_pilot_counts_and_a_stale_pilot_rule(tmp_path, random
     assert moved.exit_code == 0 and "base guards of ['alpha'] were judged in another index" in " ".join(moved.output.split())
     same = runner.invoke(app, same)
     assert same.exit_code == 0 and "pilots build" not in same.output
+    # a pilot file from before members (what pilot_knn routes by): the list says to rebuild it
+    PilotSet(np.ones((2, 384)), ["alpha", "alpha"], ["scifact", "nfcorpus"], "m", "best_expert margin=0 min_queries=1",
+             guards=guard).save(experts)
+    assert runner.invoke(app, ["experts", "publish", "--set", f"experts.dir={experts}"]).exit_code == 0
+    bare = runner.invoke(app, [*args[:-2], "--set", "experts.pilot_margin=0", "--set", "experts.pilot_min_queries=1",
+                               "--set", "experts.confidence_quantile=null", "--set", "experts.base_guard=false"])
+    assert bare.exit_code == 0 and "no members kept" in " ".join(bare.output.split()), bare.output
