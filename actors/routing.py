@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar, NamedTuple
 
@@ -80,6 +80,7 @@ class PilotSet:
             raise ValueError("member_pilot must name one pilot per member")
         if self.member_pilot.size and (self.member_pilot.min() < 0 or self.member_pilot.max() >= n):
             raise ValueError("member_pilot names a pilot that does not exist")
+        self._unit_members = l2_normalize(self.members)  # once per pilot set, not per routed batch
 
     @property
     def unrouted(self) -> set[str]:
@@ -108,8 +109,7 @@ class PilotSet:
         """Without the members at ``rows`` (an evaluation on queries that are members: no query
         may find itself)."""
         keep = np.setdiff1d(np.arange(self.members.shape[0]), np.asarray(rows, np.int64))
-        return PilotSet(self.embeddings, self.experts, self.domains, self.base_model, self.rule, self.floors,
-                        self.guards, self.members[keep], self.member_pilot[keep])
+        return replace(self, members=self.members[keep], member_pilot=self.member_pilot[keep])
 
     def _rows(self, keep: list[int], guards: dict) -> "PilotSet":
         new_row = np.full(self.embeddings.shape[0], -1, np.int64)
@@ -283,19 +283,19 @@ class PilotKnnPolicy(RoutingPolicy):
 
     def score(self, queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
         names = pilots.expert_names
-        if not pilots.members.shape[0]:
-            return _per_expert(queries, pilots, np.max)
-        q = l2_normalize(np.atleast_2d(queries))
-        sims = q @ l2_normalize(pilots.members).T
+        if pilots.members.shape[0]:
+            members, member_pilot = pilots._unit_members, pilots.member_pilot
+        else:  # each pilot its own member
+            members, member_pilot = l2_normalize(pilots.embeddings), np.arange(len(pilots.experts))
+        sims = l2_normalize(np.atleast_2d(queries)) @ members.T
         col = {n: i for i, n in enumerate(names)}
-        label = np.array([col[e] for e in pilots.experts], dtype=np.int64)[pilots.member_pilot]  # member → expert column
-        out = np.full((q.shape[0], len(names)), -1.0, dtype=np.float32)
+        label = np.array([col[e] for e in pilots.experts], dtype=np.int64)[member_pilot]  # member → expert column
+        out = np.full((sims.shape[0], len(names)), -1.0, dtype=np.float32)  # an expert without members: never first
         for j in range(len(names)):
             own = sims[:, label == j]
-            if own.shape[1] == 0:  # an expert whose members were all dropped: its pilots stand in
-                own = q @ l2_normalize(pilots.embeddings[[i for i, e in enumerate(pilots.experts) if e == names[j]]]).T
-            k = min(self.K, own.shape[1])
-            out[:, j] = -np.mean(np.partition(-own, k - 1, axis=1)[:, :k], axis=1)
+            if own.shape[1]:
+                k = min(self.K, own.shape[1])
+                out[:, j] = -np.mean(np.partition(-own, k - 1, axis=1)[:, :k], axis=1)
         return out
 
 

@@ -73,15 +73,16 @@ def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: 
 
 def with_floors(pilots, data: dict, quantile: float | None):
     """``pilots`` with every domain's floor set at ``quantile`` of its training queries (None: no floor)."""
-    from actors.routing import PilotSet, domain_floor
+    from dataclasses import replace
+
+    from actors.routing import domain_floor
 
     floors = np.full(len(pilots.experts), np.nan, np.float32)
     if quantile is not None:
         for d in set(pilots.domains):
             rows = [i for i, x in enumerate(pilots.domains) if x == d]
             floors[rows] = domain_floor(data[d]["base"], pilots.embeddings[rows], quantile)
-    return PilotSet(pilots.embeddings, pilots.experts, pilots.domains, pilots.base_model, pilots.rule, floors, pilots.guards,
-                    pilots.members, pilots.member_pilot)
+    return replace(pilots, floors=floors)
 
 
 def policy_of(spec: str):
