@@ -54,6 +54,7 @@ def train_query_adapter(
     groups: Sequence[int] | None = None,
     name: str | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    preserve: tuple[list[str], float] | None = None,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
@@ -83,6 +84,10 @@ def train_query_adapter(
     queries meet their own domain's in-batch negatives, and short queries are not padded to the
     length of another domain's long ones (ArguAna's ~220-token queries beside 6-token nfcorpus
     ones made a mixed batch ~10× slower).
+    ``preserve=(texts, weight)``: texts the adapter should leave where the base model puts them
+    (e.g. passages of the OTHER corpora of the served index). Each step adds ``weight`` × the mean
+    (1 - cosine) between the adapter's and the base model's embedding of a batch of them, so the
+    expert learns its domain without moving other domains' queries.
     Writes a peft adapter folder plus ``train_report.json`` to ``out_dir``; returns the report.
     """
     import torch
@@ -116,6 +121,17 @@ def train_query_adapter(
     if unknown:
         raise ValueError(f"target_modules {unknown} match no linear layer of the base model (it has {sorted(names)})")
     model = get_peft_model(base, config)
+
+    def embed(texts: list[str]):
+        e = tokenizer(texts, padding=True, truncation=True, max_length=encoder_settings.max_seq_length, return_tensors="pt")
+        return torch.nn.functional.normalize(mean_pool(model(**e).last_hidden_state, e["attention_mask"]), dim=-1)
+
+    keep_texts, keep_vecs, keep_rng = [], None, random.Random(settings.seed + 1)
+    if preserve is not None and preserve[0] and preserve[1] > 0:
+        keep_texts = list(preserve[0])
+        model.eval()
+        with torch.no_grad():  # a fresh adapter is the identity: these are the base model's embeddings
+            keep_vecs = torch.cat([embed(keep_texts[i : i + 64]) for i in range(0, len(keep_texts), 64)])
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
@@ -206,6 +222,10 @@ def train_query_adapter(
                 hard = torch.einsum("bd,bhd->bh", q, negs[idx]) / settings.temperature
                 logits = torch.cat([logits, hard], dim=1)
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
+        if keep_vecs is not None:
+            pick = [keep_rng.randrange(len(keep_texts)) for _ in range(bs)]
+            kept = (embed([keep_texts[i] for i in pick]) * keep_vecs[pick]).sum(dim=1)
+            loss = loss + preserve[1] * (1.0 - kept).mean()
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -232,6 +252,7 @@ def train_query_adapter(
         "dev_curve": dev_curve,
         "best_step": best_step,
         "num_dev_queries": 0 if dev is None else len(dev[0]),
+        "preserve": {"texts": len(keep_texts), "weight": float(preserve[1]) if keep_vecs is not None else 0.0},
         "corpus_size": 0 if full is None else int(full.shape[0]),
         "losses": losses,
         "steps_run": len(losses),

@@ -113,6 +113,12 @@ class ExpertTrainConfig(_Strict):
         "domain", description="domain: the softmax (or the mined negatives) and the dev selection over the domain's "
         "own documents; union: over the served index's corpora (corpus.datasets, plus the domain): what the "
         "expert is searched against when served — other domains' documents are negatives, never positives")
+    preserve_weight: float = Field(
+        0.0, ge=0.0, description="> 0: each step also keeps the adapter's embedding of passages of the served "
+        "index's OTHER corpora (corpus.datasets, not the domain's; up to preserve_texts of them) close to the base "
+        "model's, weighted by this — an expert that leaves other domains' queries alone (domain experts only: the "
+        "multi-task adapter is trained on every domain)")
+    preserve_texts: int = Field(2000, ge=1, description="passages sampled (evenly over the other corpora) for preserve_weight")
     positives: Literal["best", "all"] = Field(
         "best",
         description="objective 'full_corpus': train towards each query's best-graded judged doc only, "

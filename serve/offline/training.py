@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from actors.beir import check_dataset_name, dataset_dir, file_sha256
+from actors.beir import check_dataset_name, dataset_dir, file_sha256, iter_corpus
 from actors.encoder import EncoderEngine
 from actors.expert_training import (
     AdapterTrainSettings,
@@ -67,6 +67,32 @@ def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: boo
     )
 
 
+PRESERVE_WORDS = 48  # passages for preserve_weight are cut to query length: the adapter's job there is queries
+
+
+def preserve_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
+    """The corpora whose passages an expert of ``domain`` is trained to leave alone
+    (``experts.training.preserve_weight``): the served index's other corpora."""
+    return [d for d in cfg.corpus.datasets if d != domain] if cfg.experts.training.preserve_weight > 0 else []
+
+
+def preserve_passages(cfg: RouterServeConfig, data_dir: Path, domain: str) -> list[str]:
+    """Up to ``experts.training.preserve_texts`` passages of the served index's corpora other than
+    ``domain``'s, evenly over them, each cut to its first PRESERVE_WORDS words (deterministic sample)."""
+    import random
+
+    train = cfg.experts.training
+    others = preserve_datasets(cfg, domain)
+    rng = random.Random(train.seed)
+    out: list[str] = []
+    for i, name in enumerate(others):
+        share = (train.preserve_texts - len(out)) // (len(others) - i)
+        texts = [" ".join(doc.as_passage().split()[:PRESERVE_WORDS])
+                 for doc in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)]  # the docs the index serves
+        out += rng.sample(texts, min(share, len(texts)))
+    return out
+
+
 def train_domain_expert(
     cfg: RouterServeConfig, data_dir: Path, domain: str, progress: bool = True, pilots: bool = True,
     publish: bool = True, on_progress: OnProgress | None = None,
@@ -110,6 +136,7 @@ def train_domain_expert(
             query_vecs, corpus.vectors, [rows for _, _, _, rows in examples], train.hard_negatives, train.skip_top
         )
         hard = corpus.vectors[neg_rows]
+    passages = preserve_passages(cfg, data_dir, domain)
     with staged_dir(adapters_root(cfg) / domain) as out_dir:  # the old adapter stays until the new one is whole
         report = train_query_adapter(
             model_path,
@@ -125,6 +152,7 @@ def train_domain_expert(
             eval_every=train.eval_every,
             name=domain,
             on_step=lambda done, total: stage("training", done, total),
+            preserve=(passages, train.preserve_weight),
         )
         _finish_report(out_dir, report, f"expert {domain}: {len(examples)} queries", dict(
             domain=domain,
@@ -137,6 +165,7 @@ def train_domain_expert(
             skip_top=train.skip_top,
             negatives=train.negatives,
             negatives_datasets=sorted(set(corpus.datasets)),
+            preserve_datasets=preserve_datasets(cfg, domain),
         ))
     if pilots:  # this domain's pilots, against every expert present now
         stage(f"pilots of {domain}")

@@ -225,3 +225,24 @@ def test_group_batches_draw_each_batch_from_one_group_and_cover_every_query():
     one = group_batches([0] * 10, 4, random.Random(0))
     first_epoch = [i for _ in range(3) for i in next(one)][:10]
     assert sorted(first_epoch) == list(range(10))  # one group: plain shuffled epochs
+
+
+def test_preserve_keeps_other_texts_where_the_base_model_puts_them(tmp_path, model_path, encoder_settings):
+    base = EncoderEngine(model_path, None, encoder_settings)
+    targets = _unit_rows(8, base.dim, 2)
+    others = [f"an unrelated passage number {i} on subject {t}" for i, t in enumerate("mnopqrstuvwx")]
+    s = AdapterTrainSettings(steps=25, batch_size=8, lr=2e-3)
+    free = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "free", s, progress=False)
+    kept = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "kept", s, progress=False,
+                               preserve=(others, 10.0))
+    assert free["preserve"] == {"texts": 0, "weight": 0.0} and kept["preserve"] == {"texts": 12, "weight": 10.0}
+    trained = EncoderEngine(model_path, {"free": tmp_path / "free", "kept": tmp_path / "kept"}, encoder_settings)
+    at_base = base.encode(others)
+
+    def drift(name: str) -> float:  # mean 1 - cosine to the base embedding
+        return float(1 - np.sum(trained.encode(others, name) * at_base, axis=1).mean())
+
+    assert drift("kept") < 0.5 * drift("free")
+    # the expert still learns its own queries
+    gain = lambda name: float(np.sum(trained.encode(QUERIES, name) * targets, axis=1).mean())  # noqa: E731
+    assert gain("kept") > float(np.sum(base.encode(QUERIES) * targets, axis=1).mean()) + 0.05

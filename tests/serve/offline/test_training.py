@@ -392,10 +392,14 @@ def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_
     report = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
     saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
     assert report["corpus_size"] == 600 and saved["negatives"] == "union"  # 300 + 300: both corpora
-    assert saved["negatives_datasets"] == ["nfcorpus", "scifact"]
+    assert saved["negatives_datasets"] == ["nfcorpus", "scifact"] and saved["preserve_datasets"] == []
+    assert saved["preserve"] == {"texts": 0, "weight": 0.0}
     cfg.experts.training.negatives = "domain"
+    cfg.experts.training.preserve_weight, cfg.experts.training.preserve_texts = 1.0, 8  # leave scifact's passages alone
     own = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
-    assert own["corpus_size"] == 300
+    saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
+    assert own["corpus_size"] == 300 and saved["preserve"] == {"texts": 8, "weight": 1.0}
+    assert saved["preserve_datasets"] == ["scifact"]
 
 
 def test_the_multitask_adapter_trained_against_the_union_sees_every_served_corpus(cfg, data_dir):
@@ -462,3 +466,22 @@ def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_
     cfg.experts.base_guard = False
     add_expert(cfg, data_dir, "nf-same", same, domain="nfcorpus", replace=True, progress=False)
     assert load_pilots(cfg).guards == {} and load_pilots(cfg).unrouted == set()
+
+
+def test_preserve_passages_come_evenly_from_the_other_served_corpora(plain_cfg, data_dir):
+    from actors.beir import iter_corpus
+    from serve.offline.training import PRESERVE_WORDS, preserve_datasets, preserve_passages
+
+    cfg = plain_cfg.model_copy(deep=True)
+    cfg.corpus.datasets = ["scifact", "nfcorpus", "arguana"]
+    assert preserve_passages(cfg, data_dir, "nfcorpus") == [] and preserve_datasets(cfg, "nfcorpus") == []  # weight 0: off
+    cfg.experts.training.preserve_weight, cfg.experts.training.preserve_texts = 10.0, 9
+    assert preserve_datasets(cfg, "nfcorpus") == ["scifact", "arguana"]
+    got = preserve_passages(cfg, data_dir, "nfcorpus")
+    cut = {d: {" ".join(doc.as_passage().split()[:PRESERVE_WORDS]) for doc in iter_corpus(data_dir, d)}
+           for d in ["scifact", "nfcorpus", "arguana"]}
+    assert len(got) == 9 and len(set(got)) == 9 and got == preserve_passages(cfg, data_dir, "nfcorpus")
+    assert sum(p in cut["scifact"] for p in got) == 4 and sum(p in cut["arguana"] for p in got) == 5
+    assert not any(p in cut["nfcorpus"] for p in got) and all(len(p.split()) <= PRESERVE_WORDS for p in got)
+    cfg.corpus.datasets = ["nfcorpus"]  # a domain served alone has nothing to leave alone
+    assert preserve_passages(cfg, data_dir, "nfcorpus") == []
