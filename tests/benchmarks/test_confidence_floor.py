@@ -89,3 +89,17 @@ def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
     assert "→ **pilot_knn:1, quantile 0.3**. Test queries read: 0." in md
     assert "| pilot_knn:1 | 0.3 | -1.00 | +3.00 |" in md
     assert "| none | -1.00 (90% base) | -1.00 | +3.00 |" in md and "| 0.3 | -1.00 (90% base) | -1.00 | +3.00 |" in md
+
+
+def test_the_cross_table_forces_every_domains_queries_to_each_expert():
+    from confidence_floor import expert_on_domain, render
+
+    data = _data()
+    data["b"]["table"] = np.tile([0.4, 0.1, 0.9], (50, 1))  # on b's queries expert a hurts, b helps
+    cross = expert_on_domain(data)
+    assert cross == {"a": pytest.approx({"a": 0.3, "b": -0.4}), "b": pytest.approx({"a": -0.3, "b": 0.5})}
+    doc = {"command": "c", "commit": "abc", "date": "today", "machine": {}, "pilot_rule": "r", "tolerance": 0.005,
+           "selected_policy": "pilot_mean", "selected_quantile": 0.3, "policies": {}, "expert_on_domain": cross}
+    md = render(doc, ["a", "b"])
+    assert "| queries of | a expert | b expert |" in md
+    assert "| a | +30.00 | -40.00 |" in md and "| b | -30.00 | +50.00 |" in md
