@@ -16,7 +16,9 @@ the best worst-case). The cost on known domains is reported beside it: their DEV
 from training) routed with every expert present (for ``pilot_knn``, the dev queries' own member
 rows dropped: no query finds itself). The grid runs for each routing policy of ``--policies``
 (``pilot_knn:K`` sets the policy's K); the policy with the best known-dev gain at its selected
-quantile is the one to serve (experts.policy). No test query is read. Writes
+quantile is the one to serve (experts.policy). The report also shows what each expert does to
+each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
+and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
 benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
 """
 
