@@ -123,15 +123,22 @@ def train_query_adapter(
     model = get_peft_model(base, config)
 
     def embed(texts: list[str]):
+        """[n, dim] unit vectors of ``texts`` by the model as it is now (with gradients)."""
         e = tokenizer(texts, padding=True, truncation=True, max_length=encoder_settings.max_seq_length, return_tensors="pt")
         return torch.nn.functional.normalize(mean_pool(model(**e).last_hidden_state, e["attention_mask"]), dim=-1)
+
+    def embed_frozen(texts: list[str]):
+        """``embed`` in eval mode, without gradients, 64 texts at a time; the model goes back to training."""
+        model.eval()
+        with torch.no_grad():
+            out = torch.cat([embed(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+        model.train()
+        return out
 
     keep_texts, keep_vecs, keep_rng = [], None, random.Random(settings.seed + 1)
     if preserve is not None and preserve[0] and preserve[1] > 0:
         keep_texts = list(preserve[0])
-        model.eval()
-        with torch.no_grad():  # a fresh adapter is the identity: these are the base model's embeddings
-            keep_vecs = torch.cat([embed(keep_texts[i : i + 64]) for i in range(0, len(keep_texts), 64)])
+        keep_vecs = embed_frozen(keep_texts)  # a fresh adapter is the identity: the base model's embeddings
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
@@ -160,16 +167,7 @@ def train_query_adapter(
         if dev is None:
             return
         dev_queries, score_fn = dev
-        model.eval()
-        with torch.no_grad():
-            vecs = []
-            for i in range(0, len(dev_queries), 64):
-                e = tokenizer(dev_queries[i : i + 64], padding=True, truncation=True,
-                              max_length=encoder_settings.max_seq_length, return_tensors="pt")
-                h = model(**e).last_hidden_state
-                vecs.append(torch.nn.functional.normalize(mean_pool(h, e["attention_mask"]), dim=-1).numpy())
-        model.train()
-        score = float(score_fn(np.concatenate(vecs)))
+        score = float(score_fn(embed_frozen(dev_queries).numpy()))
         if not dev_curve or score > max(v for _, v in dev_curve):
             best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
             best_step = step
@@ -186,15 +184,7 @@ def train_query_adapter(
     batches = group_batches(groups if groups is not None else [0] * len(queries), bs, rng)
     for _ in steps:
         idx = next(batches)
-        enc = tokenizer(
-            [queries[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=encoder_settings.max_seq_length,
-            return_tensors="pt",
-        )
-        hidden = model(**enc).last_hidden_state
-        q = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
+        q = embed([queries[i] for i in idx])
         if full is not None and settings.positives == "all":
             logits = q @ full.T / settings.temperature
             pos = torch.zeros_like(logits, dtype=torch.bool)
