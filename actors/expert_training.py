@@ -87,7 +87,8 @@ def train_query_adapter(
     ``preserve=(texts, weight)``: texts the adapter should leave where the base model puts them
     (e.g. passages of the OTHER corpora of the served index). Each step adds ``weight`` × the mean
     (1 - cosine) between the adapter's and the base model's embedding of a batch of them, so the
-    expert learns its domain without moving other domains' queries.
+    expert learns its domain without moving other domains' queries. A text's base embedding is
+    encoded (adapter off) when the text is first drawn.
     Writes a peft adapter folder plus ``train_report.json`` to ``out_dir``; returns the report.
     """
     import torch
@@ -135,10 +136,20 @@ def train_query_adapter(
         model.train()
         return out
 
-    keep_texts, keep_vecs, keep_rng = [], None, random.Random(settings.seed + 1)
-    if preserve is not None and preserve[0] and preserve[1] > 0:
-        keep_texts = list(preserve[0])
-        keep_vecs = embed_frozen(keep_texts)  # a fresh adapter is the identity: the base model's embeddings
+    preserving = preserve is not None and bool(preserve[0]) and preserve[1] > 0
+    keep_texts = list(preserve[0]) if preserving else []
+    keep_base: dict = {}  # preserved text's row -> the base model's embedding of it
+    keep_rng = random.Random(settings.seed + 1)
+
+    def kept_at_base(pick: list[int]):
+        """[len(pick), dim] base-model embeddings of the preserved texts ``pick``, each encoded once, when
+        first drawn (adapter off): a short run (the 40-step default experts) draws a fraction of them."""
+        new = sorted({i for i in pick if i not in keep_base})
+        if new:
+            with model.disable_adapter():
+                keep_base.update(zip(new, embed_frozen([keep_texts[i] for i in new])))
+        return torch.stack([keep_base[i] for i in pick])
+
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     docs = torch.nn.functional.normalize(torch.as_tensor(np.asarray(positives, dtype=np.float32)), dim=-1)
@@ -212,9 +223,9 @@ def train_query_adapter(
                 hard = torch.einsum("bd,bhd->bh", q, negs[idx]) / settings.temperature
                 logits = torch.cat([logits, hard], dim=1)
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)))
-        if keep_vecs is not None:
+        if preserving:
             pick = [keep_rng.randrange(len(keep_texts)) for _ in range(bs)]
-            kept = (embed([keep_texts[i] for i in pick]) * keep_vecs[pick]).sum(dim=1)
+            kept = (embed([keep_texts[i] for i in pick]) * kept_at_base(pick)).sum(dim=1)
             loss = loss + preserve[1] * (1.0 - kept).mean()
         optim.zero_grad()
         loss.backward()
@@ -242,7 +253,8 @@ def train_query_adapter(
         "dev_curve": dev_curve,
         "best_step": best_step,
         "num_dev_queries": 0 if dev is None else len(dev[0]),
-        "preserve": {"texts": len(keep_texts), "weight": float(preserve[1]) if keep_vecs is not None else 0.0},
+        "preserve": {"texts": len(keep_texts), "weight": float(preserve[1]) if preserving else 0.0,
+                     "encoded": len(keep_base)},
         "corpus_size": 0 if full is None else int(full.shape[0]),
         "losses": losses,
         "steps_run": len(losses),

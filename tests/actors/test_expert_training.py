@@ -235,7 +235,8 @@ def test_preserve_keeps_other_texts_where_the_base_model_puts_them(tmp_path, mod
     free = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "free", s, progress=False)
     kept = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "kept", s, progress=False,
                                preserve=(others, 10.0))
-    assert free["preserve"] == {"texts": 0, "weight": 0.0} and kept["preserve"] == {"texts": 12, "weight": 10.0}
+    assert free["preserve"] == {"texts": 0, "weight": 0.0, "encoded": 0}
+    assert kept["preserve"] == {"texts": 12, "weight": 10.0, "encoded": 12}  # 25 steps x 8 draws reach all 12
     trained = EncoderEngine(model_path, {"free": tmp_path / "free", "kept": tmp_path / "kept"}, encoder_settings)
     at_base = base.encode(others)
 
@@ -246,3 +247,7 @@ def test_preserve_keeps_other_texts_where_the_base_model_puts_them(tmp_path, mod
     # the expert still learns its own queries
     gain = lambda name: float(np.sum(trained.encode(QUERIES, name) * targets, axis=1).mean())  # noqa: E731
     assert gain("kept") > float(np.sum(base.encode(QUERIES) * targets, axis=1).mean()) + 0.05
+    # the base embeddings are encoded when first drawn: one step of 4 draws encodes at most 4 of the 12
+    short = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "short",
+                                AdapterTrainSettings(steps=1, batch_size=4), progress=False, preserve=(others, 10.0))
+    assert 1 <= short["preserve"]["encoded"] <= 4 and short["preserve"]["texts"] == 12
