@@ -1,7 +1,7 @@
 """The routing policy (experts.policy) and its confidence floor (experts.confidence_quantile), chosen on
 TRAINING and DEV queries only.
 
-    .venv/bin/python benchmarks/confidence_floor.py --experts-dir .routerserve/union-negatives/union \
+    .venv/bin/python benchmarks/confidence_floor.py --experts-dir .routerserve/preserve/final \
         --cache .routerserve/confidence-floor --set 'corpus.datasets=[scifact,nfcorpus,arguana,cranfield,npl]'
 
 A query below every pilot's confidence floor goes to the base model: that protects queries of a
@@ -135,7 +135,7 @@ def expert_on_domain(data: dict) -> dict:
 @app.command()
 def main(
     domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
-    experts_dir: Path = typer.Option(Path(".routerserve/union-negatives/union")),
+    experts_dir: Path = typer.Option(Path(".routerserve/preserve/final")),
     max_queries: int = typer.Option(2000, help="as in beir_eval.py: the same training sample"),
     tolerance: float = typer.Option(0.005, help="a held-out domain may fall this far below base (nDCG@10, 0-1)"),
     cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
