@@ -46,7 +46,7 @@ class UnknownExpertError(KeyError):
 
 
 class RoutedEncoder:
-    def __init__(self, engine: EncoderEngine, pilots: PilotSet | None, policy: str = "pilot_knn"):
+    def __init__(self, engine: EncoderEngine, pilots: PilotSet | None, policy: str = "pilot_mean"):
         self.engine = engine
         self.policy = get_policy(policy)
         experts = engine.experts

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 CURRENT = "current"
 
 
-def encoder_builder(model_path: str, settings: EncoderSettings, policy: str = "pilot_knn",
+def encoder_builder(model_path: str, settings: EncoderSettings, policy: str = "pilot_mean",
                     enabled: list[str] | None = None) -> Callable[[Generation | None], RoutedEncoder]:
     """``build(generation)`` for LiveExperts: the base model with the generation's (enabled)
     adapters and its pilots; None: the base model alone."""
