@@ -15,8 +15,12 @@ on the grid at which every held-out domain stays within ``--tolerance`` of base 
 the best worst-case). The cost on known domains is reported beside it: their DEV queries (held out
 from training) routed with every expert present (for ``pilot_knn``, the dev queries' own member
 rows dropped: no query finds itself). The grid runs for each routing policy of ``--policies``
-(``pilot_knn:K`` sets the policy's K); the policy with the best known-dev gain at its selected
-quantile is the one to serve (experts.policy). The report also shows what each expert does to
+(``pilot_knn:K`` sets the policy's K) and each pilot rule of ``--rules``: ``served`` (the pilots
+on disk) or ``M/N``, pilots regrouped from the tables — each training query joins the group of
+the expert that beats its own by more than M nDCG@10 in the union index, groups under N queries
+fold into the own group (``1/1``: one pilot per domain) — with the known domains' pilots and floors
+built without their dev queries, so those route out of sample. The policy (and rule) with the best
+known-dev gain at its selected quantile is the one to serve (experts.policy). The report also shows what each expert does to
 each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
 and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
 benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
@@ -73,8 +77,9 @@ def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: 
     return out
 
 
-def with_floors(pilots, data: dict, quantile: float | None):
-    """``pilots`` with every domain's floor set at ``quantile`` of its training queries (None: no floor)."""
+def with_floors(pilots, data: dict, quantile: float | None, train_only: bool = False):
+    """``pilots`` with every domain's floor set at ``quantile`` of its training queries (None: no
+    floor); ``train_only``: of those that are not dev queries (the pilots were built without them)."""
     from dataclasses import replace
 
     from actors.routing import domain_floor
@@ -83,8 +88,39 @@ def with_floors(pilots, data: dict, quantile: float | None):
     if quantile is not None:
         for d in set(pilots.domains):
             rows = [i for i, x in enumerate(pilots.domains) if x == d]
-            floors[rows] = domain_floor(data[d]["base"], pilots.embeddings[rows], quantile)
+            queries = data[d]["base"][~data[d]["dev"]] if train_only else data[d]["base"]
+            floors[rows] = domain_floor(queries, pilots.embeddings[rows], quantile)
     return replace(pilots, floors=floors)
+
+
+def parse_rule(spec: str) -> tuple[float, int] | None:
+    """``served`` (the pilots on disk: None) or ``MARGIN/MIN_QUERIES`` (pilots regrouped from the tables)."""
+    if spec == "served":
+        return None
+    margin, _, min_q = spec.partition("/")
+    try:
+        return float(margin), int(min_q or 1)
+    except ValueError:
+        raise typer.BadParameter(f"--rules: {spec!r} is neither 'served' nor MARGIN/MIN_QUERIES (e.g. 0.3/10)") from None
+
+
+def regrouped(served, data: dict, margin: float, min_q: int, train_only: bool):
+    """Pilots of every domain in ``data`` grouped by ``margin`` / ``min_q`` from its training queries'
+    nDCG@10 in the union index (the served index: what the pilots on disk were NOT grouped by — they
+    use each domain's own corpus), the served pilots' base guards kept. ``train_only``: without
+    the dev queries, which then route out of sample."""
+    from actors.routing import replace_domains
+    from serve.offline.pilots import best_experts, pilots_from_groups
+
+    out = None
+    for d, part in data.items():
+        rows = ~part["dev"] if train_only else np.ones(len(part["qids"]), bool)
+        experts = part["experts"]
+        best = best_experts(part["table"][rows, 1:], experts.index(d), margin, min_q, names=experts)
+        new, _ = pilots_from_groups(part["base"][rows], best, experts, d, served.base_model, f"union {margin:g}/{min_q}")
+        out = replace_domains(out, new)
+    out.guards = dict(served.guards)
+    return out
 
 
 def policy_of(spec: str):
@@ -141,6 +177,8 @@ def main(
     cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
     name: str = typer.Option("confidence_floor"),
     policies: str = typer.Option("pilot_mean,pilot_knn:1,pilot_knn:3,pilot_knn:5"),
+    rules: str = typer.Option("served", help="pilot rules to grid: 'served' (the pilots on disk) and MARGIN/MIN_QUERIES "
+                              "(regrouped by nDCG@10 in the union; known domains' dev queries then route out of sample)"),
     set_: Optional[list[str]] = typer.Option(None, "--set"),
 ):
     from rich.console import Console
@@ -167,34 +205,42 @@ def main(
         console.print(f"table of {d}'s training queries …")
         data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
     results = {}
-    for spec in policies.split(","):
+    for rule, spec in [(r, p) for r in rules.split(",") for p in policies.split(",")]:
+        grouping = parse_rule(rule)
         policy = policy_of(spec)
+        if grouping is None:  # the pilots on disk: built from every training query, dev queries included
+            every, known_pilots = pilots, without_dev_members(pilots.restrict(doms), data)
+        else:
+            every = regrouped(pilots, data, *grouping, train_only=False)
+            known_pilots = regrouped(pilots, data, *grouping, train_only=True)
         grid = []
         for q in [None, *QUANTILES]:
             row = {"quantile": q, "held_out": {}, "known": {}}
             for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
                 others = [e for e in doms if e != d]
-                fold = with_floors(pilots.without_domains([d]).restrict(others), data, q)
+                fold = with_floors(every.without_domains([d]).restrict(others), data, q)
                 score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
                 row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
-            full = without_dev_members(with_floors(pilots.restrict(doms), data, q), data)
+            full = with_floors(known_pilots, data, q, train_only=grouping is not None)
             for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
                 score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
                 row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
             row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
             row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
             grid.append(row)
-            console.print(f"{spec} q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev "
+            console.print(f"{spec} @ {rule} q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev "
                           f"{100 * row['known_dev_delta']:+.2f} " + " ".join(
                               f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))
         ok = [r for r in grid if r["quantile"] is not None and r["worst_held_out_delta"] >= -tolerance]
         best = ok[0] if ok else max((r for r in grid if r["quantile"] is not None), key=lambda r: r["worst_held_out_delta"])
-        results[spec] = {"grid": grid, "selected_quantile": best["quantile"], "known_dev_delta": best["known_dev_delta"],
-                         "worst_held_out_delta": best["worst_held_out_delta"]}
-    chosen = max(results, key=lambda p: results[p]["known_dev_delta"])
+        key = spec if rule == "served" else f"{spec} @ {rule}"
+        results[key] = {"rule": rule, "num_pilots": len(every.experts), "grid": grid, "selected_quantile": best["quantile"],
+                        "known_dev_delta": best["known_dev_delta"], "worst_held_out_delta": best["worst_held_out_delta"]}
+    chosen = max(results, key=lambda p: results[p]["known_dev_delta"])  # a regrouped rule must win out of sample
     doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
            "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_policy": chosen,
+           "selected_rule": results[chosen]["rule"],
            "selected_quantile": results[chosen]["selected_quantile"], "policies": results,
            "num_queries": {d: {"training": len(data[d]["qids"]), "dev": int(data[d]["dev"].sum())} for d in doms},
            "expert_on_domain": expert_on_domain(data),
@@ -210,12 +256,16 @@ def render(doc: dict, doms: list[str]) -> str:
              f"{doc['pilot_rule']}", "",
              "Held out: each domain's TRAINING queries routed without its expert and its pilots (the union index of every "
              "domain), nDCG@10 minus base, and the share sent to base. Known: every domain's DEV queries with every expert "
-             "present (pilot_knn: their own member rows dropped). Per policy, the selected quantile is the smallest keeping "
+             "present (pilot_knn: their own member rows dropped; a regrouped rule `M/N`: its pilots and floors built without the "
+             "dev queries, grouped by each training query's best expert in the union at margin M, groups under N folded "
+             "into the domain's own — the pilots on disk (`served`) include the dev queries, which favours them). Per "
+             "policy and rule, the selected quantile is the smallest keeping "
              f"every held-out domain within {100 * doc['tolerance']:.1f} of base; the policy with the best known-dev gain there "
              f"is selected → **{doc['selected_policy']}, quantile {doc['selected_quantile']}**. Test queries read: 0.", "",
              "| policy | selected quantile | worst held-out | known dev (mean Δ) |", "|---|---|---|---|"]
     for spec, r in doc["policies"].items():
-        lines.append(f"| {spec} | {r['selected_quantile']} | {100 * r['worst_held_out_delta']:+.2f} | {100 * r['known_dev_delta']:+.2f} |")
+        label = spec + (f" ({r['num_pilots']} pilots)" if "num_pilots" in r else "")
+        lines.append(f"| {label} | {r['selected_quantile']} | {100 * r['worst_held_out_delta']:+.2f} | {100 * r['known_dev_delta']:+.2f} |")
     cross = doc.get("expert_on_domain") or {}
     if cross:
         experts = list(next(iter(cross.values())))

@@ -103,3 +103,36 @@ def test_the_cross_table_forces_every_domains_queries_to_each_expert():
     md = render(doc, ["a", "b"])
     assert "| queries of | a expert | b expert |" in md
     assert "| a | +30.00 | -40.00 |" in md and "| b | -30.00 | +50.00 |" in md
+
+
+def test_a_regrouped_rule_builds_pilots_from_the_union_table_and_keeps_dev_queries_out():
+    """``M/N``: a training query joins another expert's pilot only when that expert beats its own
+    by more than M in the union table; with train_only the dev queries are neither pilots' members
+    nor in the floors, so the known check routes them out of sample."""
+    import typer
+    from confidence_floor import parse_rule, regrouped, with_floors
+
+    from actors.routing import PilotSet, domain_floor
+
+    data = _data()
+    data["a"]["table"] = np.tile([0.5, 0.4, 0.1], (50, 1))
+    data["a"]["table"][:20, 2] = 0.9  # expert b beats a's own by 0.5 on 20 of a's queries
+    data["b"]["table"] = np.tile([0.5, 0.1, 0.8], (50, 1))  # on b's queries b's own wins
+    served = PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["a", "b"], ["a", "b"], "m", "r",
+                      guards={"b": {"routed": False}})
+    assert parse_rule("served") is None and parse_rule("0.3/10") == (0.3, 10) and parse_rule("1") == (1.0, 1)
+    with pytest.raises(typer.BadParameter, match="'x/y' is neither"):
+        parse_rule("x/y")
+    every = regrouped(served, data, 0.3, 10, train_only=False)
+    assert list(zip(every.domains, every.experts)) == [("a", "a"), ("a", "b"), ("b", "b")]
+    np.testing.assert_allclose(every.embeddings[1], data["a"]["base"][:20].mean(axis=0), rtol=1e-5)
+    assert every.guards == served.guards and every.members.shape[0] == 100 and every.rule == "union 0.3/10"
+    assert [e for e in regrouped(served, data, 0.5, 10, train_only=False).experts] == ["a", "b"]  # not by MORE than 0.5
+    assert regrouped(served, data, 0.3, 25, train_only=False).experts == ["a", "b"]  # a group of 20 < 25 folds in
+    known = regrouped(served, data, 0.3, 10, train_only=True)
+    assert known.members.shape[0] == 80  # dev rows (the first 10 of each domain) are not members
+    np.testing.assert_allclose(known.embeddings[1], data["a"]["base"][10:20].mean(axis=0), rtol=1e-5)
+    floored = with_floors(known, data, 0.3, train_only=True)
+    assert floored.floors[2] == pytest.approx(domain_floor(data["b"]["base"][10:], known.embeddings[2:], 0.3))
+    data["b"]["base"][0] = _unit([[0.2, 0.3, 1.0]])[0]  # a dev query far from b's pilot sets the all-rows minimum
+    assert with_floors(known, data, 0.0, train_only=True).floors[2] > with_floors(known, data, 0.0).floors[2] + 0.2
