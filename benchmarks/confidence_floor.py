@@ -16,10 +16,11 @@ the best worst-case). The cost on known domains is reported beside it: their DEV
 from training) routed with every expert present (for ``pilot_knn``, the dev queries' own member
 rows dropped: no query finds itself). The grid runs for each routing policy of ``--policies``
 (``pilot_knn:K`` sets the policy's K) and each pilot rule of ``--rules``: ``served`` (the pilots
-on disk) or ``M/N``, pilots regrouped from the tables — each training query joins the group of
-the expert that beats its own by more than M nDCG@10 in the union index, groups under N queries
-fold into the own group (``1/1``: one pilot per domain) — with the known domains' pilots and floors
-built without their dev queries, so those route out of sample. The policy (and rule) with the best
+on disk) or ``[own:]M/N``, pilots regrouped from the tables — each training query joins the group
+of the expert that beats its own by more than M nDCG@10 in the union index (``own:``: in the
+domain's own corpus, the rule of ``pilots build``), groups under N queries fold into the own group
+(``1/1``: one pilot per domain) — with the known domains' pilots and floors built without their dev
+queries, so those route out of sample (``served`` pilots hold the dev queries: in sample). The policy (and rule) with the best
 known-dev gain at its selected quantile is the one to serve (experts.policy). The report also shows what each expert does to
 each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
 and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
@@ -48,7 +49,25 @@ QUANTILES = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
 
 def _table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path, key: str) -> dict:
     """Base embeddings, dev mask and per-query nDCG@10 (columns: base, then engine.experts) of the
-    domain's training queries searched in the union of ``domains`` (cached)."""
+    domain's training queries searched in the union of ``domains``, and ``own_table``: the experts'
+    nDCG@10 on them in the domain's own corpus (what ``pilots build`` groups by) (cached)."""
+    part = _union_table(cfg, data_dir, domain, domains, engine, cache, key)
+    if "own_table" not in part:  # a table cached before own_table was kept
+        from serve.offline.indexing import load_corpus_vectors
+        from serve.offline.ir import domain_examples, examples_qrels
+        from serve.offline.pilots import expert_table
+
+        own = load_corpus_vectors(cfg, data_dir, [domain], False)
+        examples = domain_examples(cfg, data_dir, domain, own)
+        if [q for q, _, _, _ in examples] != part["qids"]:
+            raise SystemExit(f"{domain}: the cached table holds another training sample: remove {cache}")
+        part["own_table"] = expert_table(engine, domain, part["qids"], [t for _, t, _, _ in examples],
+                                         examples_qrels(domain, examples, own), own)
+        (cache / f"{domain}-{key}.pkl").write_bytes(pickle.dumps(part))
+    return part
+
+
+def _union_table(cfg, data_dir: Path, domain: str, domains: list[str], engine, cache: Path, key: str) -> dict:
     from ir_measures import nDCG
 
     from actors.encoder import BASE
@@ -93,22 +112,26 @@ def with_floors(pilots, data: dict, quantile: float | None, train_only: bool = F
     return replace(pilots, floors=floors)
 
 
-def parse_rule(spec: str) -> tuple[float, int] | None:
-    """``served`` (the pilots on disk: None) or ``MARGIN/MIN_QUERIES`` (pilots regrouped from the tables)."""
+def parse_rule(spec: str) -> tuple[str, float, int] | None:
+    """``served`` (the pilots on disk: None), ``MARGIN/MIN_QUERIES`` (pilots regrouped by nDCG@10 in
+    the union index) or ``own:MARGIN/MIN_QUERIES`` (in each domain's own corpus, as ``pilots build``)."""
     if spec == "served":
         return None
-    margin, _, min_q = spec.partition("/")
+    where, _, rule = spec.rpartition(":")
+    margin, _, min_q = rule.partition("/")
     try:
-        return float(margin), int(min_q or 1)
+        if where not in ("", "own"):
+            raise ValueError
+        return where or "union", float(margin), int(min_q or 1)
     except ValueError:
-        raise typer.BadParameter(f"--rules: {spec!r} is neither 'served' nor MARGIN/MIN_QUERIES (e.g. 0.3/10)") from None
+        raise typer.BadParameter(f"--rules: {spec!r} is neither 'served' nor [own:]MARGIN/MIN_QUERIES (e.g. 0.3/10)") from None
 
 
-def regrouped(served, data: dict, margin: float, min_q: int, train_only: bool):
+def regrouped(served, data: dict, where: str, margin: float, min_q: int, train_only: bool):
     """Pilots of every domain in ``data`` grouped by ``margin`` / ``min_q`` from its training queries'
-    nDCG@10 in the union index (the served index: what the pilots on disk were NOT grouped by — they
-    use each domain's own corpus), the served pilots' base guards kept. ``train_only``: without
-    the dev queries, which then route out of sample."""
+    nDCG@10 in the union index (``where`` = "union": the served index) or in the domain's own corpus
+    ("own": the rule of ``pilots build``), the served pilots' base guards kept. ``train_only``:
+    without the dev queries, which then route out of sample."""
     from actors.routing import replace_domains
     from serve.offline.pilots import best_experts, pilots_from_groups
 
@@ -116,11 +139,19 @@ def regrouped(served, data: dict, margin: float, min_q: int, train_only: bool):
     for d, part in data.items():
         rows = ~part["dev"] if train_only else np.ones(len(part["qids"]), bool)
         experts = part["experts"]
-        best = best_experts(part["table"][rows, 1:], experts.index(d), margin, min_q, names=experts)
-        new, _ = pilots_from_groups(part["base"][rows], best, experts, d, served.base_model, f"union {margin:g}/{min_q}")
+        table = part["table"][:, 1:] if where == "union" else part["own_table"]
+        best = best_experts(table[rows], experts.index(d), margin, min_q, names=experts)
+        new, _ = pilots_from_groups(part["base"][rows], best, experts, d, served.base_model, f"{where} {margin:g}/{min_q}")
         out = replace_domains(out, new)
     out.guards = dict(served.guards)
     return out
+
+
+def select(results: dict) -> str:
+    """The grid row (policy [@ rule]) with the best known-dev gain at its selected quantile. The
+    served pilots hold the dev queries (in sample): with regrouped rules on the grid, only those compete."""
+    fair = [k for k, r in results.items() if r.get("rule", "served") != "served"] or list(results)
+    return max(fair, key=lambda k: results[k]["known_dev_delta"])
 
 
 def policy_of(spec: str):
@@ -177,8 +208,9 @@ def main(
     cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
     name: str = typer.Option("confidence_floor"),
     policies: str = typer.Option("pilot_mean,pilot_knn:1,pilot_knn:3,pilot_knn:5"),
-    rules: str = typer.Option("served", help="pilot rules to grid: 'served' (the pilots on disk) and MARGIN/MIN_QUERIES "
-                              "(regrouped by nDCG@10 in the union; known domains' dev queries then route out of sample)"),
+    rules: str = typer.Option("served", help="pilot rules to grid: 'served' (the pilots on disk) and [own:]MARGIN/MIN_QUERIES "
+                              "(regrouped by nDCG@10 in the union / the domain's own corpus; known domains' dev queries "
+                              "then route out of sample)"),
     set_: Optional[list[str]] = typer.Option(None, "--set"),
 ):
     from rich.console import Console
@@ -236,7 +268,7 @@ def main(
         key = spec if rule == "served" else f"{spec} @ {rule}"
         results[key] = {"rule": rule, "num_pilots": len(every.experts), "grid": grid, "selected_quantile": best["quantile"],
                         "known_dev_delta": best["known_dev_delta"], "worst_held_out_delta": best["worst_held_out_delta"]}
-    chosen = max(results, key=lambda p: results[p]["known_dev_delta"])  # a regrouped rule must win out of sample
+    chosen = select(results)
     doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
            "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_policy": chosen,
@@ -261,6 +293,8 @@ def render(doc: dict, doms: list[str]) -> str:
              "into the domain's own — the pilots on disk (`served`) include the dev queries, which favours them). Per "
              "policy and rule, the selected quantile is the smallest keeping "
              f"every held-out domain within {100 * doc['tolerance']:.1f} of base; the policy with the best known-dev gain there "
+             "(out of sample: among the regrouped rules when the grid has any; `own:M/N` is the config's "
+             "experts.pilot_margin / pilot_min_queries) "
              f"is selected → **{doc['selected_policy']}, quantile {doc['selected_quantile']}**. Test queries read: 0.", "",
              "| policy | selected quantile | worst held-out | known dev (mean Δ) |", "|---|---|---|---|"]
     for spec, r in doc["policies"].items():

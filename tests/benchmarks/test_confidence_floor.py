@@ -120,19 +120,36 @@ def test_a_regrouped_rule_builds_pilots_from_the_union_table_and_keeps_dev_queri
     data["b"]["table"] = np.tile([0.5, 0.1, 0.8], (50, 1))  # on b's queries b's own wins
     served = PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["a", "b"], ["a", "b"], "m", "r",
                       guards={"b": {"routed": False}})
-    assert parse_rule("served") is None and parse_rule("0.3/10") == (0.3, 10) and parse_rule("1") == (1.0, 1)
-    with pytest.raises(typer.BadParameter, match="'x/y' is neither"):
-        parse_rule("x/y")
-    every = regrouped(served, data, 0.3, 10, train_only=False)
+    assert parse_rule("served") is None and parse_rule("0.3/10") == ("union", 0.3, 10)
+    assert parse_rule("1") == ("union", 1.0, 1) and parse_rule("own:0.5/3") == ("own", 0.5, 3)
+    for bad in ("x/y", "mine:0.3/10"):
+        with pytest.raises(typer.BadParameter, match=f"{bad!r} is neither"):
+            parse_rule(bad)
+    every = regrouped(served, data, "union", 0.3, 10, train_only=False)
     assert list(zip(every.domains, every.experts)) == [("a", "a"), ("a", "b"), ("b", "b")]
     np.testing.assert_allclose(every.embeddings[1], data["a"]["base"][:20].mean(axis=0), rtol=1e-5)
     assert every.guards == served.guards and every.members.shape[0] == 100 and every.rule == "union 0.3/10"
-    assert [e for e in regrouped(served, data, 0.5, 10, train_only=False).experts] == ["a", "b"]  # not by MORE than 0.5
-    assert regrouped(served, data, 0.3, 25, train_only=False).experts == ["a", "b"]  # a group of 20 < 25 folds in
-    known = regrouped(served, data, 0.3, 10, train_only=True)
+    # own:  grouped by the experts' nDCG@10 in the domain's own corpus (experts only, no base column)
+    data["a"]["own_table"] = np.tile([0.4, 0.1], (50, 1))
+    data["b"]["own_table"] = np.tile([0.1, 0.8], (50, 1))
+    assert regrouped(served, data, "own", 0.3, 10, train_only=False).experts == ["a", "b"]  # b's win is union-only
+    assert [e for e in regrouped(served, data, "union", 0.5, 10, train_only=False).experts] == ["a", "b"]  # not by MORE than 0.5
+    assert regrouped(served, data, "union", 0.3, 25, train_only=False).experts == ["a", "b"]  # a group of 20 < 25 folds in
+    known = regrouped(served, data, "union", 0.3, 10, train_only=True)
     assert known.members.shape[0] == 80  # dev rows (the first 10 of each domain) are not members
     np.testing.assert_allclose(known.embeddings[1], data["a"]["base"][10:20].mean(axis=0), rtol=1e-5)
     floored = with_floors(known, data, 0.3, train_only=True)
     assert floored.floors[2] == pytest.approx(domain_floor(data["b"]["base"][10:], known.embeddings[2:], 0.3))
     data["b"]["base"][0] = _unit([[0.2, 0.3, 1.0]])[0]  # a dev query far from b's pilot sets the all-rows minimum
     assert with_floors(known, data, 0.0, train_only=True).floors[2] > with_floors(known, data, 0.0).floors[2] + 0.2
+
+
+def test_selection_lets_only_out_of_sample_rows_compete_when_there_are_any():
+    from confidence_floor import select
+
+    results = {"pilot_mean": {"rule": "served", "known_dev_delta": 0.036},  # in sample: dev queries are members
+               "pilot_mean @ own:0.3/10": {"rule": "own:0.3/10", "known_dev_delta": 0.035},
+               "pilot_knn:1 @ 1/1": {"rule": "1/1", "known_dev_delta": 0.033}}
+    assert select(results) == "pilot_mean @ own:0.3/10"
+    assert select({k: results[k] for k in ("pilot_mean",)}) == "pilot_mean"
+    assert select({"pilot_knn:1": {"known_dev_delta": 0.02}, "pilot_mean": {"known_dev_delta": 0.03}}) == "pilot_mean"
