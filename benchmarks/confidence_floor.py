@@ -20,9 +20,10 @@ on disk) or ``[own:]M/N``, pilots regrouped from the tables — each training qu
 of the expert that beats its own by more than M nDCG@10 in the union index (``own:``: in the
 domain's own corpus, the rule of ``pilots build``), groups under N queries fold into the own group
 (``1/1``: one pilot per domain) — with the known domains' pilots and floors built without their dev
-queries, so those route out of sample (``served`` pilots hold the dev queries: in sample). The policy (and rule) with the best
-known-dev gain at its selected quantile is the one to serve (experts.policy). The report also shows what each expert does to
-each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
+queries, so those route out of sample (``served`` pilots hold the dev queries: in sample). The
+policy (and rule) with the best known-dev gain at its selected quantile is the one to serve
+(experts.policy; only out-of-sample rows compete when the grid has any). The report also shows
+what each expert does to each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
 and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
 benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
 """
@@ -237,14 +238,17 @@ def main(
         console.print(f"table of {d}'s training queries …")
         data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
     results = {}
-    for rule, spec in [(r, p) for r in rules.split(",") for p in policies.split(",")]:
+    built = {}  # rule -> (pilots for the held-out check, pilots for the known check): once, for every policy
+    for rule in rules.split(","):
         grouping = parse_rule(rule)
-        policy = policy_of(spec)
         if grouping is None:  # the pilots on disk: built from every training query, dev queries included
-            every, known_pilots = pilots, without_dev_members(pilots.restrict(doms), data)
+            built[rule] = pilots, without_dev_members(pilots.restrict(doms), data)
         else:
-            every = regrouped(pilots, data, *grouping, train_only=False)
-            known_pilots = regrouped(pilots, data, *grouping, train_only=True)
+            built[rule] = (regrouped(pilots, data, *grouping, train_only=False),
+                           regrouped(pilots, data, *grouping, train_only=True))
+    for rule, spec in [(r, p) for r in built for p in policies.split(",")]:
+        every, known_pilots = built[rule]
+        policy = policy_of(spec)
         grid = []
         for q in [None, *QUANTILES]:
             row = {"quantile": q, "held_out": {}, "known": {}}
@@ -253,7 +257,7 @@ def main(
                 fold = with_floors(every.without_domains([d]).restrict(others), data, q)
                 score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
                 row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
-            full = with_floors(known_pilots, data, q, train_only=grouping is not None)
+            full = with_floors(known_pilots, data, q, train_only=rule != "served")
             for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
                 score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
                 row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
