@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoder import BASE, EncoderEngine
-from .routing import PilotSet, get_policy, route
+from .routing import DEFAULT_POLICY, PilotSet, get_policy, route
 
 
 @dataclass
@@ -46,7 +46,7 @@ class UnknownExpertError(KeyError):
 
 
 class RoutedEncoder:
-    def __init__(self, engine: EncoderEngine, pilots: PilotSet | None, policy: str = "pilot_mean"):
+    def __init__(self, engine: EncoderEngine, pilots: PilotSet | None, policy: str = DEFAULT_POLICY):
         self.engine = engine
         self.policy = get_policy(policy)
         experts = engine.experts

@@ -34,6 +34,7 @@ from typing import Callable, ClassVar, NamedTuple
 import numpy as np
 
 PILOTS_FILE = "pilots.npz"
+DEFAULT_POLICY = "pilot_knn"  # experts.policy's default, chosen on dev queries (benchmarks/confidence_floor.py)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

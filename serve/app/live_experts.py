@@ -25,6 +25,7 @@ from typing import Callable
 
 from actors.encoder import EncoderEngine, EncoderSettings
 from actors.routed_encoder import RoutedEncoder
+from actors.routing import DEFAULT_POLICY
 
 from serve.artifacts.generations import Generation, GenerationError, GenerationStore, check_generation_id
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 CURRENT = "current"
 
 
-def encoder_builder(model_path: str, settings: EncoderSettings, policy: str = "pilot_mean",
+def encoder_builder(model_path: str, settings: EncoderSettings, policy: str = DEFAULT_POLICY,
                     enabled: list[str] | None = None) -> Callable[[Generation | None], RoutedEncoder]:
     """``build(generation)`` for LiveExperts: the base model with the generation's (enabled)
     adapters and its pilots; None: the base model alone."""

@@ -119,6 +119,8 @@ class ExpertTrainConfig(_Strict):
         "model's, weighted by this — an expert that leaves other domains' queries alone (domain experts only: the "
         "multi-task adapter is trained on every domain)")
     preserve_texts: int = Field(2000, ge=1, description="passages sampled (evenly over the other corpora) for preserve_weight")
+    preserve_words: int = Field(12, ge=1, description="each preserved passage is cut to its first this many words "
+        "(the adapter only ever encodes queries: a short cut — a title and a few words — is closer to what it will meet)")
     positives: Literal["best", "all"] = Field(
         "best",
         description="objective 'full_corpus': train towards each query's best-graded judged doc only, "
@@ -151,13 +153,13 @@ GENERATION_ID_PATTERN = r"^g(\d{6})$"  # expert generation ids (serve.artifacts.
 class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
-    policy: str = Field("pilot_mean", description="the routing policy (actors.routing): pilot_mean, the paper's mean "
-                        "pilot similarity; pilot_knn, the nearest pilot member (training query); pilot_nearest")
+    policy: str = Field("pilot_knn", description="the routing policy (actors.routing): pilot_knn, the nearest pilot "
+                        "member (training query); pilot_mean, the paper's mean pilot similarity; pilot_nearest")
     pilot_margin: float = Field(0.0, ge=0.0, le=1.0, description="a training query joins another expert's pilot "
                                 "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
     pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
                                    "domain's own pilot (paper: 1)")
-    confidence_quantile: float | None = Field(0.2, ge=0.0, lt=1.0, description="each domain's pilots get a "
+    confidence_quantile: float | None = Field(0.15, ge=0.0, lt=1.0, description="each domain's pilots get a "
                                               "confidence floor: the cosine its training queries reach to their nearest "
                                               "own pilot at this quantile; a query below every floor (a domain no expert "
                                               "knows) goes to the base model. null: no floor")

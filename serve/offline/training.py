@@ -67,9 +67,6 @@ def adapter_settings(train: ExpertTrainConfig, step_scale: int = 1, has_dev: boo
     )
 
 
-PRESERVE_WORDS = 48  # passages for preserve_weight are cut to query length: the adapter's job there is queries
-
-
 def preserve_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
     """The corpora whose passages an expert of ``domain`` is trained to leave alone
     (``experts.training.preserve_weight``): the served index's other corpora."""
@@ -78,7 +75,7 @@ def preserve_datasets(cfg: RouterServeConfig, domain: str) -> list[str]:
 
 def preserve_passages(cfg: RouterServeConfig, data_dir: Path, domain: str) -> list[str]:
     """Up to ``experts.training.preserve_texts`` passages of the served index's corpora other than
-    ``domain``'s, evenly over them, each cut to its first PRESERVE_WORDS words (deterministic sample)."""
+    ``domain``'s, evenly over them, each cut to its first ``experts.training.preserve_words`` words (deterministic sample)."""
     import random
 
     train = cfg.experts.training
@@ -87,7 +84,7 @@ def preserve_passages(cfg: RouterServeConfig, data_dir: Path, domain: str) -> li
     out: list[str] = []
     for i, name in enumerate(others):
         share = (train.preserve_texts - len(out)) // (len(others) - i)
-        texts = [" ".join(doc.as_passage().split()[:PRESERVE_WORDS])
+        texts = [" ".join(doc.as_passage().split()[:train.preserve_words])
                  for doc in iter_corpus(data_dir, name, cfg.corpus.max_docs_per_dataset)]  # the docs the index serves
         out += rng.sample(texts, min(share, len(texts)))
     return out
@@ -166,6 +163,7 @@ def train_domain_expert(
             negatives=train.negatives,
             negatives_datasets=sorted(set(corpus.datasets)),
             preserve_datasets=preserve_datasets(cfg, domain),
+            preserve_words=train.preserve_words if train.preserve_weight > 0 else None,
         ))
     if pilots:  # this domain's pilots, against every expert present now
         stage(f"pilots of {domain}")

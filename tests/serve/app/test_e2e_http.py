@@ -218,7 +218,7 @@ def test_cli_query_pretty_prints_a_served_answer(served):
 
     r = CliRunner().invoke(app, ["query", "salt intake and blood pressure", "--url", served["url"], "-k", "3"])
     assert r.exit_code == 0, r.output
-    assert "expert:" in r.output and "policy: pilot_mean" in r.output
+    assert "expert:" in r.output and "policy: pilot_knn" in r.output
     r = CliRunner().invoke(app, ["query", "x", "--url", served["url"], "--expert", "nope"])
     assert r.exit_code == 1 and "404" in r.output
 

