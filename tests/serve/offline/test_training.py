@@ -393,14 +393,14 @@ def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_
     saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
     assert report["corpus_size"] == 600 and saved["negatives"] == "union"  # 300 + 300: both corpora
     assert saved["negatives_datasets"] == ["nfcorpus", "scifact"] and saved["preserve_datasets"] == []
-    assert saved["preserve"] == {"texts": 0, "weight": 0.0, "encoded": 0}
+    assert saved["preserve"] == {"texts": 0, "weight": 0.0, "encoded": 0} and saved["preserve_words"] is None
     cfg.experts.training.negatives = "domain"
     cfg.experts.training.preserve_weight, cfg.experts.training.preserve_texts = 1.0, 8  # leave scifact's passages alone
     own = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
     saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
     assert own["corpus_size"] == 300 and saved["preserve"]["texts"] == 8 and saved["preserve"]["weight"] == 1.0
     assert 1 <= saved["preserve"]["encoded"] <= 8
-    assert saved["preserve_datasets"] == ["scifact"]
+    assert saved["preserve_datasets"] == ["scifact"] and saved["preserve_words"] == cfg.experts.training.preserve_words == 12
 
 
 def test_the_multitask_adapter_trained_against_the_union_sees_every_served_corpus(cfg, data_dir):
