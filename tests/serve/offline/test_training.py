@@ -83,17 +83,17 @@ def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_chang
 
     train_domain_expert(cfg, data_dir, "scifact", progress=False)
     train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
-    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1 confidence_quantile=0.2 base_guard"
+    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1 confidence_quantile=0.15 base_guard"
     margin = cfg.model_copy(deep=True)
     margin.experts.pilot_margin, margin.experts.pilot_min_queries = 0.5, 10
     # the evaluation refuses pilots grouped by another rule than the one it would report
-    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1 confidence_quantile=0.2 base_guard'.*routerserve pilots build"):
+    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1 confidence_quantile=0.15 base_guard'.*routerserve pilots build"):
         evaluate(margin, data_dir, ["scifact"], ["pilot_mean"], max_queries=2, progress=False)
     # rebuilding one domain under the new rule rebuilds every domain: the file never mixes rules
     wins = build_pilots(margin, data_dir, ["nfcorpus"], progress=False)
     assert sorted(wins) == ["nfcorpus", "scifact"]
     pilots = load_pilots(margin)
-    assert pilots.rule == "best_expert margin=0.5 min_queries=10 confidence_quantile=0.2 base_guard"
+    assert pilots.rule == "best_expert margin=0.5 min_queries=10 confidence_quantile=0.15 base_guard"
     # 8 training queries < 10: every query folds into its own domain's pilot, one pilot per domain
     assert sorted(zip(pilots.domains, pilots.experts)) == [("nfcorpus", "nfcorpus"), ("scifact", "scifact")]
     # `up` (train_default_experts) trains nothing here but brings the pilots back to the config's rule
