@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from actors.routing import DEFAULT_POLICY
+
 from .common import DATA_DIR_ENV, REPO_ROOT, ConfigError, _looks_like_ref, _Strict, _validate_deployment_options
 from .k8s import K8sConfig
 from .llm import LLMConfig
@@ -153,7 +155,7 @@ GENERATION_ID_PATTERN = r"^g(\d{6})$"  # expert generation ids (serve.artifacts.
 class ExpertsConfig(_Strict):
     dir: Path | None = Path(".routerserve/experts")
     enabled: list[str] | None = Field(None, description="null = every expert found in dir")
-    policy: str = Field("pilot_knn", description="the routing policy (actors.routing): pilot_knn, the nearest pilot "
+    policy: str = Field(DEFAULT_POLICY, description="the routing policy (actors.routing): pilot_knn, the nearest pilot "
                         "member (training query); pilot_mean, the paper's mean pilot similarity; pilot_nearest")
     pilot_margin: float = Field(0.0, ge=0.0, le=1.0, description="a training query joins another expert's pilot "
                                 "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
