@@ -15,9 +15,12 @@ members are L2-normalised here whatever the encoder's own convention.
 Two safeguards sit around the policy (``route``), both recorded in the pilot file when the pilots
 are built (serve.offline.pilots), both chosen on training queries only:
 
-* the **confidence floor** — each pilot carries a floor: the cosine its domain's training queries
-  reach to their nearest own-domain pilot at ``experts.confidence_quantile``. A query below every
-  pilot's floor belongs to no known domain and goes to the base model (unseen domains are not
+* the **confidence floor** — each pilot carries its domain's floor, set at
+  ``experts.confidence_quantile`` of one of two cosines (``experts.confidence_floor``, the pilot
+  file's ``floor_kind``): ``member``, each training query's cosine to its nearest OTHER training
+  query of the domain (a query reaches the floor through any member of the pilot), or ``pilot``,
+  its cosine to the nearest own-domain pilot (a query reaches it through the pilot). A query that
+  reaches no floor belongs to no known domain and goes to the base model (unseen domains are not
   handed to an expert trained for another);
 * the **base guard** — an expert that did not beat the base model on its domain's dev queries in
   the served index is not routed to (``guards[expert]["routed"]`` false): its queries go to base.
@@ -29,11 +32,13 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
 
 PILOTS_FILE = "pilots.npz"
+FloorKind = Literal["member", "pilot"]  # experts.confidence_floor: what a query's cosine to a domain is measured to
+FLOOR_KINDS: tuple[str, ...] = get_args(FloorKind)
 DEFAULT_POLICY = "pilot_knn"  # experts.policy's default, chosen on dev queries (benchmarks/confidence_floor.py)
 
 
@@ -56,6 +61,7 @@ class PilotSet:
     guards: dict[str, dict] = field(default_factory=dict)  # expert -> its base guard (dev nDCG@10, routed)
     members: np.ndarray | None = None  # [M, D] base embeddings of the training queries behind the pilots
     member_pilot: np.ndarray | None = None  # [M] the pilot (row) each member joined; None / empty: no members
+    floor_kind: str = "pilot"  # FLOOR_KINDS: floors measured to pilots (files from before the kind) or members
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -66,6 +72,8 @@ class PilotSet:
         if self.domains and len(self.domains) != len(self.experts):
             raise ValueError("domains, when given, must have one entry per pilot")
         n = self.embeddings.shape[0]
+        if self.floor_kind not in FLOOR_KINDS:
+            raise ValueError(f"floor_kind must be one of {FLOOR_KINDS}, not {self.floor_kind!r}")
         self.floors = np.full(n, np.nan, np.float32) if self.floors is None else np.asarray(self.floors, np.float32).reshape(-1)
         if self.floors.shape[0] != n:
             raise ValueError("floors, when given, must have one entry per pilot")
@@ -126,6 +134,7 @@ class PilotSet:
             guards,
             self.members[mine],
             new_row[self.member_pilot[mine]],
+            self.floor_kind,
         )
 
     @classmethod
@@ -149,6 +158,7 @@ class PilotSet:
             guards=np.array(json.dumps(self.guards, sort_keys=True), dtype=str),
             members=self.members,
             member_pilot=self.member_pilot,
+            floor_kind=np.array(self.floor_kind, dtype=str),
         )
         with open(tmp, "rb") as fh:  # on disk before it replaces the old file
             os.fsync(fh.fileno())
@@ -171,6 +181,7 @@ class PilotSet:
                 json.loads(str(data["guards"])) if "guards" in data else {},
                 data["members"] if "members" in data else None,  # files from before members: none
                 data["member_pilot"] if "member_pilot" in data else None,
+                str(data["floor_kind"]) if "floor_kind" in data else "pilot",  # files from before the kind: pilot
             )
 
 
@@ -186,10 +197,10 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
     kept = current._rows(keep, current.guards)
     if keep and current.dim != new.dim:
         raise ValueError("pilot dimensions differ")
-    if keep and current.rule != new.rule:
+    if keep and (current.rule, current.floor_kind) != (new.rule, new.floor_kind):
         raise ValueError(
-            f"pilots of {sorted({current.domains[i] for i in keep})} were grouped by {current.rule or 'an unrecorded rule'!r}, "
-            f"the new ones by {new.rule!r}: rebuild every domain's pilots"
+            f"pilots of {sorted({current.domains[i] for i in keep})} were grouped by {current.rule or 'an unrecorded rule'!r} "
+            f"({current.floor_kind} floors), the new ones by {new.rule!r} ({new.floor_kind} floors): rebuild every domain's pilots"
         )
     return PilotSet(
         np.concatenate([current.embeddings[keep], new.embeddings]),
@@ -201,6 +212,7 @@ def replace_domains(current: PilotSet | None, new: PilotSet) -> PilotSet:
         {**current.guards, **new.guards},
         np.concatenate([kept.members, new.members]),
         np.concatenate([kept.member_pilot, new.member_pilot + len(keep)]),
+        new.floor_kind,
     )
 
 
@@ -308,21 +320,49 @@ def describe_guard(expert: str, g: dict) -> str:
 
 
 def confident(queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
-    """[n_queries] bool: the query reaches the floor of at least one pilot. A pilot set without any
-    floor (a file from before the floor, or experts.confidence_quantile null) gates nothing; in a
-    floored set a pilot without a floor cannot be reached (it never turns the gate off)."""
-    sims, _, _ = _pilot_similarities(queries, pilots)
+    """[n_queries] bool: the query reaches the floor of at least one pilot — through the pilot
+    itself (``floor_kind`` "pilot") or through any of its members ("member"; a pilot set without
+    members: through the pilot). A pilot set without any floor (a file from before the floor, or
+    experts.confidence_quantile null) gates nothing; in a floored set a pilot without a floor cannot
+    be reached (it never turns the gate off)."""
+    q = l2_normalize(np.atleast_2d(queries))
     if np.isnan(pilots.floors).all():
-        return np.ones(sims.shape[0], bool)
+        return np.ones(q.shape[0], bool)
     floors = np.where(np.isnan(pilots.floors), np.inf, pilots.floors)
+    if pilots.floor_kind == "member" and pilots.members.shape[0]:
+        sims, floors = q @ pilots._unit_members.T, floors[pilots.member_pilot]
+    else:
+        sims = q @ l2_normalize(pilots.embeddings).T
     return (sims >= floors[None, :]).any(axis=1) if sims.shape[1] else np.zeros(sims.shape[0], bool)
 
 
 def domain_floor(queries: np.ndarray, domain_pilots: np.ndarray, quantile: float) -> float:
-    """The confidence floor of one domain's pilots: the ``quantile`` of its training queries'
-    cosine to their nearest pilot of the domain (quantile 0.05: 95 % of them clear it)."""
+    """The ``pilot`` confidence floor of one domain's pilots: the ``quantile`` of its training
+    queries' cosine to their nearest pilot of the domain (quantile 0.05: 95 % of them clear it)."""
     sims = l2_normalize(np.atleast_2d(queries)) @ l2_normalize(np.atleast_2d(domain_pilots)).T
     return float(np.quantile(sims.max(axis=1), quantile))
+
+
+def member_floor(queries: np.ndarray, quantile: float, block: int = 1024) -> float:
+    """The ``member`` confidence floor of one domain: the ``quantile`` of its training queries'
+    cosine to their nearest OTHER training query (leave-one-out: a query is not its own neighbour).
+    A domain of one query has no neighbour: no floor (NaN, never reached)."""
+    q = l2_normalize(np.atleast_2d(queries))
+    if q.shape[0] < 2:
+        return float("nan")
+    nearest = np.empty(q.shape[0], np.float32)
+    for a in range(0, q.shape[0], block):  # [block, n] at a time: memory stays linear in n
+        sims = q[a:a + block] @ q.T
+        sims[np.arange(sims.shape[0]), np.arange(a, a + sims.shape[0])] = -np.inf
+        nearest[a:a + block] = sims.max(axis=1)
+    return float(np.quantile(nearest, quantile))
+
+
+def floor_of(kind: str, queries: np.ndarray, domain_pilots: np.ndarray, quantile: float) -> float:
+    """A domain's confidence floor of ``kind`` (FLOOR_KINDS) at ``quantile`` of its training queries."""
+    if kind not in FLOOR_KINDS:
+        raise ValueError(f"confidence floor kind must be one of {FLOOR_KINDS}, not {kind!r}")
+    return member_floor(queries, quantile) if kind == "member" else domain_floor(queries, domain_pilots, quantile)
 
 
 class Routing(NamedTuple):

@@ -84,7 +84,8 @@ def main(
         "machine": machine(),
         "training": cfg.experts.training.model_dump(),
         "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
-                       "confidence_quantile": cfg.experts.confidence_quantile, "base_guard": cfg.experts.base_guard},
+                       "confidence_quantile": cfg.experts.confidence_quantile,
+                       "confidence_floor": cfg.experts.confidence_floor, "base_guard": cfg.experts.base_guard},
         "train_seconds": train_seconds,
     }
     query_embeddings: dict = {}  # the same experts in both settings: encode each test query once

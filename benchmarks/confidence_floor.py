@@ -1,13 +1,14 @@
-"""The routing policy (experts.policy) and its confidence floor (experts.confidence_quantile), chosen on
-TRAINING and DEV queries only.
+"""The routing policy (experts.policy) and its confidence floor (experts.confidence_quantile,
+experts.confidence_floor), chosen on TRAINING and DEV queries only.
 
     .venv/bin/python benchmarks/confidence_floor.py --experts-dir .routerserve/preserve/final \
         --cache .routerserve/confidence-floor --set 'corpus.datasets=[scifact,nfcorpus,arguana,cranfield,npl]'
 
 A query below every pilot's confidence floor goes to the base model: that protects queries of a
-domain no expert knows. Each domain's floor is the cosine its training queries reach to their
-nearest own-domain pilot at quantile q — so q is the share of a known domain's queries the floor
-also sends to base. q is chosen by leave-one-domain-out over the training queries: for each domain
+domain no expert knows. Each domain's floor is the cosine its training queries reach, at quantile
+q, to their nearest other training query of the domain (``--floors member``: a query reaches it
+through any member of the domain's pilots) or to their nearest own-domain pilot (``pilot``) — so q
+is about the share of a known domain's queries the floor also sends to base. q is chosen by leave-one-domain-out over the training queries: for each domain
 d, its expert and every pilot built from its queries are dropped, the other domains' floors are
 set at q, and d's training queries are routed (by the policy, in the union index of every domain);
 their nDCG@10 is read from a per-query table of base and every expert. Selected: the smallest q
@@ -20,8 +21,8 @@ on disk) or ``[own:]M/N``, pilots regrouped from the tables — each training qu
 of the expert that beats its own by more than M nDCG@10 in the union index (``own:``: in the
 domain's own corpus, the rule of ``pilots build``), groups under N queries fold into the own group
 (``1/1``: one pilot per domain) — with the known domains' pilots and floors built without their dev
-queries, so those route out of sample (``served`` pilots hold the dev queries: in sample). The
-policy (and rule) with the best known-dev gain at its selected quantile is the one to serve
+queries, so those route out of sample (``served`` pilots hold the dev queries: in sample), and
+each floor kind of ``--floors``. The policy (and rule and floor) with the best known-dev gain at its selected quantile is the one to serve
 (experts.policy; only out-of-sample rows compete when the grid has any). The report also shows
 what each expert does to each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
 and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
@@ -97,20 +98,21 @@ def _union_table(cfg, data_dir: Path, domain: str, domains: list[str], engine, c
     return out
 
 
-def with_floors(pilots, data: dict, quantile: float | None, train_only: bool = False):
-    """``pilots`` with every domain's floor set at ``quantile`` of its training queries (None: no
-    floor); ``train_only``: of those that are not dev queries (the pilots were built without them)."""
+def with_floors(pilots, data: dict, quantile: float | None, train_only: bool = False, kind: str = "pilot"):
+    """``pilots`` with every domain's floor of ``kind`` (actors.routing.FLOOR_KINDS) set at ``quantile``
+    of its training queries (None: no floor); ``train_only``: of those that are not dev queries (the
+    pilots were built without them)."""
     from dataclasses import replace
 
-    from actors.routing import domain_floor
+    from actors.routing import floor_of
 
     floors = np.full(len(pilots.experts), np.nan, np.float32)
     if quantile is not None:
         for d in set(pilots.domains):
             rows = [i for i, x in enumerate(pilots.domains) if x == d]
             queries = data[d]["base"][~data[d]["dev"]] if train_only else data[d]["base"]
-            floors[rows] = domain_floor(queries, pilots.embeddings[rows], quantile)
-    return replace(pilots, floors=floors)
+            floors[rows] = floor_of(kind, queries, pilots.embeddings[rows], quantile)
+    return replace(pilots, floors=floors, floor_kind=kind)
 
 
 def parse_rule(spec: str) -> tuple[str, float, int] | None:
@@ -209,6 +211,8 @@ def main(
     cache: Path = typer.Option(Path(".routerserve/confidence-floor")),
     name: str = typer.Option("confidence_floor"),
     policies: str = typer.Option("pilot_mean,pilot_knn:1,pilot_knn:3,pilot_knn:5"),
+    floors: str = typer.Option("member,pilot", help="confidence floor kinds to grid (experts.confidence_floor): 'member' "
+                               "(cosine to the nearest other training query of the domain), 'pilot' (to the nearest own pilot)"),
     rules: str = typer.Option("served", help="pilot rules to grid: 'served' (the pilots on disk) and [own:]MARGIN/MIN_QUERIES "
                               "(regrouped by nDCG@10 in the union / the domain's own corpus; known domains' dev queries "
                               "then route out of sample)"),
@@ -246,7 +250,12 @@ def main(
         else:
             built[rule] = (regrouped(pilots, data, *grouping, train_only=False),
                            regrouped(pilots, data, *grouping, train_only=True))
-    for rule, spec in [(r, p) for r in built for p in policies.split(",")]:
+    from actors.routing import FLOOR_KINDS
+
+    kinds = floors.split(",")
+    if not set(kinds) <= set(FLOOR_KINDS):
+        raise typer.BadParameter(f"--floors: {sorted(set(kinds) - set(FLOOR_KINDS))} not among {list(FLOOR_KINDS)}")
+    for rule, spec, kind in [(r, p, k) for r in built for p in policies.split(",") for k in kinds]:
         every, known_pilots = built[rule]
         policy = policy_of(spec)
         grid = []
@@ -254,34 +263,35 @@ def main(
             row = {"quantile": q, "held_out": {}, "known": {}}
             for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
                 others = [e for e in doms if e != d]
-                fold = with_floors(every.without_domains([d]).restrict(others), data, q)
+                fold = with_floors(every.without_domains([d]).restrict(others), data, q, kind=kind)
                 score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
                 row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
-            full = with_floors(known_pilots, data, q, train_only=rule != "served")
+            full = with_floors(known_pilots, data, q, train_only=rule != "served", kind=kind)
             for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
                 score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
                 row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
             row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
             row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
             grid.append(row)
-            console.print(f"{spec} @ {rule} q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev "
+            console.print(f"{spec} @ {rule} {kind} floor q={q}: held-out worst {100 * row['worst_held_out_delta']:+.2f}, known dev "
                           f"{100 * row['known_dev_delta']:+.2f} " + " ".join(
                               f"{d}:{100 * (v['routed'] - v['base']):+.2f}/{100 * v['to_base']:.0f}%" for d, v in row["held_out"].items()))
         ok = [r for r in grid if r["quantile"] is not None and r["worst_held_out_delta"] >= -tolerance]
         best = ok[0] if ok else max((r for r in grid if r["quantile"] is not None), key=lambda r: r["worst_held_out_delta"])
-        key = spec if rule == "served" else f"{spec} @ {rule}"
-        results[key] = {"rule": rule, "num_pilots": len(every.experts), "grid": grid, "selected_quantile": best["quantile"],
+        key = (spec if rule == "served" else f"{spec} @ {rule}") + f" · {kind} floor"
+        results[key] = {"rule": rule, "floor": kind, "num_pilots": len(every.experts), "grid": grid, "selected_quantile": best["quantile"],
                         "known_dev_delta": best["known_dev_delta"], "worst_held_out_delta": best["worst_held_out_delta"]}
     chosen = select(results)
     doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
            "pilot_rule": pilots.rule, "tolerance": tolerance, "selected_policy": chosen,
-           "selected_rule": results[chosen]["rule"],
+           "selected_rule": results[chosen]["rule"], "selected_floor": results[chosen]["floor"],
            "selected_quantile": results[chosen]["selected_quantile"], "policies": results,
            "num_queries": {d: {"training": len(data[d]["qids"]), "dev": int(data[d]["dev"].sum())} for d in doms},
            "expert_on_domain": expert_on_domain(data),
            "test_queries_read": 0, "seconds": time.perf_counter() - t0}
-    console.print(f"selected experts.policy = {chosen}, experts.confidence_quantile = {doc['selected_quantile']}")
+    console.print(f"selected experts.policy = {chosen}, experts.confidence_quantile = {doc['selected_quantile']}, "
+                  f"experts.confidence_floor = {doc['selected_floor']}")
     console.print(write_json(name, doc, RESULTS))
     write_markdown(name, render(doc, doms), RESULTS)
 
@@ -295,7 +305,9 @@ def render(doc: dict, doms: list[str]) -> str:
              "present (pilot_knn: their own member rows dropped; a regrouped rule `M/N`: its pilots and floors built without the "
              "dev queries, grouped by each training query's best expert in the union at margin M, groups under N folded "
              "into the domain's own — the pilots on disk (`served`) include the dev queries, which favours them). Per "
-             "policy and rule, the selected quantile is the smallest keeping "
+             "policy, rule and floor kind (`member`: a domain's floor is the cosine its training queries reach to their "
+             "nearest other training query of the domain, reached through any member; `pilot`: to their nearest own pilot), "
+             "the selected quantile is the smallest keeping "
              f"every held-out domain within {100 * doc['tolerance']:.1f} of base; the policy with the best known-dev gain there "
              "(out of sample: among the regrouped rules when the grid has any; `own:M/N` is the config's "
              "experts.pilot_margin / pilot_min_queries) "

@@ -364,7 +364,7 @@ def pilots_build(
     """Group each domain's training queries by their best expert (nDCG@10); mean base embedding
     per (domain, expert) = one pilot, with the domain's confidence floor and its expert's base guard
     (dev nDCG@10 vs base in the served index). Other domains' pilots are kept, unless they were
-    grouped by another rule (experts.pilot_margin / pilot_min_queries / confidence_quantile /
+    grouped by another rule (experts.pilot_margin / pilot_min_queries / confidence_quantile / confidence_floor /
     base_guard): then every domain is rebuilt. The draft is then published as the current generation."""
     from serve.deploy.cluster import ensure_ray
     from serve.offline.pilots import build_pilots

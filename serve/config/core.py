@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from actors.routing import DEFAULT_POLICY
+from actors.routing import DEFAULT_POLICY, FloorKind
 
 from .common import DATA_DIR_ENV, REPO_ROOT, ConfigError, _looks_like_ref, _Strict, _validate_deployment_options
 from .k8s import K8sConfig
@@ -161,10 +161,15 @@ class ExpertsConfig(_Strict):
                                 "only if that expert's nDCG@10 beats its own domain's by MORE than this (paper: 0)")
     pilot_min_queries: int = Field(1, ge=1, description="pilots backed by fewer training queries fold into the "
                                    "domain's own pilot (paper: 1)")
-    confidence_quantile: float | None = Field(0.15, ge=0.0, lt=1.0, description="each domain's pilots get a "
-                                              "confidence floor: the cosine its training queries reach to their nearest "
-                                              "own pilot at this quantile; a query below every floor (a domain no expert "
-                                              "knows) goes to the base model. null: no floor")
+    confidence_quantile: float | None = Field(0.1, ge=0.0, lt=1.0, description="each domain's pilots get a "
+                                              "confidence floor: the cosine its training queries reach (confidence_floor: "
+                                              "to their nearest other training query, or to their nearest own pilot) at "
+                                              "this quantile; a query below every floor (a domain no expert knows) goes to "
+                                              "the base model. null: no floor")
+    confidence_floor: FloorKind = Field(
+        "member", description="what confidence_quantile is taken of: member, each training query's cosine to its "
+        "nearest OTHER training query of the domain (a query reaches the floor through any of the pilots' members); "
+        "pilot, its cosine to the nearest own-domain pilot. Chosen on training/dev queries (benchmarks/confidence_floor.py)")
     base_guard: bool = Field(True, description="an expert that does not beat the base model on its domain's dev "
                              "queries, searched in the served index, is not routed to (forcing it still works)")
     training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)

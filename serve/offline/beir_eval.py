@@ -266,7 +266,8 @@ def evaluate(
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
         "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
                        "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts),
-                       "confidence_quantile": cfg.experts.confidence_quantile, "base_guard": cfg.experts.base_guard},
+                       "confidence_quantile": cfg.experts.confidence_quantile,
+                       "confidence_floor": cfg.experts.confidence_floor, "base_guard": cfg.experts.base_guard},
         "guards": {e: g for e, g in (pilots.guards if pilots is not None else {}).items() if e in experts},
         "seconds": time.perf_counter() - t0,
     }
@@ -291,8 +292,10 @@ def write_report(result: dict, stem: Path) -> list[Path]:
                      f"with margin {rule['margin']} and groups of ≥ {rule['min_queries']} queries (a deviation from "
                      f"the paper, selected on training queries: benchmarks/pilot_margin.py)"))
         if rule.get("confidence_quantile") is not None:
+            to = ("their nearest other training query of the domain (reached through any pilot member)"
+                  if rule.get("confidence_floor") == "member" else "their nearest own pilot")  # results from before: pilot
             lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
-                         "queries' cosine to their nearest own pilot; below every floor → base (pilot_mean, pilot_nearest, pilot_knn)")
+                         f"queries' cosine to {to}; below every floor → base (pilot_mean, pilot_nearest, pilot_knn)")
     for e, g in (result.get("guards") or {}).items():
         lines.append(describe_guard(e, g))
     if result["setting"] == "lodo":

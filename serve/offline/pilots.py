@@ -9,7 +9,8 @@ pilots; adding a domain needs no router training.
 
 With the pilots, two safeguards are recorded (actors.routing.route applies them):
 * each pilot's **confidence floor** (``experts.confidence_quantile``): the cosine its domain's
-  training queries reach to their nearest own-domain pilot at that quantile;
+  training queries reach, at that quantile, to their nearest other training query of the domain
+  (``experts.confidence_floor: member``) or to their nearest own-domain pilot (``pilot``);
 * the owner expert's **base guard** (``experts.base_guard``): its nDCG@10 and the base model's on
   the domain's dev queries (the ones training held out to choose the step), searched in the index
   the service searches (every ``corpus.datasets`` corpus when the domain is one of them). An
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.encoder import BASE, EncoderEngine
-from actors.routing import PilotSet, domain_floor, replace_domains
+from actors.routing import PilotSet, floor_of, replace_domains
 
 from serve.artifacts.experts import enabled_experts, load_pilots, pilot_rule, pilots_follow_config, pilots_path, serving_datasets
 from serve.artifacts.models import encoder_settings, resolve_model
@@ -57,10 +58,12 @@ def best_experts(table: np.ndarray, own: int, margin: float = 0.0, min_queries: 
 
 
 def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], domain: str,
-                       base_model: str, rule: str = "", floor_quantile: float | None = None) -> tuple[PilotSet, dict[str, int]]:
+                       base_model: str, rule: str = "", floor_quantile: float | None = None,
+                       floor_kind: str = "pilot") -> tuple[PilotSet, dict[str, int]]:
     """One pilot per (domain, expert) group: the mean BASE embedding of the group's queries; the
     queries themselves are kept as the pilots' members (in ``base``'s row order); with
-    ``floor_quantile``, every pilot of the domain gets the domain's confidence floor."""
+    ``floor_quantile``, every pilot of the domain gets the domain's confidence floor of ``floor_kind``
+    (actors.routing.FLOOR_KINDS)."""
     embs, names, wins = [], [], {}
     member_pilot = np.zeros(len(best), np.int64)
     for j, e in enumerate(experts):
@@ -71,9 +74,10 @@ def pilots_from_groups(base: np.ndarray, best: np.ndarray, experts: list[str], d
             names.append(e)
             wins[e] = int(members.sum())
     embs = np.stack(embs)
-    floor = np.nan if floor_quantile is None else domain_floor(base, embs, floor_quantile)
+    floor = np.nan if floor_quantile is None else floor_of(floor_kind, base, embs, floor_quantile)
     return PilotSet(embs, names, [domain] * len(names), base_model, rule, np.full(len(names), floor),
-                    members=base, member_pilot=member_pilot), wins
+                    members=base, member_pilot=member_pilot,
+                    floor_kind=floor_kind if floor_quantile is not None else "pilot"), wins  # no floor: as files before the kind
 
 
 def expert_table(engine: EncoderEngine, domain: str, qids: list[str], texts: list[str], qrels: dict, corpus) -> np.ndarray:
@@ -102,6 +106,7 @@ def domain_pilots(
     min_queries: int = 1,
     rule: str = "",
     floor_quantile: float | None = None,
+    floor_kind: str = "pilot",
 ) -> tuple[PilotSet, dict[str, int]]:
     """Pilots of one domain and how many of its queries each expert won. Ties (e.g. every expert
     scores 0) go to the domain's own expert: ``owner``, else the expert named like the domain."""
@@ -113,7 +118,7 @@ def domain_pilots(
     owner = owner or domain
     own = experts.index(owner) if owner in experts else 0
     best = best_experts(table, own, margin, min_queries, names=experts)
-    return pilots_from_groups(base, best, experts, domain, base_model, rule, floor_quantile)
+    return pilots_from_groups(base, best, experts, domain, base_model, rule, floor_quantile, floor_kind)
 
 
 GUARD_EPSILON = 1e-4  # nDCG@10 (0-1): a smaller edge over base is float noise (e.g. a step-0 adapter), not a win
@@ -147,7 +152,7 @@ def build_pilots(
     """Rebuild the pilots of ``domains`` (default: every expert's domain); returns wins per domain.
     ``owners``: domain → its own expert where the names differ (``experts add --domain``).
     When the pilots on disk were grouped by another rule than the config's (``experts.pilot_margin``,
-    ``pilot_min_queries``, ``confidence_quantile``, ``base_guard``; files without a recorded rule
+    ``pilot_min_queries``, ``confidence_quantile``, ``confidence_floor``, ``base_guard``; files without a recorded rule
     count as another), every domain that has pilots is rebuilt too, so the file never mixes rules."""
     adapters = enabled_experts(cfg)
     current = load_pilots(cfg)
@@ -178,6 +183,7 @@ def build_pilots(
         new, wins = domain_pilots(
             engine, domain, qids, [t for _, t, _, _ in examples], qrels, corpus, cfg.model.ref, owner,
             cfg.experts.pilot_margin, cfg.experts.pilot_min_queries, rule, cfg.experts.confidence_quantile,
+            cfg.experts.confidence_floor,
         )
         if cfg.experts.base_guard and owner in engine.experts:
             names = serving_datasets(cfg, domain)

@@ -58,3 +58,8 @@ def test_a_guarded_expert_is_not_routed_to_but_can_be_forced_and_says_why(engine
     info = {e["name"]: e for e in encoder_info(guarded, "m")["experts"]}
     assert info["alpha"]["routed"] is False and info["alpha"]["guard"] == evidence
     assert info["beta"]["routed"] is True and info["beta"]["guard"] is None
+    assert encoder_info(guarded, "m")["confidence_floor"] is False and encoder_info(guarded, "m")["confidence_floor_kind"] is None
+    from dataclasses import replace
+
+    floored = RoutedEncoder(engine, replace(pilots, floors=np.full(len(pilots.experts), 0.5, np.float32), floor_kind="member"))
+    assert encoder_info(floored, "m")["confidence_floor"] is True and encoder_info(floored, "m")["confidence_floor_kind"] == "member"

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -200,3 +202,54 @@ def test_pilot_knn_without_members_scores_by_the_pilots(tmp_path):
     old = PilotSet(pilots.embeddings, pilots.experts, pilots.domains)
     q = _unit([[0.2, 0.9, 0.1]])
     np.testing.assert_allclose(get_policy("pilot_knn").score(q, old), get_policy("pilot_nearest").score(q, old))
+
+
+def test_member_floor_is_the_quantile_of_the_nearest_other_training_query(rng):
+    from actors.routing import member_floor
+
+    queries = _unit(rng.normal(size=(300, 6)))
+    sims = queries @ queries.T
+    np.fill_diagonal(sims, -np.inf)  # a query is not its own neighbour
+    nearest = sims.max(axis=1)
+    floor = member_floor(queries * 3.0, 0.1, block=64)  # blocks and norms do not change it
+    assert floor == pytest.approx(np.quantile(nearest, 0.1), abs=1e-6)
+    assert np.mean(nearest >= floor) == pytest.approx(0.9, abs=0.01)
+    assert member_floor(queries, 0.0) == pytest.approx(nearest.min(), abs=1e-6)
+    assert member_floor(queries, 0.5) < 0.999  # not the self-match (1.0)
+    assert np.isnan(member_floor(queries[:1], 0.1))  # one query has no neighbour: no floor
+
+
+def test_the_member_floor_is_reached_through_any_member_not_the_pilot_mean():
+    from actors.routing import confident, route
+
+    pilots = _with_members()  # A's pilot is the mean of two far-apart queries (cos 0.71 to each)
+    pilots.floors = np.array([0.95, 0.999], np.float32)
+    near_a1 = _unit([[1.0, 0.05, 0.0]])  # cos 0.999 to A's first member, 0.74 to A's pilot
+    between = _unit([[0.0, 0.0, 1.0]])  # far from every member and pilot
+    assert confident(near_a1, pilots).tolist() == [False]  # pilot floor: A's mean is too far
+    member = replace(pilots, floor_kind="member")
+    assert confident(np.vstack([near_a1, between]), member).tolist() == [True, False]
+    assert route(near_a1, member, get_policy("pilot_knn")).how == ["routed"]
+    member.floors = np.array([np.nan, 0.95], np.float32)  # A's pilot without a floor: its members never reach it
+    assert confident(near_a1, member).tolist() == [False]
+    bare = PilotSet(pilots.embeddings, pilots.experts, pilots.domains, floors=[0.7, 0.7], floor_kind="member")
+    assert confident(near_a1, bare).tolist() == [True]  # no members (an old file): through the pilots
+
+
+def test_the_floor_kind_survives_save_restrict_and_replace_and_is_never_mixed(tmp_path):
+    from actors.routing import replace_domains
+
+    member = replace(_with_members(), floors=np.array([0.9, 0.9], np.float32), floor_kind="member")
+    back = PilotSet.load(member.save(tmp_path))
+    assert back.floor_kind == "member" and back.restrict(["B"]).floor_kind == "member"
+    assert back.without_members([0]).floor_kind == back.without_domains(["dA"]).floor_kind == "member"
+    assert PilotSet.load(_with_members().save(tmp_path / "p")).floor_kind == "pilot"
+    legacy = tmp_path / "legacy.npz"  # a file from before the kind: its floors were measured to pilots
+    np.savez(legacy, embeddings=member.embeddings, experts=np.array(member.experts), floors=member.floors)
+    assert PilotSet.load(legacy).floor_kind == "pilot"
+    new = PilotSet(_unit([[0.0, 0.0, 1.0]]), ["A"], ["dA"], "m", floors=[0.5])  # a pilot floor, same rule ""
+    with pytest.raises(ValueError, match="rebuild every domain"):
+        replace_domains(back, new)
+    assert replace_domains(back, replace(new, floor_kind="member")).floor_kind == "member"
+    with pytest.raises(ValueError, match="floor_kind"):
+        PilotSet(np.ones((1, 3)), ["a"], floor_kind="nearest")

@@ -75,6 +75,27 @@ def test_known_check_drops_the_dev_queries_own_members():
         without_dev_members(shuffled, data)
 
 
+def test_member_floors_are_set_per_domain_from_its_queries_nearest_other_query():
+    from confidence_floor import policy_of, routed, with_floors
+
+    from actors.routing import PilotSet, member_floor
+
+    data = _data()
+    members = np.concatenate([data["a"]["base"], data["b"]["base"]])
+    pilots = PilotSet(_unit([[1, 0, 0], [0, 1, 0]]), ["a", "b"], ["a", "b"], "m", "r", members=members,
+                      member_pilot=[0] * 50 + [1] * 50)
+    floored = with_floors(pilots, data, 0.3, kind="member")
+    assert floored.floor_kind == "member" and with_floors(pilots, data, 0.3).floor_kind == "pilot"
+    assert floored.floors.tolist() == pytest.approx([member_floor(data["a"]["base"], 0.3), member_floor(data["b"]["base"], 0.3)])
+    train_only = with_floors(pilots, data, 0.3, train_only=True, kind="member")  # without the 10 dev queries
+    assert train_only.floors[0] == pytest.approx(member_floor(data["a"]["base"][10:], 0.3))
+    # b held out: a's members are far from b's queries, so nearly all of them stay with base
+    knn = policy_of("pilot_knn:1")
+    fold = with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3, kind="member")
+    score, _, to_base = routed(fold, data["b"], np.arange(50), knn)
+    assert to_base > 0.9 and score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
+
+
 def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
     from confidence_floor import render
 

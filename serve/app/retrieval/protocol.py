@@ -150,5 +150,7 @@ class ExpertsResponse(BaseModel):
     policy: str
     pilot_rule: str = ""  # how the pilots were grouped ("" = not recorded in the pilot file)
     confidence_floor: bool = Field(False, description="queries below every pilot's confidence floor go to base")
+    confidence_floor_kind: str | None = Field(None, description="what the floor measures a query's cosine to: "
+                                              "'member' (the pilots' training queries) or 'pilot'; null: no floor")
     experts: list[ExpertInfo]
     experts_generation: str | None = Field(None, description="the generation these experts belong to (gNNNNNN)")

@@ -361,6 +361,7 @@ class RetrievalService:
             policy=info["policy"],
             pilot_rule=info.get("pilot_rule", ""),
             confidence_floor=info.get("confidence_floor", False),
+            confidence_floor_kind=info.get("confidence_floor_kind"),
             experts=[ExpertInfo(**e) for e in info["experts"]],
             experts_generation=info.get("generation"),
         )

@@ -67,6 +67,7 @@ def test_health_and_experts(served):
     assert sorted(e["name"] for e in ex["experts"]) == ["nfcorpus", "scifact"]
     assert all(e["num_pilots"] >= 1 for e in ex["experts"])
     assert ex["pilot_rule"] == "best_expert margin=0 min_queries=1"  # the test config keeps the paper's rule
+    assert ex["confidence_floor"] is False and ex["confidence_floor_kind"] is None  # ... and no floor
 
 
 @pytest.mark.parametrize(

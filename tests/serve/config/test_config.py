@@ -11,7 +11,8 @@ def test_default_config_loads_and_matches_the_defaults_file():
 
     # one default routing rule: the config file, the library's config and the encoder's default agree
     assert cfg.experts.policy == ExpertsConfig().policy == DEFAULT_POLICY == "pilot_knn"
-    assert cfg.experts.confidence_quantile == ExpertsConfig().confidence_quantile == 0.15
+    assert cfg.experts.confidence_quantile == ExpertsConfig().confidence_quantile == 0.1
+    assert cfg.experts.confidence_floor == ExpertsConfig().confidence_floor == "member"
     assert cfg.experts.training.preserve_words == 12
     assert cfg.index.num_shards >= 1
 
@@ -23,6 +24,7 @@ def test_default_config_loads_and_matches_the_defaults_file():
         ({"model": {"similarity": "l2"}}, "model.similarity"),
         ({"modle": {}}, "modle"),
         ({"experts": {"policy": "magic"}}, "experts.policy"),
+        ({"experts": {"confidence_floor": "nearest"}}, "experts.confidence_floor"),
         ({"deployments": {"encoder": {"num_replicas": -3}}}, "deployments.encoder"),
         ({"deployments": {"shard": {"max_ongoing_requests": "lots"}}}, "deployments.shard"),
         ({"deployments": {"ingress": {"no_such_option": 1}}}, "deployments.ingress"),

@@ -120,6 +120,8 @@ def test_report_files(eval_result, tmp_path):
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
     md = paths[1].read_text()
     assert "| pilot_mean |" in md and "instance_oracle" in md
+    assert eval_result["per_domain"]["pilot_rule"]["confidence_floor"] == "member"  # the config's default floor, named
+    assert "0.1 quantile of its training queries' cosine to their nearest other training query" in md
 
 
 def test_self_retrieval_is_dropped_and_metrics_match_hand_computation():

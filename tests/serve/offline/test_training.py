@@ -83,17 +83,19 @@ def test_pilots_record_their_grouping_rule_and_are_rebuilt_when_the_config_chang
 
     train_domain_expert(cfg, data_dir, "scifact", progress=False)
     train_domain_expert(cfg, data_dir, "nfcorpus", progress=False)
-    assert load_pilots(cfg).rule == pilot_rule(cfg) == "best_expert margin=0 min_queries=1 confidence_quantile=0.15 base_guard"
+    assert load_pilots(cfg).rule == pilot_rule(cfg) == ("best_expert margin=0 min_queries=1 confidence_quantile=0.1 "
+                                                         "confidence_floor=member base_guard")
     margin = cfg.model_copy(deep=True)
     margin.experts.pilot_margin, margin.experts.pilot_min_queries = 0.5, 10
     # the evaluation refuses pilots grouped by another rule than the one it would report
-    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1 confidence_quantile=0.15 base_guard'.*routerserve pilots build"):
+    with pytest.raises(ValueError, match="'best_expert margin=0 min_queries=1 confidence_quantile=0.1 confidence_floor=member "
+                                         "base_guard'.*routerserve pilots build"):
         evaluate(margin, data_dir, ["scifact"], ["pilot_mean"], max_queries=2, progress=False)
     # rebuilding one domain under the new rule rebuilds every domain: the file never mixes rules
     wins = build_pilots(margin, data_dir, ["nfcorpus"], progress=False)
     assert sorted(wins) == ["nfcorpus", "scifact"]
     pilots = load_pilots(margin)
-    assert pilots.rule == "best_expert margin=0.5 min_queries=10 confidence_quantile=0.15 base_guard"
+    assert pilots.rule == "best_expert margin=0.5 min_queries=10 confidence_quantile=0.1 confidence_floor=member base_guard"
     # 8 training queries < 10: every query folds into its own domain's pilot, one pilot per domain
     assert sorted(zip(pilots.domains, pilots.experts)) == [("nfcorpus", "nfcorpus"), ("scifact", "scifact")]
     # `up` (train_default_experts) trains nothing here but brings the pilots back to the config's rule
@@ -451,12 +453,24 @@ def test_pilots_carry_confidence_floors_and_the_base_guard_judged_in_the_served_
     base = EncoderEngine(resolve_model(cfg.model.ref), None, encoder_settings(cfg)).encode([t for _, t, _ in examples])
     assert route(base, pilots, get_policy("pilot_mean"))[0] == ["base"] * len(examples)
     assert route(base, pilots, get_policy("pilot_mean"), gate=False)[0] == ["nf-same"] * len(examples)
+    # the config's floor (experts.confidence_floor member): the 0.1 quantile of each training query's
+    # cosine to its nearest OTHER training query of the domain
+    from actors.routing import domain_floor, member_floor
+
+    nf = [i for i, d in enumerate(pilots.domains) if d == "nfcorpus"]
+    members = pilots.members[np.isin(pilots.member_pilot, nf)]  # the training queries the pilots were built from
+    assert pilots.floor_kind == "member" and pilots.floors[nf] == pytest.approx(member_floor(members, 0.1), abs=1e-5)
     # a full rebuild (another rule) keeps judging nf-same as nfcorpus's own expert: the guard says so
     from serve.offline.pilots import build_pilots
 
-    cfg.experts.confidence_quantile = 0.5
+    cfg.experts.confidence_quantile, cfg.experts.confidence_floor = 0.5, "pilot"
     build_pilots(cfg, data_dir, progress=False)
     assert load_pilots(cfg).guards["nf-same"]["domain"] == "nfcorpus" and load_pilots(cfg).unrouted == {"nf-same"}
+    rebuilt = load_pilots(cfg)  # the pilot floor: to the nearest own pilot, at 0.5
+    nf = [i for i, d in enumerate(rebuilt.domains) if d == "nfcorpus"]
+    assert rebuilt.floor_kind == "pilot" and "confidence_floor" not in rebuilt.rule
+    members = rebuilt.members[np.isin(rebuilt.member_pilot, nf)]
+    assert rebuilt.floors[nf] == pytest.approx(domain_floor(members, rebuilt.embeddings[nf], 0.5), abs=1e-5)
     # the served index changes: the guard was judged elsewhere, so the pilots no longer follow the config
     from serve.artifacts.experts import pilots_follow_config, stale_guards
 
