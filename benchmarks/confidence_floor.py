@@ -8,9 +8,9 @@ A query below every pilot's confidence floor goes to the base model: that protec
 domain no expert knows. Each domain's floor is the cosine its training queries reach, at quantile
 q, to their nearest other training query of the domain (``--floors member``: a query reaches it
 through any member of the domain's pilots) or to their nearest own-domain pilot (``pilot``) — so q
-is about the share of a known domain's queries the floor also sends to base. q is chosen by leave-one-domain-out over the training queries: for each domain
-d, its expert and every pilot built from its queries are dropped, the other domains' floors are
-set at q, and d's training queries are routed (by the policy, in the union index of every domain);
+is about the share of a known domain's queries the floor also sends to base. q is chosen by
+leave-one-domain-out over the training queries: for each domain d, its expert and every pilot
+built from its queries are dropped, the other domains' floors are set at q, and d's training queries are routed (by the policy, in the union index of every domain);
 their nDCG@10 is read from a per-query table of base and every expert. Selected: the smallest q
 on the grid at which every held-out domain stays within ``--tolerance`` of base (else the q with
 the best worst-case). The cost on known domains is reported beside it: their DEV queries (held out
@@ -22,8 +22,9 @@ of the expert that beats its own by more than M nDCG@10 in the union index (``ow
 domain's own corpus, the rule of ``pilots build``), groups under N queries fold into the own group
 (``1/1``: one pilot per domain) — with the known domains' pilots and floors built without their dev
 queries, so those route out of sample (``served`` pilots hold the dev queries: in sample), and
-each floor kind of ``--floors``. The policy (and rule and floor) with the best known-dev gain at its selected quantile is the one to serve
-(experts.policy; only out-of-sample rows compete when the grid has any). The report also shows
+each floor kind of ``--floors``. The policy (and rule and floor) with the best known-dev gain at
+its selected quantile is the one to serve (experts.policy; only out-of-sample rows compete when
+the grid has any). The report also shows
 what each expert does to each domain's training queries when forced (``expert_on_domain``): the cost the floor guards against,
 and what ``experts.training.preserve_weight`` lowers. No test query is read. Writes
 benchmarks/results/<name>.{json,md}; per-query tables are cached under --cache.
@@ -225,6 +226,11 @@ def main(
     from serve.artifacts.models import encoder_settings, resolve_model
     from serve.config import load_config
 
+    from actors.routing import FLOOR_KINDS
+
+    kinds = floors.split(",")
+    if not set(kinds) <= set(FLOOR_KINDS):  # before minutes of tables
+        raise typer.BadParameter(f"{sorted(set(kinds) - set(FLOOR_KINDS))} not among {list(FLOOR_KINDS)}", param_hint="--floors")
     console = Console()
     t0 = time.perf_counter()
     doms = domains.split(",")
@@ -250,11 +256,6 @@ def main(
         else:
             built[rule] = (regrouped(pilots, data, *grouping, train_only=False),
                            regrouped(pilots, data, *grouping, train_only=True))
-    from actors.routing import FLOOR_KINDS
-
-    kinds = floors.split(",")
-    if not set(kinds) <= set(FLOOR_KINDS):
-        raise typer.BadParameter(f"--floors: {sorted(set(kinds) - set(FLOOR_KINDS))} not among {list(FLOOR_KINDS)}")
     for rule, spec, kind in [(r, p, k) for r in built for p in policies.split(",") for k in kinds]:
         every, known_pilots = built[rule]
         policy = policy_of(spec)

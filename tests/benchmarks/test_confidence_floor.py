@@ -174,3 +174,14 @@ def test_selection_lets_only_out_of_sample_rows_compete_when_there_are_any():
     assert select(results) == "pilot_mean @ own:0.3/10"
     assert select({k: results[k] for k in ("pilot_mean",)}) == "pilot_mean"
     assert select({"pilot_knn:1": {"known_dev_delta": 0.02}, "pilot_mean": {"known_dev_delta": 0.03}}) == "pilot_mean"
+
+
+def test_an_unknown_floor_kind_is_refused_before_any_table_is_built(tmp_path):
+    from typer.testing import CliRunner
+
+    from confidence_floor import app
+
+    out = CliRunner().invoke(app, ["--floors", "member,nearest", "--experts-dir", str(tmp_path / "none"),
+                                   "--cache", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "--floors" in out.output and "nearest" in out.output
+    assert not (tmp_path / "cache").exists()
