@@ -186,6 +186,6 @@ def encoder_info(encoder: RoutedEncoder, base_model: str) -> dict:
         "device": encoder.engine.device,
         "experts": [{"name": e, "num_pilots": counts.get(e, 0), "routed": e not in encoder.pilots.unrouted,
                      "guard": encoder.pilots.guards.get(e)} for e in encoder.experts],
-        "confidence_floor": bool((~np.isnan(encoder.pilots.floors)).any()),
-        "confidence_floor_kind": encoder.pilots.floor_kind if (~np.isnan(encoder.pilots.floors)).any() else None,
+        "confidence_floor": encoder.pilots.floored,
+        "confidence_floor_kind": encoder.pilots.floor_kind if encoder.pilots.floored else None,
     }

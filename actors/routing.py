@@ -92,6 +92,12 @@ class PilotSet:
         self._unit_members = l2_normalize(self.members)  # once per pilot set, not per routed batch
 
     @property
+    def floored(self) -> bool:
+        """Some pilot carries a confidence floor (files from before the floor, or
+        experts.confidence_quantile null: none — the floor gates nothing)."""
+        return bool((~np.isnan(self.floors)).any())
+
+    @property
     def unrouted(self) -> set[str]:
         """Experts the base guard keeps out of routing (forcing one by name still works)."""
         return {e for e, g in self.guards.items() if not g.get("routed", True)}
@@ -326,7 +332,7 @@ def confident(queries: np.ndarray, pilots: PilotSet) -> np.ndarray:
     experts.confidence_quantile null) gates nothing; in a floored set a pilot without a floor cannot
     be reached (it never turns the gate off)."""
     q = l2_normalize(np.atleast_2d(queries))
-    if np.isnan(pilots.floors).all():
+    if not pilots.floored:
         return np.ones(q.shape[0], bool)
     floors = np.where(np.isnan(pilots.floors), np.inf, pilots.floors)
     if pilots.floor_kind == "member" and pilots.members.shape[0]:

@@ -50,7 +50,7 @@ def main(
 
     from serve.deploy.cluster import ensure_ray
     from serve.config import load_config
-    from serve.offline.beir_eval import evaluate, write_report
+    from serve.offline.beir_eval import evaluate, rule_summary, write_report
     from serve.artifacts.experts import multitask_dir
     from serve.offline.training import train_default_experts, train_multitask_expert
 
@@ -83,9 +83,7 @@ def main(
         "commit": git_commit(),
         "machine": machine(),
         "training": cfg.experts.training.model_dump(),
-        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
-                       "confidence_quantile": cfg.experts.confidence_quantile,
-                       "confidence_floor": cfg.experts.confidence_floor, "base_guard": cfg.experts.base_guard},
+        "pilot_rule": rule_summary(cfg),
         "train_seconds": train_seconds,
     }
     query_embeddings: dict = {}  # the same experts in both settings: encode each test query once

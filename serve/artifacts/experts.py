@@ -65,9 +65,9 @@ def pilot_rule(cfg: RouterServeConfig) -> str:
     """The grouping rule the config asks for, as recorded in pilots.npz (``PilotSet.rule``)."""
     e = cfg.experts
     return (f"best_expert margin={e.pilot_margin:g} min_queries={e.pilot_min_queries}"
-            + ("" if e.confidence_quantile is None else f" confidence_quantile={e.confidence_quantile:g}")
             # the member floor is named; the pilot floor is the one files before the choice hold
-            + (" confidence_floor=member" if e.confidence_quantile is not None and e.confidence_floor == "member" else "")
+            + ("" if e.confidence_quantile is None else f" confidence_quantile={e.confidence_quantile:g}"
+               + (" confidence_floor=member" if e.confidence_floor == "member" else ""))
             + (" base_guard" if e.base_guard else ""))
 
 

@@ -151,6 +151,13 @@ def _train_classifier(cfg: RouterServeConfig, data_dir: Path, engine: EncoderEng
     return LinearExpertClassifier.fit(np.concatenate(xs), ys, seed=cfg.experts.training.seed)
 
 
+def rule_summary(cfg: RouterServeConfig) -> dict:
+    """The config's pilot rule and safeguards, as a result file records them (``pilot_rule``)."""
+    e = cfg.experts
+    return {"margin": e.pilot_margin, "min_queries": e.pilot_min_queries, "confidence_quantile": e.confidence_quantile,
+            "confidence_floor": e.confidence_floor, "base_guard": e.base_guard}
+
+
 def evaluate(
     cfg: RouterServeConfig,
     data_dir: Path,
@@ -264,10 +271,7 @@ def evaluate(
         "experts": experts,
         "num_queries": counts,
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
-        "pilot_rule": {"margin": cfg.experts.pilot_margin, "min_queries": cfg.experts.pilot_min_queries,
-                       "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts),
-                       "confidence_quantile": cfg.experts.confidence_quantile,
-                       "confidence_floor": cfg.experts.confidence_floor, "base_guard": cfg.experts.base_guard},
+        "pilot_rule": {**rule_summary(cfg), "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts)},
         "guards": {e: g for e, g in (pilots.guards if pilots is not None else {}).items() if e in experts},
         "seconds": time.perf_counter() - t0,
     }
