@@ -55,6 +55,7 @@ def train_query_adapter(
     name: str | None = None,
     on_step: Callable[[int, int], None] | None = None,
     preserve: tuple[list[str], float] | None = None,
+    own_rows: Sequence[tuple[int, int]] | None = None,
 ) -> dict:
     """Train one LoRA adapter so that query i lands near ``positives[i]`` (a frozen doc vector).
 
@@ -89,6 +90,10 @@ def train_query_adapter(
     (1 - cosine) between the adapter's and the base model's embedding of a batch of them, so the
     expert learns its domain without moving other domains' queries. A text's base embedding is
     encoded (adapter off) when the text is first drawn.
+    ``own_rows`` (full-corpus objective only; one ``(start, stop)`` per query): the rows of ``corpus``
+    that are the query's own domain (a served union holds several). The loss becomes the mean of
+    the softmax over every row and the same softmax over the query's own rows only, so an expert
+    that learns to push other domains' documents down must still order its own domain's.
     Writes a peft adapter folder plus ``train_report.json`` to ``out_dir``; returns the report.
     """
     import torch
@@ -160,7 +165,17 @@ def train_query_adapter(
         if len(targets) != len(queries) or len(judged) != len(queries):
             raise ValueError("corpus targets and judged rows need one entry per query")
         full = torch.nn.functional.normalize(torch.as_tensor(np.asarray(cvec, dtype=np.float32)), dim=-1)
-        target_t = torch.as_tensor(targets)
+    own = None
+    if own_rows is not None:
+        if full is None:
+            raise ValueError("own_rows needs the full-corpus objective (corpus=...)")
+        own = [(int(a), int(b)) for a, b in own_rows]
+        if len(own) != len(queries):
+            raise ValueError("own_rows needs one (start, stop) per query")
+        bad = [i for i, (a, b) in enumerate(own)
+               if not 0 <= a < b <= full.shape[0] or not all(a <= r < b for r in {*judged[i], targets[i]})]
+        if bad:
+            raise ValueError(f"own_rows of query {bad[0]} do not hold its judged documents within the corpus")
     if hard_negatives is not None:
         hard_negatives = np.asarray(hard_negatives, dtype=np.float32)
         if hard_negatives.ndim != 3 or hard_negatives.shape[0] != len(queries):
@@ -196,23 +211,13 @@ def train_query_adapter(
     for _ in steps:
         idx = next(batches)
         q = embed([queries[i] for i in idx])
-        if full is not None and settings.positives == "all":
+        if full is not None:
             logits = q @ full.T / settings.temperature
-            pos = torch.zeros_like(logits, dtype=torch.bool)
-            for r, i in enumerate(idx):
-                pos[r, sorted(judged[i] | {targets[i]})] = True
-            # -log(e^s_p / (e^s_p + sum_neg e^s_n)) = softplus(logsumexp_neg - s_p), per judged p
-            neg_lse = torch.logsumexp(logits.masked_fill(pos, float("-inf")), dim=1, keepdim=True)
-            per_pair = torch.nn.functional.softplus(neg_lse - logits).masked_fill(~pos, 0.0)
-            loss = (per_pair.sum(dim=1) / pos.sum(dim=1)).mean()
-        elif full is not None:
-            logits = q @ full.T / settings.temperature
-            mask = torch.zeros_like(logits, dtype=torch.bool)
-            for r, i in enumerate(idx):
-                others = [j for j in judged[i] if j != targets[i]]
-                if others:
-                    mask[r, others] = True
-            loss = torch.nn.functional.cross_entropy(logits.masked_fill(mask, float("-inf")), target_t[idx])
+            rows = [(targets[i], judged[i]) for i in idx]
+            loss = full_corpus_loss(logits, rows, settings.positives == "all")
+            if own is not None:  # the same softmax over each query's own domain only
+                loss = (loss + full_corpus_loss(logits, rows, settings.positives == "all",
+                                                [own[i] for i in idx])) / 2
         else:
             d = docs[idx]
             logits = q @ d.T / settings.temperature
@@ -256,6 +261,7 @@ def train_query_adapter(
         "preserve": {"texts": len(keep_texts), "weight": float(preserve[1]) if preserving else 0.0,
                      "encoded": len(keep_base)},
         "corpus_size": 0 if full is None else int(full.shape[0]),
+        "own_domain_softmax": own is not None,
         "losses": losses,
         "steps_run": len(losses),
         "stopped_early": len(losses) < settings.steps,
@@ -264,6 +270,38 @@ def train_query_adapter(
     }
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def full_corpus_loss(
+    logits, rows: Sequence[tuple[int, set[int]]], all_positives: bool, own: Sequence[tuple[int, int]] | None = None,
+):
+    """The full-corpus softmax loss of a batch: ``logits`` [batch, N] (query · every doc / T), one
+    ``(target row, judged rows)`` per query. ``all_positives``: the mean over the query's judged docs
+    of -log softmax(doc | that doc + every NON-judged doc) (one InfoNCE term per relevant doc, the
+    other relevant docs never negatives); otherwise cross-entropy towards the target with the other
+    judged docs masked out. ``own``: one ``(start, stop)`` per query — only those columns compete
+    (the query's own domain in a union), every other document is left out of the denominator."""
+    import torch
+
+    out = torch.zeros_like(logits, dtype=torch.bool)  # columns outside the softmax
+    if own is not None:
+        out[:] = True
+        for r, (a, b) in enumerate(own):
+            out[r, a:b] = False
+    if all_positives:
+        pos = torch.zeros_like(logits, dtype=torch.bool)
+        for r, (target, judged) in enumerate(rows):
+            pos[r, sorted({*judged, target})] = True
+        # -log(e^s_p / (e^s_p + sum_neg e^s_n)) = softplus(logsumexp_neg - s_p), per judged p
+        neg_lse = torch.logsumexp(logits.masked_fill(pos | out, float("-inf")), dim=1, keepdim=True)
+        per_pair = torch.nn.functional.softplus(neg_lse - logits).masked_fill(~pos, 0.0)
+        return (per_pair.sum(dim=1) / pos.sum(dim=1)).mean()
+    for r, (target, judged) in enumerate(rows):
+        others = [j for j in judged if j != target]
+        if others:
+            out[r, others] = True
+    targets = torch.as_tensor([t for t, _ in rows])
+    return torch.nn.functional.cross_entropy(logits.masked_fill(out, float("-inf")), targets)
 
 
 def group_batches(groups: Sequence[int], batch_size: int, rng: random.Random) -> Iterator[list[int]]:

@@ -111,10 +111,13 @@ class ExpertTrainConfig(_Strict):
         description="full_corpus: softmax over every doc of the domain's base index; "
         "mined: in-batch + hard_negatives mined from the base index",
     )
-    negatives: Literal["domain", "union"] = Field(
+    negatives: Literal["domain", "union", "both"] = Field(
         "domain", description="domain: the softmax (or the mined negatives) and the dev selection over the domain's "
         "own documents; union: over the served index's corpora (corpus.datasets, plus the domain): what the "
-        "expert is searched against when served — other domains' documents are negatives, never positives")
+        "expert is searched against when served — other domains' documents are negatives, never positives; "
+        "both (objective full_corpus): the mean of the union's softmax and the domain's own, the dev selection "
+        "the mean of the dev nDCG@10 in the union and in the domain's own corpus — an expert for the union that "
+        "keeps its own corpus's order")
     preserve_weight: float = Field(
         0.0, ge=0.0, description="> 0: each step also keeps the adapter's embedding of passages of the served "
         "index's OTHER corpora (corpus.datasets, not the domain's; up to preserve_texts of them) close to the base "
@@ -144,6 +147,8 @@ class ExpertTrainConfig(_Strict):
     def _positives_need_full_corpus(self) -> "ExpertTrainConfig":
         if self.positives == "all" and self.objective != "full_corpus":
             raise ValueError("experts.training.positives 'all' needs experts.training.objective 'full_corpus'")
+        if self.negatives == "both" and self.objective != "full_corpus":
+            raise ValueError("experts.training.negatives 'both' needs experts.training.objective 'full_corpus'")
         if self.patience is not None and self.dev_fraction == 0:
             raise ValueError("experts.training.patience needs dev queries (experts.training.dev_fraction > 0)")
         return self

@@ -113,13 +113,23 @@ def train_domain_expert(
                                  on_docs=lambda done, total: stage(f"base vectors of {domain}", done, total))
     examples = domain_examples(cfg, data_dir, domain, corpus)
     examples, dev_examples = split_dev(examples, train.dev_fraction)
-    if train.negatives == "union":  # train and choose the step against what serving searches
+    own_rows = None
+    dev = dev_scorer(domain, dev_examples, corpus) if dev_examples else None
+    dev_by_setting: dict[str, list[float]] = {}
+    if train.negatives in ("union", "both"):  # train and choose the step against what serving searches
         names = serving_datasets(cfg, domain)
         stage(f"base vectors of {', '.join(names)}")
         union = load_corpus_vectors(cfg, data_dir, names, progress)
         offset = union_offset(union, domain, corpus)
-        examples, dev_examples = shift_rows(examples, offset), shift_rows(dev_examples, offset)
-        corpus = union
+        examples, dev_union = shift_rows(examples, offset), shift_rows(dev_examples, offset)
+        in_union = dev_scorer(domain, dev_union, union) if dev_examples else None
+        if train.negatives == "both":  # ... and keep the domain's own order: its own softmax, its own dev
+            own_rows = [(offset, offset + len(corpus.doc_ids))] * len(examples)
+            if dev_examples:
+                dev = _joint_dev([in_union, dev], dev_by_setting, ["union", "domain"])
+        else:
+            dev = in_union
+        dev_examples, corpus = dev_union, union
     settings = encoder_settings(cfg)
     base = EncoderEngine(model_path, None, settings)
     texts = [t for _, t, _, _ in examples]
@@ -145,12 +155,15 @@ def train_domain_expert(
             progress=progress,
             hard_negatives=hard,
             corpus=full,
-            dev=dev_scorer(domain, dev_examples, corpus) if dev_examples else None,
+            dev=dev,
             eval_every=train.eval_every,
             name=domain,
             on_step=lambda done, total: stage("training", done, total),
             preserve=(passages, train.preserve_weight),
+            own_rows=own_rows,
         )
+        if dev_by_setting:  # negatives: both — each dev check's nDCG@10 in either setting
+            report["dev_curve_by_setting"] = dev_by_setting
         _finish_report(out_dir, report, f"expert {domain}: {len(examples)} queries", dict(
             domain=domain,
             dev_query_ids=[q for q, _, _, _ in dev_examples],
@@ -180,13 +193,19 @@ def _finish_report(out_dir: Path, report: dict, title: str, extra: dict) -> None
     plot_losses(report["losses"], out_dir / "loss.png", title)
 
 
-def _joint_dev(parts: list[tuple[list[str], object]]):
-    """One dev set over several domains: the mean of each domain's dev score."""
+def _joint_dev(parts: list[tuple[list[str], object]], history: dict[str, list[float]] | None = None,
+               names: list[str] | None = None):
+    """One dev set over several parts (domains, or one domain's settings): the mean of each part's
+    dev score. ``history``: each part's score per evaluation is appended under its name."""
     queries = [q for qs, _ in parts for q in qs]
     bounds = np.cumsum([0] + [len(qs) for qs, _ in parts])
 
     def score(vectors: np.ndarray) -> float:
-        return float(np.mean([fn(vectors[a:b]) for (_, fn), a, b in zip(parts, bounds[:-1], bounds[1:])]))
+        scores = [fn(vectors[a:b]) for (_, fn), a, b in zip(parts, bounds[:-1], bounds[1:])]
+        if history is not None:
+            for name, value in zip(names or range(len(parts)), scores):
+                history.setdefault(str(name), []).append(float(value))
+        return float(np.mean(scores))
 
     return queries, score
 
@@ -195,7 +214,8 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     """One adapter trained on every domain's training data (the paper's multi-task baseline).
     ``negatives: domain``: positives, hard negatives and dev scoring in each query's own domain
     index, the full-corpus softmax over every domain's documents side by side. ``negatives: union``:
-    all of them in the served index (``corpus.datasets`` + the domains), as the experts get it."""
+    all of them in the served index (``corpus.datasets`` + the domains), as the experts get it;
+    ``negatives: both``: as ``union`` plus each query's own-domain softmax, dev scored in both."""
     if cfg.experts.dir is None:
         raise ValueError("experts.dir is null: set it to the folder that holds expert adapters and pilots")
     train = cfg.experts.training
@@ -205,7 +225,8 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
     vectors, targets, judged, offset = [], [], [], 0
     dev_parts = []  # (dev queries, score_fn) per domain: the same dev selection as the experts get
     union = None
-    if train.negatives == "union":
+    own_rows: list[tuple[int, int]] = []  # negatives: both — each query's own domain's rows in the union
+    if train.negatives in ("union", "both"):
         union = load_corpus_vectors(cfg, data_dir, list(dict.fromkeys([*cfg.corpus.datasets, *domains])), progress)
     for domain in domains:
         corpus = load_corpus_vectors(cfg, data_dir, [domain], progress)
@@ -213,7 +234,11 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
         space = corpus
         if union is not None:  # rows of the served index, which is also the softmax's
             shift = union_offset(union, domain, corpus)
+            if train.negatives == "both" and dev_examples:  # its own corpus's dev score beside the union's
+                dev_parts.append(dev_scorer(domain, dev_examples, corpus))
             examples, dev_examples, space = shift_rows(examples, shift), shift_rows(dev_examples, shift), union
+            if train.negatives == "both":
+                own_rows += [(shift, shift + len(corpus.doc_ids))] * len(examples)
         if dev_examples:
             dev_parts.append(dev_scorer(domain, dev_examples, space))
         t = [x for _, x, _, _ in examples]
@@ -248,6 +273,7 @@ def train_multitask_expert(cfg: RouterServeConfig, data_dir: Path, domains: list
             eval_every=train.eval_every,
             groups=groups,
             name=MULTITASK,
+            own_rows=own_rows or None,
         )
         _finish_report(out_dir, report, f"multi-task adapter: {len(texts)} queries", {
             "domain": "+".join(domains), "negatives": train.negatives,

@@ -251,3 +251,41 @@ def test_preserve_keeps_other_texts_where_the_base_model_puts_them(tmp_path, mod
     short = train_query_adapter(model_path, encoder_settings, QUERIES, targets, tmp_path / "short",
                                 AdapterTrainSettings(steps=1, batch_size=4), progress=False, preserve=(others, 10.0))
     assert 1 <= short["preserve"]["encoded"] <= 4 and short["preserve"]["texts"] == 12
+
+
+def test_full_corpus_loss_over_own_rows_ignores_every_other_column():
+    """own=(start, stop): only those columns compete; the loss equals the plain loss computed on
+    that slice alone, whatever the other columns hold (a union's other domains)."""
+    import torch
+
+    from actors.expert_training import full_corpus_loss
+
+    logits = torch.tensor(np.random.default_rng(0).normal(size=(2, 8)), dtype=torch.float32)
+    rows = [(3, {3, 4}), (5, {5})]
+    for all_positives in (True, False):
+        sliced = full_corpus_loss(logits[:, 2:7], [(t - 2, {j - 2 for j in judged}) for t, judged in rows], all_positives)
+        own = full_corpus_loss(logits, rows, all_positives, [(2, 7), (2, 7)])
+        assert float(own) == pytest.approx(float(sliced), abs=1e-6)
+        louder = logits.clone()
+        louder[:, [0, 1, 7]] += 50.0  # other domains' documents far above every own document
+        assert float(full_corpus_loss(louder, rows, all_positives, [(2, 7), (2, 7)])) == pytest.approx(float(own), abs=1e-6)
+        assert float(full_corpus_loss(louder, rows, all_positives)) > float(own) + 10  # the union's softmax sees them
+
+
+def test_own_domain_softmax_enters_the_loss_and_is_checked(tmp_path, model_path, encoder_settings):
+    """own_rows: the loss is the mean of the union's and the own rows' softmax (lower than the
+    union's alone when the other rows are negatives); rows that miss a judged doc are refused."""
+    queries = QUERIES[:4]
+    corpus = _unit_rows(40, 384, 5)
+    targets = [20, 21, 22, 23]
+    args = (model_path, encoder_settings, queries, corpus[targets])
+    s = AdapterTrainSettings(steps=1, batch_size=4)
+    full = (corpus, targets, [{t} for t in targets])
+    union = train_query_adapter(*args, tmp_path / "u", s, progress=False, corpus=full)
+    both = train_query_adapter(*args, tmp_path / "b", s, progress=False, corpus=full, own_rows=[(20, 40)] * 4)
+    assert both["own_domain_softmax"] and not union["own_domain_softmax"]
+    assert both["losses"][0] < union["losses"][0]  # half of it over 20 columns instead of 40
+    with pytest.raises(ValueError, match="own_rows of query 0"):
+        train_query_adapter(*args, tmp_path / "x", s, progress=False, corpus=full, own_rows=[(0, 20)] * 4)
+    with pytest.raises(ValueError, match="needs the full-corpus objective"):
+        train_query_adapter(*args, tmp_path / "y", s, progress=False, own_rows=[(20, 40)] * 4)

@@ -405,6 +405,34 @@ def test_an_expert_trained_against_the_union_sees_every_served_corpus(cfg, data_
     assert saved["preserve_datasets"] == ["scifact"] and saved["preserve_words"] == cfg.experts.training.preserve_words == 12
 
 
+def test_an_expert_trained_against_both_keeps_its_own_corpus_in_the_loss_and_the_dev(cfg, data_dir):
+    """experts.training.negatives: both — the union's softmax and the domain's own, the dev step
+    chosen on the mean of the dev nDCG@10 in the union and in the own corpus (both recorded)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.corpus.datasets = ["scifact", "nfcorpus"]
+    cfg.experts.training.negatives = "both"
+    cfg.experts.training.objective = "full_corpus"
+    cfg.experts.training.max_queries, cfg.experts.training.eval_every = 40, 2  # 30+ queries: 10 held out for dev
+    report = train_domain_expert(cfg, data_dir, "nfcorpus", progress=False, pilots=False)
+    saved = json.loads((adapters_root(cfg) / "nfcorpus" / "train_report.json").read_text())
+    assert report["corpus_size"] == 600 and report["own_domain_softmax"] and saved["negatives"] == "both"
+    by_setting = saved["dev_curve_by_setting"]
+    assert sorted(by_setting) == ["domain", "union"] and len(by_setting["union"]) == len(saved["dev_curve"]) > 1
+    for (_, score), union, own in zip(saved["dev_curve"], by_setting["union"], by_setting["domain"]):
+        assert score == pytest.approx((union + own) / 2)
+    assert by_setting["domain"][0] >= by_setting["union"][0]  # at step 0 (base): more distractors in the union
+    assert report["num_dev_queries"] == 2 * len(saved["dev_query_ids"])  # each dev query, once per setting
+
+
+def test_negatives_both_needs_the_full_corpus_objective():
+    from pydantic import ValidationError
+
+    from serve.config import ExpertTrainConfig
+
+    with pytest.raises(ValidationError, match="negatives 'both' needs experts.training.objective 'full_corpus'"):
+        ExpertTrainConfig(negatives="both", objective="mined")
+
+
 def test_the_multitask_adapter_trained_against_the_union_sees_every_served_corpus(cfg, data_dir):
     """The multi-task baseline under negatives: union gets what the experts get: the served
     index's corpora (corpus.datasets + its domains) in its softmax, not only its domains'."""
@@ -415,9 +443,14 @@ def test_the_multitask_adapter_trained_against_the_union_sees_every_served_corpu
     cfg.corpus.datasets = ["scifact", "nfcorpus", "cranfield"]
     cfg.experts.training.objective = "full_corpus"
     cfg.experts.training.negatives = "union"
+    cfg.experts.training.max_queries, cfg.experts.training.eval_every = 40, 2  # 30+ queries: dev queries held out
     report = train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
     saved = json.loads((multitask_dir(cfg) / "train_report.json").read_text())
     assert report["corpus_size"] == 900 and saved["negatives_datasets"] == ["cranfield", "nfcorpus", "scifact"]
+    cfg.experts.training.negatives = "both"
+    both = train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
+    assert both["corpus_size"] == 900 and both["own_domain_softmax"] and not report["own_domain_softmax"]
+    assert both["num_dev_queries"] == 2 * report["num_dev_queries"] > 0  # each domain's dev in the union and its own corpus
     cfg.experts.training.negatives = "domain"
     own = train_multitask_expert(cfg, data_dir, ["scifact", "nfcorpus"], progress=False)
     assert own["corpus_size"] == 600  # its two domains side by side
