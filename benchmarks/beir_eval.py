@@ -27,7 +27,7 @@ from typing import Optional
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, command_line, git_commit, machine  # noqa: E402
+from common import RESULTS, command_line, git_commit, machine, write_json  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -101,9 +101,7 @@ def main(
             combined[setting] = result
         for policy, per in result["policies"].items():
             console.print(f"{setting:10s} {policy:16s} " + "  ".join(f"{d}={100 * per[d]:.1f}" for d in [*doms, "avg"]))
-    import json
-
-    (RESULTS / f"{name}.json").write_text(json.dumps(combined, indent=2) + "\n")
+    write_json(name, combined, RESULTS)  # every setting in one file, replacing the first setting's report JSON
     console.print(f"wrote {RESULTS / name}.* in {time.perf_counter() - t0:.0f} s")
 
 

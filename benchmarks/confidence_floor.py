@@ -183,16 +183,19 @@ def without_dev_members(pilots, data: dict):
     return pilots.without_members(np.array(drop, np.int64))
 
 
-def routed(pilots, part: dict, rows: np.ndarray, policy) -> tuple[float, float, float]:
-    """(routed nDCG@10, base nDCG@10, share sent to base) of ``part``'s queries at ``rows``."""
+def routed(pilots, part: dict, rows: np.ndarray, policy) -> tuple[float, float, float, object]:
+    """(routed nDCG@10, base nDCG@10, share sent to base, the 95 % interval of routed minus base
+    — paired per query, serve/offline/significance.py) of ``part``'s queries at ``rows``."""
     from actors.encoder import BASE
     from actors.routing import route
+    from serve.offline.significance import domain_interval
 
     cols = [BASE, *part["experts"]]
     chosen = route(part["base"][rows], pilots, policy).chosen
     table = part["table"][rows]
-    score = float(np.mean([table[i, cols.index(c)] for i, c in enumerate(chosen)]))
-    return score, float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen]))
+    scores = np.array([table[i, cols.index(c)] for i, c in enumerate(chosen)])
+    return (float(scores.mean()), float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen])),
+            domain_interval(scores - table[:, 0]))
 
 
 def expert_on_domain(data: dict) -> dict:
@@ -265,11 +268,12 @@ def main(
             for d in doms:  # d has no expert and no pilots: its training queries are a domain nobody knows
                 others = [e for e in doms if e != d]
                 fold = with_floors(every.without_domains([d]).restrict(others), data, q, kind=kind)
-                score, base, to_base = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
-                row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base}
+                score, base, to_base, delta = routed(fold, data[d], np.arange(len(data[d]["qids"])), policy)
+                row["held_out"][d] = {"routed": score, "base": base, "to_base": to_base, "delta_low": delta.low,
+                                      "delta_high": delta.high}
             full = with_floors(known_pilots, data, q, train_only=rule != "served", kind=kind)
             for d in doms:  # every expert present: what the floor costs a known domain (its dev queries)
-                score, base, to_base = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
+                score, base, to_base, _ = routed(full, data[d], np.flatnonzero(data[d]["dev"]), policy)
                 row["known"][d] = {"routed": score, "base": base, "to_base": to_base}
             row["worst_held_out_delta"] = min(v["routed"] - v["base"] for v in row["held_out"].values())
             row["known_dev_delta"] = float(np.mean([v["routed"] - v["base"] for v in row["known"].values() if v["base"] == v["base"]]))
@@ -297,12 +301,18 @@ def main(
     write_markdown(name, render(doc, doms), RESULTS)
 
 
+def _interval(cell: dict) -> str:
+    """`` [low, high]``: a held-out figure's 95 % interval (grids from before it: nothing)."""
+    return f" [{100 * cell['delta_low']:+.2f}, {100 * cell['delta_high']:+.2f}]" if "delta_low" in cell else ""
+
+
 def render(doc: dict, doms: list[str]) -> str:
     lines = ["# The routing policy and its confidence floor, chosen on training and dev queries (issue 19)", "",
              f"`{doc['command']}` · commit {doc['commit']} · {doc['date']} · {doc['machine'].get('cpu', '?')} · pilots: "
              f"{doc['pilot_rule']}", "",
              "Held out: each domain's TRAINING queries routed without its expert and its pilots (the union index of every "
-             "domain), nDCG@10 minus base, and the share sent to base. Known: every domain's DEV queries with every expert "
+             "domain), nDCG@10 minus base [its 95 % interval, paired per query: the sampling noise of these training "
+             "queries alone — a test sample of the domain adds its own], and the share sent to base. Known: every domain's DEV queries with every expert "
              "present (pilot_knn: their own member rows dropped; a regrouped rule `M/N`: its pilots and floors built without the "
              "dev queries, grouped by each training query's best expert in the union at margin M, groups under N folded "
              "into the domain's own — the pilots on disk (`served`) include the dev queries, which favours them). Per "
@@ -332,7 +342,8 @@ def render(doc: dict, doms: list[str]) -> str:
                   "|---|" + "---|" * (len(doms) + 2)]
         for row in r["grid"]:
             q = "none" if row["quantile"] is None else f"{row['quantile']:g}"
-            cells = [f"{100 * (v['routed'] - v['base']):+.2f} ({100 * v['to_base']:.0f}% base)" for v in row["held_out"].values()]
+            cells = [f"{100 * (v['routed'] - v['base']):+.2f}{_interval(v)} ({100 * v['to_base']:.0f}% base)"
+                     for v in row["held_out"].values()]
             lines.append(f"| {q} | " + " | ".join(cells) + f" | {100 * row['worst_held_out_delta']:+.2f} | "
                          f"{100 * row['known_dev_delta']:+.2f} |")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,11 @@ Policies here (more register the same way):
   dataset_oracle  per domain, the single encoder with the best test nDCG@10 (upper bound, eval only)
   instance_oracle per query, the encoder with the best nDCG@10 (upper bound, eval only)
 
+Besides each policy's figures, a result keeps every test query's nDCG@10 under each policy
+(``per_query_ndcg@10``, in ``query_ids`` order): two policies' difference is then paired query by
+query, and its interval (serve/offline/significance.py) says whether a goal's margin is more than
+sampling noise — the report's "Δ avg vs base" column, benchmarks/beir_goals.py's verdicts.
+
 Test queries never include a query used for training or pilots: the 'test' split where a 'train'
 split exists, else the test half of actors.beir.seeded_half_split (serve.offline.ir) (training uses the other half).
 ArguAna: a query's own id is removed from its ranking (BEIR practice).
@@ -50,6 +55,7 @@ from serve.config import RouterServeConfig
 from .classifier_router import LinearExpertClassifier
 from .indexing import load_corpus_vectors
 from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, eval_queries, measures, per_query, qualify, search_run
+from .significance import LEVEL, macro_interval, paired
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +220,8 @@ def evaluate(
     scores: dict[str, dict[str, float]] = {p: {} for p in policies}
     recall: dict[str, dict[str, float]] = {p: {} for p in policies}
     confusion: dict[str, dict[str, int]] = {p: {} for p in policies}
+    query_ndcg: dict[str, dict[str, list[float]]] = {p: {} for p in policies}  # in ``query_ids`` order
+    query_ids: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     for domain in tqdm(domains, desc=f"eval {setting}", disable=not progress):
         corpus = union or load_corpus_vectors(cfg, data_dir, [domain], progress)
@@ -227,7 +235,7 @@ def evaluate(
         if max_queries:
             qids = qids[:max_queries]
             qrels = {q: qrels[q] for q in qids}
-        counts[domain] = len(qids)
+        counts[domain], query_ids[domain] = len(qids), qids
         texts = [queries[q] for q in qids]
         known, known_pilots = experts, pilots
         if setting == "lodo":  # the domain's own expert and every pilot built from its queries: gone
@@ -253,6 +261,7 @@ def evaluate(
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)
+            query_ndcg[policy][domain] = [round(float(pq_ndcg[c][q]), 6) for c, q in zip(chosen, qids)]
             scores[policy][domain] = float(np.mean([pq_ndcg[c][q] for c, q in zip(chosen, qids)]))
             recall[policy][domain] = float(np.mean([pq_recall[c][q] for c, q in zip(chosen, qids)]))
             row = confusion[policy].setdefault(domain, {})
@@ -270,6 +279,8 @@ def evaluate(
         "domains": domains,
         "experts": experts,
         "num_queries": counts,
+        "query_ids": query_ids,
+        "per_query_ndcg@10": query_ndcg,
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
         "pilot_rule": {**rule_summary(cfg), "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts)},
         "guards": {e: g for e, g in (pilots.guards if pilots is not None else {}).items() if e in experts},
@@ -279,7 +290,7 @@ def evaluate(
 
 def write_report(result: dict, stem: Path) -> list[Path]:
     """JSON + markdown table + PNG (per-domain bars per policy; routing confusion matrix)."""
-    from .reports import start_report
+    from .reports import save_figure, start_report, write_text_atomic
 
     paths, plt = start_report(result, stem)
     domains = result["domains"]
@@ -305,16 +316,24 @@ def write_report(result: dict, stem: Path) -> list[Path]:
     if result["setting"] == "lodo":
         lines.append("Leave-one-domain-out: each domain's queries are routed without its own expert and its pilots "
                      "(the oracles choose among base and the other experts).")
+    per_q = result.get("per_query_ndcg@10")  # results from before it: no interval column
+    against = "base" if per_q and "base" in per_q else None
+    if against:
+        lines.append(f"Δ avg: the policy's nDCG@10 average minus base's on the same queries, with its {LEVEL:.0%} interval "
+                     "(paired, normal approximation: serve/offline/significance.py).")
     lines += [
         "",
-        "| policy | " + " | ".join(domains) + " | avg |",
-        "|---|" + "---|" * (len(domains) + 1),
+        "| policy | " + " | ".join(domains) + " | avg |" + (" Δ avg vs base |" if against else ""),
+        "|---|" + "---|" * (len(domains) + 1 + bool(against)),
     ]
     for policy, per in result["policies"].items():
         rec = result["recall@100"][policy]
         cells = [f"{100 * per[d]:.1f} ({100 * rec[d]:.1f})" for d in [*domains, "avg"]]
+        if against:
+            iv = macro_interval(paired(policy, against, per_q, domains))
+            cells.append("–" if policy == against else f"{100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}]")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-    paths[1].write_text("\n".join(lines) + "\n")
+    write_text_atomic(paths[1], "\n".join(lines) + "\n")
 
     policies = list(result["policies"])
     routed = [p for p in policies if p in ("pilot_mean", "pilot_nearest", "pilot_knn")] or policies[:1]
@@ -339,6 +358,6 @@ def write_report(result: dict, stem: Path) -> list[Path]:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
         ax.set_title(f"routing: true domain × chosen ({p})")
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
+    save_figure(fig, paths[2])
     plt.close(fig)
     return paths

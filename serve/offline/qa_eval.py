@@ -220,7 +220,7 @@ def machine_info() -> dict:
 
 
 def write_qa_report(result: dict, stem: Path) -> list[Path]:
-    from .reports import start_report
+    from .reports import save_figure, start_report, write_text_atomic
 
     paths, plt = start_report(result, stem)
     policies = result["policies"]
@@ -247,7 +247,7 @@ def write_qa_report(result: dict, stem: Path) -> list[Path]:
                      f"{r['cost_per_question']:.2e} | {r['latency_p50_s']:.1f} | {r['n']} |")
     if result.get("resumed"):
         lines += ["", f"Resumed from the checkpoint of an interrupted run: {', '.join(result['resumed'])}."]
-    paths[1].write_text("\n".join(lines) + "\n")
+    write_text_atomic(paths[1], "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in policies:
         cost = [result["datasets"][d][p]["cost_per_question"] for d in result["datasets"]]
@@ -258,7 +258,7 @@ def write_qa_report(result: dict, stem: Path) -> list[Path]:
     ax.set_title("cost vs exact match (one point per dataset)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
+    save_figure(fig, paths[2])
     plt.close(fig)
     return paths
 

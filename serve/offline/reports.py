@@ -19,8 +19,25 @@ def start_report(result: dict, stem: Path):
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(paths[0], json.dumps(result, indent=2) + "\n")
     return paths, plt
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``path`` replaced whole: the text goes to a temporary file beside it, renamed over it (a
+    reader never sees half a report, a crash never leaves one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written to ``path`` (PNG) the same way: a temporary file renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, path)
+    return path
 
 
 def machine(dists: tuple[str, ...] = ("ray", "torch", "transformers")) -> dict:

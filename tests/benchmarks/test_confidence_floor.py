@@ -41,13 +41,13 @@ def test_floors_are_set_per_domain_and_gate_the_route():
                                                      domain_floor(data["b"]["base"], pilots.embeddings[1:], 0.3)])
     assert np.isnan(with_floors(pilots, data, None).floors).all()
     rows = np.arange(50)
-    score, base, to_base = routed(with_floors(pilots, data, None), data["a"], rows, mean)
+    score, base, to_base, _ = routed(with_floors(pilots, data, None), data["a"], rows, mean)
     assert (score, base, to_base) == pytest.approx((0.8, 0.5, 0.0))  # every query of a to expert a
-    score, base, to_base = routed(floored, data["a"], rows, mean)
+    score, base, to_base, _ = routed(floored, data["a"], rows, mean)
     assert to_base == pytest.approx(0.3, abs=0.04)  # ~30 % below a's own floor (none reach b's)
     assert score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
     # b held out: only a's pilot is left, and its floor keeps most of b's queries at base
-    score, _, to_base = routed(with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3), data["b"], rows, mean)
+    score, _, to_base, _ = routed(with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3), data["b"], rows, mean)
     assert to_base > 0.9 and score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
 
 
@@ -67,7 +67,7 @@ def test_known_check_drops_the_dev_queries_own_members():
     assert kept.members.shape[0] == 80 and kept.member_pilot.tolist() == [0] * 40 + [1] * 40
     np.testing.assert_array_equal(kept.members[:40], data["a"]["base"][10:])
     rows = np.flatnonzero(data["a"]["dev"])
-    score, base, _ = routed(kept, data["a"], rows, knn)
+    score, base, _, _ = routed(kept, data["a"], rows, knn)
     assert base == pytest.approx(0.5) and 0.5 <= score <= 0.8
     # members that are not the domain's training queries in order: refused, not silently misaligned
     shuffled = PilotSet(pilots.embeddings, pilots.experts, pilots.domains, members=members[::-1], member_pilot=[0] * 50 + [1] * 50)
@@ -92,8 +92,11 @@ def test_member_floors_are_set_per_domain_from_its_queries_nearest_other_query()
     # b held out: a's members are far from b's queries, so nearly all of them stay with base
     knn = policy_of("pilot_knn:1")
     fold = with_floors(pilots.without_domains(["b"]).restrict(["a"]), data, 0.3, kind="member")
-    score, _, to_base = routed(fold, data["b"], np.arange(50), knn)
+    score, _, to_base, delta = routed(fold, data["b"], np.arange(50), knn)
     assert to_base > 0.9 and score == pytest.approx(0.8 * (1 - to_base) + 0.5 * to_base)
+    assert delta.mean == pytest.approx(score - 0.5) and delta.low <= delta.mean <= delta.high  # paired: routed − base
+    _, _, _, kept = routed(with_floors(pilots, data, None, kind="member"), data["a"], np.arange(50), knn)
+    assert kept.mean == pytest.approx(0.3) and kept.half_width == pytest.approx(0)  # +0.3 on every query: no spread
 
 
 def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
@@ -110,6 +113,8 @@ def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
     assert "→ **pilot_knn:1, quantile 0.3**. Test queries read: 0." in md
     assert "| pilot_knn:1 | 0.3 | -1.00 | +3.00 |" in md
     assert "| none | -1.00 (90% base) | -1.00 | +3.00 |" in md and "| 0.3 | -1.00 (90% base) | -1.00 | +3.00 |" in md
+    cell.update(delta_low=-0.03, delta_high=0.01)  # a grid with the held-out figures' intervals
+    assert "| 0.3 | -1.00 [-3.00, +1.00] (90% base) | -1.00 | +3.00 |" in render(doc, ["a"])
 
 
 def test_the_cross_table_forces_every_domains_queries_to_each_expert():

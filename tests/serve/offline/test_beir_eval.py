@@ -114,6 +114,20 @@ def test_leave_one_domain_out_routes_without_the_domains_expert(eval_result):
     assert r["policies"]["base"] == pytest.approx(eval_result["union"]["policies"]["base"])
 
 
+def test_per_query_scores_are_kept_in_query_order_and_average_to_the_figures(eval_result):
+    """The per-query nDCG@10 behind every figure (what a paired interval needs) is in the result."""
+    for setting in ("per_domain", "union", "lodo"):
+        r = eval_result[setting]
+        for policy, per in r["per_query_ndcg@10"].items():
+            for d in r["domains"]:
+                assert len(per[d]) == len(r["query_ids"][d]) == r["num_queries"][d]
+                assert np.mean(per[d]) == pytest.approx(r["policies"][policy][d], abs=1e-5)
+    r = eval_result["per_domain"]
+    assert r["query_ids"]["scifact"] == sorted(r["query_ids"]["scifact"])
+    best = np.maximum.reduce([np.array(v["scifact"]) for k, v in r["per_query_ndcg@10"].items() if k != "multitask"])
+    assert np.allclose(r["per_query_ndcg@10"]["instance_oracle"]["scifact"], best)  # per query: the oracle's pick
+
+
 def test_report_files(eval_result, tmp_path):
     eval_result["per_domain"]["command"] = "routerserve eval beir (test)"
     paths = write_report(eval_result["per_domain"], tmp_path / "beir")
@@ -122,6 +136,16 @@ def test_report_files(eval_result, tmp_path):
     assert "| pilot_mean |" in md and "instance_oracle" in md
     assert eval_result["per_domain"]["pilot_rule"]["confidence_floor"] == "member"  # the config's default floor, named
     assert "0.1 quantile of its training queries' cosine to their nearest other training query" in md
+    from serve.offline.significance import macro_interval, paired
+
+    r = eval_result["per_domain"]
+    iv = macro_interval(paired("pilot_mean", "base", r["per_query_ndcg@10"], r["domains"]))
+    row = next(line for line in md.splitlines() if line.startswith("| pilot_mean |"))
+    assert row.endswith(f"| {100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}] |")  # Δ avg vs base
+    assert next(line for line in md.splitlines() if line.startswith("| base |")).endswith("| – |")
+    old = {k: v for k, v in r.items() if k not in ("per_query_ndcg@10", "query_ids")}  # a result from before them
+    assert "Δ avg" not in write_report(old, tmp_path / "old")[1].read_text()
+    assert not list(tmp_path.glob("*.tmp"))  # written through temporary files, none left behind
 
 
 def test_self_retrieval_is_dropped_and_metrics_match_hand_computation():
