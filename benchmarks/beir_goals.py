@@ -154,6 +154,10 @@ def plot(doc: dict, path: Path) -> None:
         x, lo, hi = (scale * (v - r["target"]) for v in (r["figure"], iv["low"], iv["high"]))
         ax.errorbar(x, i, xerr=[[x - lo], [hi - x]], fmt="o", color=colours[r["verdict"]], capsize=3)
     ax.axvline(0, color="k", lw=0.8)
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in colours.items()], fontsize=7,
+              loc="lower right")
     ax.set_yticks(range(len(rows)), [f"{r['goal']} ({r['setting']})" for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("figure − target (nDCG@10 points; 95 % interval)")

@@ -111,7 +111,7 @@ def test_the_report_names_the_selected_quantile_and_reads_no_test_query():
                                         "known_dev_delta": 0.03}}}
     md = render(doc, ["a"])
     assert "→ **pilot_knn:1, quantile 0.3**. Test queries read: 0." in md
-    assert "| pilot_knn:1 | 0.3 | -1.00 | +3.00 |" in md
+    assert "| pilot_knn:1 | 0.3 | -1.00 | – | +3.00 |" in md  # a grid from before the intervals: no low end
     assert "| none | -1.00 (90% base) | -1.00 | +3.00 |" in md and "| 0.3 | -1.00 (90% base) | -1.00 | +3.00 |" in md
     cell.update(delta_low=-0.03, delta_high=0.01)  # a grid with the held-out figures' intervals
     assert "| 0.3 | -1.00 [-3.00, +1.00] (90% base) | -1.00 | +3.00 |" in render(doc, ["a"])
@@ -190,3 +190,25 @@ def test_an_unknown_floor_kind_is_refused_before_any_table_is_built(tmp_path):
                                    "--cache", str(tmp_path / "cache")])
     assert out.exit_code == 2 and "--floors" in out.output and "nearest" in out.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_quantile_is_chosen_with_the_held_out_intervals_as_margin():
+    """``point`` takes the smallest quantile whose worst held-out figure meets the tolerance — at the
+    goal's edge; ``interval`` asks it of the interval's low end, so a noisier grid point waits."""
+    from confidence_floor import render, select_quantile
+
+    def row(q, point, low, known=0.05):
+        return {"quantile": q, "worst_held_out_delta": point, "worst_held_out_low": low, "known_dev_delta": known,
+                "held_out": {}, "known": {}}
+
+    grid = [row(None, -0.009, -0.012), row(0.01, -0.004, -0.007), row(0.1, -0.003, -0.0045), row(0.3, -0.001, -0.002)]
+    assert select_quantile(grid, 0.005, "point")["quantile"] == 0.01
+    assert select_quantile(grid, 0.005, "interval")["quantile"] == 0.1
+    assert select_quantile(grid, 0.001, "interval")["quantile"] == 0.3  # none qualifies: the best worst case
+    best = select_quantile(grid, 0.005)
+    doc = {"command": "c", "commit": "abc", "date": "today", "machine": {}, "pilot_rule": "r", "tolerance": 0.005,
+           "select": "interval", "selected_policy": "pilot_knn:1", "selected_quantile": 0.1,
+           "policies": {"pilot_knn:1": {"grid": [], "selected_quantile": 0.1, "worst_held_out_delta": best["worst_held_out_delta"],
+                                        "worst_held_out_low": best["worst_held_out_low"], "known_dev_delta": 0.05}}}
+    md = render(doc, ["a"])
+    assert "within 0.5 of base across its 95 % interval (its low end)" in md and "| pilot_knn:1 | 0.1 | -0.30 | -0.45 | +5.00 |" in md
