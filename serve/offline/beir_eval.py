@@ -329,9 +329,11 @@ def write_report(result: dict, stem: Path) -> list[Path]:
     for policy, per in result["policies"].items():
         rec = result["recall@100"][policy]
         cells = [f"{100 * per[d]:.1f} ({100 * rec[d]:.1f})" for d in [*domains, "avg"]]
-        if against:
+        if against and policy == against:
+            cells.append("–")
+        elif against:
             iv = macro_interval(paired(policy, against, per_q, domains))
-            cells.append("–" if policy == against else f"{100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}]")
+            cells.append(f"{100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}]")
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     write_text_atomic(paths[1], "\n".join(lines) + "\n")
 

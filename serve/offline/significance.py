@@ -104,4 +104,6 @@ def combine(terms: Mapping[str, float], per_query: Mapping[str, Mapping[str, Seq
 def paired(a: str, b: str, per_query: Mapping[str, Mapping[str, Sequence[float]]],
            domains: Sequence[str]) -> dict[str, np.ndarray]:
     """Per domain, policy ``a``'s per-query score minus policy ``b``'s on the same queries."""
+    if a == b:
+        raise ValueError(f"policy {a!r} paired with itself: the difference is zero by construction")
     return combine({a: 1.0, b: -1.0}, per_query, domains)

@@ -51,6 +51,8 @@ def test_unpaired_or_missing_scores_are_refused_by_name():
         paired("a", "c", per_query, ["d"])
     with pytest.raises(KeyError, match="domain 'e'"):
         paired("a", "b", per_query, ["e"])
+    with pytest.raises(ValueError, match="with itself"):
+        paired("a", "a", per_query, ["d"])
 
 
 @pytest.mark.parametrize(("low", "mean", "high", "verdict"), [
