@@ -47,7 +47,7 @@ def _check_paired(a: dict, b: dict, what: str) -> None:
 
 def goals(result: dict, multitask: dict, policy: str, per_domain_reference: float) -> list[dict]:
     """Every goal of issue 19 as a row: name, setting, figure, target, interval, verdict."""
-    from serve.offline.significance import combine, domain_interval, macro_interval
+    from serve.offline.significance import combine, domain_interval, macro_interval, paired
 
     per_domain, union, lodo = (_setting(result, s, "--result") for s in ("per_domain", "union", "lodo"))
     mt_union = _setting(multitask, "union", "--multitask")
@@ -73,12 +73,12 @@ def goals(result: dict, multitask: dict, policy: str, per_domain_reference: floa
     doms = union["domains"]
     pq = union["per_query_ndcg@10"]
     add(f"{policy} ≥ base + 3.0", "union", union["policies"][policy]["avg"] - union["policies"]["base"]["avg"], 0.03,
-        macro_interval(combine({policy: 1, "base": -1}, pq, doms)))
+        macro_interval(paired(policy, "base", pq, doms)))
     mq = mt_union["per_query_ndcg@10"]
     same = all(np.allclose(mq[policy][d], pq[policy][d]) for d in doms)
     add(f"{policy} ≥ multi-task + 1.5", "union",
         mt_union["policies"][policy]["avg"] - mt_union["policies"]["multitask"]["avg"], 0.015,
-        macro_interval(combine({policy: 1, "multitask": -1}, mq, doms)),
+        macro_interval(paired(policy, "multitask", mq, doms)),
         "" if same else f"the --multitask run's {policy} differs from --result's (other experts?): paired within that run")
     gap = union["policies"]["dataset_oracle"]["avg"] - union["policies"]["base"]["avg"]
     closed = (union["policies"][policy]["avg"] - union["policies"]["base"]["avg"]) / gap if gap else float("nan")
@@ -87,11 +87,11 @@ def goals(result: dict, multitask: dict, policy: str, per_domain_reference: floa
         "interval of pilot − 0.2·base − 0.8·oracle, shown as the share of the gap closed", unit="share")
     for d in doms:
         add(f"{d}: {policy} ≥ base − 0.3", "union", union["policies"][policy][d] - union["policies"]["base"][d], -0.003,
-            domain_interval(combine({policy: 1, "base": -1}, pq, [d])[d]))
+            domain_interval(paired(policy, "base", pq, [d])[d]))
     lq = lodo["per_query_ndcg@10"]
     for d in lodo["domains"]:
         add(f"{d} held out: {policy} ≥ base − 0.5", "lodo", lodo["policies"][policy][d] - lodo["policies"]["base"][d], -0.005,
-            domain_interval(combine({policy: 1, "base": -1}, lq, [d])[d]))
+            domain_interval(paired(policy, "base", lq, [d])[d]))
     level = macro_interval({d: per_domain["per_query_ndcg@10"][policy][d] for d in per_domain["domains"]})
     add(f"{policy} per-domain average ≥ issue 17's {100 * per_domain_reference:.2f}", "per_domain",
         per_domain["policies"][policy]["avg"], per_domain_reference, None,
