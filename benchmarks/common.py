@@ -35,22 +35,18 @@ def git_commit() -> str:
 
 
 def write_json(name: str, payload: dict, out: Path = RESULTS) -> Path:
-    """<out>/<name>.json (default benchmarks/results), replaced whole (a temporary file renamed over it)."""
+    """<out>/<name>.json (default benchmarks/results), replaced whole (serve.artifacts.atomic)."""
+    from serve.artifacts.atomic import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / f"{name}.json", json.dumps(payload, indent=2) + "\n")
 
 
 def write_markdown(name: str, text: str, out: Path = RESULTS) -> Path:
+    from serve.artifacts.atomic import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out / f"{name}.md", text)
 
 
 def fmt(x, spec: str = ".1f") -> str:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,29 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; when the block succeeds it is fsynced and renamed
+    over ``path`` (whole or not at all), when it fails it is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``text`` as ``path``, whole or not at all (``replacing``)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def _alive(pid: int) -> bool:

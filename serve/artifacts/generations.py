@@ -40,7 +40,7 @@ from actors.routing import PILOTS_FILE, PilotSet
 
 from serve.config import GENERATION_ID_PATTERN
 
-from .atomic import fsync_dir, fsync_tree, recover
+from .atomic import fsync_dir, fsync_tree, recover, write_text_atomic
 
 GENERATIONS = "generations"
 POINTER = "CURRENT.json"
@@ -89,13 +89,7 @@ def _sha256(path: Path) -> str:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """``data`` as ``path``, whole or not at all (a temporary file fsynced, then renamed over it)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 @dataclass(frozen=True)

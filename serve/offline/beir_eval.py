@@ -261,8 +261,9 @@ def evaluate(
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)
-            query_ndcg[policy][domain] = [round(float(pq_ndcg[c][q]), 6) for c, q in zip(chosen, qids)]
-            scores[policy][domain] = float(np.mean([pq_ndcg[c][q] for c, q in zip(chosen, qids)]))
+            ndcg = [pq_ndcg[c][q] for c, q in zip(chosen, qids)]
+            query_ndcg[policy][domain] = [round(float(v), 6) for v in ndcg]
+            scores[policy][domain] = float(np.mean(ndcg))
             recall[policy][domain] = float(np.mean([pq_recall[c][q] for c, q in zip(chosen, qids)]))
             row = confusion[policy].setdefault(domain, {})
             for c in chosen:
@@ -290,7 +291,8 @@ def evaluate(
 
 def write_report(result: dict, stem: Path) -> list[Path]:
     """JSON + markdown table + PNG (per-domain bars per policy; routing confusion matrix)."""
-    from .reports import save_figure, start_report, write_text_atomic
+    from ..artifacts.atomic import write_text_atomic
+    from .reports import save_figure, start_report
 
     paths, plt = start_report(result, stem)
     domains = result["domains"]

@@ -220,7 +220,8 @@ def machine_info() -> dict:
 
 
 def write_qa_report(result: dict, stem: Path) -> list[Path]:
-    from .reports import save_figure, start_report, write_text_atomic
+    from ..artifacts.atomic import write_text_atomic
+    from .reports import save_figure, start_report
 
     paths, plt = start_report(result, stem)
     policies = result["policies"]

@@ -9,6 +9,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from ..artifacts.atomic import replacing, write_text_atomic
+
 
 def start_report(result: dict, stem: Path):
     """Write ``<stem>.json``; return ([json, md, png] paths, pyplot with the Agg backend)."""
@@ -23,20 +25,10 @@ def start_report(result: dict, stem: Path):
     return paths, plt
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """``path`` replaced whole: the text goes to a temporary file beside it, renamed over it (a
-    reader never sees half a report, a crash never leaves one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """A matplotlib figure written to ``path`` (PNG) the same way: a temporary file renamed over it."""
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)
+    """A matplotlib figure written to ``path`` (PNG), whole or not at all (``replacing``)."""
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
 
 

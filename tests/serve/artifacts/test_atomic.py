@@ -68,3 +68,17 @@ def test_recover_undoes_what_a_dead_writer_left(tmp_path):
     recover(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [f".live.staging-{os.getpid()}", "sci"]
     assert _marker(tmp_path / "sci") == "old"
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from serve.artifacts.atomic import replacing, write_text_atomic
+
+    target = tmp_path / "report.md"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    assert write_text_atomic(target, "new") == target and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temporary file left beside it
