@@ -139,6 +139,7 @@ class DocStore:
             table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()  # zero-copy: views into the map
         self._columns = {c: table.column(c) for c in self.COLUMNS}
         self._rows = table.num_rows
+        self._corpora: list[str] | None = None
 
     @staticmethod
     def arrow_path(path: str | os.PathLike) -> Path:
@@ -199,6 +200,14 @@ class DocStore:
 
     def field(self, column: str, row: int):
         return self._columns[column][row].as_py()
+
+    def corpora(self) -> list[str]:
+        """The datasets the documents come from (computed once: a pass over one column)."""
+        if self._corpora is None:
+            import pyarrow.compute as pc
+
+            self._corpora = sorted(pc.unique(self._columns["dataset"]).to_pylist())
+        return self._corpora
 
     def hit(self, row: int, score: float, include_text: bool) -> dict:
         out = {

@@ -27,6 +27,7 @@ class RoutedQuery:
     routing_scores: dict[str, float]
     forced: bool
     how: str = "routed"  # forced | routed | floor (no pilot's floor reached) | guard (held back by its base guard)
+    base_embedding: np.ndarray | None = None  # the first pass: what the corpus guard searches (service)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RoutedEncoder:
                 routing_scores={n: float(scores[i, j]) for j, n in enumerate(self.experts)},
                 forced=forced[i] is not None,
                 how="forced" if forced[i] is not None else how[i],
+                base_embedding=base[i],
             )
             for i in range(len(queries))
         ]
@@ -169,6 +171,8 @@ def route_and_encode_requests(encoder: RoutedEncoder, requests: list[dict]) -> l
                 "forced": [q.forced for q in part],
                 "routing_scores": [q.routing_scores for q in part],
                 "how": [q.how for q in part],
+                "base_embeddings": np.stack([q.base_embedding for q in part]),
+                "known_experts": list(encoder.experts),  # the batch's expert set (the corpus guard's corpora)
                 "timings_ms": dict(batch.timings_ms, encoder_batch_queries=float(len(queries))),
             }
     return results  # type: ignore[return-value]

@@ -24,6 +24,13 @@ are built (serve.offline.pilots), both chosen on training queries only:
   handed to an expert trained for another);
 * the **base guard** — an expert that did not beat the base model on its domain's dev queries in
   the served index is not routed to (``guards[expert]["routed"]`` false): its queries go to base.
+
+A third one needs the index, so the retrieval service applies it after a base search
+(``unknown_corpus_guard``): the **corpus guard** — when the index holds a corpus no expert is
+named after (an expert removed while its corpus stays, a corpus indexed before its expert is
+trained), a routed query whose base top ``CORPUS_VOTE_K`` hits come at least
+``experts.unknown_corpus_share`` from such corpora goes to base: it reads like that corpus, and a
+neighbour domain's expert pulls its own documents over it (benchmarks/corpus_guard.py).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, NamedTuple, get_args
+from typing import Callable, ClassVar, Collection, Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -397,6 +404,29 @@ def route(queries: np.ndarray, pilots: PilotSet, policy: RoutingPolicy, gate: bo
             if not ok or chosen[i] in held:
                 chosen[i], how[i] = BASE, "guard" if ok else "floor"
     return Routing(chosen, scores, how)
+
+
+CORPUS_VOTE_K = 10  # the base model's top hits whose corpora vote (unknown_corpus_guard)
+
+
+def unknown_corpora(index_corpora: Collection[str], experts: Collection[str]) -> list[str]:
+    """The index's corpora no expert is named after (an expert trained on a dataset carries its
+    name), or none when no expert is named after any of them (names that do not map say nothing
+    about corpora: the corpus guard stays off rather than send every query to base)."""
+    if not set(experts) & set(index_corpora):
+        return []
+    return sorted(set(index_corpora) - set(experts))
+
+
+def unknown_corpus_guard(hit_corpora: list[list[str]], unknown: Collection[str], share: float) -> list[bool]:
+    """Per query: True when at least ``share`` of its base top hits (``hit_corpora``, the corpus of
+    each, best first; the first CORPUS_VOTE_K count) come from ``unknown`` corpora — the query reads
+    like a corpus no expert knows, so it goes to base. No hits: False."""
+    out = []
+    for corpora in hit_corpora:
+        top = corpora[:CORPUS_VOTE_K]
+        out.append(bool(top) and sum(c in unknown for c in top) >= share * len(top) - 1e-9)
+    return out
 
 
 def choose(scores: np.ndarray, names: list[str]) -> list[str]:

@@ -200,15 +200,21 @@ def without_dev_members(pilots, data: dict):
     return pilots.without_members(np.array(drop, np.int64))
 
 
-def routed(pilots, part: dict, rows: np.ndarray, policy) -> tuple[float, float, float, object]:
+def routed(pilots, part: dict, rows: np.ndarray, policy, unknown: list[str] = (), share: float | None = None,
+           ) -> tuple[float, float, float, object]:
     """(routed nDCG@10, base nDCG@10, share sent to base, the 95 % interval of routed minus base
-    — paired per query, serve/offline/significance.py) of ``part``'s queries at ``rows``."""
+    — paired per query, serve/offline/significance.py) of ``part``'s queries at ``rows``; with
+    ``unknown`` corpora and a ``share``, the corpus guard as served (``part["corpora"]``: each
+    query's base top hits' corpora, benchmarks/corpus_guard.py)."""
     from actors.encoder import BASE
-    from actors.routing import route
+    from actors.routing import route, unknown_corpus_guard
     from serve.offline.significance import domain_interval
 
     cols = [BASE, *part["experts"]]
     chosen = route(part["base"][rows], pilots, policy).chosen
+    if unknown and share is not None:
+        held = unknown_corpus_guard([part["corpora"][i] for i in rows], unknown, share)
+        chosen = [BASE if h else c for c, h in zip(chosen, held)]
     table = part["table"][rows]
     scores = np.array([table[i, cols.index(c)] for i, c in enumerate(chosen)])
     return (float(scores.mean()), float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen])),
@@ -221,6 +227,30 @@ def expert_on_domain(data: dict) -> dict:
     held-out loss comes from there when the floor lets such a query through)."""
     return {d: {e: float((part["table"][:, 1 + i] - part["table"][:, 0]).mean()) for i, e in enumerate(part["experts"])}
             for d, part in data.items()}
+
+
+def load_tables(doms: list[str], experts_dir: Path, max_queries: int, cache: Path, set_: list[str] | None, console):
+    """(config, expert generation, the served pilots, {domain: its training queries' table}) —
+    the tables cached under ``cache``, keyed by the domains, the adapters and the sample."""
+    from actors.encoder import EncoderEngine
+    from serve.artifacts.experts import served_experts
+    from serve.artifacts.models import encoder_settings, resolve_model
+    from serve.config import load_config
+
+    cfg = load_config(None, [f"experts.dir={experts_dir}", f"experts.training.max_queries={max_queries}",
+                             *(set_ or [])]).absolutized()
+    data_dir = cfg.resolve_data_dir()
+    gen, adapters, pilots = served_experts(cfg)
+    if pilots is None or not set(doms) <= set(pilots.domains):
+        raise SystemExit(f"{experts_dir}: build the pilots of {doms} first (`routerserve pilots build`)")
+    engine = EncoderEngine(resolve_model(cfg.model.ref), {d: adapters[d] for d in doms}, encoder_settings(cfg))
+    key = hashlib.sha256(json.dumps([doms, {d: str(adapters[d]) for d in doms}, max_queries,
+                                     cfg.corpus.max_docs_per_dataset]).encode()).hexdigest()[:12]
+    data = {}
+    for d in doms:
+        console.print(f"table of {d}'s training queries …")
+        data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
+    return cfg, gen, pilots, data
 
 
 @app.command()
@@ -244,11 +274,6 @@ def main(
 ):
     from rich.console import Console
 
-    from actors.encoder import EncoderEngine
-    from serve.artifacts.experts import served_experts
-    from serve.artifacts.models import encoder_settings, resolve_model
-    from serve.config import load_config
-
     from actors.routing import FLOOR_KINDS
 
     if select_by not in SELECT_BY:  # before minutes of tables
@@ -259,19 +284,7 @@ def main(
     console = Console()
     t0 = time.perf_counter()
     doms = domains.split(",")
-    cfg = load_config(None, [f"experts.dir={experts_dir}", f"experts.training.max_queries={max_queries}",
-                             *(set_ or [])]).absolutized()
-    data_dir = cfg.resolve_data_dir()
-    gen, adapters, pilots = served_experts(cfg)
-    if pilots is None or not set(doms) <= set(pilots.domains):
-        raise SystemExit(f"{experts_dir}: build the pilots of {doms} first (`routerserve pilots build`)")
-    engine = EncoderEngine(resolve_model(cfg.model.ref), {d: adapters[d] for d in doms}, encoder_settings(cfg))
-    key = hashlib.sha256(json.dumps([doms, {d: str(adapters[d]) for d in doms}, max_queries,
-                                     cfg.corpus.max_docs_per_dataset]).encode()).hexdigest()[:12]
-    data = {}
-    for d in doms:
-        console.print(f"table of {d}'s training queries …")
-        data[d] = _table(cfg, data_dir, d, doms, engine, cache, key)
+    cfg, gen, pilots, data = load_tables(doms, experts_dir, max_queries, cache, set_, console)
     results = {}
     built = {}  # rule -> (pilots for the held-out check, pilots for the known check): once, for every policy
     for rule in rules.split(","):

@@ -119,6 +119,8 @@ def build_app(args: dict[str, Any]) -> Application:
             dim=manifest.dim,
             index_factory=manifest.factory,
             search_defaults=search_defaults,
+            unknown_corpus_share=cfg.experts.unknown_corpus_share,
+            corpora=list(manifest.datasets),
             batching=d.ingress_batching,
             api_keys_env=cfg.http.api_keys_env,
             admin_keys_env=cfg.http.admin_keys_env,

@@ -240,6 +240,8 @@ class RetrievalIngress:
             s.dim,
             s.index_factory,
             s.search_defaults,
+            s.unknown_corpus_share,
+            s.corpora,
         )
         admission = dict(max_waiting=s.limits.max_waiting, max_queue_wait_s=s.limits.max_queue_wait_s)
         self.service.enable_batching(lambda fn: _batcher(fn, s.batching, **admission),

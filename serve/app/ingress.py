@@ -167,7 +167,7 @@ def create_app(service: RetrievalService | None, chat: ChatClient | None = None,
     install_error_handlers(app, count)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if service is not None:
-        app.include_router(retrieval_router(service))
+        app.include_router(retrieval_router(service, metrics))
     if chat is not None:
         app.include_router(chat_router(chat))
     if admin is not None:

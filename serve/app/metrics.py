@@ -38,6 +38,9 @@ CATALOG: dict[str, MetricSpec] = {
                    "Queries per expert (base = no adapter); how = forced by the request, routed by the policy, or "
                    "sent to base by the confidence floor (floor) or an expert's base guard (guard)",
                    ("expert", "how")),
+        MetricSpec("routerserve_corpus_guard", "counter",
+                   "Queries the policy routed to an expert (tag) that the corpus guard answered with base: their "
+                   "base top 10 hits come mostly from corpora no expert is named after", ("expert",)),
         MetricSpec("routerserve_routing_confidence", "histogram",
                    "Margin of the chosen expert's policy score over the runner-up (cosine units; 0 = a tie)",
                    ("expert",), tuple(CONFIDENCE_BUCKETS)),
@@ -175,6 +178,7 @@ def dashboard_panels() -> list[tuple[str, str, str]]:
          quantile(0.95, "deployment", "ray_serve_deployment_processing_latency_ms_bucket"),
          "ms"),
         ("Expert selected /s", per_s("expert", "ray_routerserve_expert_selected_total"), "reqps"),
+        ("Corpus guard: routed queries sent to base /s", per_s("expert", "ray_routerserve_corpus_guard_total"), "reqps"),
         ("Routing confidence p50",
          quantile(0.5, "expert", "ray_routerserve_routing_confidence_bucket"), "none"),
         ("Shard search p95",

@@ -109,6 +109,8 @@ class IngressSettings(_Settings):
     dim: int  # the index's embedding size, declared in the API's request models
     index_factory: str = "Flat"  # the shards' index type, in every /v1/retrieve answer
     search_defaults: dict[str, int] = {}  # its search knobs' configured values: requests may set only these
+    unknown_corpus_share: float | None = None  # experts.unknown_corpus_share: the corpus guard (None: off)
+    corpora: list[str] = []  # the index's datasets (its manifest): what the corpus guard matches experts to
     batching: BatchConfig
     api_keys_env: str | None = None
     admin_keys_env: str | None = None  # http.admin_keys_env: the admin API's own keys

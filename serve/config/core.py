@@ -177,6 +177,11 @@ class ExpertsConfig(_Strict):
         "pilot, its cosine to the nearest own-domain pilot. Chosen on training/dev queries (benchmarks/confidence_floor.py)")
     base_guard: bool = Field(True, description="an expert that does not beat the base model on its domain's dev "
                              "queries, searched in the served index, is not routed to (forcing it still works)")
+    unknown_corpus_share: float | None = Field(
+        0.8, gt=0.0, le=1.0, description="the corpus guard: when the index holds corpora no expert is named after, a "
+        "routed query whose base model's top 10 hits come at least this share from them goes to the base model (it "
+        "reads like a domain no expert knows). Costs one more row per such query in the shard search; off when every "
+        "corpus has an expert. Chosen leave-one-domain-out on training/dev queries (benchmarks/corpus_guard.py). null: off")
     training: ExpertTrainConfig = Field(default_factory=ExpertTrainConfig)
     generation: str = Field("current", description="the expert generation the service serves: 'current' follows "
                             "<dir>/CURRENT.json (activate/rollback switch every replica live); 'gNNNNNN' pins one "

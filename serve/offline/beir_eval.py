@@ -14,7 +14,10 @@ Settings:
 Policies here (more register the same way):
   base            the base model for every query
   pilot_mean      RouterRetriever: mean cosine to each expert's pilots (paper), as served: below
-                  every pilot's confidence floor, or to an expert its base guard holds back → base
+                  every pilot's confidence floor, or to an expert its base guard holds back → base;
+                  and, as served, the corpus guard (experts.unknown_corpus_share): in the union
+                  while a corpus has no expert (lodo), a query whose base top 10 hits come mostly
+                  from such corpora → base
   pilot_mean_ungated  the same policy without the floor and the guard (the paper's bare rule)
   pilot_nearest   nearest pilot (released code), with the floor and the guard
   pilot_knn       the K most similar pilot members (training queries), with the floor and the guard
@@ -46,7 +49,7 @@ from typing import Callable
 import numpy as np
 
 from actors.encoder import BASE, EncoderEngine
-from actors.routing import describe_guard, get_policy, route
+from actors.routing import describe_guard, get_policy, route, unknown_corpora, unknown_corpus_guard
 
 from serve.artifacts.experts import MULTITASK, multitask_dir, pilot_rule, served_experts, stale_guards
 from serve.artifacts.models import encoder_settings, resolve_model
@@ -74,6 +77,9 @@ class DomainRun:
     pilots: object = None
     experts: list[str] = field(default_factory=list)
     classifier: object = None
+    base_hit_corpora: list[list[str]] = field(default_factory=list)  # per query: its base top hits' corpora, best first
+    unknown_corpora: list[str] = field(default_factory=list)  # the searched corpora no candidate expert is named after
+    unknown_corpus_share: float | None = None  # experts.unknown_corpus_share (None: no corpus guard)
 
 
 PolicyFn = Callable[[DomainRun], list[str]]
@@ -101,7 +107,11 @@ def _pilot_policy(name: str, gate: bool = True) -> PolicyFn:
     def fn(run: DomainRun) -> list[str]:
         if not run.experts:
             return [BASE] * len(run.qids)
-        return route(run.embeddings[BASE], run.pilots.restrict(run.experts), get_policy(name), gate).chosen
+        chosen = route(run.embeddings[BASE], run.pilots.restrict(run.experts), get_policy(name), gate).chosen
+        if gate and run.unknown_corpora and run.unknown_corpus_share is not None:  # as the service does after its search
+            held = unknown_corpus_guard(run.base_hit_corpora, run.unknown_corpora, run.unknown_corpus_share)
+            chosen = [BASE if h else c for c, h in zip(chosen, held)]
+        return chosen
 
     return fn
 
@@ -257,7 +267,9 @@ def evaluate(
         pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in scored}
         ctx = DomainRun(
             domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in candidates}, known_pilots, known,
-            classifier,
+            classifier, [[hit.partition("/")[0] for hit in sorted(runs[BASE][q], key=runs[BASE][q].get, reverse=True)]
+                         for q in qids],
+            unknown_corpora(set(corpus.datasets), known), cfg.experts.unknown_corpus_share,
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)
@@ -285,6 +297,7 @@ def evaluate(
         "capped_corpus": cfg.corpus.max_docs_per_dataset,
         "pilot_rule": {**rule_summary(cfg), "num_pilots": 0 if pilots is None else len(pilots.restrict(experts).experts)},
         "guards": {e: g for e, g in (pilots.guards if pilots is not None else {}).items() if e in experts},
+        "unknown_corpus_share": cfg.experts.unknown_corpus_share,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -313,6 +326,11 @@ def write_report(result: dict, stem: Path) -> list[Path]:
                   if rule.get("confidence_floor") == "member" else "their nearest own pilot")  # results from before: pilot
             lines.append(f"Confidence floor: each domain's pilots at the {rule['confidence_quantile']:g} quantile of its training "
                          f"queries' cosine to {to}; below every floor → base (pilot_mean, pilot_nearest, pilot_knn)")
+    share = result.get("unknown_corpus_share")
+    if share is not None and result["setting"] == "lodo":  # elsewhere every searched corpus has its expert: no effect
+        lines.append(f"Corpus guard: the held-out domain's corpus has no expert; a query routed to an expert whose base top "
+                     f"10 hits come at least {share:g} from it → base (pilot_mean, pilot_nearest, pilot_knn; "
+                     f"experts.unknown_corpus_share)")
     for e, g in (result.get("guards") or {}).items():
         lines.append(describe_guard(e, g))
     if result["setting"] == "lodo":

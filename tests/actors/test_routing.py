@@ -253,3 +253,29 @@ def test_the_floor_kind_survives_save_restrict_and_replace_and_is_never_mixed(tm
     assert replace_domains(back, replace(new, floor_kind="member")).floor_kind == "member"
     with pytest.raises(ValueError, match="floor_kind"):
         PilotSet(np.ones((1, 3)), ["a"], floor_kind="nearest")
+
+
+def test_unknown_corpora_are_the_index_corpora_no_expert_is_named_after():
+    from actors.routing import unknown_corpora
+
+    assert unknown_corpora(["scifact", "nfcorpus", "npl"], ["scifact"]) == ["nfcorpus", "npl"]
+    assert unknown_corpora(["scifact", "nfcorpus"], ["scifact", "nfcorpus", "extra"]) == []
+    # no expert named after any corpus: names that do not map say nothing, the guard stays off
+    assert unknown_corpora(["scifact", "nfcorpus"], ["alpha", "beta"]) == []
+    assert unknown_corpora(["scifact"], []) == []
+
+
+def test_the_corpus_guard_counts_the_top_hits_against_the_share():
+    from actors.routing import CORPUS_VOTE_K, unknown_corpus_guard
+
+    u = ["news"]
+    hits = [["news"] * 8 + ["sci"] * 2,  # 0.8
+            ["news"] * 7 + ["sci"] * 3,  # 0.7
+            ["sci"] * 10,
+            [],  # no hits: nothing to say
+            ["news", "sci"],  # fewer than K: the share of what there is (0.5)
+            ["sci"] * CORPUS_VOTE_K + ["news"] * 30]  # only the first K vote
+    assert unknown_corpus_guard(hits, u, 0.8) == [True, False, False, False, False, False]
+    assert unknown_corpus_guard(hits, u, 0.5) == [True, True, False, False, True, False]
+    assert unknown_corpus_guard(hits, u, 1.0) == [False] * 6
+    assert unknown_corpus_guard([["news"] * 10], [], 0.1) == [False]  # no unknown corpus

@@ -47,10 +47,11 @@ class RetrieveResponse(BaseModel):
     query: str
     expert: str = Field(..., description="the expert whose adapter encoded the query ('base' = none)")
     forced: bool = Field(..., description="true when the request named the expert")
-    selected_by: Literal["forced", "routed", "floor", "guard"] = Field(
+    selected_by: Literal["forced", "routed", "floor", "guard", "corpus"] = Field(
         ..., description="forced: the request named the expert; routed: the policy's pick; floor: the query reached no "
         "pilot's confidence floor (a domain no expert knows), so base; guard: the policy's pick is held back by its "
-        "base guard, so base")
+        "base guard, so base; corpus: the corpus guard — its base top 10 hits come mostly from corpora no expert is "
+        "named after (experts.unknown_corpus_share), so base")
     routing_scores: dict[str, float] = Field(..., description="policy score per expert (higher wins)")
     policy: str
     hits: list[Hit]
@@ -152,5 +153,8 @@ class ExpertsResponse(BaseModel):
     confidence_floor: bool = Field(False, description="queries below every pilot's confidence floor go to base")
     confidence_floor_kind: str | None = Field(None, description="what the floor measures a query's cosine to: "
                                               "'member' (the pilots' training queries) or 'pilot'; null: no floor")
+    unknown_corpus_share: float | None = Field(None, description="the corpus guard's share (null: off)")
+    corpora_without_expert: list[str] = Field([], description="the index's corpora no expert is named after: routed "
+                                              "queries that read like them go to base (empty: the guard has nothing to do)")
     experts: list[ExpertInfo]
     experts_generation: str | None = Field(None, description="the generation these experts belong to (gNNNNNN)")

@@ -14,13 +14,19 @@ from .protocol import EmbeddingResponse, ExpertsResponse, RetrieveResponse
 from .service import RetrievalService
 
 
-def retrieval_router(service: RetrievalService) -> APIRouter:
+def retrieval_router(service: RetrievalService, metrics=None) -> APIRouter:
+    """``metrics`` (serve.app.metrics.Metrics, in the ingress replica): counts the corpus guard's
+    answers (the encoder counts the policy's picks before the guard sees the hits)."""
     router = APIRouter()
     RetrieveBody, EmbeddingBody = service.retrieve_model, service.embedding_model
 
     @router.post("/v1/retrieve", response_model=RetrieveResponse, responses=REQUEST_ERRORS)
     async def retrieve(req: RetrieveBody) -> RetrieveResponse:
-        return await service.retrieve(req)
+        response = await service.retrieve(req)
+        if metrics is not None and response.selected_by == "corpus":
+            scores = response.routing_scores  # the policy's pick: the expert the guard held back
+            metrics.inc("routerserve_corpus_guard", expert=max(scores, key=scores.get) if scores else "")
+        return response
 
     @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=REQUEST_ERRORS)
     async def embeddings(req: EmbeddingBody) -> EmbeddingResponse:

@@ -6,7 +6,11 @@ and the in-process benchmark they are local objects (LocalEncoderClient, LocalSh
 
 Per batch of concurrent requests there is ONE encoder call (route + expert re-encode for every
 query of the batch) and ONE call per shard (the stacked query matrix; one per shard per distinct set
-of search knobs when requests set nprobe/ef_search), then an exact merge per set.
+of search knobs when requests set nprobe/ef_search), then an exact merge per set. While the index
+holds a corpus no expert is named after, the rows routed to an expert ride along in that shard call
+a second time, with their base embedding: the corpus guard (actors.routing.unknown_corpus_guard)
+reads those hits' corpora and sends a query that reads like an unknown corpus to base, answering
+with the base hits it already has.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from actors.encoder import BASE
 from actors.index_store import DocStore
 from actors.routed_encoder import RoutedEncoder, embed_requests, encoder_info, route_and_encode_requests
+from actors.routing import CORPUS_VOTE_K, unknown_corpora, unknown_corpus_guard
 from actors.search import ShardSearcher, merge_topk
 
 from serve.config import LimitsConfig
@@ -111,10 +116,14 @@ class RetrievalService:
         dim: int | None = None,
         index: str = "Flat",
         search_defaults: dict[str, int] | None = None,
+        unknown_corpus_share: float | None = None,
+        corpora: list[str] | None = None,
     ):
         """``dim``: the embedding size (the index's), declared in the API's request models;
         ``index``: the shards' factory string; ``search_defaults``: its search knobs and their
-        configured values (a request may set only these)."""
+        configured values (a request may set only these); ``unknown_corpus_share``: the corpus
+        guard's share (experts.unknown_corpus_share; None: off); ``corpora``: the index's datasets
+        (its manifest's; None: read from the doc store, a pass over one column)."""
         if not shards:
             raise ValueError("at least one shard is required")
         self.encoder = encoder
@@ -124,6 +133,8 @@ class RetrievalService:
         self.served_name = served_name
         self.index = index
         self.search_defaults = dict(search_defaults or {})
+        self.unknown_corpus_share = unknown_corpus_share
+        self.corpora = list(corpora) if corpora is not None else docs.corpora() if unknown_corpus_share is not None else []
         # the request models the HTTP API validates with: this deployment's limits declared
         self.retrieve_model, self.embedding_model = limited_request_models(limits, dim, served_name, index,
                                                                            tuple(self.search_defaults))
@@ -260,9 +271,17 @@ class RetrievalService:
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
-        groups: dict[tuple, list[int]] = {}  # items by search knobs: one call per shard per group (mostly one)
-        for i, it in enumerate(items):
-            groups.setdefault(it.knobs, []).append(i)
+        unknown = self._unknown_corpora(routed.get("known_experts"))
+        # the corpus guard's voters: items the policy routed to an expert, searched again as base rows below
+        voters = [i for i, (e, how) in enumerate(zip(routed["experts"], routed["how"]))
+                  if how == "routed" and e != BASE] if unknown and "base_embeddings" in routed else []
+        if voters:
+            matrix = np.vstack([matrix, np.asarray(routed["base_embeddings"], dtype=np.float32)[voters]])
+            kmax = max(kmax, CORPUS_VOTE_K)
+        item_of = list(range(len(items))) + voters  # matrix row -> item
+        groups: dict[tuple, list[int]] = {}  # rows by search knobs: one call per shard per group (mostly one)
+        for row, i in enumerate(item_of):
+            groups.setdefault(items[i].knobs, []).append(row)
         # the shards get what is left of the batch's deadline, less a margin for the answer: a shard
         # that does not answer in time is named in a 503, not hidden behind a 504 for the request
         budget = max(0.01, SHARD_SHARE * self.limits.request_timeout_s - (time.perf_counter() - t0))
@@ -285,8 +304,8 @@ class RetrievalService:
             error = overloaded(f"search shard(s) {failed} failed ({why}); no partial results are returned",
                                self.limits.retry_after_s)
             return [{"error": error} for _ in items]
-        scores = np.full((len(items), kmax), -np.inf, dtype=np.float32)
-        ids = np.full((len(items), kmax), -1, dtype=np.int64)
+        scores = np.full((len(item_of), kmax), -np.inf, dtype=np.float32)
+        ids = np.full((len(item_of), kmax), -1, dtype=np.int64)
         for knobs, rows in groups.items():
             s, r = merge_topk([p for (k, _, _), p in zip(calls, parts) if k == knobs], kmax)
             scores[rows, : s.shape[1]], ids[rows, : r.shape[1]] = s, r
@@ -295,13 +314,36 @@ class RetrievalService:
             "encode_ms": (t1 - t0) * 1e3,
             "search_ms": (t2 - t1) * 1e3,
             "batch_size": float(len(items)),
+            "corpus_guard_rows": float(len(voters)),
             **{k: float(v) for k, v in routed["timings_ms"].items()},
         }
         # the doc store is memory-mapped: a hit may wait on the disk, so the answers are made off the event loop
-        return await asyncio.to_thread(self._answers, items, scores, ids, routed, timings, t0)
+        return await asyncio.to_thread(self._answers, items, scores, ids, routed, timings, t0, voters, unknown)
+
+    def _unknown_corpora(self, experts: list[str] | None) -> list[str]:
+        """The index's corpora no expert of this batch is named after (none: the guard is off)."""
+        if self.unknown_corpus_share is None or experts is None:
+            return []
+        return unknown_corpora(self.corpora, experts)
+
+    def _corpus_guard(self, scores: np.ndarray, ids: np.ndarray, routed: dict, voters: list[int],
+                      unknown: list[str]) -> tuple[list[str], list[str]]:
+        """(expert, selected_by) per item after the corpus guard: a voter whose base hits (the rows
+        after the items') come mostly from unknown corpora answers with those hits, as base."""
+        experts, how = list(routed["experts"]), list(routed["how"])
+        n = len(experts)
+        corpora = [[self.docs.field("dataset", int(r)) for r in ids[n + j, :CORPUS_VOTE_K] if r >= 0]
+                   for j in range(len(voters))]
+        for j, held in enumerate(unknown_corpus_guard(corpora, unknown, self.unknown_corpus_share or 1.0)):
+            if held:
+                i = voters[j]
+                scores[i], ids[i] = scores[n + j], ids[n + j]
+                experts[i], how[i] = BASE, "corpus"
+        return experts, how
 
     def _answers(self, items: list[RetrieveItem], scores: np.ndarray, ids: np.ndarray, routed: dict, timings: dict,
-                 t0: float) -> list[dict]:
+                 t0: float, voters: list[int] = (), unknown: list[str] = ()) -> list[dict]:
+        experts, how = self._corpus_guard(scores, ids, routed, list(voters), list(unknown))
         out = []
         for i, it in enumerate(items):
             hits = [
@@ -311,9 +353,9 @@ class RetrievalService:
             ]
             out.append(
                 {
-                    "expert": routed["experts"][i],
+                    "expert": experts[i],
                     "forced": routed["forced"][i],
-                    "selected_by": routed["how"][i],
+                    "selected_by": how[i],
                     "routing_scores": routed["routing_scores"][i],
                     "hits": [Hit(**h) for h in hits],
                     "index": self.index,
@@ -362,6 +404,8 @@ class RetrievalService:
             pilot_rule=info.get("pilot_rule", ""),
             confidence_floor=info.get("confidence_floor", False),
             confidence_floor_kind=info.get("confidence_floor_kind"),
+            unknown_corpus_share=self.unknown_corpus_share,
+            corpora_without_expert=self._unknown_corpora([e["name"] for e in info["experts"]]),
             experts=[ExpertInfo(**e) for e in info["experts"]],
             experts_generation=info.get("generation"),
         )

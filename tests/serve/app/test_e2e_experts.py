@@ -144,6 +144,19 @@ def test_add_remove_and_rollback_switch_every_replica_live_without_a_failed_requ
         assert httpx.post(f"{url}/v1/retrieve", json={"query": "x", "expert": "scifact"}, timeout=60).status_code == 404
         experts = httpx.get(f"{url}/v1/experts", timeout=30).json()
         assert experts["experts_generation"] == g3 and [e["name"] for e in experts["experts"]] == ["nfcorpus"]
+        # the corpus guard: scifact's documents stay in the index without their expert; a query whose base
+        # top 10 are at least 80 % scifact answers with those base hits instead of the nfcorpus expert's
+        assert experts["corpora_without_expert"] == ["scifact"] and experts["unknown_corpus_share"] == 0.8
+        held = 0
+        for q in sci_queries:
+            base = httpx.post(f"{url}/v1/retrieve", json={"query": q, "top_k": 10, "expert": "base"}, timeout=60).json()
+            body = httpx.post(f"{url}/v1/retrieve", json={"query": q, "top_k": 10}, timeout=60).json()
+            share = sum(h["dataset"] == "scifact" for h in base["hits"]) / len(base["hits"])
+            assert (body["expert"], body["selected_by"]) == (("base", "corpus") if share >= 0.8 else ("nfcorpus", "routed"))
+            if body["selected_by"] == "corpus":
+                held += 1
+                assert [h["doc_id"] for h in body["hits"]] == [h["doc_id"] for h in base["hits"]]
+        assert held >= 1  # scifact's own queries: most of their base neighbours are scifact documents
         # 3. roll back to g2 through the admin API (scifact again, from g2's own copy: the draft's
         #    folder is gone); the answer waits until the sampled replicas serve it
         answer = httpx.post(f"{url}/admin/v1/experts/rollback", json={"wait_s": 15}, timeout=60).json()

@@ -112,6 +112,7 @@ def test_leave_one_domain_out_routes_without_the_domains_expert(eval_result):
             max(r["policies"]["base"][domain], r["policies"]["pilot_mean_ungated"][domain]))
     # the union's figures for base are the same queries in the same index
     assert r["policies"]["base"] == pytest.approx(eval_result["union"]["policies"]["base"])
+    assert r["unknown_corpus_share"] == 0.8  # the served corpus guard (its effect: the test below)
 
 
 def test_per_query_scores_are_kept_in_query_order_and_average_to_the_figures(eval_result):
@@ -146,6 +147,9 @@ def test_report_files(eval_result, tmp_path):
     old = {k: v for k, v in r.items() if k not in ("per_query_ndcg@10", "query_ids")}  # a result from before them
     assert "Δ avg" not in write_report(old, tmp_path / "old")[1].read_text()
     assert not list(tmp_path.glob("*.tmp"))  # written through temporary files, none left behind
+    assert "Corpus guard" not in md  # per domain every corpus has its expert: nothing to say
+    lodo = write_report({**eval_result["lodo"], "command": "x"}, tmp_path / "lodo")[1].read_text()
+    assert "Corpus guard: the held-out domain's corpus has no expert" in lodo and "at least 0.8 from it" in lodo
 
 
 def test_self_retrieval_is_dropped_and_metrics_match_hand_computation():
@@ -168,3 +172,24 @@ def test_self_retrieval_is_dropped_and_metrics_match_hand_computation():
 def test_unknown_policy_is_rejected(tmp_path, data_dir):
     with pytest.raises(ValueError, match="unknown policies"):
         evaluate(config_from_dict({"experts": {"dir": str(tmp_path)}}), data_dir, ["scifact"], ["psychic"])
+
+
+def test_gated_pilot_policies_apply_the_corpus_guard_as_the_service_does():
+    """lodo: the held-out domain's corpus has no expert; a query whose base top 10 come mostly from
+    it goes to base under the served rule, not under the paper's bare rule (and not with the guard off)."""
+    from dataclasses import replace
+
+    from actors.encoder import BASE
+    from actors.routing import PilotSet
+    from serve.offline.beir_eval import DomainRun, _EVAL_POLICIES
+
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2]], np.float32)
+    run = DomainRun("scifact", ["q1", "q2", "q3"], {BASE: emb}, {}, pilots=PilotSet(np.array([[1.0, 0.0]], np.float32),
+                    ["nfcorpus"], ["nfcorpus"]), experts=["nfcorpus"],
+                    base_hit_corpora=[["scifact"] * 9 + ["nfcorpus"], ["scifact"] * 7 + ["nfcorpus"] * 3, ["nfcorpus"] * 10],
+                    unknown_corpora=["scifact"], unknown_corpus_share=0.8)
+    assert _EVAL_POLICIES["pilot_mean"](run) == [BASE, "nfcorpus", "nfcorpus"]
+    assert _EVAL_POLICIES["pilot_knn"](run) == [BASE, "nfcorpus", "nfcorpus"]
+    assert _EVAL_POLICIES["pilot_mean_ungated"](run) == ["nfcorpus"] * 3
+    assert _EVAL_POLICIES["pilot_mean"](replace(run, unknown_corpus_share=None)) == ["nfcorpus"] * 3
+    assert _EVAL_POLICIES["pilot_mean"](replace(run, unknown_corpora=[])) == ["nfcorpus"] * 3  # every corpus has an expert

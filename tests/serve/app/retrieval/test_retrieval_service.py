@@ -570,3 +570,101 @@ def test_a_batch_mixing_knobs_searches_each_group_with_its_own(ivf_service, stac
         _, other = merge_topk([s.search(vectors[i : i + 1], 5, {"nprobe": 4 if k[0][1] == 1 else 1}) for s in shards], 5)
         differ += list(other[0]) != list(want[0])
     assert differ >= 1  # the knob changes answers here: a mixed-up group would show
+
+
+# -- the corpus guard: a routed query that reads like a corpus no expert knows goes to base ----------
+
+
+@pytest.fixture(scope="module")
+def corpus_guard(stack, model_path, random_adapters, encoder_settings, mean_pilots, tmp_path_factory):
+    """The stack's 60 docs, the 10 nearest (by the base model) to ``query`` relabelled as corpus
+    'news', which no expert is named after; one expert, 'scifact' (every query routes to it).
+    ``service(share)``: a service over them with the corpus guard at ``share``."""
+    from dataclasses import replace
+
+    from actors.encoder import BASE, EncoderEngine
+
+    engine = EncoderEngine(model_path, {"scifact": random_adapters["alpha"]}, encoder_settings)
+    query = "protein expression in cancer cells"
+    vectors = stack["vectors"]
+    news = set(np.argsort(-(vectors @ engine.encode([query], BASE)[0]), kind="stable")[:10].tolist())
+    docs = [replace(d, dataset="news" if i in news else "scifact") for i, d in enumerate(stack["docs"])]
+    path = tmp_path_factory.mktemp("corpus-guard") / "docs.parquet"
+    DocStore.write(path, docs)
+    routed = RoutedEncoder(engine, mean_pilots(engine, {"scifact": ["cell biology"]}))
+    shards = [LocalShardClient(ShardSearcher(index=build_flat_index(vectors[a:b]), offset=a)) for a, b in ((0, 25), (25, 60))]
+
+    def service(share):
+        return RetrievalService(LocalEncoderClient(routed, "m"), shards, DocStore(path), LimitsConfig(), "mini",
+                                vectors.shape[1], unknown_corpus_share=share)
+
+    return {"service": service, "engine": engine, "query": query, "docs": docs, "vectors": vectors}
+
+
+def _top(vectors, v, k):
+    return np.argsort(-(vectors @ v), kind="stable")[:k].tolist()
+
+
+def test_the_corpus_guard_answers_a_query_that_reads_like_an_unknown_corpus_with_base(corpus_guard):
+    from actors.encoder import BASE
+    from serve.app.metrics import CATALOG
+
+    g = corpus_guard
+    sink = _Sink()
+    c = TestClient(create_app(g["service"](0.8), metrics=sink))
+    body = c.post("/v1/retrieve", json={"query": g["query"], "top_k": 5}).json()
+    assert body["expert"] == "base" and body["selected_by"] == "corpus" and not body["forced"]
+    want = _top(g["vectors"], g["engine"].encode([g["query"]], BASE)[0], 5)  # the base model's own hits
+    assert [h["doc_id"] for h in body["hits"]] == [g["docs"][i].doc_id for i in want]
+    assert {h["dataset"] for h in body["hits"]} == {"news"}
+    assert body["timings_ms"]["corpus_guard_rows"] == 1.0
+    assert sink.calls == [("routerserve_corpus_guard", {"expert": "scifact"})] and "routerserve_corpus_guard" in CATALOG
+    experts = c.get("/v1/experts").json()
+    assert experts["corpora_without_expert"] == ["news"] and experts["unknown_corpus_share"] == 0.8
+    # forcing the expert is the caller's choice: never guarded
+    forced = c.post("/v1/retrieve", json={"query": g["query"], "top_k": 5, "expert": "scifact"}).json()
+    assert forced["expert"] == "scifact" and forced["selected_by"] == "forced"
+
+
+def test_the_corpus_guard_keeps_the_expert_below_the_share_and_when_off(corpus_guard):
+    from actors.encoder import BASE
+
+    g = corpus_guard
+    news = {i for i, d in enumerate(g["docs"]) if d.dataset == "news"}
+    queries = ["tax law and policy", "a debate on schools", "cell membranes", g["query"]]
+    shares = [len(news & set(_top(g["vectors"], v, 10))) / 10 for v in g["engine"].encode(queries, BASE)]
+    assert min(shares) < 0.8 <= max(shares)  # both sides of the line
+    c = TestClient(create_app(g["service"](0.8)))
+    for q, share in zip(queries, shares):
+        body = c.post("/v1/retrieve", json={"query": q, "top_k": 3}).json()
+        want = ("base", "corpus") if share >= 0.8 else ("scifact", "routed")
+        assert (body["expert"], body["selected_by"]) == want, (q, share)
+        if share < 0.8:  # the expert's hits, as without the guard
+            v = g["engine"].encode([q], "scifact")[0]
+            assert [h["doc_id"] for h in body["hits"]] == [g["docs"][i].doc_id for i in _top(g["vectors"], v, 3)]
+    off = TestClient(create_app(g["service"](None)))
+    body = off.post("/v1/retrieve", json={"query": g["query"], "top_k": 3}).json()
+    assert (body["expert"], body["selected_by"]) == ("scifact", "routed") and body["timings_ms"]["corpus_guard_rows"] == 0
+    assert off.get("/v1/experts").json()["corpora_without_expert"] == []
+
+
+def test_the_corpus_guard_has_nothing_to_do_when_no_expert_is_named_after_a_corpus(stack):
+    """The stack's experts (alpha, beta) are named after no corpus (scifact): the guard stays off
+    instead of sending every query to base, and searches no extra row."""
+    base = stack["service"]
+    service = RetrievalService(base.encoder, base.shards, base.docs, base.limits, "mini", unknown_corpus_share=0.8)
+    c = TestClient(create_app(service))
+    body = c.post("/v1/retrieve", json={"query": "protein expression in cancer cells", "top_k": 3}).json()
+    assert body["selected_by"] == "routed" and body["timings_ms"]["corpus_guard_rows"] == 0
+    assert c.get("/v1/experts").json()["corpora_without_expert"] == []
+
+
+class _Sink:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, name, value=1.0, **tags):
+        self.calls.append((name, tags))
+
+    def observe(self, name, value, **tags):
+        pass
