@@ -189,5 +189,80 @@ def plot(doc: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+@app.command()
+def cost(
+    without: str = typer.Option("cranfield", help="the domain whose expert is disabled (experts.enabled): its corpus stays in "
+                                "the index with no expert, so the guard is active"),
+    batch: int = typer.Option(16, help="queries per service batch (retrieve_many), as the ingress batches them"),
+    per_domain: int = typer.Option(64, help="training queries per domain"),
+    repeats: int = typer.Option(5),
+    top_k: int = typer.Option(10),
+    name: str = typer.Option("corpus_guard_cost"),
+    set_: Optional[list[str]] = typer.Option(None, "--set"),
+):
+    """What the guard costs the service while it is active: the config's index and experts with
+    ``--without``'s expert disabled, the same training queries through the in-process service
+    (retrieval_load.py's ceiling: the ingress's code, no Ray) with the guard at the config's share
+    and off, runs interleaved; median queries/s. Writes benchmarks/results/<name>.{json,md}."""
+    import asyncio
+    import statistics
+
+    from retrieval_load import local_service
+    from rich.console import Console
+
+    from serve.app.retrieval.service import RetrieveItem
+    from serve.config import load_config
+    from serve.offline.ir import training_queries
+
+    console = Console()
+    doms = list(load_config(None, set_ or []).corpus.datasets)
+    if without not in doms:
+        raise typer.BadParameter(f"{without!r} is not one of corpus.datasets {doms}", param_hint="--without")
+    cfg = load_config(None, [*(set_ or []), f"experts.enabled=[{','.join(d for d in doms if d != without)}]"]).absolutized()
+    data_dir = cfg.resolve_data_dir()
+    queries = [t for d in doms for _, t, _ in training_queries(data_dir, d, per_domain)]
+    services = {"guard": local_service(cfg, data_dir), "off": local_service(cfg, data_dir, None)}
+
+    async def run(service) -> tuple[float, int, int]:
+        t0, held, rows = time.perf_counter(), 0, 0
+        for i in range(0, len(queries), batch):
+            out = await service.retrieve_many([RetrieveItem(q, top_k, None, False) for q in queries[i : i + batch]])
+            held += sum(o["selected_by"] == "corpus" for o in out)
+            rows += int(out[0]["timings_ms"]["corpus_guard_rows"])
+        return len(queries) / (time.perf_counter() - t0), held, rows
+
+    for service in services.values():
+        asyncio.run(run(service))  # warm-up
+    runs: dict[str, list] = {k: [] for k in services}
+    for r in range(repeats):
+        for k, service in services.items():
+            runs[k].append(asyncio.run(run(service)))
+        console.print(f"run {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1][0]:.1f} q/s" for k, v in runs.items()))
+    qps = {k: statistics.median(x[0] for x in v) for k, v in runs.items()}
+    ratios = [g[0] / o[0] for g, o in zip(runs["guard"], runs["off"])]  # paired: the two ran back to back
+    doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "without": without, "corpora": doms,
+           "share": cfg.experts.unknown_corpus_share, "batch": batch, "queries": len(queries), "repeats": repeats,
+           "qps_runs": {k: [x[0] for x in v] for k, v in runs.items()}, "qps": qps,
+           "paired_ratios": ratios, "overhead": 1 - statistics.median(ratios), "guard_rows": runs["guard"][0][2], "sent_to_base": runs["guard"][0][1]}
+    lines = ["# What the corpus guard costs the service while it is active", "",
+             f"`{doc['command']}` · commit {doc['commit']} · {doc['date']} · {doc['machine'].get('cpu', '?')}, "
+             f"{doc['machine'].get('logical_cpus', '?')} CPUs", "",
+             f"The in-process service (the ingress's code over local encoder and shards, no Ray: retrieval_load.py's ceiling), "
+             f"the index of {', '.join(doms)}, every expert but {without}'s (its corpus has none: the guard is active), "
+             f"{len(queries)} training queries ({per_domain} per domain) in batches of {batch}, top {top_k}; runs interleaved, "
+             f"median of {repeats}.", "",
+             "| corpus guard | queries/s (median) | runs |", "|---|---|---|"]
+    for k in services:
+        label = f"on (share {doc['share']:g})" if k == "guard" else "off"
+        lines.append(f"| {label} | {qps[k]:.1f} | " + ", ".join(f"{x:.1f}" for x in doc["qps_runs"][k]) + " |")
+    lines += ["", f"Overhead: **{100 * doc['overhead']:+.1f} %** of queries/s (1 − the median of each run pair's ratio; the "
+              f"pairs' ratios span {min(ratios):.2f}–{max(ratios):.2f}: a difference inside that is noise). Each routed query searched once more as its base "
+              f"embedding: {doc['guard_rows']} extra rows for {len(queries)} queries; {doc['sent_to_base']} answered with base "
+              f"hits (`selected_by: corpus`)."]
+    console.print(write_json(name, doc, RESULTS))
+    console.print(write_markdown(name, "\n".join(lines) + "\n", RESULTS))
+
+
 if __name__ == "__main__":
     app()

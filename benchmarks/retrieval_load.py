@@ -44,8 +44,13 @@ def _queries(data_dir: Path, datasets: list[str], n: int) -> list[str]:
     return (out * (n // len(out) + 1))[:n]
 
 
-def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, top_k: int) -> dict:
-    """Same RetrievalService code, local encoder + shards, no Ray: queries/s at this batch size."""
+_SERVED = object()  # local_service's default: the config's corpus guard
+
+
+def local_service(cfg, data_dir: Path, unknown_corpus_share=_SERVED):
+    """The RetrievalService the ingress runs, over local encoder and shard objects (no Ray): the
+    config's index, served experts, policy, search knobs and corpus guard (``unknown_corpus_share``
+    overrides the guard's share; None: off)."""
     from actors.encoder import EncoderEngine
     from actors.index_store import DocStore, IndexManifest
     from actors.routed_encoder import RoutedEncoder
@@ -54,7 +59,7 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
     from serve.artifacts.index import require_index
     from serve.artifacts.models import encoder_settings
     from serve.artifacts.models import resolve_model
-    from serve.app.retrieval.service import LocalEncoderClient, LocalShardClient, RetrievalService, RetrieveItem
+    from serve.app.retrieval.service import LocalEncoderClient, LocalShardClient, RetrievalService
 
     folder = require_index(cfg, data_dir)
     manifest = IndexManifest.load(folder)
@@ -64,8 +69,16 @@ def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, 
     defaults = cfg.search.knob_defaults(manifest.knobs)
     shards = [LocalShardClient(ShardSearcher(folder / s.file, s.offset, use_gpu="never", num_threads=1, factory=manifest.factory,
                                              defaults=defaults, mmap=cfg.search.mmap)) for s in manifest.shards]
-    service = RetrievalService(LocalEncoderClient(routed), shards, DocStore(folder.parent / "docs.parquet"), cfg.limits, "m",
-                               manifest.dim, manifest.factory, defaults)
+    share = cfg.experts.unknown_corpus_share if unknown_corpus_share is _SERVED else unknown_corpus_share
+    return RetrievalService(LocalEncoderClient(routed), shards, DocStore(folder.parent / "docs.parquet"), cfg.limits, "m",
+                            manifest.dim, manifest.factory, defaults, share, list(manifest.datasets))
+
+
+def _ceiling(cfg, data_dir: Path, queries: list[str], batch: int, repeats: int, top_k: int) -> dict:
+    """Same RetrievalService code, local encoder + shards, no Ray: queries/s at this batch size."""
+    from serve.app.retrieval.service import RetrieveItem
+
+    service = local_service(cfg, data_dir)
 
     async def run_once() -> float:
         t0 = time.perf_counter()
