@@ -1,7 +1,8 @@
 """The corpus guard (experts.unknown_corpus_share) on TRAINING and DEV queries only.
 
-    .venv/bin/python benchmarks/corpus_guard.py --experts-dir .routerserve/both \
+    .venv/bin/python benchmarks/corpus_guard.py select --experts-dir .routerserve/both \
         --cache .routerserve/confidence-floor-both --set 'corpus.datasets=[scifact,nfcorpus,arguana,cranfield,npl]'
+    .venv/bin/python benchmarks/corpus_guard.py cost --without cranfield --set ...   # its serving cost
 
 When the union index holds a corpus no expert is named after, a routed query whose base top 10
 hits come at least a share s from such corpora goes to base (actors.routing.unknown_corpus_guard,
@@ -91,7 +92,7 @@ def grid_row(pilots, known_pilots, data: dict, doms: list[str], policy, quantile
 
 
 @app.command()
-def main(
+def select(
     domains: str = typer.Option("scifact,nfcorpus,arguana,cranfield,npl"),
     experts_dir: Path = typer.Option(Path(".routerserve/both")),
     max_queries: int = typer.Option(2000, help="as in beir_eval.py: the same training sample"),

@@ -83,3 +83,11 @@ def test_the_report_names_the_selected_share_and_reads_no_test_query(tmp_path):
     assert "selected share: **1**" in text and "served (config): 0.5" in text and "Test queries read: 0" in text
     assert "| off | -10.00 [-20.00, +0.00] (50%) | -10.00 | -20.00 | +30.00 |" in text
     assert plot(doc, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cost_run_refuses_an_unknown_domain_before_loading_anything():
+    from corpus_guard import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["cost", "--without", "atlantis", "--set", "corpus.datasets=[scifact,nfcorpus]"])
+    assert result.exit_code == 2 and "atlantis" in result.output and "--without" in result.output
