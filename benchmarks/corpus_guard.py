@@ -50,13 +50,12 @@ def hit_corpora(cfg, data: dict, doms: list[str]) -> None:
     ``doms``, best first (the searched rows are the ones the tables scored)."""
     from actors.routing import CORPUS_VOTE_K
     from serve.offline.indexing import load_corpus_vectors
-    from serve.offline.ir import SELF_RETRIEVAL_DOMAINS, search_run
+    from serve.offline.ir import SELF_RETRIEVAL_DOMAINS, ranked_corpora, search_run
 
     union = load_corpus_vectors(cfg, cfg.resolve_data_dir(), doms, False)
     for d, part in data.items():
         run = search_run(part["base"], part["qids"], union, CORPUS_VOTE_K, d in SELF_RETRIEVAL_DOMAINS, d)
-        part["corpora"] = [[h.partition("/")[0] for h in sorted(run[q], key=run[q].get, reverse=True)]
-                           for q in part["qids"]]
+        part["corpora"] = ranked_corpora(run, part["qids"])
 
 
 def select_share(grid: list[dict], max_cost: float) -> float | None:

@@ -57,7 +57,7 @@ from serve.config import RouterServeConfig
 
 from .classifier_router import LinearExpertClassifier
 from .indexing import load_corpus_vectors
-from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, eval_queries, measures, per_query, qualify, search_run
+from .ir import SELF_RETRIEVAL_DOMAINS, domain_examples, eval_queries, measures, per_query, qualify, ranked_corpora, search_run
 from .significance import LEVEL, macro_interval, paired
 
 logger = logging.getLogger(__name__)
@@ -265,11 +265,10 @@ def evaluate(
         runs = {name: search_run(emb[name], qids, corpus, 100, drop_self, domain) for name in scored}
         pq_ndcg = {name: per_query(qrels, runs[name], ndcg_m) for name in scored}
         pq_recall = {name: per_query(qrels, runs[name], recall_m) for name in scored}
+        unknown = unknown_corpora(set(corpus.datasets), known)  # the corpus guard's: none where every corpus has an expert
         ctx = DomainRun(
             domain, qids, emb, qrels, {n: np.array([pq_ndcg[n][q] for q in qids]) for n in candidates}, known_pilots, known,
-            classifier, [[hit.partition("/")[0] for hit in sorted(runs[BASE][q], key=runs[BASE][q].get, reverse=True)]
-                         for q in qids],
-            unknown_corpora(set(corpus.datasets), known), cfg.experts.unknown_corpus_share,
+            classifier, ranked_corpora(runs[BASE], qids) if unknown else [], unknown, cfg.experts.unknown_corpus_share,
         )
         for policy in policies:
             chosen = _EVAL_POLICIES[policy](ctx)

@@ -90,6 +90,12 @@ def qualify(dataset: str, doc_id: str) -> str:
     return f"{dataset}/{doc_id}"
 
 
+def ranked_corpora(run: dict[str, dict[str, float]], qids: list[str]) -> list[list[str]]:
+    """Per query of ``qids``: the corpus of each hit of ``run`` (``search_run``'s qualified ids),
+    best first — what the corpus guard (actors.routing.unknown_corpus_guard) counts."""
+    return [[hit.partition("/")[0] for hit in sorted(run[q], key=run[q].get, reverse=True)] for q in qids]
+
+
 def search_run(
     query_vectors: np.ndarray, qids: list[str], corpus: Corpus, k: int, drop_self: bool, domain: str, searcher=None,
 ) -> dict[str, dict[str, float]]:

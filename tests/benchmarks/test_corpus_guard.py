@@ -9,13 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from actors.routing import l2_normalize as _unit
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-
-
-def _unit(x):
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _data():

@@ -334,7 +334,7 @@ class RetrievalService:
         n = len(experts)
         corpora = [[self.docs.field("dataset", int(r)) for r in ids[n + j, :CORPUS_VOTE_K] if r >= 0]
                    for j in range(len(voters))]
-        for j, held in enumerate(unknown_corpus_guard(corpora, unknown, self.unknown_corpus_share or 1.0)):
+        for j, held in enumerate(unknown_corpus_guard(corpora, unknown, self.unknown_corpus_share)):
             if held:
                 i = voters[j]
                 scores[i], ids[i] = scores[n + j], ids[n + j]
@@ -342,8 +342,8 @@ class RetrievalService:
         return experts, how
 
     def _answers(self, items: list[RetrieveItem], scores: np.ndarray, ids: np.ndarray, routed: dict, timings: dict,
-                 t0: float, voters: list[int] = (), unknown: list[str] = ()) -> list[dict]:
-        experts, how = self._corpus_guard(scores, ids, routed, list(voters), list(unknown))
+                 t0: float, voters: list[int], unknown: list[str]) -> list[dict]:
+        experts, how = self._corpus_guard(scores, ids, routed, voters, unknown)
         out = []
         for i, it in enumerate(items):
             hits = [
