@@ -47,7 +47,7 @@ def _check_paired(a: dict, b: dict, what: str) -> None:
 
 def goals(result: dict, multitask: dict, policy: str, per_domain_reference: float) -> list[dict]:
     """Every goal of issue 19 as a row: name, setting, figure, target, interval, verdict."""
-    from serve.offline.significance import combine, domain_interval, macro_interval, paired
+    from serve.offline.significance import domain_interval, macro_interval, paired
 
     per_domain, union, lodo = (_setting(result, s, "--result") for s in ("per_domain", "union", "lodo"))
     mt_union = _setting(multitask, "union", "--multitask")
@@ -62,42 +62,53 @@ def goals(result: dict, multitask: dict, policy: str, per_domain_reference: floa
     if "dataset_oracle" not in union["per_query_ndcg@10"]:
         raise SystemExit("--result union: policy 'dataset_oracle' was not evaluated")
 
-    rows = []
-
-    def add(goal: str, setting: str, figure: float, target: float, interval, note: str = "", unit: str = "delta") -> None:
-        """``interval`` None: no paired interval exists — the verdict is the point figure's alone."""
-        verdict = interval.verdict(target) if interval is not None else "met" if figure >= target else "missed"
-        rows.append({"goal": goal, "setting": setting, "figure": figure, "target": target, "unit": unit,
-                     "interval": interval.as_dict() if interval is not None else None, "verdict": verdict, "note": note})
-
-    doms = union["domains"]
-    pq = union["per_query_ndcg@10"]
-    add(f"{policy} ≥ base + 3.0", "union", union["policies"][policy]["avg"] - union["policies"]["base"]["avg"], 0.03,
-        macro_interval(paired(policy, "base", pq, doms)))
-    mq = mt_union["per_query_ndcg@10"]
-    same = all(np.allclose(mq[policy][d], pq[policy][d]) for d in doms)
-    add(f"{policy} ≥ multi-task + 1.5", "union",
-        mt_union["policies"][policy]["avg"] - mt_union["policies"]["multitask"]["avg"], 0.015,
-        macro_interval(paired(policy, "multitask", mq, doms)),
-        "" if same else f"the --multitask run's {policy} differs from --result's (other experts?): paired within that run")
-    gap = union["policies"]["dataset_oracle"]["avg"] - union["policies"]["base"]["avg"]
-    closed = (union["policies"][policy]["avg"] - union["policies"]["base"]["avg"]) / gap if gap else float("nan")
-    add(f"{policy} closes ≥ 80 % of the base → DatasetOracle gap", "union", closed, 0.8,
-        _shifted(macro_interval(combine({policy: 1, "base": -0.2, "dataset_oracle": -0.8}, pq, doms)), gap, 0.8),
-        "interval of pilot − 0.2·base − 0.8·oracle, shown as the share of the gap closed", unit="share")
-    for d in doms:
-        add(f"{d}: {policy} ≥ base − 0.3", "union", union["policies"][policy][d] - union["policies"]["base"][d], -0.003,
-            domain_interval(paired(policy, "base", pq, [d])[d]))
+    rows = union_goals(union, mt_union, policy)
     lq = lodo["per_query_ndcg@10"]
     for d in lodo["domains"]:
-        add(f"{d} held out: {policy} ≥ base − 0.5", "lodo", lodo["policies"][policy][d] - lodo["policies"]["base"][d], -0.005,
-            domain_interval(paired(policy, "base", lq, [d])[d]))
+        rows.append(_row(f"{d} held out: {policy} ≥ base − 0.5", "lodo",
+                         lodo["policies"][policy][d] - lodo["policies"]["base"][d], -0.005,
+                         domain_interval(paired(policy, "base", lq, [d])[d])))
     level = macro_interval({d: per_domain["per_query_ndcg@10"][policy][d] for d in per_domain["domains"]})
-    add(f"{policy} per-domain average ≥ issue 17's {100 * per_domain_reference:.2f}", "per_domain",
-        per_domain["policies"][policy]["avg"], per_domain_reference, None,
-        "not paired: issue 17's run scored the same test queries but its per-query scores were not kept; the "
-        f"average's own interval, [{100 * level.low:.2f}, {100 * level.high:.2f}], is far wider than a paired one would be "
-        "and says nothing about the difference", unit="level")
+    rows.append(_row(f"{policy} per-domain average ≥ issue 17's {100 * per_domain_reference:.2f}", "per_domain",
+                     per_domain["policies"][policy]["avg"], per_domain_reference, None,
+                     "not paired: issue 17's run scored the same test queries but its per-query scores were not kept; "
+                     f"the average's own interval, [{100 * level.low:.2f}, {100 * level.high:.2f}], is far wider than a "
+                     "paired one would be and says nothing about the difference", unit="level"))
+    return rows
+
+
+def _row(goal: str, setting: str, figure: float, target: float, interval, note: str = "", unit: str = "delta") -> dict:
+    """One goal; ``interval`` None: no paired interval exists — the verdict is the point figure's alone."""
+    verdict = interval.verdict(target) if interval is not None else "met" if figure >= target else "missed"
+    return {"goal": goal, "setting": setting, "figure": figure, "target": target, "unit": unit,
+            "interval": interval.as_dict() if interval is not None else None, "verdict": verdict, "note": note}
+
+
+def union_goals(union: dict, mt_union: dict, policy: str, setting: str = "union") -> list[dict]:
+    """The goals in the union: ≥ base + 3.0, ≥ multi-task + 1.5, ≥ 80 % of the base → DatasetOracle
+    gap, no domain below base − 0.3 — from two results in beir_eval.py's shape (``policies`` and
+    ``per_query_ndcg@10``; ``mt_union`` scores ``multitask`` and ``policy`` on the same queries)."""
+    from serve.offline.significance import combine, domain_interval, macro_interval, paired
+
+    doms = union["domains"]
+    pq, avg = union["per_query_ndcg@10"], union["policies"]
+    rows = [_row(f"{policy} ≥ base + 3.0", setting, avg[policy]["avg"] - avg["base"]["avg"], 0.03,
+                 macro_interval(paired(policy, "base", pq, doms)))]
+    mq = mt_union["per_query_ndcg@10"]
+    same = all(np.allclose(mq[policy][d], pq[policy][d]) for d in doms)
+    rows.append(_row(f"{policy} ≥ multi-task + 1.5", setting,
+                     mt_union["policies"][policy]["avg"] - mt_union["policies"]["multitask"]["avg"], 0.015,
+                     macro_interval(paired(policy, "multitask", mq, doms)),
+                     "" if same else f"the --multitask run's {policy} differs from --result's (other experts?): paired "
+                     "within that run"))
+    gap = avg["dataset_oracle"]["avg"] - avg["base"]["avg"]
+    closed = (avg[policy]["avg"] - avg["base"]["avg"]) / gap if gap else float("nan")
+    rows.append(_row(f"{policy} closes ≥ 80 % of the base → DatasetOracle gap", setting, closed, 0.8,
+                     _shifted(macro_interval(combine({policy: 1, "base": -0.2, "dataset_oracle": -0.8}, pq, doms)), gap, 0.8),
+                     "interval of pilot − 0.2·base − 0.8·oracle, shown as the share of the gap closed", unit="share"))
+    for d in doms:
+        rows.append(_row(f"{d}: {policy} ≥ base − 0.3", setting, avg[policy][d] - avg["base"][d], -0.003,
+                         domain_interval(paired(policy, "base", pq, [d])[d])))
     return rows
 
 

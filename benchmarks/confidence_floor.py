@@ -200,15 +200,13 @@ def without_dev_members(pilots, data: dict):
     return pilots.without_members(np.array(drop, np.int64))
 
 
-def routed(pilots, part: dict, rows: np.ndarray, policy, unknown: list[str] = (), share: float | None = None,
-           ) -> tuple[float, float, float, object]:
-    """(routed nDCG@10, base nDCG@10, share sent to base, the 95 % interval of routed minus base
-    — paired per query, serve/offline/significance.py) of ``part``'s queries at ``rows``; with
-    ``unknown`` corpora and a ``share``, the corpus guard as served (``part["corpora"]``: each
-    query's base top hits' corpora, benchmarks/corpus_guard.py)."""
+def routed_scores(pilots, part: dict, rows: np.ndarray, policy, unknown: list[str] = (), share: float | None = None,
+                  ) -> tuple[np.ndarray, list[str]]:
+    """(each query's nDCG@10 as routed, the expert each was routed to) for ``part``'s queries at
+    ``rows``; with ``unknown`` corpora and a ``share``, the corpus guard as served (``part["corpora"]``:
+    each query's base top hits' corpora, benchmarks/corpus_guard.py)."""
     from actors.encoder import BASE
     from actors.routing import route, unknown_corpus_guard
-    from serve.offline.significance import domain_interval
 
     cols = [BASE, *part["experts"]]
     chosen = route(part["base"][rows], pilots, policy).chosen
@@ -216,9 +214,21 @@ def routed(pilots, part: dict, rows: np.ndarray, policy, unknown: list[str] = ()
         held = unknown_corpus_guard([part["corpora"][i] for i in rows], unknown, share)
         chosen = [BASE if h else c for c, h in zip(chosen, held)]
     table = part["table"][rows]
-    scores = np.array([table[i, cols.index(c)] for i, c in enumerate(chosen)])
-    return (float(scores.mean()), float(table[:, 0].mean()), float(np.mean([c == BASE for c in chosen])),
-            domain_interval(scores - table[:, 0]))
+    return np.array([table[i, cols.index(c)] for i, c in enumerate(chosen)]), chosen
+
+
+def routed(pilots, part: dict, rows: np.ndarray, policy, unknown: list[str] = (), share: float | None = None,
+           ) -> tuple[float, float, float, object]:
+    """(routed nDCG@10, base nDCG@10, share sent to base, the 95 % interval of routed minus base
+    — paired per query, serve/offline/significance.py) of ``part``'s queries at ``rows``, routed as
+    ``routed_scores`` routes them."""
+    from actors.encoder import BASE
+    from serve.offline.significance import domain_interval
+
+    scores, chosen = routed_scores(pilots, part, rows, policy, unknown, share)
+    base = part["table"][rows, 0]
+    return (float(scores.mean()), float(base.mean()), float(np.mean([c == BASE for c in chosen])),
+            domain_interval(scores - base))
 
 
 def expert_on_domain(data: dict) -> dict:
