@@ -32,13 +32,20 @@ from confidence_floor import load_tables, policy_of, regrouped, routed_scores, w
 app = typer.Typer(add_completion=False)
 
 
-def dev_results(data: dict, routed: dict[str, np.ndarray], multitask: dict[str, np.ndarray], policy: str
-                ) -> tuple[dict, dict]:
-    """(union, mt_union) in beir_eval.py's result shape over each domain's dev queries: base, the
-    policy (``routed``: its per-query scores on the dev rows), dataset_oracle (the base-or-expert
-    column with the best dev mean; ties to base) and multitask, for ``union_goals``."""
+FALLBACK = "multitask_fallback"
+
+
+def dev_results(data: dict, routed: dict[str, np.ndarray], multitask: dict[str, np.ndarray], policy: str,
+                to_base: dict[str, np.ndarray] | None = None) -> dict:
+    """A union result in beir_eval.py's shape over each domain's dev queries: base, the policy
+    (``routed``: its per-query scores on the dev rows), dataset_oracle (the base-or-expert column
+    with the best dev mean; ties to base) and multitask, for ``union_goals``. With ``to_base`` (the
+    dev queries the policy sent to base), also ``multitask_fallback``: the policy with those
+    queries answered by the multi-task adapter instead — a what-if, served nowhere."""
     doms = list(data)
     per_query: dict[str, dict[str, list[float]]] = {"base": {}, policy: {}, "dataset_oracle": {}, "multitask": {}}
+    if to_base is not None:
+        per_query[FALLBACK] = {}
     oracle_of = {}
     for d in doms:
         table = data[d]["table"][data[d]["dev"]]
@@ -47,14 +54,17 @@ def dev_results(data: dict, routed: dict[str, np.ndarray], multitask: dict[str, 
         names = ["base", *data[d]["experts"]]
         best = max(range(len(names)), key=lambda j: (table[:, j].mean(), j == 0))
         oracle_of[d] = names[best]
-        for p, x in (("base", table[:, 0]), (policy, routed[d]), ("dataset_oracle", table[:, best]), ("multitask", multitask[d])):
+        columns = {"base": table[:, 0], policy: routed[d], "dataset_oracle": table[:, best], "multitask": multitask[d]}
+        if to_base is not None:
+            columns[FALLBACK] = np.where(to_base[d], multitask[d], routed[d])
+        for p, x in columns.items():
             per_query[p][d] = [float(v) for v in x]
     policies = {p: {**{d: float(np.mean(v)) for d, v in by_d.items()}, "avg": float(np.mean([np.mean(v) for v in by_d.values()]))}
                 for p, by_d in per_query.items()}
     qids = {d: [q for q, dev in zip(data[d]["qids"], data[d]["dev"]) if dev] for d in doms}
-    union = {"setting": "union", "split": "dev", "domains": doms, "query_ids": qids, "policies": policies,
-             "per_query_ndcg@10": per_query, "dataset_oracle_expert": oracle_of}
-    return union, union
+    return {"setting": "union", "split": "dev", "domains": doms, "query_ids": qids, "policies": policies,
+            "per_query_ndcg@10": per_query, "dataset_oracle_expert": oracle_of,
+            "to_base": None if to_base is None else {d: float(np.mean(to_base[d])) for d in doms}}
 
 
 def multitask_scores(cfg, doms: list[str], data: dict, console) -> dict[str, np.ndarray]:
@@ -113,6 +123,8 @@ def main(
 ):
     from rich.console import Console
 
+    from actors.encoder import BASE
+
     console = Console()
     t0 = time.perf_counter()
     test_path = RESULTS / f"{test}.json"
@@ -124,16 +136,20 @@ def main(
     known = with_floors(regrouped(pilots, data, "own", e.pilot_margin, e.pilot_min_queries, train_only=True), data,
                         e.confidence_quantile, train_only=True, kind=e.confidence_floor)
     policy = policy_of(e.policy)
-    routed = {d: routed_scores(known, data[d], np.flatnonzero(data[d]["dev"]), policy)[0] for d in doms}
-    union, mt_union = dev_results(data, routed, multitask_scores(cfg, doms, data, console), e.policy)
-    goals = union_goals(union, mt_union, e.policy, setting="union, dev")
+    routed, to_base = {}, {}
+    for d in doms:
+        routed[d], chosen = routed_scores(known, data[d], np.flatnonzero(data[d]["dev"]), policy)
+        to_base[d] = np.array([c == BASE for c in chosen])
+    union = dev_results(data, routed, multitask_scores(cfg, doms, data, console), e.policy, to_base)
+    goals = union_goals(union, union, e.policy, setting="union, dev")
+    what_if = [g for g in union_goals(union, union, FALLBACK, setting="union, dev") if "multi-task" in g["goal"]]
     test_goals = {g["goal"]: g for g in json.loads(test_path.read_text())["goals"] if g["setting"] == "union"}
     doc = {"command": command_line(), "commit": git_commit(), "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "experts_generation": gen.id if gen else None,
            "policy": e.policy, "pilot_rule": f"own:{e.pilot_margin:g}/{e.pilot_min_queries}",
            "confidence_quantile": e.confidence_quantile, "confidence_floor": e.confidence_floor,
            "goals": goals, "test": {"source": f"{test}.json", "goals": [test_goals.get(g["goal"]) for g in goals]},
-           "dev": union, "test_queries_read": 0, "seconds": time.perf_counter() - t0}
+           "what_if": what_if, "dev": union, "test_queries_read": 0, "seconds": time.perf_counter() - t0}
     for g, t in zip(goals, doc["test"]["goals"]):
         on_test = "–" if t is None else f"{_fig(t)} ({t['verdict']})"
         console.print(f"{g['goal']}: dev {_fig(g)} ({g['verdict']}), test {on_test}")
@@ -165,13 +181,21 @@ def render(doc: dict) -> str:
     for g, t in zip(doc["goals"], doc["test"]["goals"]):
         lines.append(f"| {g['goal']} | {_fig(g)} | {_fig(g, 'interval')} | {g['verdict']} | {_fig(t)} | "
                      f"{_fig(t, 'interval') if t and t['interval'] else '–'} | {t['verdict'] if t else '–'} |")
-    pols = ["base", doc["policy"], "multitask", "dataset_oracle"]
+    pols = ["base", doc["policy"], "multitask", "dataset_oracle", *([FALLBACK] if FALLBACK in dev["policies"] else [])]
     lines += ["", "nDCG@10 on the dev queries in the union (DatasetOracle's column per domain: "
               + ", ".join(f"{d} → {dev['dataset_oracle_expert'][d]}" for d in doms) + "):", "",
               "| policy | " + " | ".join(doms) + " | avg |", "|---|" + "---|" * (len(doms) + 1)]
     for p in pols:
         row = dev["policies"][p]
         lines.append(f"| {p} | " + " | ".join(f"{100 * row[d]:.1f}" for d in doms) + f" | {100 * row['avg']:.2f} |")
+    if dev.get("to_base"):
+        lines.append(f"| share of {doc['policy']}'s dev queries sent to base (floor, base guard) | "
+                     + " | ".join(f"{100 * dev['to_base'][d]:.0f} %" for d in doms) + " | |")
+    for g in doc.get("what_if", []):
+        lines += ["", f"What-if, served nowhere and not run on test: `{FALLBACK}` — {doc['policy']} with the queries it sends "
+                  f"to base answered by the multi-task adapter instead — is {_fig(g)} {_fig(g, 'interval')} over the "
+                  "multi-task adapter on dev (goal +1.50). Its leave-one-domain-out check would need a multi-task adapter "
+                  "trained without each held-out domain."]
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,8 @@ def test_dev_results_take_the_dev_rows_pick_each_domains_best_column_and_feed_th
     data = _data(rng)
     routed = {d: data[d]["table"][data[d]["dev"], 1 if d == "a" else 0] for d in data}  # a → its expert, b → base
     multitask = {d: data[d]["table"][data[d]["dev"], 0] + 0.03 for d in data}
-    union, mt_union = dev_results(data, routed, multitask, "pilot_knn")
+    to_base = {"a": np.zeros(10, bool), "b": np.ones(8, bool)}
+    union = dev_results(data, routed, multitask, "pilot_knn", to_base)
 
     assert union["query_ids"] == {"a": [f"a{i}" for i in range(0, 40, 4)], "b": [f"b{i}" for i in range(0, 30, 4)]}
     assert union["dataset_oracle_expert"] == {"a": "a", "b": "base"}
@@ -45,12 +46,19 @@ def test_dev_results_take_the_dev_rows_pick_each_domains_best_column_and_feed_th
     assert pol["pilot_knn"]["avg"] == pytest.approx((pol["pilot_knn"]["a"] + pol["pilot_knn"]["b"]) / 2)
     assert pol["pilot_knn"]["a"] - pol["base"]["a"] == pytest.approx(0.2)
 
-    rows = {r["goal"]: r for r in union_goals(union, mt_union, "pilot_knn", setting="union, dev")}
+    assert union["to_base"] == {"a": 0.0, "b": 1.0}
+    # the what-if: b's queries went to base, so the multi-task adapter answers them; a's stay routed
+    np.testing.assert_allclose(union["per_query_ndcg@10"]["multitask_fallback"]["b"], multitask["b"])
+    np.testing.assert_allclose(union["per_query_ndcg@10"]["multitask_fallback"]["a"], routed["a"])
+
+    rows = {r["goal"]: r for r in union_goals(union, union, "pilot_knn", setting="union, dev")}
     assert rows["pilot_knn ≥ base + 3.0"]["figure"] == pytest.approx(0.1)  # (0.2 + 0) / 2
     assert rows["pilot_knn ≥ base + 3.0"]["verdict"] == "met"
     assert rows["pilot_knn ≥ multi-task + 1.5"]["figure"] == pytest.approx(0.1 - 0.03)
     assert rows["pilot_knn closes ≥ 80 % of the base → DatasetOracle gap"]["figure"] == pytest.approx(1.0)
     assert {r["setting"] for r in rows.values()} == {"union, dev"}
+    what_if = {r["goal"]: r for r in union_goals(union, union, "multitask_fallback")}
+    assert what_if["multitask_fallback ≥ multi-task + 1.5"]["figure"] == pytest.approx((0.2 - 0.03 + 0) / 2)
 
 
 def test_dev_results_refuse_scores_of_other_queries():
@@ -69,8 +77,8 @@ def test_render_puts_dev_and_test_side_by_side():
 
     data = _data(np.random.default_rng(2))
     routed = {d: data[d]["table"][data[d]["dev"], 0] + 0.01 for d in data}
-    union, mt = dev_results(data, routed, {d: data[d]["table"][data[d]["dev"], 0] for d in data}, "pilot_knn")
-    goals = union_goals(union, mt, "pilot_knn", setting="union, dev")
+    union = dev_results(data, routed, {d: data[d]["table"][data[d]["dev"], 0] for d in data}, "pilot_knn")
+    goals = union_goals(union, union, "pilot_knn", setting="union, dev")
     test = [{**goals[0], "figure": 0.0382, "verdict": "met within noise"}, None, *goals[2:]]
     doc = {"command": "dev_goals.py", "commit": "c", "date": "d", "machine": {"cpu": "x"}, "policy": "pilot_knn",
            "pilot_rule": "own:0.3/10", "confidence_floor": "member", "confidence_quantile": 0.1, "goals": goals,
@@ -81,3 +89,4 @@ def test_render_puts_dev_and_test_side_by_side():
     mt_line = next(x for x in text.splitlines() if x.startswith("| pilot_knn ≥ multi-task"))
     assert mt_line.endswith("| – | – | – |")  # no test figure for it: dashes, not an error
     assert "a → a, b → base" in text
+    assert "multitask_fallback" not in text  # no to_base given: no what-if row or line
