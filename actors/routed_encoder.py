@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoder import BASE, EncoderEngine
-from .routing import DEFAULT_POLICY, PilotSet, get_policy, route
+from .routing import DEFAULT_POLICY, PilotSet, get_policy, route, unknown_corpora
 
 
 @dataclass
@@ -138,10 +138,14 @@ def embed_requests(encoder: RoutedEncoder, requests: list[dict]) -> list[dict]:
 
 
 def route_and_encode_requests(encoder: RoutedEncoder, requests: list[dict]) -> list[dict]:
-    """Serve one batch made of several callers' requests ({"queries": [...], "forced": [...]}).
+    """Serve one batch made of several callers' requests ({"queries": [...], "forced": [...]},
+    optionally "corpora": the index's datasets, for the corpus guard).
 
     All queries of all requests go through one base pass and one mixed-expert pass; the results
     are split back per request. An invalid request (unknown expert) fails alone, not the batch.
+    Where the request's corpora include some no expert of this batch is named after
+    (actors.routing.unknown_corpora), the result names them and carries the base pass's
+    embeddings, which the corpus guard searches; otherwise neither travels back.
     """
     results: list[dict | None] = [None] * len(requests)
     good: list[int] = []
@@ -165,16 +169,17 @@ def route_and_encode_requests(encoder: RoutedEncoder, requests: list[dict]) -> l
             n = len(requests[i]["queries"])
             part = batch.queries[pos : pos + n]
             pos += n
+            unknown = unknown_corpora(requests[i]["corpora"], encoder.experts) if requests[i].get("corpora") else []
             results[i] = {
                 "embeddings": np.stack([q.embedding for q in part]),
                 "experts": [q.expert for q in part],
                 "forced": [q.forced for q in part],
                 "routing_scores": [q.routing_scores for q in part],
                 "how": [q.how for q in part],
-                "base_embeddings": np.stack([q.base_embedding for q in part]),
-                "known_experts": list(encoder.experts),  # the batch's expert set (the corpus guard's corpora)
                 "timings_ms": dict(batch.timings_ms, encoder_batch_queries=float(len(queries))),
             }
+            if unknown:
+                results[i].update(unknown_corpora=unknown, base_embeddings=np.stack([q.base_embedding for q in part]))
     return results  # type: ignore[return-value]
 
 

@@ -63,3 +63,23 @@ def test_a_guarded_expert_is_not_routed_to_but_can_be_forced_and_says_why(engine
 
     floored = RoutedEncoder(engine, replace(pilots, floors=np.full(len(pilots.experts), 0.5, np.float32), floor_kind="member"))
     assert encoder_info(floored, "m")["confidence_floor"] is True and encoder_info(floored, "m")["confidence_floor_kind"] == "member"
+
+
+def test_the_base_pass_travels_back_only_while_the_requests_corpora_include_one_no_expert_knows(engine, mean_pilots):
+    """The corpus guard's inputs: with the index's corpora in the request, the encoder names those
+    its experts leave unknown and returns the base pass's embeddings for the service to search;
+    with every corpus known, no corpora sent, or none named after an expert, neither comes back
+    (nothing extra on the encoder → ingress hop while the guard has nothing to do)."""
+    from actors.routed_encoder import route_and_encode_requests
+
+    routed = RoutedEncoder(engine, mean_pilots(engine, {"alpha": ["cell biology"], "beta": ["public policy"]}))
+    queries = ["cell biology", "tax law"]
+    out = route_and_encode_requests(routed, [{"queries": queries, "corpora": ["alpha", "beta", "gamma"]},
+                                             {"queries": queries, "corpora": ["alpha", "beta"]},
+                                             {"queries": queries},
+                                             {"queries": queries, "corpora": ["x", "y"]}])
+    assert out[0]["unknown_corpora"] == ["gamma"]
+    np.testing.assert_allclose(out[0]["base_embeddings"], engine.encode(queries, BASE), atol=1e-5)
+    for result in out[1:]:
+        assert "unknown_corpora" not in result and "base_embeddings" not in result
+        np.testing.assert_allclose(result["embeddings"], out[0]["embeddings"], atol=1e-6)

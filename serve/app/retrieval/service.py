@@ -262,19 +262,20 @@ class RetrievalService:
 
     async def _retrieve_batch(self, items: list[RetrieveItem]) -> list[dict]:
         t0 = time.perf_counter()
-        routed = await self.encoder.route_and_encode(
-            {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
-        )
+        request = {"queries": [it.query for it in items], "forced": [it.expert for it in items]}
+        if self.unknown_corpus_share is not None:  # the encoder names the corpora its experts leave unknown
+            request["corpora"] = self.corpora
+        routed = await self.encoder.route_and_encode(request)
         self._saw_generation(routed.get("generation"))
         if "error" in routed:
             return [{"error": RequestError(routed["error"], "expert", 404)} for _ in items]
         t1 = time.perf_counter()
         matrix = np.asarray(routed["embeddings"], dtype=np.float32)
         kmax = max(it.top_k for it in items)
-        unknown = self._unknown_corpora(routed.get("known_experts"))
+        unknown = routed.get("unknown_corpora") or []
         # the corpus guard's voters: items the policy routed to an expert, searched again as base rows below
         voters = [i for i, (e, how) in enumerate(zip(routed["experts"], routed["how"]))
-                  if how == "routed" and e != BASE] if unknown and "base_embeddings" in routed else []
+                  if how == "routed" and e != BASE] if unknown else []
         if voters:
             matrix = np.vstack([matrix, np.asarray(routed["base_embeddings"], dtype=np.float32)[voters]])
             kmax = max(kmax, CORPUS_VOTE_K)
@@ -319,12 +320,6 @@ class RetrievalService:
         }
         # the doc store is memory-mapped: a hit may wait on the disk, so the answers are made off the event loop
         return await asyncio.to_thread(self._answers, items, scores, ids, routed, timings, t0, voters, unknown)
-
-    def _unknown_corpora(self, experts: list[str] | None) -> list[str]:
-        """The index's corpora no expert of this batch is named after (none: the guard is off)."""
-        if self.unknown_corpus_share is None or experts is None:
-            return []
-        return unknown_corpora(self.corpora, experts)
 
     def _corpus_guard(self, scores: np.ndarray, ids: np.ndarray, routed: dict, voters: list[int],
                       unknown: list[str]) -> tuple[list[str], list[str]]:
@@ -405,7 +400,8 @@ class RetrievalService:
             confidence_floor=info.get("confidence_floor", False),
             confidence_floor_kind=info.get("confidence_floor_kind"),
             unknown_corpus_share=self.unknown_corpus_share,
-            corpora_without_expert=self._unknown_corpora([e["name"] for e in info["experts"]]),
+            corpora_without_expert=(unknown_corpora(self.corpora, [e["name"] for e in info["experts"]])
+                                    if self.unknown_corpus_share is not None else []),
             experts=[ExpertInfo(**e) for e in info["experts"]],
             experts_generation=info.get("generation"),
         )
